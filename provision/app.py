@@ -1,0 +1,185 @@
+"""The desired state of a host serving one WSGI app, as a list of steps.
+
+``provision_steps`` is the machine (proxy, CA, packages, user, layout);
+``deploy_steps`` adds the release, its virtualenv, the rendered configs, the
+services and the final health check.  Pure: settings and source in, steps out.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shlex
+
+from .config import Settings
+from .source import Source
+from .steps import (Absent, Change, Command, Directory, File, HttpCheck, Lines, Packages, Service, Step,
+                    Symlink, User, symlink_commands)
+from .templates import render
+
+q = shlex.quote
+BASE_PACKAGES = ("python3-venv", "nginx")
+CA_PATH = "/usr/local/share/ca-certificates/provision-ca.crt"
+GUNICORN = "gunicorn>=22"
+
+
+def proxy_env(s: Settings) -> dict[str, str]:
+    env = {}
+    if s.proxy:
+        env.update(http_proxy=s.proxy, https_proxy=s.proxy, HTTP_PROXY=s.proxy, HTTPS_PROXY=s.proxy,
+                   no_proxy="localhost,127.0.0.1,::1")
+    if s.ca_bundle:
+        env.update(PIP_CERT="/etc/ssl/certs/ca-certificates.crt")
+    return env
+
+
+def provision_steps(s: Settings) -> list[Step]:
+    steps: list[Step] = []
+    if s.proxy:
+        steps.append(File("/etc/apt/apt.conf.d/80provision-proxy",
+                          f'Acquire::http::Proxy "{s.proxy}";\nAcquire::https::Proxy "{s.proxy}";\n'.encode()))
+        steps.append(Lines("/etc/environment", (("http_proxy", s.proxy), ("https_proxy", s.proxy),
+                                                ("no_proxy", "localhost,127.0.0.1,::1"))))
+    if s.ca_bundle:
+        steps.append(File(CA_PATH, s.ca_bundle.read_bytes(), notify=("ca",)))
+        steps.append(Command("update-ca-certificates", ("update-ca-certificates --fresh >/dev/null",), when=("ca",)))
+    steps.append(Packages(tuple(dict.fromkeys(BASE_PACKAGES + s.packages))))
+    steps.append(User(s.user, home=s.root))
+    steps.append(Directory(s.root, owner=s.user, group=s.user, mode=0o755))
+    for sub in ("releases", "venvs", "shared"):
+        steps.append(Directory(f"{s.root}/{sub}", owner=s.user, group=s.user, mode=0o755))
+    return steps
+
+
+def venv_key(s: Settings, requirements: bytes) -> str:
+    h = hashlib.sha256()
+    h.update(requirements + b"\0" + s.python.encode() + b"\0" + GUNICORN.encode())
+    return h.hexdigest()[:16]
+
+
+def venv_step(s: Settings, requirements: bytes) -> Command:
+    key = venv_key(s, requirements)
+    path = f"{s.root}/venvs/{key}"
+    b64 = base64.encodebytes(requirements).decode()
+    cmds = (
+        f"rm -rf {q(path)}",
+        f"{q(s.python)} -m venv {q(path)}",
+        f"base64 -d > {q(path)}/requirements.txt <<'__PROVISION_EOF__'\n{b64}__PROVISION_EOF__",
+        f"{q(path)}/bin/pip install --quiet --disable-pip-version-check --no-input "
+        f"-r {q(path)}/requirements.txt {q(GUNICORN)}",
+        f"touch {q(path)}/.provision-complete",
+        f"chown -R {q(s.user)}:{q(s.user)} {q(path)}",
+        f"chmod -R go-w {q(path)}",
+    )
+    return Command(f"virtualenv {key}", cmds, creates=f"{path}/.provision-complete")
+
+
+class Release(Step):
+    """Upload the source as a new release and switch ``current`` to it atomically.
+
+    The digest of the running release is read from its metadata file; the
+    same digest means nothing to do (no upload at all).
+    """
+
+    notify = ("code",)
+
+    def __init__(self, s: Settings, source: Source, release_id: str, deployer: str = ""):
+        self.s, self.source, self.release_id, self.deployer = s, source, release_id, deployer
+
+    @property
+    def name(self):
+        return f"release {self.s.root}/current"
+
+    @property
+    def meta_path(self) -> str:
+        return f"{self.s.root}/current/.provision-release"
+
+    def facts(self):
+        return [("content", self.meta_path)]
+
+    def plan(self, facts, notified):
+        raw = facts.content(self.meta_path)
+        try:
+            meta = json.loads(raw) if raw else {}
+        except ValueError:
+            meta = {}
+        if meta.get("digest") == self.source.digest:
+            return None
+        rel = f"{self.s.root}/releases/{self.release_id}"
+        tmp = rel + ".provision-tmp"
+        meta = json.dumps({"id": self.release_id, "digest": self.source.digest, "revision": self.source.revision,
+                           "dirty": self.source.dirty, "deployer": self.deployer}, sort_keys=True)
+        b64 = base64.encodebytes(self.source.tarball()).decode()
+        owner = f"{q(self.s.user)}:{q(self.s.user)}"
+        cmds = [
+            f"rm -rf {q(tmp)} && mkdir -p {q(tmp)}",
+            f"base64 -d <<'__PROVISION_EOF__' | tar -xz --no-same-owner -C {q(tmp)}\n{b64}__PROVISION_EOF__",
+            f"printf '%s\\n' {q(meta)} > {q(tmp)}/.provision-release",
+            f"chown -R {owner} {q(tmp)} && chmod -R go-w {q(tmp)}",
+            f"rm -rf {q(rel)} && mv -T {q(tmp)} {q(rel)}",
+            *symlink_commands(f"{self.s.root}/current", f"releases/{self.release_id}"),
+        ]
+        return Change(cmds, summary=f"{self.release_id} ({len(self.source.files)} files)")
+
+
+RELOAD_PY = r"""
+import os,signal,subprocess,sys,time
+name=sys.argv[1]
+pid=int(subprocess.check_output(['systemctl','show','-p','MainPID','--value',name]).strip() or 0)
+def kids():
+    try: return set(open('/proc/%d/task/%d/children'%(pid,pid)).read().split())
+    except OSError: return set()
+if not pid: sys.exit('%s is not running'%name)
+old=kids(); os.kill(pid,signal.SIGHUP); end=time.time()+60
+while time.time()<end:
+    now=kids()
+    if now and not (now & old): sys.exit(0)
+    time.sleep(0.05)
+sys.exit('%s: old workers still running 60s after reload'%name)
+"""
+
+
+def reload_command(service: str) -> str:
+    """HUP gunicorn and wait until every old worker is replaced, so that when
+    the deploy ends only the new release answers."""
+    return f"python3 -c {q(RELOAD_PY)} {q(service)}"
+
+
+class AppService(Service):
+    def plan(self, facts, notified):
+        change = super().plan(facts, notified)
+        if change is not None:
+            change.commands = [reload_command(self.service) if c == f"systemctl reload {q(self.service)}" else c
+                               for c in change.commands]
+        return change
+
+
+def rendered(s: Settings, template: str) -> bytes:
+    return render(s.templates, template, s.template_vars()).encode()
+
+
+def deploy_steps(s: Settings, source: Source, release_id: str, deployer: str = "") -> list[Step]:
+    requirements = s.requirements.read_bytes()
+    venv = venv_step(s, requirements)
+    key = venv_key(s, requirements)
+    # Render first: a template error stops the deploy before any step exists.
+    unit = rendered(s, "app.service.j2")
+    gconf = rendered(s, "gunicorn.conf.py.j2")
+    site = rendered(s, "nginx-site.conf.j2")
+    return provision_steps(s) + [
+        venv,
+        Symlink(f"{s.root}/venv", f"venvs/{key}", notify=("venv",)),
+        Release(s, source, release_id, deployer),
+        File(f"{s.root}/gunicorn.conf.py", gconf, notify=("gunicorn-conf",)),
+        File(f"/etc/systemd/system/{s.name}.service", unit, notify=("unit",)),
+        AppService(s.name, restart_on=("unit", "venv", "gunicorn-conf"), reload_on=("code",),
+                   daemon_reload_on=("unit",)),
+        File(f"/etc/nginx/sites-available/{s.name}", site, notify=("nginx",)),
+        Symlink(f"/etc/nginx/sites-enabled/{s.name}", f"/etc/nginx/sites-available/{s.name}", notify=("nginx",)),
+        Absent("/etc/nginx/sites-enabled/default", notify=("nginx",), when=("packages",)),
+        Service("nginx", reload_on=("nginx",), check="nginx -t -q"),
+        HttpCheck("http://127.0.0.1" + s.health_path,
+                  host_header="" if s.server_name == "_" else s.server_name.split()[0].replace("*", "www"),
+                  timeout=s.health_timeout),
+    ]

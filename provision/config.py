@@ -1,0 +1,174 @@
+"""App settings: validated, typed, layered.
+
+Layers, lowest first: built-in defaults (the fabfile's collection config),
+the project's ``fabric.yaml`` (``app:``), inventory group and host vars,
+``FABRIC_APP_*`` environment variables, task flags.  Invoke does the file and
+environment layering; :func:`layer` slots the inventory in between.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import ProvisionError
+
+DEFAULTS: dict = {
+    "name": "hello",
+    "source": "examples/hello",
+    "wsgi": "app:app",
+    "requirements": "requirements.txt",
+    "server_name": "_",
+    "health_path": "/",
+    "health_timeout": 30,
+    "workers": 2,
+    "threads": 2,
+    "python": "python3",
+    "packages": [],
+    "checks": "checks",
+    "templates": "templates",
+    "proxy": "",
+    "ca_bundle": "",
+}
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
+WSGI_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*(\(.*\))?$")
+SERVER_NAME_RE = re.compile(r"^(_|[A-Za-z0-9*.-]+( [A-Za-z0-9*.-]+)*)$")
+PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
+PROXY_RE = re.compile(r"^https?://[^\s/]+(:\d+)?/?$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    name: str
+    source: Path
+    wsgi: str
+    requirements: Path
+    server_name: str
+    health_path: str
+    health_timeout: int
+    workers: int
+    threads: int
+    python: str
+    packages: tuple[str, ...]
+    checks: Path
+    templates: Path
+    proxy: str
+    ca_bundle: Path | None
+    extra: dict = field(default_factory=dict)  # other vars, available to templates
+
+    @property
+    def root(self) -> str:
+        return f"/srv/{self.name}"
+
+    @property
+    def user(self) -> str:
+        return self.name
+
+    def template_vars(self) -> dict:
+        out = dict(self.extra)
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        out.update(root=self.root, user=self.user, socket=f"/run/{self.name}/gunicorn.sock")
+        return out
+
+
+def _bad(key: str, value, why: str) -> ProvisionError:
+    return ProvisionError(f"invalid setting app.{key}={value!r}: {why}")
+
+
+def _int(key: str, value, lo: int, hi: int) -> int:
+    try:
+        n = int(value)
+        if isinstance(value, float) or isinstance(value, bool):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise _bad(key, value, f"expected a whole number from {lo} to {hi}")
+    if not lo <= n <= hi:
+        raise _bad(key, value, f"expected a whole number from {lo} to {hi}")
+    return n
+
+
+def _list(value) -> list[str]:
+    if isinstance(value, str):
+        return [v for v in re.split(r"[,\s]+", value) if v]
+    return [str(v) for v in value or []]
+
+
+# Vars that may appear in the app layer without being app settings: inventory
+# connection vars are consumed elsewhere; anything in ``extra`` must be
+# declared as a template var (``var_*``) to catch typos.
+CONNECTION_KEYS = {"host", "user", "port", "key", "known_hosts"}
+
+
+def build(raw: dict, base_dir: Path) -> Settings:
+    """Validate merged raw settings into :class:`Settings` (one clear error per problem)."""
+    unknown = sorted(k for k in raw if k not in DEFAULTS and k not in CONNECTION_KEYS and not k.startswith("var_"))
+    if unknown:
+        raise ProvisionError(
+            f"unknown setting app.{unknown[0]}; known settings: {', '.join(sorted(DEFAULTS))} "
+            "(prefix your own template variables with var_)"
+        )
+    v = dict(DEFAULTS)
+    v.update({k: raw[k] for k in raw if k in DEFAULTS and raw[k] is not None})
+    name = str(v["name"])
+    if not NAME_RE.match(name):
+        raise _bad("name", name, "use lowercase letters, digits, '-' or '_', starting with a letter (max 31)")
+    source = (base_dir / str(v["source"])).resolve()
+    if not source.is_dir():
+        raise _bad("source", v["source"], f"no such directory {source}; point --source at your app")
+    req = source / str(v["requirements"])
+    if not req.is_file():
+        raise _bad("requirements", v["requirements"], f"no such file {req}; create it or set app.requirements")
+    wsgi = str(v["wsgi"])
+    if not WSGI_RE.match(wsgi):
+        raise _bad("wsgi", wsgi, "expected module:callable, e.g. app:app or mysite.wsgi:application")
+    server_name = str(v["server_name"]).strip()
+    if not SERVER_NAME_RE.match(server_name):
+        raise _bad("server_name", server_name, "expected host names separated by spaces, or _ for any")
+    health = str(v["health_path"])
+    if not health.startswith("/") or any(c.isspace() for c in health):
+        raise _bad("health_path", health, "expected a URL path starting with /")
+    packages = _list(v["packages"])
+    for p in packages:
+        if not PACKAGE_RE.match(p):
+            raise _bad("packages", p, "not a Debian package name")
+    proxy = str(v["proxy"] or "")
+    if proxy and not PROXY_RE.match(proxy):
+        raise _bad("proxy", proxy, "expected http://HOST:PORT")
+    ca = str(v["ca_bundle"] or "")
+    ca_path = None
+    if ca:
+        ca_path = (base_dir / ca).resolve()
+        if not ca_path.is_file():
+            raise _bad("ca_bundle", ca, f"no such file {ca_path}")
+    python = str(v["python"])
+    if not re.match(r"^[\w./-]+$", python):
+        raise _bad("python", python, "expected an interpreter name or path, e.g. python3")
+    return Settings(
+        name=name,
+        source=source,
+        wsgi=wsgi,
+        requirements=req,
+        server_name=server_name,
+        health_path=health,
+        health_timeout=_int("health_timeout", v["health_timeout"], 1, 3600),
+        workers=_int("workers", v["workers"], 1, 256),
+        threads=_int("threads", v["threads"], 1, 256),
+        python=python,
+        packages=tuple(packages),
+        checks=(base_dir / str(v["checks"])).resolve(),
+        templates=(base_dir / str(v["templates"])).resolve(),
+        proxy=proxy.rstrip("/"),
+        ca_bundle=ca_path,
+        extra={k[4:]: raw[k] for k in raw if k.startswith("var_")},
+    )
+
+
+def layer(config_app: dict, env_app: dict, host_vars: dict, flags: dict) -> dict:
+    """Merge the layers: config (defaults + project file) < inventory < environment < flags."""
+    out = {k: v for k, v in config_app.items()}
+    out.update(host_vars)
+    out.update(env_app)
+    out.update({k: v for k, v in flags.items() if v is not None})
+    return out

@@ -1,0 +1,230 @@
+"""The one place that acts: runs a list of steps against a host over Fabric.
+
+Round trips per host: one to gather every fact, one to apply every change
+(none when nothing changes).  Output is a line per step and a per-host
+summary; the result object carries the same for callers and tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shlex
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+
+import paramiko
+from fabric import Connection
+
+from .errors import ProvisionError, StepFailed, Unreachable
+from .script import build_script, parse_report
+from .steps import Facts, File, Lines, Planned, Step, collect_facts, plan
+
+FACTS_SCRIPT = resources.files("provision").joinpath("remote/facts.py").read_text()
+
+
+@dataclass
+class Remote:
+    """A connected host: runs commands, with sudo when not root."""
+
+    conn: Connection
+    label: str
+    round_trips: int = 0
+
+    @property
+    def sudo(self) -> str:
+        return "" if self.conn.user == "root" else "sudo -n "
+
+    def exec(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> tuple[int, str, str]:
+        """Run one command, feeding ``stdin``; returns (rc, stdout, stderr)."""
+        self.round_trips += 1
+        transport = self.conn.client.get_transport()
+        chan = transport.open_session(timeout=30)
+        chan.exec_command(command)
+        out, err = bytearray(), bytearray()
+
+        def feed():
+            try:
+                chan.sendall(stdin)
+                chan.shutdown_write()
+            except (OSError, EOFError, paramiko.SSHException):
+                pass
+
+        sender = threading.Thread(target=feed, daemon=True)
+        sender.start()
+        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            if chan.recv_ready():
+                out += chan.recv(65536)
+                continue
+            if chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+                continue
+            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                break
+            if deadline and time.monotonic() > deadline:
+                chan.close()
+                raise StepFailed(f"{self.label}: `{command[:60]}` timed out after {timeout:.0f}s")
+            select.select([chan], [], [], 0.2)
+        rc = chan.recv_exit_status()
+        sender.join(timeout=5)
+        chan.close()
+        return rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+def connect(host: str, user: str, port: int, key: str | None, known_hosts: str | None,
+            config=None, label: str | None = None, timeout: float = 10) -> Remote:
+    """Open an SSH connection, turning every way it can fail into one clear line."""
+    label = label or host
+    connect_kwargs = {"timeout": timeout, "banner_timeout": timeout, "auth_timeout": timeout}
+    if key:
+        connect_kwargs["key_filename"] = [os.path.expanduser(key)]
+    conn = Connection(host, user=user, port=port, config=config, connect_kwargs=connect_kwargs)
+    if known_hosts:
+        try:
+            conn.client.load_host_keys(os.path.expanduser(known_hosts))
+        except OSError as e:
+            raise ProvisionError(f"{label}: cannot read known_hosts file {known_hosts}: {e.strerror}; fix the "
+                                 "`known_hosts` setting")
+        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    where = f"{user}@{host}:{port}"
+    try:
+        conn.open()
+    except paramiko.BadHostKeyException:
+        raise ProvisionError(f"{label}: host key of {host} CHANGED (possible man-in-the-middle); if the host was "
+                             f"rebuilt, remove its old key with `ssh-keygen -R {host}` and retry")
+    except paramiko.AuthenticationException:
+        raise ProvisionError(f"{label}: SSH authentication failed for {where}; check the user and the key "
+                             "(-i KEY or `key=` in the inventory)")
+    except paramiko.SSHException as e:
+        if "not found in known_hosts" in str(e):
+            raise ProvisionError(f"{label}: host key of {host} is unknown; add it to {known_hosts} "
+                                 f"(ssh-keyscan -p {port} {host} >> {known_hosts}) and retry")
+        raise Unreachable(f"{label}: SSH to {where} failed: {e}; check the address and that sshd runs")
+    except socket.gaierror:
+        raise Unreachable(f"{label}: host name {host!r} does not resolve; check -H or `host=` in the inventory")
+    except (OSError, EOFError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise Unreachable(f"{label}: cannot reach {where}: {reason}; check the address, port and firewall")
+    return Remote(conn, label)
+
+
+def gather(remote: Remote, keys: list) -> Facts:
+    cmd = f"{remote.sudo}python3 -c {shlex.quote(FACTS_SCRIPT)} {shlex.quote(json.dumps(keys))}"
+    rc, out, err = remote.exec(cmd, timeout=120)
+    if rc != 0:
+        if "a password is required" in err or "a terminal is required" in err:
+            raise ProvisionError(f"{remote.label}: sudo needs a password for {remote.conn.user}; connect as root "
+                                 "or allow passwordless sudo for that user")
+        if rc == 127:
+            raise ProvisionError(f"{remote.label}: python3 is not installed on the host; install it "
+                                 "(apt-get install python3) and retry")
+        raise StepFailed(f"{remote.label}: gathering facts failed (rc {rc}): {err.strip()[-500:]}")
+    answers = json.loads(out)["facts"]
+    return Facts({tuple(k): v for k, v in zip(keys, answers)})
+
+
+@dataclass
+class HostResult:
+    host: str
+    planned: list[Planned] = field(default_factory=list)
+    done: set[int] = field(default_factory=set)
+    failed_step: int | None = None
+    error: str = ""
+    duration: float = 0.0
+    round_trips: int = 0
+
+    @property
+    def changed(self) -> int:
+        return sum(1 for i, p in enumerate(self.planned) if p.status == "change" and i in self.done)
+
+    @property
+    def ok(self) -> int:
+        return sum(1 for i, p in enumerate(self.planned) if p.status != "change" and
+                   (p.change is None or i in self.done))
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error)
+
+    def changed_steps(self) -> list[str]:
+        return [p.step.name for i, p in enumerate(self.planned) if p.status == "change" and i in self.done]
+
+
+class Printer:
+    def __init__(self, stream=None, verbose: bool = False):
+        self.stream = stream or sys.stdout
+        self.verbose = verbose
+
+    def line(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def step(self, host: str, status: str, p: Planned) -> None:
+        summary = f" ({p.change.summary})" if p.change is not None and p.change.summary else ""
+        self.line(f"{host}: {status:<7} {p.step.name}{summary}")
+        if self.verbose and p.change is not None:
+            for c in p.change.commands:
+                self.line("    $ " + (c if "__PROVISION_EOF__" not in c else c.split("\n", 1)[0] + " …"))
+
+
+def diff_for(p: Planned, facts_content: dict[str, str | None]) -> str:
+    s = p.step
+    if isinstance(s, File):
+        return s.diff(facts_content.get(s.path))
+    if isinstance(s, Lines):
+        return p.change.diff if p.change else ""
+    return ""
+
+
+def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, printer: Printer | None = None,
+              env: dict[str, str] | None = None) -> HostResult:
+    printer = printer or Printer()
+    start = time.monotonic()
+    result = HostResult(remote.label)
+    facts = gather(remote, collect_facts(steps))
+    result.planned = planned = plan(steps, facts)
+    if dry_run:
+        changing_files = [p.step.path for p in planned if p.change and isinstance(p.step, File)]
+        old = {}
+        if changing_files:
+            old_facts = gather(remote, [("content", f) for f in changing_files])
+            old = {f: old_facts.content(f) for f in changing_files}
+        for p in planned:
+            printer.step(remote.label, "would" if p.status == "change" else p.status, p)
+            d = diff_for(p, old) if p.status == "change" else ""
+            if d:
+                printer.line(d.rstrip("\n"))
+        result.duration = time.monotonic() - start
+        result.round_trips = remote.round_trips
+        return result
+    if any(p.change is not None for p in planned):
+        script = build_script(planned, env)
+        rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800)
+        report = parse_report(out)
+        result.done = report.done
+        if rc != 0:
+            result.failed_step = report.failed
+            if report.failed is not None:
+                name = planned[report.failed].step.name
+                result.error = (f"{remote.label}: step `{name}` failed (exit {report.rc})"
+                                + (f"\n  command: {report.command}" if report.command else "")
+                                + ("\n  " + report.output.replace("\n", "\n  ") if report.output else ""))
+            else:
+                result.error = f"{remote.label}: remote script failed (exit {rc}): {err.strip()[-500:]}"
+    for i, p in enumerate(planned):
+        if p.change is None:
+            printer.step(remote.label, "ok", p)
+        elif i in result.done:
+            printer.step(remote.label, "ok" if p.change.check else "changed", p)
+        elif i == result.failed_step:
+            printer.step(remote.label, "FAILED", p)
+    result.duration = time.monotonic() - start
+    result.round_trips = remote.round_trips
+    if result.error:
+        printer.line(result.error)
+    return result

@@ -1,0 +1,388 @@
+"""Local disposable droplets: real Debian hosts booted with systemd-nspawn.
+
+Each droplet is a copy of a cached debootstrap base, with its own SSH host
+keys, its own network namespace (a veth pair on the ``pvbr0`` bridge, an
+address in 10.231.0.0/24) and nothing but sshd and python3 on it, like a fresh
+VPS.  Droplets reach apt and PyPI only through a tinyproxy listening on the
+bridge address; the settings they need for that (``proxy``, ``ca_bundle``)
+are written into the sandbox inventory, as a user behind a corporate proxy
+would write them into theirs.
+
+Everything started here is recorded in a state directory and torn down by
+PID; set-up is idempotent and clears leftovers of earlier runs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ProvisionError
+
+STATE_DIR = Path(os.environ.get("PROVISION_SANDBOX_DIR", "/var/lib/provision-sandbox"))
+SUITE = os.environ.get("PROVISION_SANDBOX_SUITE", "bookworm")
+MIRROR = "http://deb.debian.org/debian"
+BRIDGE = "pvbr0"
+NETWORK = ipaddress.ip_network("10.231.0.0/24")
+GATEWAY = ipaddress.ip_address("10.231.0.1")
+FIRST_HOST = 10
+PROXY_PORT = 8888
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+BASE_PACKAGES = "systemd,systemd-sysv,dbus,openssh-server,python3,sudo,iproute2,ca-certificates"
+HOST_TOOLS = {  # command -> Debian package providing it
+    "debootstrap": "debootstrap",
+    "systemd-nspawn": "systemd-container",
+    "tinyproxy": "tinyproxy",
+    "ssh-keygen": "openssh-client",
+    "ip": "iproute2",
+}
+
+
+def _run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise ProvisionError(f"sandbox: `{' '.join(cmd)}` failed: {res.stderr.strip() or res.stdout.strip()}")
+    return res
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _stop_pid(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    if not _alive(pid):
+        return
+    os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        if not _alive(pid):
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def can_run() -> str | None:
+    """None when this machine can run droplets, else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "sandbox droplets need root (systemd-nspawn, network namespaces)"
+    if not Path("/proc/self/ns/net").exists():
+        return "sandbox droplets need network namespaces"
+    if shutil.which("apt-get") is None and any(shutil.which(t) is None for t in HOST_TOOLS):
+        return "sandbox droplets need " + ", ".join(sorted(set(HOST_TOOLS.values())))
+    return None
+
+
+@dataclass
+class Droplet:
+    name: str
+    address: str
+    pid: int
+    netns: str
+    veth: str
+
+    @property
+    def rootfs(self) -> Path:
+        return STATE_DIR / "machines" / self.name / "rootfs"
+
+    def running(self) -> bool:
+        return _alive(self.pid)
+
+
+class Sandbox:
+    def __init__(self, state_dir: Path = STATE_DIR, suite: str = SUITE):
+        self.dir = Path(state_dir)
+        self.suite = suite
+        self.machines = self.dir / "machines"
+
+    # -- paths -------------------------------------------------------------
+    @property
+    def key(self) -> Path:
+        return self.dir / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "known_hosts"
+
+    @property
+    def base(self) -> Path:
+        return self.dir / f"base-{self.suite}"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{GATEWAY}:{PROXY_PORT}"
+
+    # -- one-time set-up -----------------------------------------------------
+    def ensure_tools(self) -> None:
+        missing = sorted({pkg for cmd, pkg in HOST_TOOLS.items() if shutil.which(cmd) is None})
+        if not missing:
+            return
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        _run("apt-get", "update", "-qq", env=env)
+        _run("apt-get", "install", "-y", "-qq", *missing, env=env)
+
+    def ensure_base(self) -> Path:
+        """Build the cached base root filesystem once (about 50 s)."""
+        if (self.base / "usr/sbin/sshd").exists():
+            return self.base
+        partial = self.base.with_name(self.base.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _run("debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", self.suite, str(partial), MIRROR)
+        partial.rename(self.base)
+        return self.base
+
+    def ensure_key(self) -> Path:
+        if not self.key.exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "provision-sandbox", "-f", str(self.key))
+        return self.key
+
+    def ensure_network(self) -> None:
+        if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
+            _run("ip", "link", "add", BRIDGE, "type", "bridge")
+        addrs = _run("ip", "-o", "addr", "show", "dev", BRIDGE).stdout
+        if f" {GATEWAY}/" not in addrs:
+            _run("ip", "addr", "add", f"{GATEWAY}/{NETWORK.prefixlen}", "dev", BRIDGE)
+        _run("ip", "link", "set", BRIDGE, "up")
+
+    def ensure_proxy(self) -> int:
+        pidfile = self.dir / "tinyproxy.pid"
+        pid = int(pidfile.read_text()) if pidfile.exists() else None
+        if _alive(pid) and self._listening(str(GATEWAY), PROXY_PORT):
+            return pid
+        _stop_pid(pid)
+        conf = self.dir / "tinyproxy.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"Listen {GATEWAY}",
+                    f"Port {PROXY_PORT}",
+                    "Timeout 600",
+                    "MaxClients 100",
+                    f"Allow {NETWORK}",
+                    "ConnectPort 443",
+                    "ConnectPort 80",
+                    "LogLevel Warning",
+                    f"LogFile \"{self.dir / 'tinyproxy.log'}\"",
+                    "DisableViaHeader Yes",
+                    "",
+                ]
+            )
+        )
+        proc = subprocess.Popen(
+            ["tinyproxy", "-d", "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "tinyproxy.err", "ab"),
+            start_new_session=True,
+        )
+        pidfile.write_text(str(proc.pid))
+        deadline = time.monotonic() + 10
+        while not self._listening(str(GATEWAY), PROXY_PORT):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ProvisionError(f"sandbox: tinyproxy did not start; see {self.dir / 'tinyproxy.err'}")
+            time.sleep(0.05)
+        return proc.pid
+
+    def prepare(self) -> None:
+        """Everything droplets need on this machine; idempotent."""
+        self.ensure_tools()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_base()
+        self.ensure_key()
+        self.ensure_network()
+        self.ensure_proxy()
+
+    # -- droplets ------------------------------------------------------------
+    def _state_file(self, name: str) -> Path:
+        return self.machines / name / "state.json"
+
+    def get(self, name: str) -> Droplet | None:
+        f = self._state_file(name)
+        if not f.exists():
+            return None
+        return Droplet(**json.loads(f.read_text()))
+
+    def list(self) -> list[Droplet]:
+        if not self.machines.exists():
+            return []
+        out = [self.get(p.name) for p in sorted(self.machines.iterdir()) if (p / "state.json").exists()]
+        return [d for d in out if d is not None]
+
+    def _free_index(self) -> int:
+        used = {int(ipaddress.ip_address(d.address)) - int(NETWORK.network_address) for d in self.list()}
+        for i in range(FIRST_HOST, NETWORK.num_addresses - 1):
+            if i not in used:
+                return i
+        raise ProvisionError("sandbox: no free address left in 10.231.0.0/24; run `fab sandbox.down --all`")
+
+    def up(self, name: str) -> Droplet:
+        if not name.replace("-", "").isalnum() or len(name) > 20:
+            raise ProvisionError(f"sandbox: bad droplet name {name!r}; use letters, digits and '-' (at most 20)")
+        current = self.get(name)
+        if current and current.running() and self._ssh_banner(current.address, timeout=2):
+            return current
+        if current:
+            self.down(name)
+        self.prepare()
+        index = self._free_index()
+        address = str(NETWORK.network_address + index)
+        netns, veth = f"pv-{name}", f"pvh{index}"
+        peer = f"pvc{index}"
+        mdir = self.machines / name
+        rootfs = mdir / "rootfs"
+        shutil.rmtree(mdir, ignore_errors=True)
+        mdir.mkdir(parents=True)
+        _run("cp", "-a", "--reflink=auto", str(self.base), str(rootfs))
+        self._personalise(rootfs, name)
+        # Network: a namespace of our own with one veth pair onto the bridge.
+        self._drop_netns(netns, veth)
+        _run("ip", "netns", "add", netns)
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
+        _run("ip", "link", "set", peer, "netns", netns)
+        _run("ip", "-n", netns, "link", "set", peer, "name", "eth0")
+        _run("ip", "-n", netns, "addr", "add", f"{address}/{NETWORK.prefixlen}", "dev", "eth0")
+        _run("ip", "-n", netns, "link", "set", "eth0", "up")
+        _run("ip", "-n", netns, "link", "set", "lo", "up")
+        _run("ip", "link", "set", veth, "master", BRIDGE, "up")
+        log = open(mdir / "console.log", "ab")
+        proc = subprocess.Popen(
+            [
+                "systemd-nspawn", "-q", "-D", str(rootfs), "-b", "--register=no", "--keep-unit",
+                f"--machine={name}", f"--network-namespace-path=/run/netns/{netns}",
+                "--console=read-only",
+            ],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+        droplet = Droplet(name=name, address=address, pid=proc.pid, netns=netns, veth=veth)
+        self._state_file(name).write_text(json.dumps(asdict(droplet)))
+        deadline = time.monotonic() + 60
+        while not self._ssh_banner(address, timeout=1):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.down(name)
+                raise ProvisionError(f"sandbox: droplet {name} did not boot; see {mdir / 'console.log'}")
+            time.sleep(0.1)
+        self._record_host_keys(droplet)
+        return droplet
+
+    def down(self, name: str) -> bool:
+        d = self.get(name)
+        if d is None:
+            return False
+        _stop_pid(d.pid)
+        self._drop_netns(d.netns, d.veth)
+        shutil.rmtree(self.machines / name, ignore_errors=True)
+        self._forget_host_keys(d.address)
+        return True
+
+    def down_all(self) -> list[str]:
+        names = [d.name for d in self.list()]
+        for n in names:
+            self.down(n)
+        pidfile = self.dir / "tinyproxy.pid"
+        if pidfile.exists():
+            _stop_pid(int(pidfile.read_text()))
+            pidfile.unlink()
+        return names
+
+    # -- helpers -------------------------------------------------------------
+    def _personalise(self, rootfs: Path, name: str) -> None:
+        for f in (rootfs / "etc/ssh").glob("ssh_host_*"):
+            f.unlink()
+        _run("ssh-keygen", "-A", "-f", str(rootfs))
+        (rootfs / "etc/hostname").write_text(name + "\n")
+        (rootfs / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {name}\n")
+        (rootfs / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+        ssh_dir = rootfs / "root/.ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        auth = ssh_dir / "authorized_keys"
+        auth.write_text(Path(str(self.key) + ".pub").read_text())
+        auth.chmod(0o600)
+        # No DNS inside: everything outside goes through the proxy by name.
+        resolv = rootfs / "etc/resolv.conf"
+        if resolv.is_symlink() or resolv.exists():
+            resolv.unlink()
+        resolv.write_text("")
+
+    @staticmethod
+    def _drop_netns(netns: str, veth: str) -> None:
+        if _run("ip", "link", "show", veth, check=False).returncode == 0:
+            _run("ip", "link", "del", veth, check=False)
+        if Path(f"/run/netns/{netns}").exists():
+            _run("ip", "netns", "del", netns, check=False)
+
+    def _record_host_keys(self, d: Droplet) -> None:
+        self._forget_host_keys(d.address)
+        lines = []
+        for pub in sorted((d.rootfs / "etc/ssh").glob("ssh_host_*_key.pub")):
+            kind, blob = pub.read_text().split()[:2]
+            lines.append(f"{d.address} {kind} {blob}\n")
+        with open(self.known_hosts, "a") as fh:
+            fh.writelines(lines)
+
+    def _forget_host_keys(self, address: str) -> None:
+        if self.known_hosts.exists():
+            keep = [l for l in self.known_hosts.read_text().splitlines(True) if l.split(" ", 1)[0] != address]
+            self.known_hosts.write_text("".join(keep))
+
+    @staticmethod
+    def _listening(host: str, port: int) -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _ssh_banner(host: str, timeout: float) -> bool:
+        try:
+            with socket.create_connection((host, 22), timeout=timeout) as s:
+                s.settimeout(timeout)
+                return s.recv(4).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def inventory(self) -> str:
+        """Inventory text for the running droplets (Ansible-style INI)."""
+        lines = ["# Written by `fab sandbox.up`; local sandbox droplets.", "[sandbox]"]
+        for d in self.list():
+            lines.append(f"{d.name} host={d.address} user=root key={self.key}")
+        lines += [
+            "",
+            "[sandbox:vars]",
+            f"known_hosts={self.known_hosts}",
+            f"proxy={self.proxy_url}",
+            f"ca_bundle={HOST_CA_BUNDLE}",
+            "",
+        ]
+        return "\n".join(lines)

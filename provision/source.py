@@ -1,0 +1,90 @@
+"""The app's source as a deterministic tarball and a content digest.
+
+In a git checkout the tracked files are shipped (as they are in the working
+tree); elsewhere the whole directory minus VCS, caches and virtualenvs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ProvisionError
+
+SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "env", ".tox", ".mypy_cache",
+             ".pytest_cache", "node_modules", ".sandbox"}
+SKIP_SUFFIXES = (".pyc", ".pyo")
+
+
+@dataclass(frozen=True)
+class Source:
+    root: Path
+    files: tuple[str, ...]  # relative paths, sorted
+    digest: str  # sha256 over paths, modes and contents
+    revision: str  # git short sha, or "" outside git
+    dirty: bool
+
+    def release_id(self, now: float | None = None) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now if now is not None else time.time()))
+        rev = self.revision or self.digest[:8]
+        return f"{stamp}-{rev}" + ("-dirty" if self.dirty else "")
+
+    def tarball(self) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
+            for rel in self.files:
+                path = self.root / rel
+                info = tar.gettarinfo(str(path), arcname=rel)
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                info.mtime = 0
+                info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+                with open(path, "rb") as fh:
+                    tar.addfile(info, fh)
+        return buf.getvalue()
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+
+
+def _walk(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS
+                             and not (Path(dirpath, d, "pyvenv.cfg")).exists())
+        for f in filenames:
+            if not f.endswith(SKIP_SUFFIXES):
+                out.append(os.path.relpath(os.path.join(dirpath, f), root))
+    return out
+
+
+def scan(root: Path) -> Source:
+    root = root.resolve()
+    if not root.is_dir():
+        raise ProvisionError(f"app source {root} is not a directory; point --source at your app")
+    revision, dirty = "", False
+    inside = _git(root, "rev-parse", "--is-inside-work-tree")
+    if inside.returncode == 0 and inside.stdout.strip() == "true":
+        listed = _git(root, "ls-files", "-z", "--cached", "--", ".")
+        files = [f for f in listed.stdout.split("\0") if f and (root / f).is_file()]
+        head = _git(root, "rev-parse", "--short", "HEAD")
+        revision = head.stdout.strip() if head.returncode == 0 else ""
+        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip())
+        if not files:  # untracked app inside some repository: ship the directory
+            files = _walk(root)
+    else:
+        files = _walk(root)
+    files = sorted(f for f in files if not any(part in SKIP_DIRS for part in Path(f).parts))
+    h = hashlib.sha256()
+    for rel in files:
+        path = root / rel
+        h.update(rel.encode() + b"\0" + (b"x" if os.access(path, os.X_OK) else b"-") + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return Source(root=root, files=tuple(files), digest=h.hexdigest(), revision=revision, dirty=dirty)

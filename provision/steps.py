@@ -1,0 +1,482 @@
+"""Steps: desired state in, shell commands out.
+
+A step names the facts it needs (``facts()``), and turns the gathered facts
+into a :class:`Change` (``plan()``), or ``None`` when the host already is as
+desired.  Nothing here touches a host: the executor gathers the facts of all
+steps in one round trip and runs every change in one script.
+
+``notify`` tags let later steps react to earlier changes (a service restarts
+when its unit changed); ``plan()`` receives the tags set so far.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import hashlib
+import shlex
+from dataclasses import dataclass, field
+from typing import Iterable
+
+q = shlex.quote
+Fact = tuple  # (kind, arg)
+
+
+class Facts:
+    """Answers of the remote fact gatherer, looked up by (kind, arg)."""
+
+    def __init__(self, answers: dict[Fact, object]):
+        self._answers = dict(answers)
+
+    def __getitem__(self, key: Fact):
+        return self._answers[key]
+
+    def file(self, path: str) -> dict | None:
+        return self._answers[("file", path)]
+
+    def content(self, path: str) -> str | None:
+        return self._answers[("content", path)]
+
+    def package(self, name: str) -> bool:
+        return bool(self._answers[("package", name)])
+
+    def user(self, name: str) -> dict | None:
+        return self._answers[("user", name)]
+
+    def service(self, name: str) -> dict | None:
+        return self._answers[("service", name)]
+
+    def command(self, cmd: str) -> int:
+        return self._answers[("command", cmd)]
+
+    def http(self, url: str, host: str = "") -> int:
+        return self._answers[("http", f"{url} {host}".strip())]
+
+
+@dataclass
+class Change:
+    commands: list[str]
+    summary: str = ""
+    diff: str = ""
+    check: bool = False  # a verification: reported ok, not changed, when it passes
+
+
+class Step:
+    name = "step"
+    notify: tuple[str, ...] = ()
+
+    def facts(self) -> list[Fact]:
+        return []
+
+    def plan(self, facts: Facts, notified: set[str]) -> Change | None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+def _owner_fix(path: str, fact: dict | None, owner: str | None, group: str | None, mode: int | None,
+               recursive: bool = False) -> list[str]:
+    cmds = []
+    want_owner = owner or (fact or {}).get("owner")
+    want_group = group or (fact or {}).get("group")
+    if fact is None or (owner and fact["owner"] != owner) or (group and fact["group"] != group):
+        if owner or group:
+            flag = "-R " if recursive else ""
+            cmds.append(f"chown {flag}{q(want_owner or 'root')}:{q(want_group or want_owner or 'root')} {q(path)}")
+    if mode is not None and (fact is None or fact["mode"] != mode):
+        cmds.append(f"chmod {mode:o} {q(path)}")
+    return cmds
+
+
+@dataclass(repr=False)
+class Packages(Step):
+    names: tuple[str, ...]
+    notify: tuple[str, ...] = ("packages",)
+
+    @property
+    def name(self):
+        return "packages " + " ".join(self.names)
+
+    def facts(self):
+        return [("package", n) for n in self.names]
+
+    def plan(self, facts, notified):
+        missing = [n for n in self.names if not facts.package(n)]
+        if not missing:
+            return None
+        env = "DEBIAN_FRONTEND=noninteractive"
+        return Change(
+            [
+                "apt-get update -qq",
+                f"{env} apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold "
+                + " ".join(q(n) for n in missing),
+            ],
+            summary="install " + " ".join(missing),
+        )
+
+
+@dataclass(repr=False)
+class User(Step):
+    user: str
+    home: str
+    shell: str = "/usr/sbin/nologin"
+    notify: tuple[str, ...] = ()
+
+    @property
+    def name(self):
+        return f"user {self.user}"
+
+    def facts(self):
+        return [("user", self.user)]
+
+    def plan(self, facts, notified):
+        u = facts.user(self.user)
+        if u is None:
+            return Change(
+                [f"useradd --system --user-group --home-dir {q(self.home)} --no-create-home "
+                 f"--shell {q(self.shell)} {q(self.user)}"],
+                summary="create",
+            )
+        cmds = []
+        if u["home"] != self.home:
+            cmds.append(f"usermod --home {q(self.home)} {q(self.user)}")
+        if u["shell"] != self.shell:
+            cmds.append(f"usermod --shell {q(self.shell)} {q(self.user)}")
+        return Change(cmds, summary="update") if cmds else None
+
+
+@dataclass(repr=False)
+class Directory(Step):
+    path: str
+    owner: str | None = None
+    group: str | None = None
+    mode: int | None = 0o755
+    notify: tuple[str, ...] = ()
+
+    @property
+    def name(self):
+        return f"directory {self.path}"
+
+    def facts(self):
+        return [("file", self.path)]
+
+    def plan(self, facts, notified):
+        f = facts.file(self.path)
+        cmds = []
+        if f is not None and f["type"] != "dir":
+            cmds.append(f"rm -f {q(self.path)}")
+            f = None
+        if f is None:
+            cmds.append(f"mkdir -p {q(self.path)}")
+        cmds += _owner_fix(self.path, f, self.owner, self.group, self.mode)
+        return Change(cmds, summary="create" if f is None else "fix owner/mode") if cmds else None
+
+
+def _heredoc_write(path: str, data: bytes) -> list[str]:
+    """Commands that write ``data`` to ``path`` atomically (temp file + rename)."""
+    tmp = f"{path}.provision-tmp"
+    b64 = base64.encodebytes(data).decode()
+    return [
+        f"base64 -d > {q(tmp)} <<'__PROVISION_EOF__'\n{b64}__PROVISION_EOF__",
+        f"mv -f {q(tmp)} {q(path)}",
+    ]
+
+
+def unified_diff(old: str | None, new: str, path: str) -> str:
+    lines = difflib.unified_diff(
+        (old or "").splitlines(True), new.splitlines(True),
+        fromfile=f"{path} (host)" if old is not None else "/dev/null", tofile=f"{path} (new)",
+    )
+    return "".join(l if l.endswith("\n") else l + "\n" for l in lines)
+
+
+@dataclass(repr=False)
+class File(Step):
+    path: str
+    content: bytes
+    owner: str | None = "root"
+    group: str | None = "root"
+    mode: int | None = 0o644
+    notify: tuple[str, ...] = ()
+    sensitive: bool = False  # never show the content in diffs
+
+    @property
+    def name(self):
+        return f"file {self.path}"
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content).hexdigest()
+
+    def facts(self):
+        return [("file", self.path)]
+
+    def plan(self, facts, notified):
+        f = facts.file(self.path)
+        if f is not None and f["type"] == "file" and f["sha256"] == self.sha256:
+            cmds = _owner_fix(self.path, f, self.owner, self.group, self.mode)
+            return Change(cmds, summary="fix owner/mode") if cmds else None
+        cmds = []
+        if f is not None and f["type"] == "dir":
+            cmds.append(f"rm -rf {q(self.path)}")
+        cmds += _heredoc_write(self.path, self.content)
+        cmds += _owner_fix(self.path, None, self.owner, self.group, self.mode)
+        return Change(cmds, summary="create" if f is None else "update")
+
+    def diff(self, old: str | None) -> str:
+        if self.sensitive:
+            return f"--- {self.path}\n+++ {self.path}\n(content hidden: sensitive)\n"
+        return unified_diff(old, self.content.decode("utf-8", "replace"), self.path)
+
+
+@dataclass(repr=False)
+class Absent(Step):
+    path: str
+    notify: tuple[str, ...] = ()
+    when: tuple[str, ...] = ()  # also remove when one of these tags was notified (e.g. a package just made it)
+
+    @property
+    def name(self):
+        return f"absent {self.path}"
+
+    def facts(self):
+        return [("file", self.path)]
+
+    def plan(self, facts, notified):
+        if facts.file(self.path) is None and not notified & set(self.when):
+            return None
+        return Change([f"rm -rf {q(self.path)}"], summary="remove")
+
+
+@dataclass(repr=False)
+class Symlink(Step):
+    path: str
+    target: str
+    notify: tuple[str, ...] = ()
+
+    @property
+    def name(self):
+        return f"link {self.path}"
+
+    def facts(self):
+        return [("file", self.path)]
+
+    def plan(self, facts, notified):
+        f = facts.file(self.path)
+        if f is not None and f["type"] == "link" and f["target"] == self.target:
+            return None
+        return Change(symlink_commands(self.path, self.target), summary=f"-> {self.target}")
+
+
+def symlink_commands(path: str, target: str) -> list[str]:
+    """Switch ``path`` to point at ``target`` atomically (temp link + rename)."""
+    tmp = f"{path}.provision-tmp"
+    return [f"ln -sfn {q(target)} {q(tmp)}", f"mv -Tf {q(tmp)} {q(path)}"]
+
+
+@dataclass(repr=False)
+class Lines(Step):
+    """Ensure ``KEY<sep>VALUE`` lines in a file shared with others (e.g. /etc/environment)."""
+
+    path: str
+    values: tuple[tuple[str, str], ...]
+    sep: str = "="
+    notify: tuple[str, ...] = ()
+
+    @property
+    def name(self):
+        return f"lines {self.path}"
+
+    def facts(self):
+        return [("content", self.path)]
+
+    def render(self, old: str | None) -> str:
+        want = dict(self.values)
+        out, seen = [], set()
+        for line in (old or "").splitlines():
+            key = line.split(self.sep, 1)[0].strip()
+            if key in want:
+                if key in seen:
+                    continue
+                line = f"{key}{self.sep}{want[key]}"
+                seen.add(key)
+            out.append(line)
+        out += [f"{k}{self.sep}{v}" for k, v in self.values if k not in seen]
+        return "\n".join(out) + "\n"
+
+    def plan(self, facts, notified):
+        old = facts.content(self.path)
+        new = self.render(old)
+        if old == new:
+            return None
+        return Change(_heredoc_write(self.path, new.encode()), summary="update",
+                      diff=unified_diff(old, new, self.path))
+
+
+@dataclass(repr=False)
+class Command(Step):
+    """A command guarded by ``creates`` (a path) or ``unless`` (a command that succeeds when done)."""
+
+    label: str
+    commands: tuple[str, ...]
+    creates: str | None = None
+    unless: str | None = None
+    when: tuple[str, ...] = ()  # run (also) when one of these tags was notified
+    notify: tuple[str, ...] = ()
+
+    @property
+    def name(self):
+        return self.label
+
+    def facts(self):
+        out = []
+        if self.creates:
+            out.append(("file", self.creates))
+        if self.unless:
+            out.append(("command", self.unless))
+        return out
+
+    def plan(self, facts, notified):
+        needed = bool(notified & set(self.when))
+        if self.creates and facts.file(self.creates) is None:
+            needed = True
+        if self.unless and facts.command(self.unless) != 0:
+            needed = True
+        if not (self.creates or self.unless or self.when):
+            needed = True
+        return Change(list(self.commands)) if needed else None
+
+
+@dataclass(repr=False)
+class Service(Step):
+    """A systemd service enabled and running; restarted or reloaded when told.
+
+    ``restart_on`` / ``reload_on`` are notify tags.  A service that is not
+    running is started (which makes a restart moot).  ``check`` runs before a
+    reload or restart (e.g. ``nginx -t``) so a bad config never takes a live
+    service down.
+    """
+
+    service: str
+    restart_on: tuple[str, ...] = ()
+    reload_on: tuple[str, ...] = ()
+    check: str | None = None
+    daemon_reload_on: tuple[str, ...] = ()
+    notify: tuple[str, ...] = ()
+
+    @property
+    def name(self):
+        return f"service {self.service}"
+
+    def facts(self):
+        return [("service", self.service)]
+
+    def plan(self, facts, notified):
+        s = facts.service(self.service) or {"loaded": False, "active": False, "enabled": False}
+        cmds, what = [], []
+        if notified & set(self.daemon_reload_on) or not s["loaded"]:
+            cmds.append("systemctl daemon-reload")
+        if not s["enabled"]:
+            cmds.append(f"systemctl enable --quiet {q(self.service)}")
+            what.append("enable")
+        restart, reload = notified & set(self.restart_on), notified & set(self.reload_on)
+        action = None
+        if not s["active"]:
+            # Facts predate this run: a package install may have started it since.
+            action = "restart" if restart or reload else "start"
+        elif restart:
+            action = "restart"
+        elif reload:
+            action = "reload"
+        if action:
+            if self.check:
+                cmds.append(self.check)
+            cmds.append(f"systemctl {action} {q(self.service)}")
+            what.append(action)
+        if not what:
+            return None
+        return Change(cmds, summary=", ".join(what))
+
+
+@dataclass(repr=False)
+class HttpCheck(Step):
+    """The service answers ``url`` with a 2xx status (retried up to ``timeout`` seconds).
+
+    Runs whenever anything changed in this run; otherwise the status gathered
+    with the facts decides.
+    """
+
+    url: str
+    host_header: str = ""
+    timeout: int = 30
+
+    @property
+    def name(self):
+        return f"health {self.url}"
+
+    def facts(self):
+        return [("http", f"{self.url} {self.host_header}".strip())]
+
+    def command(self) -> str:
+        return http_check_command(self.url, self.host_header, self.timeout)
+
+    def plan(self, facts, notified):
+        status = facts.http(self.url, self.host_header)
+        if notified or not (200 <= status < 300):
+            return Change([self.command()], summary="answers", check=True)
+        return None
+
+
+def http_check_command(url: str, host_header: str, timeout: int) -> str:
+    py = (
+        "import sys,time,urllib.request as u,urllib.error as e\n"
+        "url,host,limit=sys.argv[1],sys.argv[2],float(sys.argv[3])\n"
+        "o=u.build_opener(u.ProxyHandler({}))\n"
+        "end=time.time()+limit;last='no answer'\n"
+        "while True:\n"
+        "  try:\n"
+        "    r=o.open(u.Request(url,headers={'Host':host} if host else {}),timeout=5)\n"
+        "    if 200<=r.status<300: sys.exit(0)\n"
+        "    last='HTTP %d'%r.status\n"
+        "  except e.HTTPError as x: last='HTTP %d'%x.code\n"
+        "  except Exception as x: last=str(x)\n"
+        "  if time.time()>end: sys.exit('health check: %s answered %s after %ss'%(url,last,limit))\n"
+        "  time.sleep(0.2)\n"
+    )
+    return f"python3 -c {q(py)} {q(url)} {q(host_header)} {timeout}"
+
+
+def collect_facts(steps: Iterable[Step]) -> list[Fact]:
+    seen: dict[Fact, None] = {}
+    for s in steps:
+        for f in s.facts():
+            seen.setdefault(tuple(f), None)
+    return list(seen)
+
+
+@dataclass
+class Planned:
+    step: Step
+    change: Change | None
+
+    @property
+    def status(self) -> str:
+        if self.change is None:
+            return "ok"
+        return "check" if self.change.check else "change"
+
+
+def plan(steps: Iterable[Step], facts: Facts) -> list[Planned]:
+    """Decide every step from the facts, in order, propagating notify tags."""
+    notified: set[str] = set()
+    out = []
+    for s in steps:
+        change = s.plan(facts, notified)
+        if change is not None and not change.commands:
+            change = None
+        if change is not None and not change.check:
+            notified |= set(s.notify)
+            notified.add("*changed*")
+        out.append(Planned(s, change))
+    return out

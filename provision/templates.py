@@ -1,0 +1,28 @@
+"""Render the project's templates locally, strictly: a missing variable fails
+before any host is touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+
+from .errors import ProvisionError
+
+
+def render(templates_dir: Path, name: str, variables: dict) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    try:
+        return env.get_template(name).render(**variables)
+    except jinja2.TemplateNotFound:
+        raise ProvisionError(f"template {name} not found in {templates_dir}; add it or set app.templates")
+    except jinja2.UndefinedError as e:
+        raise ProvisionError(f"template {templates_dir / name}: {e.message}; define it in fabric.yaml "
+                             "(app.var_NAME) or the inventory, or fix the template")
+    except jinja2.TemplateSyntaxError as e:
+        raise ProvisionError(f"template {e.filename or name}:{e.lineno}: {e.message}; fix the template syntax")

@@ -67,5 +67,11 @@ def list_(c):
     cli.sandbox_list(PROJECT)
 
 
-ns = Collection(deploy, plan, provision_, check, inventory, Collection("sandbox", up, down, list_))
-ns.configure({"app": dict(DEFAULTS)})
+@task(help={"name": "droplet name (default sandbox1)"})
+def info(c, name="sandbox1"):
+    """Print a droplet's URL and how to SSH in."""
+    cli.sandbox_info(name)
+
+
+ns = Collection(deploy, plan, provision_, check, inventory, Collection("sandbox", up, down, list_, info))
+ns.configure({"app": dict(DEFAULTS), "inventory": cli.DEFAULT_INVENTORY})

@@ -27,6 +27,7 @@ from .inventory import Inventory, Target
 from .source import scan
 
 SANDBOX_INVENTORY = ".sandbox/inventory.ini"
+DEFAULT_INVENTORY = f"inventory.ini,{SANDBOX_INVENTORY}"
 
 
 @dataclass
@@ -36,10 +37,10 @@ class Job:
 
 
 def inventory_paths(c, project: Path) -> list[Path]:
-    names = c.config.get("inventory", None) or ["inventory.ini", SANDBOX_INVENTORY]
+    names = c.config.get("inventory", None) or DEFAULT_INVENTORY
     if isinstance(names, str):
-        names = [n for n in names.split(",") if n]
-    return [project / n for n in names]
+        names = names.split(",")
+    return [project / Path(n.strip()).expanduser() for n in names if n.strip()]
 
 
 def selection(c) -> str:
@@ -240,3 +241,14 @@ def sandbox_list(project: Path) -> None:
     for d in sb.list():
         state = "running" if d.running() else "stopped"
         print(f"{d.name:<16} {d.address:<15} {state:<8} pid={d.pid} key={sb.key}")
+
+
+@guarded
+def sandbox_info(name: str) -> None:
+    sb = _sandbox()
+    d = sb.get(name)
+    if d is None or not d.running():
+        raise ProvisionError(f"no running droplet {name!r}; start it with `fab sandbox.up --name {name}`")
+    print(f"URL:  http://{d.address}/")
+    print(f"SSH:  ssh -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} root@{d.address}")
+    print(f"Stop: fab sandbox.down --name {name}")

@@ -52,6 +52,7 @@ class Inventory:
         self.group_vars: dict[str, dict] = {}
         self.children: dict[str, list[str]] = {}
         self.sources: list[str] = []
+        self.searched: list[str] = []
 
     # -- parsing ----------------------------------------------------------
     @classmethod
@@ -60,6 +61,7 @@ class Inventory:
         for p in paths:
             if p.exists():
                 inv.parse(p.read_text(), str(p))
+        inv.searched = [str(p) for p in paths]
         return inv
 
     def parse(self, text: str, source: str = "inventory.ini") -> "Inventory":
@@ -192,8 +194,10 @@ class Inventory:
         if not looks_like_address:
             known = ", ".join(sorted(set(self.hosts) | {g for g in self.groups if self.groups[g]} |
                                      set(self.children))) or "none"
-            raise ProvisionError(f"unknown host or group {item!r} (inventory {', '.join(self.sources) or 'empty'}"
-                                 f" defines: {known}); add it to inventory.ini or use user@host")
+            where = (f"inventory {', '.join(self.sources)} defines: {known}" if self.sources else
+                     f"no inventory file found: {', '.join(self.searched) or 'none given'}")
+            raise ProvisionError(f"unknown host or group {item!r} ({where}); add it to inventory.ini "
+                                 "or use user@host")
         port = _port(m.group("port"), f"host {item!r}") if m.group("port") else default_port
         # An address also listed in the inventory gets that host's vars.
         for alias in self.hosts:

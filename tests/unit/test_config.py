@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from provision import config as cfg
+from provision.errors import ProvisionError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def build(**over):
+    return cfg.build(cfg.layer(dict(cfg.DEFAULTS), {}, {}, over), ROOT)
+
+
+def test_defaults_are_valid():
+    s = build()
+    assert s.name == "hello" and s.source == ROOT / "examples/hello" and s.root == "/srv/hello"
+    assert s.requirements == ROOT / "examples/hello/requirements.txt"
+    assert s.workers == 2 and s.proxy == "" and s.ca_bundle is None
+
+
+def test_layers_config_inventory_env_flags():
+    raw = cfg.layer({"workers": 2, "name": "a"}, {"name": "from-env"}, {"workers": "4", "name": "inv"}, {"name": "flag"})
+    assert raw == {"workers": "4", "name": "flag"}
+    raw = cfg.layer({"name": "a"}, {"name": "from-env"}, {"name": "inv"}, {"name": None})
+    assert raw["name"] == "from-env"
+
+
+def test_strings_from_inventory_and_env_are_typed():
+    s = build(workers="8", packages="libpq5, curl")
+    assert s.workers == 8 and s.packages == ("libpq5", "curl")
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"name": "Bad Name"}, "app.name"),
+    ({"source": "no/such/dir"}, "no such directory"),
+    ({"requirements": "nope.txt"}, "no such file"),
+    ({"wsgi": "app"}, "module:callable"),
+    ({"workers": "many"}, "whole number"),
+    ({"workers": 0}, "whole number"),
+    ({"health_path": "health"}, "starting with /"),
+    ({"proxy": "proxy:3128"}, "http://HOST:PORT"),
+    ({"packages": ["ok", "Bad;rm"]}, "Debian package"),
+    ({"colour": "blue"}, "unknown setting app.colour"),
+])
+def test_invalid_settings_give_one_clear_line(over, message):
+    with pytest.raises(ProvisionError, match=message) as e:
+        build(**over)
+    assert "\n" not in str(e.value)
+
+
+def test_template_vars_include_own_vars():
+    s = build(var_region="fra1")
+    v = s.template_vars()
+    assert v["region"] == "fra1" and v["socket"] == "/run/hello/gunicorn.sock"

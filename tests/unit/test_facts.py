@@ -1,0 +1,45 @@
+"""The remote fact gatherer is a real program: run it on this machine."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from importlib import resources
+
+SCRIPT = resources.files("provision").joinpath("remote/facts.py").read_text()
+
+
+def gather(keys):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(keys)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["facts"]
+
+
+def test_files_links_dirs_contents_commands(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"data")
+    f.chmod(0o640)
+    (tmp_path / "l").symlink_to("f")
+    facts = gather([["file", str(f)], ["file", str(tmp_path / "l")], ["file", str(tmp_path)],
+                    ["file", str(tmp_path / "missing")], ["content", str(f)], ["content", str(tmp_path / "nope")],
+                    ["command", "true"], ["command", "exit 3"], ["os", ""]])
+    ff, link, d, missing, content, no_content, ok, bad, osf = facts
+    assert ff["type"] == "file" and ff["mode"] == 0o640 and ff["sha256"] == hashlib.sha256(b"data").hexdigest()
+    assert link == dict(link, type="link", target="f")
+    assert d["type"] == "dir"
+    assert missing is None and no_content is None
+    assert content == "data"
+    assert (ok, bad) == (0, 3)
+    assert set(osf) >= {"id", "apt", "systemd", "python"}
+
+
+def test_users_and_unreachable_http():
+    root, nobody = gather([["user", "root"], ["user", "no-such-user-xyz"]])
+    assert root["uid"] == 0 and nobody is None
+    # port 9 on loopback: nothing listens; the fact is 0, not an exception
+    assert gather([["http", "http://127.0.0.1:9/"]]) == [0]
+
+
+def test_packages_answer_per_name():
+    facts = gather([["package", "no-such-package-xyz"]])
+    assert facts == [False]

@@ -1,0 +1,140 @@
+"""Steps decide from recorded facts: facts in, commands out (no SSH)."""
+
+import pytest
+
+from provision.steps import (Absent, Command, Directory, Facts, File, HttpCheck, Lines, Packages, Service,
+                             Symlink, User, collect_facts, plan)
+
+FILE = {"type": "file", "mode": 0o644, "owner": "root", "group": "root", "mtime": 1.0,
+        "sha256": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}  # sha256("hello")
+
+
+def decide(step, answers, notified=()):
+    facts = Facts({tuple(k): v for k, v in answers.items()})
+    change = step.plan(facts, set(notified))
+    return None if change is None else change.commands
+
+
+def test_packages_installs_only_missing():
+    step = Packages(("nginx", "python3-venv"))
+    assert step.facts() == [("package", "nginx"), ("package", "python3-venv")]
+    cmds = decide(step, {("package", "nginx"): True, ("package", "python3-venv"): False})
+    assert cmds[0] == "apt-get update -qq"
+    assert cmds[1].endswith("--force-confold python3-venv")
+    assert decide(step, {("package", "nginx"): True, ("package", "python3-venv"): True}) is None
+
+
+def test_user_created_when_missing_and_fixed_when_different():
+    step = User("hello", home="/srv/hello")
+    assert "useradd --system" in decide(step, {("user", "hello"): None})[0]
+    same = {"uid": 999, "home": "/srv/hello", "shell": "/usr/sbin/nologin", "group": "hello"}
+    assert decide(step, {("user", "hello"): same}) is None
+    moved = dict(same, home="/home/hello")
+    assert decide(step, {("user", "hello"): moved}) == ["usermod --home /srv/hello hello"]
+
+
+@pytest.mark.parametrize("fact,expected", [
+    (None, ["mkdir -p /srv/a", "chown app:app /srv/a", "chmod 755 /srv/a"]),
+    ({"type": "dir", "mode": 0o755, "owner": "app", "group": "app"}, None),
+    ({"type": "dir", "mode": 0o777, "owner": "app", "group": "app"}, ["chmod 755 /srv/a"]),
+    ({"type": "dir", "mode": 0o755, "owner": "root", "group": "root"}, ["chown app:app /srv/a"]),
+    ({"type": "file", "mode": 0o644, "owner": "root", "group": "root"},
+     ["rm -f /srv/a", "mkdir -p /srv/a", "chown app:app /srv/a", "chmod 755 /srv/a"]),
+])
+def test_directory(fact, expected):
+    assert decide(Directory("/srv/a", owner="app", group="app"), {("file", "/srv/a"): fact}) == expected
+
+
+def test_file_unchanged_when_checksum_matches():
+    step = File("/etc/x", b"hello")
+    assert decide(step, {("file", "/etc/x"): FILE}) is None
+
+
+def test_file_only_fixes_mode_when_content_matches():
+    assert decide(File("/etc/x", b"hello", mode=0o600), {("file", "/etc/x"): FILE}) == ["chmod 600 /etc/x"]
+
+
+def test_file_written_atomically_when_content_differs():
+    cmds = decide(File("/etc/x", b"new\n"), {("file", "/etc/x"): FILE})
+    assert cmds[0].startswith("base64 -d > /etc/x.provision-tmp <<'__PROVISION_EOF__'\nbmV3Cg==\n")
+    assert cmds[1] == "mv -f /etc/x.provision-tmp /etc/x"
+    assert cmds[2:] == ["chown root:root /etc/x", "chmod 644 /etc/x"]
+
+
+def test_file_diff_and_sensitive_masking():
+    assert "+new" in File("/etc/x", b"new\n").diff("old\n")
+    masked = File("/etc/secret", b"password=hunter2\n", sensitive=True).diff("password=old\n")
+    assert "hunter2" not in masked and "old" not in masked and "hidden" in masked
+
+
+def test_symlink_switches_atomically_only_when_target_differs():
+    step = Symlink("/srv/a/current", "releases/2")
+    link = {"type": "link", "target": "releases/2", "mode": 0o777, "owner": "root", "group": "root"}
+    assert decide(step, {("file", "/srv/a/current"): link}) is None
+    cmds = decide(step, {("file", "/srv/a/current"): dict(link, target="releases/1")})
+    assert cmds == ["ln -sfn releases/2 /srv/a/current.provision-tmp", "mv -Tf /srv/a/current.provision-tmp /srv/a/current"]
+
+
+def test_absent_removes_existing_or_freshly_installed_paths():
+    step = Absent("/etc/nginx/sites-enabled/default", when=("packages",))
+    assert decide(step, {("file", step.path): None}) is None
+    assert decide(step, {("file", step.path): FILE}) == [f"rm -rf {step.path}"]
+    # nginx was installed in this very run, after the facts were gathered
+    assert decide(step, {("file", step.path): None}, notified={"packages"}) == [f"rm -rf {step.path}"]
+
+
+def test_lines_replaces_keys_keeps_the_rest():
+    step = Lines("/etc/environment", (("http_proxy", "http://p:3128"), ("https_proxy", "http://p:3128")))
+    old = 'PATH="/usr/bin"\nhttp_proxy=http://old:1\nhttp_proxy=dup\n'
+    assert step.render(old) == 'PATH="/usr/bin"\nhttp_proxy=http://p:3128\nhttps_proxy=http://p:3128\n'
+    assert decide(step, {("content", step.path): step.render(old)}) is None
+
+
+def test_command_guards():
+    creates = Command("build", ("make",), creates="/srv/done")
+    assert decide(creates, {("file", "/srv/done"): FILE}) is None
+    assert decide(creates, {("file", "/srv/done"): None}) == ["make"]
+    unless = Command("x", ("do-x",), unless="test -e /x")
+    assert decide(unless, {("command", "test -e /x"): 0}) is None
+    assert decide(unless, {("command", "test -e /x"): 1}) == ["do-x"]
+    handler = Command("update-ca", ("update-ca-certificates",), when=("ca",))
+    assert decide(handler, {}) is None
+    assert decide(handler, {}, notified={"ca"}) == ["update-ca-certificates"]
+
+
+RUNNING = {"loaded": True, "active": True, "enabled": True, "pid": 42}
+
+
+@pytest.mark.parametrize("state,notified,expected", [
+    (RUNNING, (), None),
+    (RUNNING, ("code",), ["nginx -t -q", "systemctl reload app"]),
+    (RUNNING, ("code", "unit"), ["systemctl daemon-reload", "nginx -t -q", "systemctl restart app"]),
+    (dict(RUNNING, active=False), (), ["nginx -t -q", "systemctl start app"]),
+    (dict(RUNNING, enabled=False), (), ["systemctl enable --quiet app"]),
+    ({"loaded": False, "active": False, "enabled": False, "pid": 0}, ("unit",),
+     ["systemctl daemon-reload", "systemctl enable --quiet app", "nginx -t -q", "systemctl restart app"]),
+])
+def test_service(state, notified, expected):
+    step = Service("app", restart_on=("unit",), reload_on=("code",), daemon_reload_on=("unit",), check="nginx -t -q")
+    assert decide(step, {("service", "app"): state}, notified) == expected
+
+
+def test_health_check_runs_after_changes_or_when_unhealthy():
+    step = HttpCheck("http://127.0.0.1/", timeout=5)
+    key = ("http", "http://127.0.0.1/")
+    assert decide(step, {key: 200}) is None
+    assert decide(step, {key: 502}) is not None
+    assert decide(step, {key: 200}, notified={"*changed*"}) is not None
+
+
+def test_plan_propagates_notify_tags_in_order():
+    steps = [File("/etc/unit", b"x", notify=("unit",)),
+             Service("app", restart_on=("unit",))]
+    keys = collect_facts(steps)
+    assert keys == [("file", "/etc/unit"), ("service", "app")]
+    planned = plan(steps, Facts({("file", "/etc/unit"): None, ("service", "app"): RUNNING}))
+    assert [p.status for p in planned] == ["change", "change"]
+    assert planned[1].change.commands == ["systemctl restart app"]
+    planned = plan(steps, Facts({("file", "/etc/unit"): dict(FILE, sha256=File("/e", b"x").sha256),
+                                 ("service", "app"): RUNNING}))
+    assert [p.status for p in planned] == ["ok", "ok"]

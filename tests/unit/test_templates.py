@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+
+from provision import config as cfg
+from provision.errors import ProvisionError
+from provision.templates import render
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def settings(**over):
+    return cfg.build(cfg.layer(dict(cfg.DEFAULTS), {}, {}, over), ROOT)
+
+
+def test_project_templates_render():
+    v = settings(server_name="example.com www.example.com").template_vars()
+    site = render(ROOT / "templates", "nginx-site.conf.j2", v)
+    assert "server_name example.com www.example.com;" in site and "default_server" not in site
+    assert "server unix:/run/hello/gunicorn.sock" in site
+    unit = render(ROOT / "templates", "app.service.j2", v)
+    assert "ExecStart=/srv/hello/venv/bin/gunicorn --config /srv/hello/gunicorn.conf.py" in unit
+    assert "User=hello" in unit
+    conf = render(ROOT / "templates", "gunicorn.conf.py.j2", v)
+    compile(conf, "gunicorn.conf.py", "exec")
+    assert 'chdir = "/srv/hello/current"' in conf and "workers = 2" in conf
+
+
+def test_undefined_variable_fails_with_one_line(tmp_path):
+    (tmp_path / "t.j2").write_text("listen {{ port }};\n")
+    with pytest.raises(ProvisionError, match="'port' is undefined") as e:
+        render(tmp_path, "t.j2", {})
+    assert "\n" not in str(e.value)
+
+
+def test_missing_template_and_syntax_error(tmp_path):
+    with pytest.raises(ProvisionError, match="not found"):
+        render(tmp_path, "nope.j2", {})
+    (tmp_path / "bad.j2").write_text("{% if %}")
+    with pytest.raises(ProvisionError, match="bad.j2:1"):
+        render(tmp_path, "bad.j2", {})

@@ -174,8 +174,8 @@ def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = Non
         hosts = ",".join(f"paramiko://{j.target.alias}" for j in work)
         sudo = ["--sudo"] if any(j.target.user != "root" for j in work) else []
         args = [*paths, f"--hosts={hosts}", f"--ssh-config={ssh_config}", "-c", str(checks_pkg / "pytest.ini"),
-                f"--rootdir={project}", "-p", "no:cacheprovider", "-p", "provision.checks.plugin", "-q", "-W", "ignore::UserWarning", *sudo,
-                *(extra_args or [])]
+                f"--rootdir={project}", "-p", "no:cacheprovider", "-p", "provision.checks.plugin",
+                "-v", "--no-header", "--tb=short", "-W", "ignore::UserWarning", *sudo, *(extra_args or [])]
         code = pytest.main(args)
     if code != 0:
         raise Exit(code=int(code))

@@ -1,5 +1,6 @@
 """fresh droplet -> deploy -> check; no-op redeploy; code edit; failures. Order matters: one droplet."""
 
+import re
 import shutil
 import urllib.request
 
@@ -46,6 +47,8 @@ def test_second_deploy_changes_and_restarts_nothing(droplet):
     assert f"{droplet.name}: no changes, nothing restarted" in res.stdout
     assert f"{droplet.name}: 1 SSH round trip(s)" in res.stdout
     assert "changed" not in res.stdout.replace("no changes", "")
+    prov = droplet.fab("-H", droplet.name, "provision")
+    assert prov.returncode == 0 and f"{droplet.name}: no changes" in prov.stdout, prov.stdout + prov.stderr
     assert droplet.sh(STATE) == before  # same mtimes, same PIDs, same package list
 
 
@@ -103,3 +106,14 @@ def test_selection_errors_are_one_line(droplet, selection, code, message):
     assert res.returncode == code, res.stdout + res.stderr
     [line] = res.stderr.strip().splitlines()
     assert message in line
+
+
+def test_check_fails_on_a_broken_host_and_deploy_repairs_it(droplet):
+    droplet.sh("systemctl stop hello")
+    check = droplet.fab("-H", droplet.name, "check")
+    assert check.returncode != 0
+    assert "test_app_service_enabled_running" in check.stdout and "FAILED" in check.stdout
+    res = droplet.fab("-H", droplet.name, "deploy")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"changed service hello \((re)?start\)", res.stdout)
+    assert droplet.fab("-H", droplet.name, "check").returncode == 0

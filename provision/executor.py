@@ -134,6 +134,7 @@ class HostResult:
     host: str
     planned: list[Planned] = field(default_factory=list)
     done: set[int] = field(default_factory=set)
+    seconds: dict[int, float] = field(default_factory=dict)
     failed_step: int | None = None
     error: str = ""
     duration: float = 0.0
@@ -164,12 +165,15 @@ class Printer:
     def line(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
-    def step(self, host: str, status: str, p: Planned) -> None:
+    def step(self, host: str, status: str, p: Planned, seconds: float | None = None) -> None:
         summary = f" ({p.change.summary})" if p.change is not None and p.change.summary else ""
-        self.line(f"{host}: {status:<7} {p.step.name}{summary}")
+        timing = f" [{seconds:.2f}s]" if self.verbose and seconds is not None else ""
+        self.line(f"{host}: {status:<7} {p.step.name}{summary}{timing}")
         if self.verbose and p.change is not None:
             for c in p.change.commands:
-                self.line("    $ " + (c if "__PROVISION_EOF__" not in c else c.split("\n", 1)[0] + " …"))
+                if "__PROVISION_EOF__" in c:  # a payload: show the command, not the data
+                    c = c.split("\n", 1)[0] + " … (payload)"
+                self.line("    $ " + c.replace("\n", "\n      "))
 
 
 def diff_for(p: Planned, facts_content: dict[str, str | None]) -> str:
@@ -206,7 +210,7 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
         script = build_script(planned, env)
         rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800)
         report = parse_report(out)
-        result.done = report.done
+        result.done, result.seconds = report.done, report.seconds
         if rc != 0:
             result.failed_step = report.failed
             if report.failed is not None:
@@ -220,7 +224,7 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
         if p.change is None:
             printer.step(remote.label, "ok", p)
         elif i in result.done:
-            printer.step(remote.label, "ok" if p.change.check else "changed", p)
+            printer.step(remote.label, "ok" if p.change.check else "changed", p, result.seconds.get(i))
         elif i == result.failed_step:
             printer.step(remote.label, "FAILED", p)
     result.duration = time.monotonic() - start

@@ -59,11 +59,14 @@ class Change:
     summary: str = ""
     diff: str = ""
     check: bool = False  # a verification: reported ok, not changed, when it passes
+    background: bool = False  # runs alongside the following steps, until the next barrier step
+    provides: tuple[str, ...] = ()  # extra notify tags, decided by the plan
 
 
 class Step:
     name = "step"
     notify: tuple[str, ...] = ()
+    barrier = False  # wait for every background change before this step runs
 
     def facts(self) -> list[Fact]:
         return []
@@ -102,17 +105,19 @@ class Packages(Step):
         return [("package", n) for n in self.names]
 
     def plan(self, facts, notified):
-        missing = [n for n in self.names if not facts.package(n)]
+        # "package:X" tags: installed by an earlier step of this run, after the facts were gathered
+        missing = [n for n in self.names if not facts.package(n) and f"package:{n}" not in notified]
         if not missing:
             return None
         env = "DEBIAN_FRONTEND=noninteractive"
+        update = [] if "packages" in notified else ["apt-get update -qq"]  # once a run is enough
         return Change(
-            [
-                "apt-get update -qq",
+            update + [
                 f"{env} apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold "
                 + " ".join(q(n) for n in missing),
             ],
             summary="install " + " ".join(missing),
+            provides=tuple(f"package:{n}" for n in missing),
         )
 
 
@@ -254,6 +259,7 @@ class Symlink(Step):
     path: str
     target: str
     notify: tuple[str, ...] = ()
+    barrier: bool = False
 
     @property
     def name(self):
@@ -324,6 +330,8 @@ class Command(Step):
     unless: str | None = None
     when: tuple[str, ...] = ()  # run (also) when one of these tags was notified
     notify: tuple[str, ...] = ()
+    background: bool = False  # run alongside later steps until the next barrier
+    barrier: bool = False
 
     @property
     def name(self):
@@ -345,7 +353,7 @@ class Command(Step):
             needed = True
         if not (self.creates or self.unless or self.when):
             needed = True
-        return Change(list(self.commands)) if needed else None
+        return Change(list(self.commands), background=self.background) if needed else None
 
 
 @dataclass(repr=False)
@@ -364,6 +372,7 @@ class Service(Step):
     check: str | None = None
     daemon_reload_on: tuple[str, ...] = ()
     notify: tuple[str, ...] = ()
+    barrier: bool = False
 
     @property
     def name(self):
@@ -476,7 +485,7 @@ def plan(steps: Iterable[Step], facts: Facts) -> list[Planned]:
         if change is not None and not change.commands:
             change = None
         if change is not None and not change.check:
-            notified |= set(s.notify)
+            notified |= set(s.notify) | set(change.provides)
             notified.add("*changed*")
         out.append(Planned(s, change))
     return out

@@ -34,10 +34,19 @@ def test_fresh_host_changes_everything_in_a_safe_order():
     names = [p.step.name for p in planned if p.change]
     order = [next(i for i, n in enumerate(names) if n.startswith(prefix)) for prefix in (
         "file /etc/apt/apt.conf.d/80provision-proxy", "file /usr/local/share/ca-certificates",
-        "packages python3-venv nginx", "user hello", "virtualenv", "release", "file /etc/systemd/system/hello.service",
-        "service hello", "file /etc/nginx/sites-available/hello", "absent /etc/nginx/sites-enabled/default",
-        "service nginx", "health")]
+        "packages python3-venv", "user hello", "virtualenv", "packages python3-venv nginx", "release",
+        "file /etc/systemd/system/hello.service", "file /etc/nginx/sites-available/hello",
+        "absent /etc/nginx/sites-enabled/default", "link /srv/hello/venv", "service hello", "service nginx", "health")]
     assert order == sorted(order)
+    by_name = {p.step.name: p for p in planned}
+    # the venv builds in the background; the link to it waits; apt-get update runs once
+    assert [p.step.name for p in planned if p.change and p.change.background] == [
+        "update-ca-certificates", names[order[4]]]
+    assert by_name[names[order[4]]].step.barrier  # pip needs the CA in place
+    assert by_name["packages python3-venv nginx"].change.summary == "install nginx"
+    assert by_name["link /srv/hello/venv"].step.barrier
+    assert by_name["packages python3-venv"].change.commands[0] == "apt-get update -qq"
+    assert "apt-get update -qq" not in by_name["packages python3-venv nginx"].change.commands
     app = next(p for p in planned if p.step.name == "service hello").change.commands
     assert app == ["systemctl daemon-reload", "systemctl enable --quiet hello", "systemctl restart hello"]
     nginx = next(p for p in planned if p.step.name == "service nginx").change.commands

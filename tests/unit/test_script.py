@@ -48,3 +48,24 @@ def test_heredoc_payloads_and_env():
                                     'test "$http_proxy" = "http://p:1"']), {"http_proxy": "http://p:1"}))
     assert res.returncode == 0, res.stdout
     assert parse_report(res.stdout).done == {0}
+
+
+def test_background_steps_overlap_and_join_at_barriers(tmp_path):
+    from provision.steps import Symlink
+
+    marker = tmp_path / "bg-done"
+    steps = planned([f"sleep 0.3; touch {marker}"], [f"test ! -e {marker}"], None)
+    steps[0].change.background = True
+    barrier = Planned(Symlink("/x", "y", barrier=True), Change([f"test -e {marker}"]))
+    res = run(build_script(steps + [barrier]))
+    assert res.returncode == 0, res.stdout
+    report = parse_report(res.stdout)
+    assert report.done == {0, 1, 3}  # step 1 ran while 0 was still sleeping; the barrier saw it done
+
+
+def test_background_failure_is_reported_at_the_join():
+    steps = planned(["echo pip says no >&2; false"], ["true"])
+    steps[0].change.background = True
+    report = parse_report(run(build_script(steps)).stdout)
+    assert report.failed == 0 and report.done == {1}
+    assert report.command == "false" and "pip says no" in report.output

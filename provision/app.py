@@ -48,7 +48,8 @@ def trust_steps(s: Settings) -> list[Step]:
     steps: list[Step] = []
     if s.proxy:
         steps.append(File("/etc/apt/apt.conf.d/80provision-proxy",
-                          f'Acquire::http::Proxy "{s.proxy}";\nAcquire::https::Proxy "{s.proxy}";\n'.encode()))
+                          f'Acquire::http::Proxy "{s.proxy}";\nAcquire::https::Proxy "{s.proxy}";\n'.encode(),
+                          mode=0o640 if s.secrets else 0o644, sensitive=bool(s.secrets)))
         steps.append(Lines("/etc/environment", (("http_proxy", s.proxy), ("https_proxy", s.proxy),
                                                 ("no_proxy", "localhost,127.0.0.1,::1"))))
     if s.ca_bundle:

@@ -73,15 +73,14 @@ def _connect(job: Job, c):
 
 
 def _finish(results: list[HostResult], printer: Printer, json_file: str | None = None) -> None:
-    if len(results) > 1 or any(r.failed for r in results):
-        printer.line(f"{'host':<20} {'ok':>4} {'changed':>8} {'failed':>7} {'time':>7}")
-        for r in results:
-            printer.line(f"{r.host:<20} {r.ok:>4} {r.changed:>8} {int(r.failed):>7} {r.duration:>6.1f}s")
+    printer.line(f"{'host':<20} {'ok':>4} {'changed':>8} {'failed':>7} {'time':>7}")
+    for r in results:
+        printer.line(f"{r.host:<20} {r.ok:>4} {r.changed:>8} {int(r.failed):>7} {r.duration:>6.1f}s")
     if json_file:
-        Path(json_file).write_text(json.dumps([
+        Path(json_file).write_text(printer.mask(json.dumps([
             {"host": r.host, "ok": r.ok, "changed": r.changed, "failed": r.failed, "duration": round(r.duration, 3),
              "round_trips": r.round_trips, "changed_steps": r.changed_steps(), "error": r.error}
-            for r in results], indent=2) + "\n")
+            for r in results], indent=2)) + "\n")
     if any(r.failed for r in results):
         raise Exit(code=1)
 
@@ -129,7 +128,7 @@ def run_apply(c, project: Path, flags: dict, *, full: bool, dry_run: bool = Fals
         else:
             steps = provision_steps(s)
         plans.append((job, steps))
-    printer = Printer(verbose=verbose)
+    printer = Printer(verbose=verbose, secrets=tuple(x for job in work for x in job.settings.secrets))
     results = []
     for job, steps in plans:
         remote = _connect(job, c)

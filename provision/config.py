@@ -36,7 +36,14 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
 WSGI_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*(\(.*\))?$")
 SERVER_NAME_RE = re.compile(r"^(_|[A-Za-z0-9*.-]+( [A-Za-z0-9*.-]+)*)$")
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
-PROXY_RE = re.compile(r"^https?://[^\s/]+(:\d+)?/?$")
+PROXY_RE = re.compile(r"^https?://(?:(?P<user>[^\s/:@]+)(?::(?P<password>[^\s/@]*))?@)?[^\s/@:]+(:\d+)?/?$")
+SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
+MASK = "****"
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced, for messages."""
+    return re.sub(r"(//[^/:@\s]+:)[^/@\s]*@", rf"\g<1>{MASK}@", url)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,16 @@ class Settings:
     proxy: str
     ca_bundle: Path | None
     extra: dict = field(default_factory=dict)  # other vars, available to templates
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values never to print: the proxy password, template vars named like secrets."""
+        out = []
+        m = PROXY_RE.match(self.proxy) if self.proxy else None
+        if m and m.group("password"):
+            out.append(m.group("password"))
+        out += [str(v) for k, v in self.extra.items() if SECRET_VAR_RE.search(k) and str(v)]
+        return tuple(out)
 
     @property
     def root(self) -> str:
@@ -135,7 +152,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
             raise _bad("packages", p, "not a Debian package name")
     proxy = str(v["proxy"] or "")
     if proxy and not PROXY_RE.match(proxy):
-        raise _bad("proxy", proxy, "expected http://HOST:PORT")
+        raise _bad("proxy", mask_url(proxy), "expected http://[USER:PASSWORD@]HOST:PORT")
     ca = str(v["ca_bundle"] or "")
     ca_path = None
     if ca:

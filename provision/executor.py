@@ -21,6 +21,7 @@ from importlib import resources
 import paramiko
 from fabric import Connection
 
+from .config import MASK
 from .errors import ProvisionError, StepFailed, Unreachable
 from .script import build_script, parse_report
 from .steps import Facts, File, Lines, Planned, Step, collect_facts, plan
@@ -158,12 +159,20 @@ class HostResult:
 
 
 class Printer:
-    def __init__(self, stream=None, verbose: bool = False):
+    """All output of a run goes through here, so that secrets are masked in every line."""
+
+    def __init__(self, stream=None, verbose: bool = False, secrets: tuple[str, ...] = ()):
         self.stream = stream or sys.stdout
         self.verbose = verbose
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def mask(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
 
     def line(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        print(self.mask(text), file=self.stream, flush=True)
 
     def step(self, host: str, status: str, p: Planned, seconds: float | None = None) -> None:
         summary = f" ({p.change.summary})" if p.change is not None and p.change.summary else ""

@@ -261,9 +261,9 @@ class Sandbox:
         peer = f"pvc{index}"
         mdir = self.machines / name
         rootfs = mdir / "rootfs"
-        shutil.rmtree(mdir, ignore_errors=True)
+        self._release_rootfs(mdir)
         mdir.mkdir(parents=True)
-        _run("cp", "-a", "--reflink=auto", str(self.base), str(rootfs))
+        self._make_rootfs(mdir)
         self._personalise(rootfs, name)
         # Network: a namespace of our own with one veth pair onto the bridge.
         self._drop_netns(netns, veth)
@@ -275,6 +275,9 @@ class Sandbox:
         _run("ip", "-n", netns, "link", "set", "eth0", "up")
         _run("ip", "-n", netns, "link", "set", "lo", "up")
         _run("ip", "link", "set", veth, "master", BRIDGE, "up")
+        # The address may have belonged to an earlier droplet: forget its MAC, or the
+        # host keeps sending to the old one (or answers "no route") until the entry expires.
+        _run("ip", "neigh", "flush", "to", address, "dev", BRIDGE, check=False)
         log = open(mdir / "console.log", "ab")
         proc = subprocess.Popen(
             [
@@ -301,7 +304,7 @@ class Sandbox:
             return False
         _stop_pid(d.pid)
         self._drop_netns(d.netns, d.veth)
-        shutil.rmtree(self.machines / name, ignore_errors=True)
+        self._release_rootfs(self.machines / name)
         self._forget_host_keys(d.address)
         return True
 
@@ -316,6 +319,25 @@ class Sandbox:
         return names
 
     # -- helpers -------------------------------------------------------------
+    def _make_rootfs(self, mdir: Path) -> None:
+        """An overlay on the cached base (instant), or a full copy where overlayfs is missing."""
+        rootfs, upper, work = mdir / "rootfs", mdir / "upper", mdir / "work"
+        for d in (rootfs, upper, work):
+            d.mkdir()
+        opts = f"lowerdir={self.base},upperdir={upper},workdir={work}"
+        if _run("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs), check=False).returncode != 0:
+            rootfs.rmdir()
+            _run("cp", "-a", "--reflink=auto", str(self.base), str(rootfs))
+
+    @staticmethod
+    def _release_rootfs(mdir: Path) -> None:
+        rootfs = mdir / "rootfs"
+        if os.path.ismount(rootfs):
+            _run("umount", str(rootfs), check=False)
+            if os.path.ismount(rootfs):
+                _run("umount", "-l", str(rootfs))
+        shutil.rmtree(mdir, ignore_errors=True)
+
     def _personalise(self, rootfs: Path, name: str) -> None:
         for f in (rootfs / "etc/ssh").glob("ssh_host_*"):
             f.unlink()

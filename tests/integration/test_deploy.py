@@ -1,5 +1,6 @@
 """fresh droplet -> deploy -> check; no-op redeploy; code edit; failures. Order matters: one droplet."""
 
+import json
 import re
 import shutil
 import urllib.request
@@ -40,13 +41,16 @@ def test_fresh_deploy_serves_the_app_and_passes_checks(droplet):
     assert "7 passed" in check.stdout
 
 
-def test_second_deploy_changes_and_restarts_nothing(droplet):
+def test_second_deploy_changes_and_restarts_nothing(droplet, tmp_path):
     before = droplet.sh(STATE)
-    res = droplet.fab("-H", droplet.name, "deploy", "-v")
+    res = droplet.fab("-H", droplet.name, "deploy", "-v", "--json", str(tmp_path / "summary.json"))
     assert res.returncode == 0, res.stdout + res.stderr
+    [summary] = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == dict(summary, host=droplet.name, changed=0, failed=False, round_trips=1, changed_steps=[])
     assert f"{droplet.name}: no changes, nothing restarted" in res.stdout
     assert f"{droplet.name}: 1 SSH round trip(s)" in res.stdout
-    assert "changed" not in res.stdout.replace("no changes", "")
+    assert f"{droplet.name}: changed" not in res.stdout
+    assert re.search(rf"^{droplet.name} +22 +0 +0 ", res.stdout, re.M)  # summary: ok changed failed
     prov = droplet.fab("-H", droplet.name, "provision")
     assert prov.returncode == 0 and f"{droplet.name}: no changes" in prov.stdout, prov.stdout + prov.stderr
     assert droplet.sh(STATE) == before  # same mtimes, same PIDs, same package list
@@ -54,10 +58,15 @@ def test_second_deploy_changes_and_restarts_nothing(droplet):
 
 def test_dry_run_shows_diff_and_touches_nothing(droplet):
     before = droplet.sh(CHECKSUM)
-    res = droplet.fab("-H", droplet.name, "deploy", "--dry-run", env={"FABRIC_APP_SERVER_NAME": "example.test"})
+    res = droplet.fab("-H", droplet.name, "deploy", "--dry-run", "-v", env={
+        "FABRIC_APP_SERVER_NAME": "example.test", "FABRIC_APP_PROXY": "http://bob:s3cret@10.231.0.1:8888"})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "-    server_name _;" in res.stdout and "+    server_name example.test;" in res.stdout
     assert "would   file /etc/nginx/sites-available/hello" in res.stdout
+    # the proxy password is a secret: hidden in diffs, commands and summaries
+    assert "s3cret" not in res.stdout + res.stderr
+    assert "+http_proxy=http://bob:****@10.231.0.1:8888" in res.stdout
+    assert "(content hidden: sensitive)" in res.stdout
     assert droplet.sh(CHECKSUM) == before
 
 

@@ -39,7 +39,7 @@ def test_strings_from_inventory_and_env_are_typed():
     ({"workers": "many"}, "whole number"),
     ({"workers": 0}, "whole number"),
     ({"health_path": "health"}, "starting with /"),
-    ({"proxy": "proxy:3128"}, "http://HOST:PORT"),
+    ({"proxy": "proxy:3128"}, "HOST:PORT"),
     ({"packages": ["ok", "Bad;rm"]}, "Debian package"),
     ({"colour": "blue"}, "unknown setting app.colour"),
 ])
@@ -53,3 +53,12 @@ def test_template_vars_include_own_vars():
     s = build(var_region="fra1")
     v = s.template_vars()
     assert v["region"] == "fra1" and v["socket"] == "/run/hello/gunicorn.sock"
+
+
+def test_proxy_credentials_are_secrets_and_never_in_messages():
+    s = build(proxy="http://bob:s3cret@proxy.corp:3128", var_api_token="tok-123", var_region="fra1")
+    assert s.proxy == "http://bob:s3cret@proxy.corp:3128"
+    assert set(s.secrets) == {"s3cret", "tok-123"}
+    with pytest.raises(ProvisionError) as e:
+        build(proxy="ftp://bob:s3cret@proxy.corp")
+    assert "s3cret" not in str(e.value) and "****" in str(e.value)

@@ -138,3 +138,14 @@ def test_plan_propagates_notify_tags_in_order():
     planned = plan(steps, Facts({("file", "/etc/unit"): dict(FILE, sha256=File("/e", b"x").sha256),
                                  ("service", "app"): RUNNING}))
     assert [p.status for p in planned] == ["ok", "ok"]
+
+
+def test_printer_masks_secrets_in_every_line():
+    import io
+
+    from provision.executor import Printer
+
+    out = io.StringIO()
+    p = Printer(out, secrets=("s3cret", ""))
+    p.line("http_proxy=http://bob:s3cret@proxy:3128")
+    assert out.getvalue() == "http_proxy=http://bob:****@proxy:3128\n"

@@ -19,22 +19,36 @@ def _flags(source=None):
 
 
 @task(help={"source": "app directory to deploy (default: app.source)", "dry_run": "show the plan and diffs, touch nothing",
-            "verbose": "show remote commands and round trips", "json": "write the per-host summary to this file"})
-def deploy(c, source=None, dry_run=False, verbose=False, json=None):
-    """Provision the host, push a release, install configs, (re)load, health-check."""
-    cli.run_apply(c, PROJECT, _flags(source), full=True, dry_run=dry_run, verbose=verbose, json_file=json)
+            "verbose": "show remote commands and round trips", "json": "write the per-host summary to this file",
+            "break_lock": "stop a stuck deploy that holds the host's deploy lock"})
+def deploy(c, source=None, dry_run=False, verbose=False, json=None, break_lock=False):
+    """Provision the host, push a release, switch to it without dropping requests, health-check."""
+    cli.run_apply(c, PROJECT, _flags(source), dry_run=dry_run, verbose=verbose, json_file=json, break_lock=break_lock)
 
 
 @task(help={"source": "app directory (default: app.source)", "verbose": "show remote commands"})
 def plan(c, source=None, verbose=False):
     """What `deploy` would change, with diffs; touches nothing."""
-    cli.run_apply(c, PROJECT, _flags(source), full=True, dry_run=True, verbose=verbose)
+    cli.run_apply(c, PROJECT, _flags(source), dry_run=True, verbose=verbose)
 
 
 @task(name="provision", help={"dry_run": "show the plan, touch nothing", "verbose": "show remote commands"})
 def provision_(c, dry_run=False, verbose=False):
     """Packages, app user and directory layout only."""
-    cli.run_apply(c, PROJECT, _flags(), full=False, dry_run=dry_run, verbose=verbose)
+    cli.run_apply(c, PROJECT, _flags(), mode="provision", dry_run=dry_run, verbose=verbose)
+
+
+@task(help={"to": "release id (default: the one before the live release)", "verbose": "show remote commands",
+            "break_lock": "stop a stuck deploy that holds the host's deploy lock"})
+def rollback(c, to=None, verbose=False, break_lock=False):
+    """Switch traffic back to an earlier release (no rebuild)."""
+    cli.run_apply(c, PROJECT, _flags(), mode="rollback", to=to, verbose=verbose, break_lock=break_lock)
+
+
+@task
+def releases(c):
+    """List the releases on the host; * marks the live one."""
+    cli.show_releases(c, PROJECT)
 
 
 @task(help={"source": "app directory (default: app.source)"})
@@ -73,5 +87,5 @@ def info(c, name="sandbox1"):
     cli.sandbox_info(name)
 
 
-ns = Collection(deploy, plan, provision_, check, inventory, Collection("sandbox", up, down, list_, info))
+ns = Collection(deploy, plan, provision_, rollback, releases, check, inventory, Collection("sandbox", up, down, list_, info))
 ns.configure({"app": dict(DEFAULTS), "inventory": cli.DEFAULT_INVENTORY})

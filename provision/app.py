@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import shlex
 
 from .config import Settings
 from .source import Source
-from .steps import (Absent, Change, Command, Directory, File, HttpCheck, Lines, Packages, Service, Step,
-                    Symlink, User, symlink_commands)
+from .release import Prune, Release, Switch, host_header, rollback_target
+from .steps import Absent, Command, Directory, File, HttpCheck, Lines, Packages, Service, Step, Symlink, User
 from .templates import render
 
 q = shlex.quote
@@ -96,86 +95,6 @@ def venv_step(s: Settings, requirements: bytes) -> Command:
                    barrier=True)
 
 
-class Release(Step):
-    """Upload the source as a new release and switch ``current`` to it atomically.
-
-    The digest of the running release is read from its metadata file; the
-    same digest means nothing to do (no upload at all).
-    """
-
-    notify = ("code",)
-
-    def __init__(self, s: Settings, source: Source, release_id: str, deployer: str = ""):
-        self.s, self.source, self.release_id, self.deployer = s, source, release_id, deployer
-
-    @property
-    def name(self):
-        return f"release {self.s.root}/current"
-
-    @property
-    def meta_path(self) -> str:
-        return f"{self.s.root}/current/.provision-release"
-
-    def facts(self):
-        return [("content", self.meta_path)]
-
-    def plan(self, facts, notified):
-        raw = facts.content(self.meta_path)
-        try:
-            meta = json.loads(raw) if raw else {}
-        except ValueError:
-            meta = {}
-        if meta.get("digest") == self.source.digest:
-            return None
-        rel = f"{self.s.root}/releases/{self.release_id}"
-        tmp = rel + ".provision-tmp"
-        meta = json.dumps({"id": self.release_id, "digest": self.source.digest, "revision": self.source.revision,
-                           "dirty": self.source.dirty, "deployer": self.deployer}, sort_keys=True)
-        b64 = base64.encodebytes(self.source.tarball()).decode()
-        owner = f"{q(self.s.user)}:{q(self.s.user)}"
-        cmds = [
-            f"rm -rf {q(tmp)} && mkdir -p {q(tmp)}",
-            f"base64 -d <<'__PROVISION_EOF__' | tar -xz --no-same-owner -C {q(tmp)}\n{b64}__PROVISION_EOF__",
-            f"printf '%s\\n' {q(meta)} > {q(tmp)}/.provision-release",
-            f"chown -R {owner} {q(tmp)} && chmod -R go-w {q(tmp)}",
-            f"rm -rf {q(rel)} && mv -T {q(tmp)} {q(rel)}",
-            *symlink_commands(f"{self.s.root}/current", f"releases/{self.release_id}"),
-        ]
-        return Change(cmds, summary=f"{self.release_id} ({len(self.source.files)} files)")
-
-
-RELOAD_PY = r"""
-import os,signal,subprocess,sys,time
-name=sys.argv[1]
-pid=int(subprocess.check_output(['systemctl','show','-p','MainPID','--value',name]).strip() or 0)
-def kids():
-    try: return set(open('/proc/%d/task/%d/children'%(pid,pid)).read().split())
-    except OSError: return set()
-if not pid: sys.exit('%s is not running'%name)
-old=kids(); os.kill(pid,signal.SIGHUP); end=time.time()+60
-while time.time()<end:
-    now=kids()
-    if now and not (now & old): sys.exit(0)
-    time.sleep(0.05)
-sys.exit('%s: old workers still running 60s after reload'%name)
-"""
-
-
-def reload_command(service: str) -> str:
-    """HUP gunicorn and wait until every old worker is replaced, so that when
-    the deploy ends only the new release answers."""
-    return f"python3 -c {q(RELOAD_PY)} {q(service)}"
-
-
-class AppService(Service):
-    def plan(self, facts, notified):
-        change = super().plan(facts, notified)
-        if change is not None:
-            change.commands = [reload_command(self.service) if c == f"systemctl reload {q(self.service)}" else c
-                               for c in change.commands]
-        return change
-
-
 def rendered(s: Settings, template: str) -> bytes:
     return render(s.templates, template, s.template_vars()).encode()
 
@@ -185,25 +104,34 @@ def deploy_steps(s: Settings, source: Source, release_id: str, deployer: str = "
     venv = venv_step(s, requirements)
     key = venv_key(s, requirements)
     # Render first: a template error stops the deploy before any step exists.
-    unit = rendered(s, "app.service.j2")
+    unit = rendered(s, "app@.service.j2")
     gconf = rendered(s, "gunicorn.conf.py.j2")
     site = rendered(s, "nginx-site.conf.j2")
+    release = Release(s, source, release_id, key, deployer)
     # The virtualenv builds in the background (pip only needs python3-venv) while the
-    # other packages install and the configs are written; the venv link waits for it.
+    # other packages install and the release and configs are written; the switch waits.
     return trust_steps(s) + [Packages(("python3-venv",))] + layout_steps(s) + [
         venv,
         Packages(packages(s)),
-        Release(s, source, release_id, deployer),
+        release,
         File(f"{s.root}/gunicorn.conf.py", gconf, notify=("gunicorn-conf",)),
-        File(f"/etc/systemd/system/{s.name}.service", unit, notify=("unit",)),
+        File(f"/etc/systemd/system/{s.name}@.service", unit, notify=("unit",)),
+        Switch(s, release.target, action="deploy", by=deployer),
+        Prune(s, release.target),
         File(f"/etc/nginx/sites-available/{s.name}", site, notify=("nginx",)),
         Symlink(f"/etc/nginx/sites-enabled/{s.name}", f"/etc/nginx/sites-available/{s.name}", notify=("nginx",)),
         Absent("/etc/nginx/sites-enabled/default", notify=("nginx",), when=("packages",)),
-        Symlink(f"{s.root}/venv", f"venvs/{key}", notify=("venv",), barrier=True),
-        AppService(s.name, restart_on=("unit", "venv", "gunicorn-conf"), reload_on=("code",),
-                   daemon_reload_on=("unit",), barrier=True),
         Service("nginx", reload_on=("nginx",), check="nginx -t -q"),
-        HttpCheck("http://127.0.0.1" + s.health_path,
-                  host_header="" if s.server_name == "_" else s.server_name.split()[0].replace("*", "www"),
-                  timeout=s.health_timeout),
+        health_check(s),
     ]
+
+
+def health_check(s: Settings) -> HttpCheck:
+    """The end-to-end check: through nginx on the host, as a visitor would."""
+    return HttpCheck("http://127.0.0.1" + s.health_path, host_header=host_header(s), timeout=s.health_timeout)
+
+
+def rollback_steps(s: Settings, to: str | None, by: str = "") -> list[Step]:
+    target = rollback_target(s, to)
+    return [Switch(s, target, action="rollback", by=by, restart_on=(), extra_facts=(("ls", f"{s.root}/releases"),)),
+            health_check(s)]

@@ -20,9 +20,11 @@ from pathlib import Path
 from invoke import Exit
 
 from . import config as cfg
-from .app import deploy_steps, provision_steps, proxy_env
+from .app import deploy_steps, provision_steps, proxy_env, rollback_steps
 from .errors import ProvisionError
-from .executor import HostResult, Printer, connect, run_steps
+from .executor import HostResult, Printer, connect, gather, run_steps
+from .release import current_release
+from .script import Lock
 from .inventory import Inventory, Target
 from .source import scan
 
@@ -113,27 +115,41 @@ def guarded(fn):
     return wrapper
 
 
+def deployer() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def lock_for(s: cfg.Settings, action: str, release: str, break_lock: bool) -> Lock:
+    holder = {"user": getpass.getuser(), "machine": socket.gethostname(), "action": action, "release": release,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    return Lock(f"/run/lock/provision-{s.name}.lock", holder, break_lock)
+
+
 @guarded
-def run_apply(c, project: Path, flags: dict, *, full: bool, dry_run: bool = False, verbose: bool = False,
-              json_file: str | None = None) -> list[HostResult]:
+def run_apply(c, project: Path, flags: dict, *, mode: str = "deploy", dry_run: bool = False, verbose: bool = False,
+              json_file: str | None = None, break_lock: bool = False, to: str | None = None) -> list[HostResult]:
+    """deploy, provision or rollback the selected hosts."""
     start = time.monotonic()
     work = jobs(c, project, flags)
-    deployer = f"{getpass.getuser()}@{socket.gethostname()}"
     plans = []
     for job in work:  # decide everything locally before touching any host
         s = job.settings
-        if full:
+        if mode == "deploy":
             source = scan(s.source)
-            steps = deploy_steps(s, source, source.release_id(), deployer)
+            rid = source.release_id()
+            steps = deploy_steps(s, source, rid, deployer())
+        elif mode == "rollback":
+            rid = to or "previous release"
+            steps = rollback_steps(s, to, deployer())
         else:
-            steps = provision_steps(s)
-        plans.append((job, steps))
+            rid, steps = "-", provision_steps(s)
+        plans.append((job, steps, lock_for(s, mode, rid, break_lock)))
     printer = Printer(verbose=verbose, secrets=tuple(x for job in work for x in job.settings.secrets))
     results = []
-    for job, steps in plans:
+    for job, steps, lock in plans:
         remote = _connect(job, c)
         try:
-            r = run_steps(remote, steps, dry_run=dry_run, printer=printer, env=proxy_env(job.settings))
+            r = run_steps(remote, steps, dry_run=dry_run, printer=printer, env=proxy_env(job.settings), lock=lock)
         finally:
             remote.conn.close()
         results.append(r)
@@ -157,7 +173,7 @@ def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = Non
         t, s = job.target, job.settings
         by_alias[t.alias] = {
             "name": s.name, "root": s.root, "user": s.user, "server_name": s.server_name,
-            "health_path": s.health_path, "socket": f"/run/{s.name}/gunicorn.sock",
+            "health_path": s.health_path,
         }
         lines += [f"Host {t.alias}", f"  HostName {t.host}", f"  User {t.user}", f"  Port {t.port}"]
         if t.key:
@@ -251,3 +267,29 @@ def sandbox_info(name: str) -> None:
     print(f"URL:  http://{d.address}/")
     print(f"SSH:  ssh -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} root@{d.address}")
     print(f"Stop: fab sandbox.down --name {name}")
+
+
+@guarded
+def show_releases(c, project: Path) -> None:
+    for job in jobs(c, project, {}):
+        s = job.settings
+        remote = _connect(job, c)
+        try:
+            keys = [("ls", f"{s.root}/releases"), ("content", f"{s.root}/releases.log"), ("file", f"{s.root}/current")]
+            facts = gather(remote, keys)
+        finally:
+            remote.conn.close()
+        live = current_release(s, facts)
+        log: dict[str, dict] = {}
+        for line in (facts.content(f"{s.root}/releases.log") or "").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            log.setdefault(entry.get("release"), entry) if entry.get("action") == "deploy" else None
+        names = [n for n in facts.ls(f"{s.root}/releases") or [] if not n.endswith(".provision-tmp")]
+        print(f"{job.target.alias}: {len(names)} release(s) in {s.root}/releases")
+        for n in sorted(names):
+            e = log.get(n, {})
+            who = f"deployed {e['time']} by {e.get('by') or '?'}" if e else ""
+            print(f"  {'*' if n == live else ' '} {n:<40} {who}".rstrip())

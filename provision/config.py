@@ -30,6 +30,10 @@ DEFAULTS: dict = {
     "templates": "templates",
     "proxy": "",
     "ca_bundle": "",
+    "keep_releases": 5,
+    "linked_files": [".env"],
+    "linked_dirs": ["log", "uploads"],
+    "graceful_timeout": 30,
 }
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
@@ -63,6 +67,10 @@ class Settings:
     templates: Path
     proxy: str
     ca_bundle: Path | None
+    keep_releases: int = 5
+    linked_files: tuple[str, ...] = (".env",)
+    linked_dirs: tuple[str, ...] = ("log", "uploads")
+    graceful_timeout: int = 30
     extra: dict = field(default_factory=dict)  # other vars, available to templates
 
     @property
@@ -86,8 +94,15 @@ class Settings:
     def template_vars(self) -> dict:
         out = dict(self.extra)
         out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
-        out.update(root=self.root, user=self.user, socket=f"/run/{self.name}/gunicorn.sock")
+        out.update(root=self.root, user=self.user, upstream_file=self.upstream_file)
         return out
+
+    @property
+    def upstream_file(self) -> str:
+        return f"/etc/nginx/provision/{self.name}.upstream"
+
+    def socket(self, slot: str) -> str:
+        return f"/run/{self.name}/{slot}/gunicorn.sock"
 
 
 def _bad(key: str, value, why: str) -> ProvisionError:
@@ -159,6 +174,12 @@ def build(raw: dict, base_dir: Path) -> Settings:
         ca_path = (base_dir / ca).resolve()
         if not ca_path.is_file():
             raise _bad("ca_bundle", ca, f"no such file {ca_path}")
+    linked = {}
+    for key in ("linked_files", "linked_dirs"):
+        linked[key] = tuple(_list(v[key]))
+        for rel in linked[key]:
+            if rel.startswith("/") or ".." in rel.split("/") or not re.match(r"^[\w./-]+$", rel):
+                raise _bad(key, rel, "expected a path inside the release, like .env or log")
     python = str(v["python"])
     if not re.match(r"^[\w./-]+$", python):
         raise _bad("python", python, "expected an interpreter name or path, e.g. python3")
@@ -178,6 +199,10 @@ def build(raw: dict, base_dir: Path) -> Settings:
         templates=(base_dir / str(v["templates"])).resolve(),
         proxy=proxy.rstrip("/"),
         ca_bundle=ca_path,
+        keep_releases=_int("keep_releases", v["keep_releases"], 2, 100),
+        linked_files=linked["linked_files"],
+        linked_dirs=linked["linked_dirs"],
+        graceful_timeout=_int("graceful_timeout", v["graceful_timeout"], 1, 3600),
         extra={k[4:]: raw[k] for k in raw if k.startswith("var_")},
     )
 

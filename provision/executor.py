@@ -23,7 +23,7 @@ from fabric import Connection
 
 from .config import MASK
 from .errors import ProvisionError, StepFailed, Unreachable
-from .script import build_script, parse_report
+from .script import Lock, build_script, parse_report
 from .steps import Facts, File, Lines, Planned, Step, collect_facts, plan
 
 FACTS_SCRIPT = resources.files("provision").joinpath("remote/facts.py").read_text()
@@ -182,7 +182,10 @@ class Printer:
             for c in p.change.commands:
                 if "__PROVISION_EOF__" in c:  # a payload: show the command, not the data
                     c = c.split("\n", 1)[0] + " … (payload)"
-                self.line("    $ " + c.replace("\n", "\n      "))
+                lines = c.split("\n")
+                if len(lines) > 4:  # an inline script: its first and last lines say what it is
+                    lines = [lines[0], f"… ({len(lines) - 2} more lines)", lines[-1]]
+                self.line("    $ " + "\n      ".join(lines))
 
 
 def diff_for(p: Planned, facts_content: dict[str, str | None]) -> str:
@@ -194,8 +197,15 @@ def diff_for(p: Planned, facts_content: dict[str, str | None]) -> str:
     return ""
 
 
+def describe_holder(h: dict) -> str:
+    if "raw" in h or not h:
+        return h.get("raw", "an unknown process")
+    return (f"{h.get('user', '?')} on {h.get('machine', '?')} since {h.get('time', '?')} "
+            f"({h.get('action', 'deploy')} of {h.get('release', '?')}, remote pid {h.get('pid', '?')})")
+
+
 def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, printer: Printer | None = None,
-              env: dict[str, str] | None = None) -> HostResult:
+              env: dict[str, str] | None = None, lock: Lock | None = None) -> HostResult:
     printer = printer or Printer()
     start = time.monotonic()
     result = HostResult(remote.label)
@@ -216,11 +226,16 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
         result.round_trips = remote.round_trips
         return result
     if any(p.change is not None for p in planned):
-        script = build_script(planned, env)
+        script = build_script(planned, env, lock)
         rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800)
         report = parse_report(out)
         result.done, result.seconds = report.done, report.seconds
-        if rc != 0:
+        if report.stale is not None:
+            printer.line(f"{remote.label}: took over the deploy lock left by {describe_holder(report.stale)}")
+        if report.locked_by is not None:
+            result.error = (f"{remote.label}: another deploy holds the lock: {describe_holder(report.locked_by)}; "
+                            "wait for it, or if it is stuck re-run with --break-lock")
+        elif rc != 0:
             result.failed_step = report.failed
             if report.failed is not None:
                 name = planned[report.failed].step.name

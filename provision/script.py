@@ -9,6 +9,7 @@ runs (commands cannot swallow the script from stdin).
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass, field
 
@@ -20,11 +21,14 @@ export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 __log=$(mktemp)
 trap 'rm -f "$__log"*' EXIT
 declare -A __bgpid=() __bgt0=()
-__run() { ( set -eE; trap 'echo "@@command: $BASH_COMMAND" >&2' ERR; "s$1" ); }
+__run() { ( exec 9>&-; set -eE; trap 'echo "@@command: ${BASH_COMMAND%%$'"'"'\n'"'"'*}" >&2' ERR; "s$1" ); }
+# The client went away (Ctrl-C, dropped connection, killed): let running steps
+# finish, so the host is left with complete states only, then stop.
+trap 'wait; exit 141' PIPE HUP TERM
 __done() {  # step, rc, start time, log
   if [ "$2" -eq 0 ]; then echo "@@ok $1 $3 ${EPOCHREALTIME:-0}"; return; fi
   echo "@@fail $1 $2"; grep -a '^@@command: ' "$4" | tail -n 1
-  grep -av '^@@command: ' "$4" | tail -n 40 | sed 's/^/@@out /'
+  grep -av '^@@command: ' "$4" | tail -n 60 | sed 's/^/@@out /'
   wait; exit "$2"  # let background steps finish: nothing left running behind the report
 }
 __step() { local t0=${EPOCHREALTIME:-0}; __run "$1" >"$__log" 2>&1; __done "$1" $? "$t0" "$__log"; }
@@ -38,8 +42,66 @@ __join() {
 """
 
 
-def build_script(planned: list[Planned], env: dict[str, str] | None = None) -> str:
+LOCK = """\
+__lock={path}
+exec 9>>"$__lock"
+if ! flock -n 9; then
+  __holder=$(cat "$__lock.holder" 2>/dev/null)
+  __hpid=$(printf '%s' "$__holder" | sed -n 's/.*"pid": *\\([0-9]*\\).*/\\1/p')
+  if [ {break_lock} = 1 ] && [ -n "$__hpid" ]; then
+    python3 -c {kill_tree} "$__hpid"; flock -w 60 9 || {{ echo "@@locked $__holder"; exit 75; }}
+    echo "@@broken $__holder"
+  elif [ -n "$__hpid" ] && [ "$(cut -d' ' -f4 /proc/$__hpid/stat 2>/dev/null)" = 1 ]; then
+    # its client is gone: it stops after its current step
+    flock -w 300 9 || {{ echo "@@locked $__holder"; exit 75; }}
+  else echo "@@locked $__holder"; exit 75; fi
+elif [ -s "$__lock.holder" ]; then echo "@@stale $(cat "$__lock.holder")"; fi
+printf '%s\\n' {holder} | sed "s/\\"pid\\": 0/\\"pid\\": $$/" > "$__lock.holder"
+trap 'rm -f "$__log"* "$__lock.holder"' EXIT
+"""
+
+
+# --break-lock: stop a stuck holder and everything it started (TERM, then KILL).
+KILL_TREE = r"""
+import os,signal,sys,time
+def kids(p):
+    out=[]
+    for t in os.listdir('/proc/%s/task'%p) if os.path.exists('/proc/%s'%p) else []:
+        try: out+=open('/proc/%s/task/%s/children'%(p,t)).read().split()
+        except OSError: pass
+    return out
+def tree(p):
+    out=[p]
+    for k in kids(p): out+=tree(k)
+    return out
+pids=tree(sys.argv[1])
+for sig in (signal.SIGTERM,signal.SIGKILL):
+    for p in reversed(pids):
+        try: os.kill(int(p),sig)
+        except OSError: pass
+    end=time.time()+5
+    while time.time()<end and any(os.path.exists('/proc/%s'%p) for p in pids): time.sleep(0.05)
+"""
+
+
+@dataclass
+class Lock:
+    """A deploy lock on the host: flock held by the apply script, with who holds it beside it."""
+
+    path: str
+    holder: dict
+    break_lock: bool = False
+
+    def script(self) -> str:
+        holder = json.dumps(dict(self.holder, pid=0), sort_keys=True)
+        return LOCK.format(path=shlex.quote(self.path), holder=shlex.quote(holder),
+                           break_lock=int(self.break_lock), kill_tree=shlex.quote(KILL_TREE))
+
+
+def build_script(planned: list[Planned], env: dict[str, str] | None = None, lock: Lock | None = None) -> str:
     parts = [PRELUDE]
+    if lock:
+        parts.append(lock.script())
     for k, v in (env or {}).items():
         parts.append(f"export {k}={shlex.quote(v)}\n")
     body = []
@@ -66,6 +128,8 @@ class Report:
     rc: int = 0
     command: str = ""
     output: str = ""
+    locked_by: dict | None = None  # the lock was held by this holder
+    stale: dict | None = None  # a dead holder's lock was taken over (or broken)
 
 
 def parse_report(stdout: str) -> Report:
@@ -80,8 +144,20 @@ def parse_report(stdout: str) -> Report:
         elif line.startswith("@@fail "):
             _, i, rc = line.split()
             r.failed, r.rc = int(i), int(rc)
+        elif line.startswith(("@@locked", "@@stale", "@@broken")):
+            word, _, raw = line.partition(" ")
+            try:
+                holder = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                holder = {"raw": raw}
+            if word == "@@locked":
+                r.locked_by = holder
+            else:
+                r.stale = holder
         elif line.startswith("@@command: "):
             r.command = line[len("@@command: "):]
+            if len(r.command) > 160:
+                r.command = r.command[:157] + "..."
         elif line.startswith("@@out "):
             out.append(line[len("@@out "):])
     r.output = "\n".join(out)

@@ -40,6 +40,9 @@ class Facts:
     def package(self, name: str) -> bool:
         return bool(self._answers[("package", name)])
 
+    def ls(self, path: str) -> list[str] | None:
+        return self._answers[("ls", path)]
+
     def user(self, name: str) -> dict | None:
         return self._answers[("user", name)]
 

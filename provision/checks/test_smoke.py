@@ -10,15 +10,29 @@ def test_nginx_installed_enabled_running(host):
     assert nginx.is_running
 
 
+def live_slot(host, app):
+    return host.file(f"{app['root']}/live-slot").content_string.strip()
+
+
 def test_app_service_enabled_running(host, app):
-    svc = host.service(app["name"])
-    assert host.file(f"/etc/systemd/system/{app['name']}.service").exists
+    assert host.file(f"/etc/systemd/system/{app['name']}@.service").exists
+    slot = live_slot(host, app)
+    svc = host.service(f"{app['name']}@{slot}")
     assert svc.is_enabled
     assert svc.is_running
+    idle = host.service(f"{app['name']}@{'b' if slot == 'a' else 'a'}")
+    assert not idle.is_running and not idle.is_enabled
 
 
-def test_app_socket_listening(host, app):
-    assert host.socket(f"unix://{app['socket']}").is_listening
+def test_app_socket_listening_and_nginx_points_at_it(host, app):
+    sock = f"/run/{app['name']}/{live_slot(host, app)}/gunicorn.sock"
+    assert host.socket(f"unix://{sock}").is_listening
+    assert sock in host.file(f"/etc/nginx/provision/{app['name']}.upstream").content_string
+
+
+def test_live_release_is_current(host, app):
+    slot_target = host.file(f"{app['root']}/slots/{live_slot(host, app)}").linked_to
+    assert slot_target == host.file(f"{app['root']}/current").linked_to
 
 
 def test_nginx_config_valid(host):
@@ -47,7 +61,7 @@ def test_release_owned_by_app_user_not_world_writable(host, app):
     assert release.user == app["user"]
     meta = json.loads(host.file(f"{app['root']}/current/.provision-release").content_string)
     assert meta["digest"]
-    for tree in (f"{app['root']}/current/", f"{app['root']}/venv/"):
+    for tree in (f"{app['root']}/current/", f"{app['root']}/current/.venv/"):
         wrong_owner = host.check_output("find %s ! -user %s ! -type l -print -quit", tree, app["user"])
         assert wrong_owner == "", f"not owned by {app['user']}: {wrong_owner}"
         writable = host.check_output("find %s -perm -o+w ! -type l -print -quit", tree)

@@ -61,6 +61,13 @@ def content_fact(path):
     return data[:MAX_CONTENT].decode("utf-8", "replace")
 
 
+def ls_fact(path):
+    try:
+        return sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def user_fact(name):
     try:
         p = pwd.getpwnam(name)
@@ -151,7 +158,7 @@ def main():
     req = json.loads(sys.argv[1])
     pkgs = packages_facts([a for k, a in req if k == "package"])
     svcs = services_facts([a for k, a in req if k == "service"])
-    simple = {"file": file_fact, "content": content_fact, "user": user_fact,
+    simple = {"file": file_fact, "content": content_fact, "user": user_fact, "ls": ls_fact,
               "command": command_fact, "http": http_fact, "os": os_fact}
     out = []
     for kind, arg in req:

@@ -35,9 +35,12 @@ class Host:
     def address(self) -> str:
         return self.droplet.address
 
+    def env(self, **extra: str) -> dict:
+        return dict(os.environ, FABRIC_INVENTORY=str(self.inventory), **extra)
+
     def fab(self, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-        e = dict(os.environ, FABRIC_INVENTORY=str(self.inventory), **(env or {}))
-        return subprocess.run([FAB, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([FAB, *args], cwd=ROOT, env=self.env(**(env or {})), capture_output=True, text=True,
+                              timeout=timeout)
 
     def sh(self, command: str) -> str:
         """Run a command on the droplet over SSH; returns stdout, fails on non-zero exit."""

@@ -12,7 +12,7 @@ from .conftest import ROOT
 pytestmark = pytest.mark.integration
 
 STATE = ("stat -c '%n %Y %s' /etc/nginx/sites-available/hello /srv/hello/gunicorn.conf.py "
-         "/etc/systemd/system/hello.service; systemctl show -p MainPID --value hello nginx; "
+         "/etc/systemd/system/hello@.service; systemctl show -p MainPID --value hello@a hello@b nginx; "
          "dpkg-query -W -f='${Package} ${Version}\\n' | sha256sum")
 CHECKSUM = "find /etc /srv -xdev -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum"
 
@@ -38,7 +38,7 @@ def test_fresh_deploy_serves_the_app_and_passes_checks(droplet):
     assert get(droplet.address) == "Hello from provision!\n"
     check = droplet.fab("-H", droplet.name, "check")
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "7 passed" in check.stdout
+    assert "8 passed" in check.stdout
 
 
 def test_second_deploy_changes_and_restarts_nothing(droplet, tmp_path):
@@ -74,8 +74,8 @@ def test_edited_code_is_served_after_deploy(droplet, app_copy):
     (app_copy / "app.py").write_text((app_copy / "app.py").read_text().replace("Hello from provision!", "Edited!"))
     res = droplet.fab("-H", droplet.name, "deploy", "--source", str(app_copy))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "changed service hello (reload)" in res.stdout
-    assert "changed virtualenv" not in res.stdout and "(restart)" not in res.stdout
+    assert "changed switch hello" in res.stdout
+    assert "changed virtualenv" not in res.stdout
     for _ in range(5):  # every worker, not just one, serves the new code
         assert get(droplet.address) == "Edited!\n"
 
@@ -118,11 +118,11 @@ def test_selection_errors_are_one_line(droplet, selection, code, message):
 
 
 def test_check_fails_on_a_broken_host_and_deploy_repairs_it(droplet):
-    droplet.sh("systemctl stop hello")
+    droplet.sh("systemctl stop hello@$(cat /srv/hello/live-slot)")
     check = droplet.fab("-H", droplet.name, "check")
     assert check.returncode != 0
     assert "test_app_service_enabled_running" in check.stdout and "FAILED" in check.stdout
     res = droplet.fab("-H", droplet.name, "deploy")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert re.search(r"changed service hello \((re)?start\)", res.stdout)
+    assert "changed switch hello" in res.stdout
     assert droplet.fab("-H", droplet.name, "check").returncode == 0

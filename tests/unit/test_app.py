@@ -1,18 +1,24 @@
 """The app's desired state planned against a fresh host's recorded facts."""
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 
 from provision import config as cfg
-from provision.app import Release, deploy_steps, provision_steps, proxy_env
+from provision.app import deploy_steps, provision_steps, proxy_env
+from provision.release import Release, meta_path
 from provision.errors import ProvisionError
 from provision.source import scan
 from provision.steps import Facts, collect_facts, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 FRESH_SERVICE = {"loaded": False, "active": False, "enabled": False, "pid": 0}
+
+
+def LINK(target):
+    return {"type": "link", "target": target, "mode": 0o777, "owner": "root", "group": "root"}
 
 
 def settings(**over):
@@ -35,57 +41,49 @@ def test_fresh_host_changes_everything_in_a_safe_order():
     order = [next(i for i, n in enumerate(names) if n.startswith(prefix)) for prefix in (
         "file /etc/apt/apt.conf.d/80provision-proxy", "file /usr/local/share/ca-certificates",
         "packages python3-venv", "user hello", "virtualenv", "packages python3-venv nginx", "release",
-        "file /etc/systemd/system/hello.service", "file /etc/nginx/sites-available/hello",
-        "absent /etc/nginx/sites-enabled/default", "link /srv/hello/venv", "service hello", "service nginx", "health")]
+        "file /etc/systemd/system/hello@.service", "switch hello", "prune", "file /etc/nginx/sites-available/hello",
+        "absent /etc/nginx/sites-enabled/default", "service nginx", "health")]
     assert order == sorted(order)
     by_name = {p.step.name: p for p in planned}
-    # the venv builds in the background; the link to it waits; apt-get update runs once
-    assert [p.step.name for p in planned if p.change and p.change.background] == [
-        "update-ca-certificates", names[order[4]]]
-    assert by_name[names[order[4]]].step.barrier  # pip needs the CA in place
-    assert by_name["packages python3-venv nginx"].change.summary == "install nginx"
-    assert by_name["link /srv/hello/venv"].step.barrier
+    # the venv builds in the background; the switch waits for it; apt-get update runs once
+    venv = names[order[4]]
+    assert [p.step.name for p in planned if p.change and p.change.background] == ["update-ca-certificates", venv]
+    assert by_name[venv].step.barrier  # pip needs the CA in place
+    assert by_name["switch hello"].step.barrier
     assert by_name["packages python3-venv"].change.commands[0] == "apt-get update -qq"
     assert "apt-get update -qq" not in by_name["packages python3-venv nginx"].change.commands
-    app = next(p for p in planned if p.step.name == "service hello").change.commands
-    assert app == ["systemctl daemon-reload", "systemctl enable --quiet hello", "systemctl restart hello"]
-    nginx = next(p for p in planned if p.step.name == "service nginx").change.commands
+    assert by_name["packages python3-venv nginx"].change.summary == "install nginx"
+    switch = json.loads(shlex.split(by_name["switch hello"].change.commands[0])[-1])
+    assert switch == dict(switch, slot="a", old="", release=src.release_id(0), daemon_reload=True, action="deploy")
+    nginx = by_name["service nginx"].change.commands
     assert nginx[-2:] == ["nginx -t -q", "systemctl restart nginx"]
     assert planned[-1].change.check
 
 
-def test_release_is_skipped_when_the_running_digest_matches():
+def test_release_is_skipped_when_the_running_digest_and_venv_match():
     s = settings()
     src = scan(s.source)
-    step = Release(s, src, "r1")
-    running = json.dumps({"digest": src.digest, "id": "r0"})
-    assert step.plan(Facts({("content", step.meta_path): running}), set()) is None
-    change = step.plan(Facts({("content", step.meta_path): json.dumps({"digest": "old"})}), set())
+    step = Release(s, src, "r1", "venvkey")
+    running = json.dumps({"digest": src.digest, "id": "r0", "venv": "venvkey"})
+    facts = Facts({("content", meta_path(s)): running, ("file", "/srv/hello/current"): LINK("releases/r0")})
+    assert step.plan(facts, set()) is None and step.target(facts) == "r0"
+    other_venv = json.dumps({"digest": src.digest, "id": "r0", "venv": "old"})
+    facts = Facts({("content", meta_path(s)): other_venv, ("file", "/srv/hello/current"): LINK("releases/r0")})
+    change = step.plan(facts, set())
+    assert step.target(facts) == "r1"
     assert any("tar -xz" in c for c in change.commands)
-    assert change.commands[-1] == "mv -Tf /srv/hello/current.provision-tmp /srv/hello/current"
+    assert "ln -sfn ../../venvs/venvkey /srv/hello/releases/r1.provision-tmp/.venv" in change.commands
+    assert any(c.startswith("ln -s /srv/hello/shared/.env ") for c in " ".join(change.commands).split(" && "))
+    assert change.commands[-1] == "rm -rf /srv/hello/releases/r1 && mv -T /srv/hello/releases/r1.provision-tmp " \
+                                  "/srv/hello/releases/r1"
 
 
-def test_code_change_reloads_but_requirements_change_restarts(tmp_path):
-    (tmp_path / "app.py").write_text("app = None\n")
-    (tmp_path / "requirements.txt").write_text("flask\n")
-    s = settings(source=str(tmp_path))
-    steps = deploy_steps(s, scan(tmp_path), "r1")
-    key = next(st for st in steps if st.name.startswith("virtualenv")).creates
-    answers = {k: v for k, v in fresh_facts(steps)._answers.items()}
-    answers.update({("file", key): {"type": "file"}, ("service", "hello"): dict(FRESH_SERVICE, loaded=True,
-                    active=True, enabled=True, pid=5), ("file", "/srv/hello/venv"): {"type": "link", "target":
-                    "venvs/" + key.split("/")[4]}})
-    planned = {p.step.name: p for p in plan(steps, Facts(answers))}
-    assert "systemctl restart hello" in planned["service hello"].change.commands  # unit file is new
-    # Same host with the unit in place: only the code changes -> graceful reload
-    from provision.steps import File
-    for st in steps:
-        if isinstance(st, File):
-            answers[("file", st.path)] = {"type": "file", "sha256": st.sha256, "mode": st.mode, "owner": st.owner,
-                                          "group": st.group}
-    planned = {p.step.name: p for p in plan(steps, Facts(answers))}
-    cmds = planned["service hello"].change.commands
-    assert len(cmds) == 1 and cmds[0].startswith("python3 -c") and "SIGHUP" in cmds[0]
+def test_a_plain_directory_current_is_kept_as_a_release():
+    s = settings()
+    step = Release(s, scan(s.source), "20260101T000000Z-abc", "k")
+    facts = Facts({("content", meta_path(s)): None, ("file", "/srv/hello/current"): {"type": "dir"}})
+    cmds = step.plan(facts, set()).commands
+    assert cmds[0] == "mv -T /srv/hello/current /srv/hello/releases/20260101T000000Z-legacy"
 
 
 def test_proxy_and_ca_are_settings():

@@ -52,7 +52,8 @@ def test_invalid_settings_give_one_clear_line(over, message):
 def test_template_vars_include_own_vars():
     s = build(var_region="fra1")
     v = s.template_vars()
-    assert v["region"] == "fra1" and v["socket"] == "/run/hello/gunicorn.sock"
+    assert v["region"] == "fra1" and v["upstream_file"] == "/etc/nginx/provision/hello.upstream"
+    assert s.socket("b") == "/run/hello/b/gunicorn.sock"
 
 
 def test_proxy_credentials_are_secrets_and_never_in_messages():

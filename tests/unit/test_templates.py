@@ -17,13 +17,14 @@ def test_project_templates_render():
     v = settings(server_name="example.com www.example.com").template_vars()
     site = render(ROOT / "templates", "nginx-site.conf.j2", v)
     assert "server_name example.com www.example.com;" in site and "default_server" not in site
-    assert "server unix:/run/hello/gunicorn.sock" in site
-    unit = render(ROOT / "templates", "app.service.j2", v)
-    assert "ExecStart=/srv/hello/venv/bin/gunicorn --config /srv/hello/gunicorn.conf.py" in unit
-    assert "User=hello" in unit
+    assert "include /etc/nginx/provision/hello.upstream;" in site
+    unit = render(ROOT / "templates", "app@.service.j2", v)
+    assert ("ExecStart=/srv/hello/slots/%i/.venv/bin/gunicorn --config /srv/hello/gunicorn.conf.py "
+            "--chdir /srv/hello/slots/%i --bind unix:/run/hello/%i/gunicorn.sock") in unit
+    assert "User=hello" in unit and "RuntimeDirectory=hello/%i" in unit
     conf = render(ROOT / "templates", "gunicorn.conf.py.j2", v)
     compile(conf, "gunicorn.conf.py", "exec")
-    assert 'chdir = "/srv/hello/current"' in conf and "workers = 2" in conf
+    assert 'wsgi_app = "app:app"' in conf and "workers = 2" in conf
 
 
 def test_undefined_variable_fails_with_one_line(tmp_path):

@@ -1,0 +1,161 @@
+# Runs on the managed host (stdlib python3): moves traffic to a release without
+# dropping a request.  argv[1] is JSON: app, root, slot (the idle one), old (the
+# live slot or ""), release, health_path, host, timeout, action, by, daemon_reload.
+#
+#  1. point slots/<slot> at the release and (re)start <app>@<slot> on its own socket;
+#  2. health gate: the new instance must answer the health path on its socket, or
+#     it is stopped, its log tail printed, and nothing else changes;
+#  3. write the nginx upstream to the new socket, `nginx -t`, reload, and wait for
+#     the old nginx workers to finish their requests;
+#  4. switch `current`, record the live slot and the release log, then stop the
+#     old instance gracefully (gunicorn finishes in-flight requests on TERM).
+# Every intermediate state serves a complete release.
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+a = json.loads(sys.argv[1])
+app, root, slot, old, release = a["app"], a["root"], a["slot"], a["old"], a["release"]
+unit, old_unit = "%s@%s" % (app, slot), "%s@%s" % (app, old)
+sock_path = "/run/%s/%s/gunicorn.sock" % (app, slot)
+upstream = "/etc/nginx/provision/%s.upstream" % app
+
+
+def run(*cmd, check=True):
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    if check and res.returncode != 0:
+        fail("`%s` failed (exit %d): %s" % (" ".join(cmd), res.returncode, res.stdout.strip()))
+    return res
+
+
+STARTED = time.time()
+
+
+def log_excerpt(limit=40):
+    """The new instance's log since this switch began, from its first error on (the first
+    attempt's traceback names the cause; restarts only repeat it)."""
+    lines = run("journalctl", "-u", unit, "--since", "@%d" % int(STARTED - 1), "--no-pager", "-o", "cat",
+                check=False).stdout.splitlines()
+    first = next((i for i, l in enumerate(lines) if "Traceback" in l or "Error" in l), max(0, len(lines) - limit))
+    return "\n".join(lines[first:first + limit])
+
+
+def fail(message, stop_new=False):
+    if stop_new:
+        excerpt = log_excerpt()
+        run("systemctl", "stop", unit, check=False)
+        run("systemctl", "reset-failed", unit, check=False)
+        message += "\n--- %s's log ---\n%s" % (unit, excerpt)
+    sys.stderr.write(message + "\n")
+    sys.exit(1)
+
+
+def link(path, target):
+    tmp = path + ".provision-tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def write(path, text):
+    tmp = path + ".provision-tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def healthy():
+    deadline = time.time() + a["timeout"]
+    last = "no answer"
+    while time.time() < deadline:
+        try:
+            conn = UnixHTTPConnection(sock_path, timeout=5)
+            conn.request("GET", a["health_path"], headers={"Host": a["host"] or "localhost"})
+            status = conn.getresponse().status
+            conn.close()
+            if 200 <= status < 300:
+                return None
+            last = "HTTP %d" % status
+        except OSError as e:
+            last = str(e) or type(e).__name__
+        state = run("systemctl", "is-active", unit, check=False).stdout.strip()
+        if state in ("failed", "inactive"):
+            return "%s is %s (it exited)" % (unit, state)
+        time.sleep(0.1)
+    return "no healthy answer within %ss (last: %s)" % (a["timeout"], last)
+
+
+def nginx_workers():
+    try:
+        master = int(open("/run/nginx.pid").read().strip())
+        return set(open("/proc/%d/task/%d/children" % (master, master)).read().split())
+    except (OSError, ValueError):
+        return set()
+
+
+def alive(pid):
+    return os.path.exists("/proc/%s" % pid)
+
+
+release_dir = "%s/releases/%s" % (root, release)
+if not os.path.isdir(release_dir):
+    fail("release %s does not exist on this host (see `fab releases`)" % release)
+if not os.path.exists(release_dir + "/.venv/bin/gunicorn"):
+    fail("release %s has no complete virtualenv (it was pruned?); deploy it again instead" % release)
+
+# 1. the new instance
+os.makedirs(root + "/slots", exist_ok=True)
+link("%s/slots/%s" % (root, slot), "../releases/" + release)
+if a["daemon_reload"]:
+    run("systemctl", "daemon-reload")
+run("systemctl", "restart", unit, check=False)
+
+# 2. health gate
+problem = healthy()
+if problem:
+    fail("health check of release %s failed: %s; traffic stays on the previous release" % (release, problem),
+         stop_new=True)
+
+# 3. nginx
+os.makedirs(os.path.dirname(upstream), exist_ok=True)
+previous = open(upstream).read() if os.path.exists(upstream) else None
+write(upstream, "server unix:%s fail_timeout=0;\n" % sock_path)
+test = run("nginx", "-t", "-q", check=False)
+if test.returncode != 0:
+    if previous is None:
+        os.unlink(upstream)
+    else:
+        write(upstream, previous)
+    fail("nginx -t failed, traffic not moved: %s" % test.stdout.strip(), stop_new=True)
+before = nginx_workers()
+run("systemctl", "reload-or-restart", "nginx")
+deadline = time.time() + 30
+while time.time() < deadline and any(alive(p) for p in before):
+    time.sleep(0.05)
+
+# 4. record, then retire the old instance
+link(root + "/current", "releases/" + release)
+write(root + "/live-slot", slot + "\n")
+with open(root + "/releases.log", "a") as fh:
+    fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "release": release,
+                         "action": a["action"], "by": a["by"], "slot": slot}, sort_keys=True) + "\n")
+run("systemctl", "enable", "--quiet", unit)
+if old and old != slot:
+    run("systemctl", "disable", "--quiet", "--now", old_unit, check=False)
+print("%s now serves %s" % (unit, release))

@@ -1,0 +1,105 @@
+"""Switch, prune and rollback decisions from recorded facts."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from provision import config as cfg
+from provision.errors import ProvisionError
+from provision.release import Prune, Switch, live_slot, rollback_target
+from provision.steps import Facts
+
+ROOT = Path(__file__).resolve().parents[2]
+S = cfg.build(dict(cfg.DEFAULTS), ROOT)
+UP = {"loaded": True, "active": True, "enabled": True, "pid": 7}
+DOWN = {"loaded": True, "active": False, "enabled": False, "pid": 0}
+
+
+def link(target):
+    return {"type": "link", "target": target, "mode": 0o777, "owner": "root", "group": "root"}
+
+
+def host(live="a", a="r1", b=None, a_state=UP, b_state=DOWN, current="r1", releases=("r1",)):
+    return Facts({
+        ("content", S.upstream_file): f"server unix:/run/hello/{live}/gunicorn.sock fail_timeout=0;\n" if live else None,
+        ("file", "/srv/hello/current"): link(f"releases/{current}") if current else None,
+        ("file", "/srv/hello/slots/a"): link(f"../releases/{a}") if a else None,
+        ("file", "/srv/hello/slots/b"): link(f"../releases/{b}") if b else None,
+        ("service", "hello@a"): a_state, ("service", "hello@b"): b_state,
+        ("ls", "/srv/hello/releases"): list(releases),
+    })
+
+
+def switch_args(change):
+    return json.loads(shlex.split(change.commands[0])[-1])
+
+
+def test_live_slot_comes_from_the_nginx_upstream():
+    assert live_slot(S, host(live="b")) == "b"
+    assert live_slot(S, host(live=None)) is None
+
+
+def test_same_release_running_is_a_no_op():
+    assert Switch(S, lambda f: "r1").plan(host(), set()) is None
+
+
+def test_new_release_goes_to_the_idle_slot():
+    args = switch_args(Switch(S, lambda f: "r2").plan(host(), set()))
+    assert (args["slot"], args["old"], args["release"]) == ("b", "a", "r2")
+    args = switch_args(Switch(S, lambda f: "r3").plan(host(live="b", b="r2", b_state=UP, a_state=DOWN), set()))
+    assert (args["slot"], args["old"]) == ("a", "b")
+
+
+def test_fresh_host_starts_slot_a_with_a_daemon_reload():
+    fresh = host(live=None, a=None, current=None, a_state=None, b_state=None)
+    args = switch_args(Switch(S, lambda f: "r1").plan(fresh, set()))
+    assert (args["slot"], args["old"], args["daemon_reload"]) == ("a", "", True)
+
+
+def test_config_changes_or_a_dead_instance_switch_too():
+    assert switch_args(Switch(S, lambda f: "r1").plan(host(), {"gunicorn-conf"}))["slot"] == "b"
+    assert switch_args(Switch(S, lambda f: "r1").plan(host(), {"unit"}))["daemon_reload"] is True
+    assert switch_args(Switch(S, lambda f: "r1").plan(host(a_state=DOWN), set()))["slot"] == "b"
+    # rollbacks do not restart on config tags
+    assert Switch(S, lambda f: "r1", restart_on=()).plan(host(), {"unit"}) is None
+
+
+def test_interrupted_switch_is_repaired_without_a_restart():
+    # killed after nginx moved to b, before `current` moved and a stopped
+    facts = host(live="b", a="r1", b="r2", a_state=UP, b_state=UP, current="r1")
+    change = Switch(S, lambda f: "r2").plan(facts, set())
+    assert change.summary == "repair"
+    assert change.commands == ["ln -sfn releases/r2 /srv/hello/current.provision-tmp",
+                               "mv -Tf /srv/hello/current.provision-tmp /srv/hello/current",
+                               "systemctl disable --quiet --now hello@a"]
+
+
+def test_prune_keeps_newest_and_never_the_live_or_previous():
+    s = cfg.build(dict(cfg.DEFAULTS, keep_releases=2), ROOT)
+    names = ["2026-01", "2026-02", "2026-03", "2026-04", "2026-05.provision-tmp"]
+    facts = Facts({("ls", "/srv/hello/releases"): names, ("file", "/srv/hello/current"): link("releases/2026-01")})
+    prune = Prune(s, lambda f: "2026-06")
+    # keep: 2026-04 and the new 2026-06 (newest two), 2026-01 (previous, live before this deploy)
+    assert prune.doomed(facts) == ["2026-05.provision-tmp", "2026-02", "2026-03"]
+    cmds = prune.plan(facts, {"switched"}).commands
+    assert cmds[0] == ("rm -rf /srv/hello/releases/2026-05.provision-tmp /srv/hello/releases/2026-02 "
+                       "/srv/hello/releases/2026-03")
+    assert "venvs" in cmds[1]
+
+
+def test_prune_copes_with_no_releases_and_no_current():
+    facts = Facts({("ls", "/srv/hello/releases"): None, ("file", "/srv/hello/current"): None})
+    assert Prune(S, lambda f: "r1").doomed(facts) == []
+    assert Prune(S, lambda f: "r1").plan(facts, set()) is None
+
+
+def test_rollback_target():
+    facts = host(current="r3", releases=("r1", "r2", "r3", "r4-broken", "r5.provision-tmp"))
+    assert rollback_target(S, None)(facts) == "r2"
+    assert rollback_target(S, "r1")(facts) == "r1"
+    with pytest.raises(ProvisionError, match="no release 'r9'"):
+        rollback_target(S, "r9")(facts)
+    with pytest.raises(ProvisionError, match="no earlier release"):
+        rollback_target(S, None)(host(current="r1", releases=("r1",)))

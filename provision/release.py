@@ -102,20 +102,14 @@ class Release(Step):
             f"base64 -d <<'__PROVISION_EOF__' | tar -xz --no-same-owner -C {q(tmp)}\n{b64}__PROVISION_EOF__",
             f"ln -sfn ../../venvs/{self.venv_key} {q(tmp)}/.venv",
         ]
-        for f in s.linked_files:
-            shared = f"{root}/shared/{f}"
-            cmds += [
-                f"mkdir -p \"$(dirname {q(shared)})\" \"$(dirname {q(tmp + '/' + f)})\"",
-                f"[ -e {q(shared)} ] || install -m 640 -o {q(s.user)} -g {q(s.user)} /dev/null {q(shared)}",
-                f"rm -rf {q(tmp + '/' + f)} && ln -s {q(shared)} {q(tmp + '/' + f)}",
-            ]
-        for d in s.linked_dirs:
-            shared = f"{root}/shared/{d}"
-            cmds += [
-                f"install -d -m 755 -o {q(s.user)} -g {q(s.user)} {q(shared)}",
-                f"mkdir -p \"$(dirname {q(tmp + '/' + d)})\"",
-                f"rm -rf {q(tmp + '/' + d)} && ln -s {q(shared)} {q(tmp + '/' + d)}",
-            ]
+        # shared/ files and dirs outlive releases; each release links to them
+        own = f"-o {q(s.user)} -g {q(s.user)}"
+        links = [(f, f"[ -e {{0}} ] || install -m 640 {own} /dev/null {{0}}") for f in s.linked_files]
+        links += [(d, f"install -d -m 755 {own} {{0}}") for d in s.linked_dirs]
+        for path, create in links:
+            shared, inside = q(f"{root}/shared/{path}"), q(f"{tmp}/{path}")
+            cmds += [f'mkdir -p "$(dirname {shared})" "$(dirname {inside})"', create.format(shared),
+                     f"rm -rf {inside} && ln -s {shared} {inside}"]
         cmds += [
             f"printf '%s\\n' {q(meta)} > {q(tmp)}/.provision-release",
             f"chown -R {owner} {q(tmp)} && chmod -R go-w {q(tmp)}",

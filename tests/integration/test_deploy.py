@@ -36,6 +36,10 @@ def test_fresh_deploy_serves_the_app_and_passes_checks(droplet):
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"{droplet.name}: ok      health http://127.0.0.1/" in res.stdout
     assert get(droplet.address) == "Hello from provision!\n"
+    # shared files and dirs are links into /srv/hello/shared
+    assert droplet.sh("readlink /srv/hello/current/.env /srv/hello/current/log").split() == [
+        "/srv/hello/shared/.env", "/srv/hello/shared/log"]
+    droplet.sh("echo GREETING=kept > /srv/hello/shared/.env")
     check = droplet.fab("-H", droplet.name, "check")
     assert check.returncode == 0, check.stdout + check.stderr
     assert "8 passed" in check.stdout
@@ -78,6 +82,7 @@ def test_edited_code_is_served_after_deploy(droplet, app_copy):
     assert "changed virtualenv" not in res.stdout
     for _ in range(5):  # every worker, not just one, serves the new code
         assert get(droplet.address) == "Edited!\n"
+    assert droplet.sh("cat /srv/hello/current/.env") == "GREETING=kept\n"  # survives releases
 
 
 def test_failed_step_reports_command_and_stderr_and_old_release_keeps_serving(droplet, app_copy):

@@ -160,3 +160,13 @@ def test_sigkill_of_fab_mid_deploy_leaves_a_complete_release_and_the_next_deploy
     assert res.returncode == 0, res.stdout + res.stderr
     assert get(droplet.address) == f"Hello killed-{after}"
     assert droplet.fab("-H", droplet.name, "check").returncode == 0
+
+
+def test_old_releases_and_their_virtualenvs_are_pruned(droplet):
+    releases = droplet.sh("ls /srv/hello/releases").split()
+    # keep_releases (5) newest, plus at most the live and the previous one
+    assert 2 <= len(releases) <= 7, releases
+    assert live_release(droplet) in releases
+    used = set(droplet.sh("for l in /srv/hello/releases/*/.venv; do readlink $l; done").split())
+    venvs = {f"../../venvs/{v}" for v in droplet.sh("ls /srv/hello/venvs").split()}
+    assert venvs == used

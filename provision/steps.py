@@ -395,8 +395,9 @@ class Service(Step):
         restart, reload = notified & set(self.restart_on), notified & set(self.reload_on)
         action = None
         if not s["active"]:
-            # Facts predate this run: a package install may have started it since.
-            action = "restart" if restart or reload else "start"
+            # Facts predate this run: a package install may have started it since;
+            # reload-or-restart loads the new config either way, without a full restart.
+            action = "reload-or-restart" if restart or reload else "start"
         elif restart:
             action = "restart"
         elif reload:

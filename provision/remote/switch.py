@@ -97,7 +97,7 @@ def healthy():
         state = run("systemctl", "is-active", unit, check=False).stdout.strip()
         if state in ("failed", "inactive"):
             return "%s is %s (it exited)" % (unit, state)
-        time.sleep(0.1)
+        time.sleep(0.03)
     return "no healthy answer within %ss (last: %s)" % (a["timeout"], last)
 
 
@@ -147,7 +147,7 @@ before = nginx_workers()
 run("systemctl", "reload-or-restart", "nginx")
 deadline = time.time() + 30
 while time.time() < deadline and any(alive(p) for p in before):
-    time.sleep(0.05)
+    time.sleep(0.02)
 
 # 4. record, then retire the old instance
 link(root + "/current", "releases/" + release)
@@ -155,7 +155,14 @@ write(root + "/live-slot", slot + "\n")
 with open(root + "/releases.log", "a") as fh:
     fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "release": release,
                          "action": a["action"], "by": a["by"], "slot": slot}, sort_keys=True) + "\n")
-run("systemctl", "enable", "--quiet", unit)
+# Enabled at boot = a wants link, as `systemctl enable` makes it (without its daemon reload).
+wants = "/etc/systemd/system/multi-user.target.wants/%s.service"
+os.makedirs(os.path.dirname(wants), exist_ok=True)
+link(wants % unit, "/etc/systemd/system/%s@.service" % app)
 if old and old != slot:
-    run("systemctl", "disable", "--quiet", "--now", old_unit, check=False)
+    if os.path.lexists(wants % old_unit):
+        os.unlink(wants % old_unit)
+    # No new request reaches it now; it finishes the ones it has (gunicorn's graceful
+    # stop) without holding up the deploy.
+    run("systemctl", "stop", "--no-block", old_unit, check=False)
 print("%s now serves %s" % (unit, release))

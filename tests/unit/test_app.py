@@ -56,7 +56,7 @@ def test_fresh_host_changes_everything_in_a_safe_order():
     switch = json.loads(shlex.split(by_name["switch hello"].change.commands[0])[-1])
     assert switch == dict(switch, slot="a", old="", release=src.release_id(0), daemon_reload=True, action="deploy")
     nginx = by_name["service nginx"].change.commands
-    assert nginx[-2:] == ["nginx -t -q", "systemctl restart nginx"]
+    assert nginx[-2:] == ["nginx -t -q", "systemctl reload-or-restart nginx"]
     assert planned[-1].change.check
 
 

@@ -112,7 +112,8 @@ RUNNING = {"loaded": True, "active": True, "enabled": True, "pid": 42}
     (dict(RUNNING, active=False), (), ["nginx -t -q", "systemctl start app"]),
     (dict(RUNNING, enabled=False), (), ["systemctl enable --quiet app"]),
     ({"loaded": False, "active": False, "enabled": False, "pid": 0}, ("unit",),
-     ["systemctl daemon-reload", "systemctl enable --quiet app", "nginx -t -q", "systemctl restart app"]),
+     ["systemctl daemon-reload", "systemctl enable --quiet app", "nginx -t -q",
+      "systemctl reload-or-restart app"]),
 ])
 def test_service(state, notified, expected):
     step = Service("app", restart_on=("unit",), reload_on=("code",), daemon_reload_on=("unit",), check="nginx -t -q")

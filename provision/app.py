@@ -18,7 +18,7 @@ from .steps import Absent, Command, Directory, File, HttpCheck, Lines, Packages,
 from .templates import render
 
 q = shlex.quote
-BASE_PACKAGES = ("python3-venv", "nginx")
+BASE_PACKAGES = ("python3-venv", "python3-pip-whl", "nginx")
 CA_PATH = "/usr/local/share/ca-certificates/provision-ca.crt"
 GUNICORN = "gunicorn>=22"
 
@@ -54,7 +54,7 @@ def trust_steps(s: Settings) -> list[Step]:
     if s.ca_bundle:
         steps.append(File(CA_PATH, s.ca_bundle.read_bytes(), notify=("ca",)))
         # In the background: apt sources are plain http by default; the venv (pip, https) waits.
-        steps.append(Command("update-ca-certificates", ("update-ca-certificates --fresh >/dev/null",), when=("ca",),
+        steps.append(Command("update-ca-certificates", ("update-ca-certificates >/dev/null",), when=("ca",),
                              background=True))
     return steps
 
@@ -76,8 +76,8 @@ def venv_step(s: Settings, requirements: bytes) -> Command:
     key = venv_key(s, requirements)
     path = f"{s.root}/venvs/{key}"
     b64 = base64.encodebytes(requirements).decode()
-    # Debian ships pip as a wheel (python3-pip-whl, pulled in by python3-venv); running it from
-    # there into a --without-pip venv skips ensurepip, about 3 s of a fresh deploy.
+    # Debian ships pip as a wheel (python3-pip-whl); running it from there into a --without-pip
+    # venv skips ensurepip (about 3 s of a fresh deploy) and needs no other package.
     cmds = (
         f"rm -rf {q(path)}",
         "pip_whl=$(ls /usr/share/python-wheels/pip-*.whl 2>/dev/null | tail -n 1)",
@@ -108,9 +108,9 @@ def deploy_steps(s: Settings, source: Source, release_id: str, deployer: str = "
     gconf = rendered(s, "gunicorn.conf.py.j2")
     site = rendered(s, "nginx-site.conf.j2")
     release = Release(s, source, release_id, key, deployer)
-    # The virtualenv builds in the background (pip only needs python3-venv) while the
-    # other packages install and the release and configs are written; the switch waits.
-    return trust_steps(s) + [Packages(("python3-venv",))] + layout_steps(s) + [
+    # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
+    # the other packages install and the release and configs are written; the switch waits.
+    return trust_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
         venv,
         Packages(packages(s)),
         release,

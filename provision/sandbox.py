@@ -91,6 +91,12 @@ def _stop_pid(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 15.0)
         pass
 
 
+def _pem_blocks(text: str) -> list[str]:
+    """The certificates of a PEM bundle, each normalised to BEGIN..END plus a newline."""
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    return [begin + chunk.split(end, 1)[0] + end + "\n" for chunk in text.split(begin)[1:] if end in chunk]
+
+
 def can_run() -> str | None:
     """None when this machine can run droplets, else the reason it cannot."""
     if os.geteuid() != 0:
@@ -394,6 +400,17 @@ class Sandbox:
         except OSError:
             return False
 
+    def extra_ca(self) -> Path:
+        """The CAs this machine trusts beyond stock Debian's (what HTTPS through the proxy
+        needs), as a corporate proxy's users would have them: usually one certificate."""
+        out = self.dir / "extra-ca.crt"
+        stock = self.base / "etc/ssl/certs/ca-certificates.crt"
+        if not out.exists() or out.stat().st_mtime < Path(HOST_CA_BUNDLE).stat().st_mtime:
+            known = set(_pem_blocks(stock.read_text())) if stock.exists() else set()
+            extra = [b for b in _pem_blocks(Path(HOST_CA_BUNDLE).read_text()) if b not in known]
+            out.write_text("".join(extra) or Path(HOST_CA_BUNDLE).read_text())
+        return out
+
     def inventory(self) -> str:
         """Inventory text for the running droplets (Ansible-style INI)."""
         lines = ["# Written by `fab sandbox.up`; local sandbox droplets.", "[sandbox]"]
@@ -404,7 +421,7 @@ class Sandbox:
             "[sandbox:vars]",
             f"known_hosts={self.known_hosts}",
             f"proxy={self.proxy_url}",
-            f"ca_bundle={HOST_CA_BUNDLE}",
+            f"ca_bundle={self.extra_ca()}",
             "",
         ]
         return "\n".join(lines)

@@ -40,7 +40,8 @@ def test_fresh_host_changes_everything_in_a_safe_order():
     names = [p.step.name for p in planned if p.change]
     order = [next(i for i, n in enumerate(names) if n.startswith(prefix)) for prefix in (
         "file /etc/apt/apt.conf.d/80provision-proxy", "file /usr/local/share/ca-certificates",
-        "packages python3-venv", "user hello", "virtualenv", "packages python3-venv nginx", "release",
+        "packages python3-pip-whl", "user hello", "virtualenv", "packages python3-venv python3-pip-whl nginx",
+        "release",
         "file /etc/systemd/system/hello@.service", "switch hello", "prune", "file /etc/nginx/sites-available/hello",
         "absent /etc/nginx/sites-enabled/default", "service nginx", "health")]
     assert order == sorted(order)
@@ -50,9 +51,9 @@ def test_fresh_host_changes_everything_in_a_safe_order():
     assert [p.step.name for p in planned if p.change and p.change.background] == ["update-ca-certificates", venv]
     assert by_name[venv].step.barrier  # pip needs the CA in place
     assert by_name["switch hello"].step.barrier
-    assert by_name["packages python3-venv"].change.commands[0] == "apt-get update -qq"
-    assert "apt-get update -qq" not in by_name["packages python3-venv nginx"].change.commands
-    assert by_name["packages python3-venv nginx"].change.summary == "install nginx"
+    assert by_name["packages python3-pip-whl"].change.commands[0] == "apt-get update -qq"
+    second = by_name["packages python3-venv python3-pip-whl nginx"].change
+    assert "apt-get update -qq" not in second.commands and second.summary == "install python3-venv nginx"
     switch = json.loads(shlex.split(by_name["switch hello"].change.commands[0])[-1])
     assert switch == dict(switch, slot="a", old="", release=src.release_id(0), daemon_reload=True, action="deploy")
     nginx = by_name["service nginx"].change.commands
@@ -91,7 +92,7 @@ def test_proxy_and_ca_are_settings():
     assert proxy_env(s)["https_proxy"] == "http://10.0.0.1:3128"
     assert proxy_env(s)["PIP_CERT"] == "/etc/ssl/certs/ca-certificates.crt"
     assert not proxy_env(settings())
-    assert [st.name for st in provision_steps(settings())][0] == "packages python3-venv nginx"
+    assert [st.name for st in provision_steps(settings())][0] == "packages python3-venv python3-pip-whl nginx"
 
 
 def test_bad_template_variable_fails_before_any_step(tmp_path):

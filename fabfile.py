@@ -18,12 +18,26 @@ def _flags(source=None):
     return {"source": source}
 
 
+FLEET_HELP = {"parallel": "hosts at once (default 10)", "serial": "rolling batches of N hosts",
+              "max_fail": "failed hosts tolerated before later batches are skipped (default 0)",
+              "accept_new_host_key": "record unknown host keys (like OpenSSH's accept-new); changed keys are "
+                                     "always refused",
+              "break_lock": "stop a stuck deploy that holds the host's deploy lock",
+              "verbose": "show remote commands, step times and round trips"}
+
+
+def _fleet(parallel, serial, max_fail, accept_new_host_key):
+    return {"parallel": int(parallel) if parallel else None, "serial": int(serial) if serial else None,
+            "max_fail": int(max_fail or 0), "accept_new_host_key": accept_new_host_key}
+
+
 @task(help={"source": "app directory to deploy (default: app.source)", "dry_run": "show the plan and diffs, touch nothing",
-            "verbose": "show remote commands and round trips", "json": "write the per-host summary to this file",
-            "break_lock": "stop a stuck deploy that holds the host's deploy lock"})
-def deploy(c, source=None, dry_run=False, verbose=False, json=None, break_lock=False):
+            "json": "write the per-host summary to this file", **FLEET_HELP})
+def deploy(c, source=None, dry_run=False, verbose=False, json=None, break_lock=False, parallel=None, serial=None,
+           max_fail=None, accept_new_host_key=False):
     """Provision the host, push a release, switch to it without dropping requests, health-check."""
-    cli.run_apply(c, PROJECT, _flags(source), dry_run=dry_run, verbose=verbose, json_file=json, break_lock=break_lock)
+    cli.run_apply(c, PROJECT, _flags(source), dry_run=dry_run, verbose=verbose, json_file=json, break_lock=break_lock,
+                  fleet=_fleet(parallel, serial, max_fail, accept_new_host_key))
 
 
 @task(help={"source": "app directory (default: app.source)", "verbose": "show remote commands"})
@@ -32,17 +46,32 @@ def plan(c, source=None, verbose=False):
     cli.run_apply(c, PROJECT, _flags(source), dry_run=True, verbose=verbose)
 
 
-@task(name="provision", help={"dry_run": "show the plan, touch nothing", "verbose": "show remote commands"})
-def provision_(c, dry_run=False, verbose=False):
+@task(name="provision", help={"dry_run": "show the plan, touch nothing", **FLEET_HELP})
+def provision_(c, dry_run=False, verbose=False, break_lock=False, parallel=None, serial=None, max_fail=None,
+               accept_new_host_key=False):
     """Packages, app user and directory layout only."""
-    cli.run_apply(c, PROJECT, _flags(), mode="provision", dry_run=dry_run, verbose=verbose)
+    cli.run_apply(c, PROJECT, _flags(), mode="provision", dry_run=dry_run, verbose=verbose, break_lock=break_lock,
+                  fleet=_fleet(parallel, serial, max_fail, accept_new_host_key))
 
 
-@task(help={"to": "release id (default: the one before the live release)", "verbose": "show remote commands",
-            "break_lock": "stop a stuck deploy that holds the host's deploy lock"})
-def rollback(c, to=None, verbose=False, break_lock=False):
+@task(help={"to": "release id (default: the one before the live release)", **FLEET_HELP})
+def rollback(c, to=None, verbose=False, break_lock=False, parallel=None, serial=None, max_fail=None,
+             accept_new_host_key=False):
     """Switch traffic back to an earlier release (no rebuild)."""
-    cli.run_apply(c, PROJECT, _flags(), mode="rollback", to=to, verbose=verbose, break_lock=break_lock)
+    cli.run_apply(c, PROJECT, _flags(), mode="rollback", to=to, verbose=verbose, break_lock=break_lock,
+                  fleet=_fleet(parallel, serial, max_fail, accept_new_host_key))
+
+
+@task
+def status(c):
+    """Per host: live release, service states, uptime, last deploy."""
+    cli.show_status(c, PROJECT)
+
+
+@task(help={"follow": "keep printing new lines (Ctrl-C to stop)", "lines": "lines of history per host (default 20)"})
+def logs(c, follow=False, lines=20):
+    """App and nginx logs of the selected hosts, each line prefixed by its host."""
+    cli.show_logs(c, PROJECT, follow=follow, lines=int(lines))
 
 
 @task
@@ -87,5 +116,5 @@ def info(c, name="sandbox1"):
     cli.sandbox_info(name)
 
 
-ns = Collection(deploy, plan, provision_, rollback, releases, check, inventory, Collection("sandbox", up, down, list_, info))
+ns = Collection(deploy, plan, provision_, rollback, releases, status, logs, check, inventory, Collection("sandbox", up, down, list_, info))
 ns.configure({"app": dict(DEFAULTS), "inventory": cli.DEFAULT_INVENTORY})

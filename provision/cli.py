@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import shlex
 import os
 import socket
 import sys
@@ -23,6 +24,7 @@ from . import config as cfg
 from .app import deploy_steps, provision_steps, proxy_env, rollback_steps
 from .errors import ProvisionError
 from .executor import HostResult, Printer, connect, gather, run_steps
+from .fleet import DEFAULT_PARALLEL, exit_code, run_fleet
 from .release import current_release
 from .script import Lock
 from .inventory import Inventory, Target
@@ -45,7 +47,28 @@ def inventory_paths(c, project: Path) -> list[Path]:
     return [project / Path(n.strip()).expanduser() for n in names if n.strip()]
 
 
+_handled: set[str] = set()
+
+
+def first_call(c) -> bool:
+    """Fabric calls a task once per -H item; the first call handles the whole selection
+    (in parallel), the others have nothing left to do."""
+    key = selection(c)
+    if key in _handled:
+        return False
+    _handled.add(key)
+    return True
+
+
 def selection(c) -> str:
+    try:  # the whole -H value, as `fab` parsed it
+        from fabric.main import program
+
+        whole = program.core[0].args.hosts.value
+    except (ImportError, AttributeError, IndexError, TypeError):
+        whole = None
+    if whole:
+        return whole
     host = getattr(c, "original_host", None)
     if not host:
         raise ProvisionError("no hosts selected; pass -H ALIAS, -H GROUP or -H user@host[:port] "
@@ -69,22 +92,25 @@ def jobs(c, project: Path, flags: dict) -> list[Job]:
     return out
 
 
-def _connect(job: Job, c):
+def _connect(job: Job, c, accept_new_host_key: bool = False):
     t = job.target
-    return connect(t.host, t.user, t.port, t.key, t.known_hosts, config=c.config, label=t.alias)
+    return connect(t.host, t.user, t.port, t.key, t.known_hosts, config=c.config, label=t.alias,
+                   accept_new_host_key=accept_new_host_key)
 
 
 def _finish(results: list[HostResult], printer: Printer, json_file: str | None = None) -> None:
     printer.line(f"{'host':<20} {'ok':>4} {'changed':>8} {'failed':>7} {'time':>7}")
     for r in results:
-        printer.line(f"{r.host:<20} {r.ok:>4} {r.changed:>8} {int(r.failed):>7} {r.duration:>6.1f}s")
+        state = " skipped" if r.skipped else ""
+        printer.line(f"{r.host:<20} {r.ok:>4} {r.changed:>8} {int(r.failed):>7} {r.duration:>6.1f}s{state}")
     if json_file:
         Path(json_file).write_text(printer.mask(json.dumps([
             {"host": r.host, "ok": r.ok, "changed": r.changed, "failed": r.failed, "duration": round(r.duration, 3),
              "round_trips": r.round_trips, "changed_steps": r.changed_steps(), "error": r.error}
             for r in results], indent=2)) + "\n")
-    if any(r.failed for r in results):
-        raise Exit(code=1)
+    code = exit_code(results)
+    if code:
+        raise Exit(code=code)
 
 
 def _summary_line(r: HostResult, dry_run: bool) -> str:
@@ -127,8 +153,12 @@ def lock_for(s: cfg.Settings, action: str, release: str, break_lock: bool) -> Lo
 
 @guarded
 def run_apply(c, project: Path, flags: dict, *, mode: str = "deploy", dry_run: bool = False, verbose: bool = False,
-              json_file: str | None = None, break_lock: bool = False, to: str | None = None) -> list[HostResult]:
+              json_file: str | None = None, break_lock: bool = False, to: str | None = None,
+              fleet: dict | None = None) -> list[HostResult]:
     """deploy, provision or rollback the selected hosts."""
+    if not first_call(c):
+        return []
+    fleet = fleet or {}
     start = time.monotonic()
     work = jobs(c, project, flags)
     plans = []
@@ -145,17 +175,31 @@ def run_apply(c, project: Path, flags: dict, *, mode: str = "deploy", dry_run: b
             rid, steps = "-", provision_steps(s)
         plans.append((job, steps, lock_for(s, mode, rid, break_lock)))
     printer = Printer(verbose=verbose, secrets=tuple(x for job in work for x in job.settings.secrets))
-    results = []
-    for job, steps, lock in plans:
-        remote = _connect(job, c)
+
+    def one(plan) -> HostResult:
+        job, steps, lock = plan
+        t0 = time.monotonic()
+        try:
+            remote = _connect(job, c, fleet.get("accept_new_host_key", False))
+        except ProvisionError as e:
+            printer.error(str(e))
+            return HostResult(job.target.alias, error=str(e), code=e.code, duration=time.monotonic() - t0)
         try:
             r = run_steps(remote, steps, dry_run=dry_run, printer=printer, env=proxy_env(job.settings), lock=lock)
+        except ProvisionError as e:
+            printer.error(str(e))
+            r = HostResult(job.target.alias, error=str(e), code=e.code)
         finally:
             remote.conn.close()
-        results.append(r)
+        r.duration = time.monotonic() - t0
         printer.line(_summary_line(r, dry_run))
         if verbose:
-            printer.line(f"{r.host}: {r.round_trips} SSH round trip(s)")
+            printer.line(f"{r.host}: {remote.round_trips} SSH round trip(s)")
+        return r
+
+    results = run_fleet(plans, lambda p: p[0].target.alias, one, parallel=fleet.get("parallel") or DEFAULT_PARALLEL,
+                        serial=fleet.get("serial"), max_fail=fleet.get("max_fail") or 0,
+                        on_skip=lambda h: printer.line(f"{h}: skipped (an earlier batch failed; see --max-fail)"))
     if verbose:
         printer.line(f"total {time.monotonic() - start:.2f}s")
     _finish(results, printer, json_file)
@@ -165,6 +209,8 @@ def run_apply(c, project: Path, flags: dict, *, mode: str = "deploy", dry_run: b
 @guarded
 def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = None) -> int:
     import pytest
+    if not first_call(c):
+        return 0
 
     work = jobs(c, project, flags)
     by_alias = {}
@@ -199,6 +245,8 @@ def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = Non
 
 @guarded
 def show_inventory(c, project: Path) -> None:
+    if not first_call(c):
+        return
     inv = Inventory.load(inventory_paths(c, project))
     for t in inv.resolve(selection(c), default_user=c.config.user or "root", default_port=int(c.config.port or 22)):
         extra = " ".join(f"{k}={v}" for k, v in sorted(t.vars.items()))
@@ -271,6 +319,8 @@ def sandbox_info(name: str) -> None:
 
 @guarded
 def show_releases(c, project: Path) -> None:
+    if not first_call(c):
+        return
     for job in jobs(c, project, {}):
         s = job.settings
         remote = _connect(job, c)
@@ -293,3 +343,74 @@ def show_releases(c, project: Path) -> None:
             e = log.get(n, {})
             who = f"deployed {e['time']} by {e.get('by') or '?'}" if e else ""
             print(f"  {'*' if n == live else ' '} {n:<40} {who}".rstrip())
+
+
+@guarded
+def show_status(c, project: Path) -> None:
+    if not first_call(c):
+        return
+    printer = Printer()
+
+    def one(job: Job) -> HostResult:
+        s = job.settings
+        units = [f"{s.name}@a", f"{s.name}@b", "nginx"]
+        remote = _connect(job, c)
+        try:
+            facts = gather(remote, [("file", f"{s.root}/current"), ("content", f"{s.root}/releases.log"),
+                                    ("content", f"{s.root}/live-slot"), ("content", "/proc/uptime"), ("os", "")]
+                           + [("service", u) for u in units])
+        finally:
+            remote.conn.close()
+        slot = (facts.content(f"{s.root}/live-slot") or "").strip()
+        states = []
+        for u in units:
+            st = facts.service(u) or {}
+            if st.get("active") or u == "nginx" or u.endswith("@" + slot):
+                states.append(f"{u} {'running' if st.get('active') else 'STOPPED'}")
+        log = (facts.content(f"{s.root}/releases.log") or "").strip().splitlines()
+        last = json.loads(log[-1]) if log else {}
+        uptime = float((facts.content("/proc/uptime") or "0").split()[0])
+        osf = facts[("os", "")]
+        printer.line(f"{job.target.alias}: release {current_release(s, facts) or '(none)'}; {', '.join(states)}; "
+                     f"up {uptime / 86400:.1f} days; {osf['id']} {osf['version']}")
+        if last:
+            printer.line(f"{job.target.alias}: last {last.get('action')} {last.get('release')} at {last.get('time')} "
+                         f"by {last.get('by') or '?'}")
+        return HostResult(job.target.alias)
+
+    results = run_fleet(jobs(c, project, {}), lambda j: j.target.alias, one)
+    for r in results:
+        if r.failed:
+            printer.error(r.error)
+    code = exit_code(results)
+    if code:
+        raise Exit(code=code)
+
+
+@guarded
+def show_logs(c, project: Path, follow: bool = False, lines: int = 20) -> None:
+    if not first_call(c):
+        return
+    printer = Printer()
+
+    def one(job: Job) -> HostResult:
+        s, label = job.settings, job.target.alias
+        f = " -f" if follow else ""
+        cmd = (f"journalctl -u {s.name}@a -u {s.name}@b -u nginx -n {lines} --no-pager -o short-iso{f} & "
+               f"tail -q -n {lines}{' -F' if follow else ''} /var/log/nginx/{s.name}.access.log "
+               f"/var/log/nginx/{s.name}.error.log 2>/dev/null & wait")
+        remote = _connect(job, c)
+        try:
+            remote.exec(f"{remote.sudo}bash -c {shlex.quote(cmd)}", on_line=lambda l: printer.line(f"{label} | {l}"))
+        finally:
+            remote.conn.close()
+        return HostResult(label)
+
+    work = jobs(c, project, {})
+    results = run_fleet(work, lambda j: j.target.alias, one, parallel=max(1, len(work)))
+    for r in results:
+        if r.failed:
+            printer.error(r.error)
+    code = exit_code(results)
+    if code:
+        raise Exit(code=code)

@@ -7,6 +7,8 @@ summary; the result object carries the same for callers and tests.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import select
@@ -16,6 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from importlib import resources
 
 import paramiko
@@ -41,8 +44,10 @@ class Remote:
     def sudo(self) -> str:
         return "" if self.conn.user == "root" else "sudo -n "
 
-    def exec(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> tuple[int, str, str]:
-        """Run one command, feeding ``stdin``; returns (rc, stdout, stderr)."""
+    def exec(self, command: str, stdin: bytes = b"", timeout: float | None = None,
+             on_line: Callable[[str], None] | None = None) -> tuple[int, str, str]:
+        """Run one command, feeding ``stdin``; returns (rc, stdout, stderr).
+        ``on_line`` sees each line of stdout as it arrives (live progress)."""
         self.round_trips += 1
         transport = self.conn.client.get_transport()
         chan = transport.open_session(timeout=30)
@@ -61,7 +66,12 @@ class Remote:
         deadline = time.monotonic() + timeout if timeout else None
         while True:
             if chan.recv_ready():
-                out += chan.recv(65536)
+                chunk = chan.recv(65536)
+                if on_line:
+                    start = out.rfind(b"\n") + 1
+                    for line in (out[start:] + chunk).split(b"\n")[:-1]:
+                        on_line(line.decode("utf-8", "replace"))
+                out += chunk
                 continue
             if chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
@@ -78,34 +88,69 @@ class Remote:
         return rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
+def fingerprint(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
+class UnknownHostKey(paramiko.SSHException):
+    def __init__(self, hostname: str, key: paramiko.PKey):
+        super().__init__(f"unknown host key for {hostname}")
+        self.hostname, self.key = hostname, key
+
+
+class HostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """Unknown host keys are refused, or with ``accept_new`` recorded (OpenSSH's accept-new).
+    A changed key never reaches this policy: paramiko refuses it (BadHostKeyException)."""
+
+    _write = threading.Lock()
+
+    def __init__(self, record_to: str, accept_new: bool):
+        self.record_to, self.accept_new = record_to, accept_new
+
+    def missing_host_key(self, client, hostname, key):
+        if not self.accept_new:
+            raise UnknownHostKey(hostname, key)
+        with self._write:
+            os.makedirs(os.path.dirname(self.record_to) or ".", mode=0o700, exist_ok=True)
+            with open(self.record_to, "a") as fh:
+                fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
 def connect(host: str, user: str, port: int, key: str | None, known_hosts: str | None,
-            config=None, label: str | None = None, timeout: float = 10) -> Remote:
-    """Open an SSH connection, turning every way it can fail into one clear line."""
+            config=None, label: str | None = None, timeout: float = 10, accept_new_host_key: bool = False) -> Remote:
+    """Open an SSH connection, turning every way it can fail into one clear line.
+
+    Host keys are checked against ~/.ssh/known_hosts and the host's ``known_hosts``
+    setting, if any (where new keys are then recorded)."""
     label = label or host
     connect_kwargs = {"timeout": timeout, "banner_timeout": timeout, "auth_timeout": timeout}
     if key:
         connect_kwargs["key_filename"] = [os.path.expanduser(key)]
     conn = Connection(host, user=user, port=port, config=config, connect_kwargs=connect_kwargs)
-    if known_hosts:
+    conn.client.load_system_host_keys()
+    record_to = os.path.expanduser(known_hosts or "~/.ssh/known_hosts")
+    if known_hosts and os.path.exists(record_to):
         try:
-            conn.client.load_host_keys(os.path.expanduser(known_hosts))
-        except OSError as e:
-            raise ProvisionError(f"{label}: cannot read known_hosts file {known_hosts}: {e.strerror}; fix the "
+            conn.client.load_host_keys(record_to)
+        except (OSError, paramiko.SSHException) as e:
+            raise ProvisionError(f"{label}: cannot read known_hosts file {known_hosts}: {e}; fix the "
                                  "`known_hosts` setting")
-        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    conn.client.set_missing_host_key_policy(HostKeyPolicy(record_to, accept_new_host_key))
     where = f"{user}@{host}:{port}"
     try:
         conn.open()
-    except paramiko.BadHostKeyException:
-        raise ProvisionError(f"{label}: host key of {host} CHANGED (possible man-in-the-middle); if the host was "
-                             f"rebuilt, remove its old key with `ssh-keygen -R {host}` and retry")
+    except paramiko.BadHostKeyException as e:
+        raise ProvisionError(f"{label}: host key of {host} has CHANGED (now {fingerprint(e.key)}); refusing to "
+                             f"connect: this may be an attack. If the host was rebuilt, remove the old key with "
+                             f"`ssh-keygen -R {host} -f {record_to}` and retry with --accept-new-host-key")
+    except UnknownHostKey as e:
+        raise ProvisionError(f"{label}: host key of {host} is unknown ({fingerprint(e.key)}); check that "
+                             f"fingerprint, then retry with --accept-new-host-key to record it in {record_to}")
     except paramiko.AuthenticationException:
         raise ProvisionError(f"{label}: SSH authentication failed for {where}; check the user and the key "
                              "(-i KEY or `key=` in the inventory)")
     except paramiko.SSHException as e:
-        if "not found in known_hosts" in str(e):
-            raise ProvisionError(f"{label}: host key of {host} is unknown; add it to {known_hosts} "
-                                 f"(ssh-keyscan -p {port} {host} >> {known_hosts}) and retry")
         raise Unreachable(f"{label}: SSH to {where} failed: {e}; check the address and that sshd runs")
     except socket.gaierror:
         raise Unreachable(f"{label}: host name {host!r} does not resolve; check -H or `host=` in the inventory")
@@ -140,6 +185,8 @@ class HostResult:
     error: str = ""
     duration: float = 0.0
     round_trips: int = 0
+    code: int = 1  # exit code this host's failure stands for
+    skipped: bool = False
 
     @property
     def changed(self) -> int:
@@ -165,6 +212,7 @@ class Printer:
         self.stream = stream or sys.stdout
         self.verbose = verbose
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._lock = threading.Lock()
 
     def mask(self, text: str) -> str:
         for secret in self.secrets:
@@ -172,7 +220,13 @@ class Printer:
         return text
 
     def line(self, text: str) -> None:
-        print(self.mask(text), file=self.stream, flush=True)
+        with self._lock:  # hosts run in threads: one whole line at a time
+            print(self.mask(text), file=self.stream, flush=True)
+
+    def error(self, text: str) -> None:
+        """A host's one-line problem (unreachable, refused key, ...), on stderr."""
+        with self._lock:
+            print(self.mask(f"error: {text}"), file=sys.stderr, flush=True)
 
     def step(self, host: str, status: str, p: Planned, seconds: float | None = None) -> None:
         summary = f" ({p.change.summary})" if p.change is not None and p.change.summary else ""
@@ -209,7 +263,12 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
     printer = printer or Printer()
     start = time.monotonic()
     result = HostResult(remote.label)
-    facts = gather(remote, collect_facts(steps))
+    facts = gather(remote, [("os", "")] + collect_facts(steps))
+    osf = facts[("os", "")]
+    if not (osf["apt"] and osf["systemd"]):
+        missing = " and ".join(w for w, ok in (("apt", osf["apt"]), ("systemd", osf["systemd"])) if not ok)
+        raise ProvisionError(f"{remote.label}: unsupported OS ({osf['id'] or 'unknown'} {osf['version']}): no "
+                             f"{missing}; provision manages Debian and Ubuntu hosts with apt and systemd")
     result.planned = planned = plan(steps, facts)
     if dry_run:
         changing_files = [p.step.path for p in planned if p.change and isinstance(p.step, File)]
@@ -225,9 +284,22 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
         result.duration = time.monotonic() - start
         result.round_trips = remote.round_trips
         return result
+    for p in planned:  # what is already as desired, known before anything runs
+        if p.change is None:
+            printer.step(remote.label, "ok", p)
     if any(p.change is not None for p in planned):
         script = build_script(planned, env, lock)
-        rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800)
+
+        def progress(line: str) -> None:  # a line per step as it completes
+            if line.startswith("@@ok "):
+                i = int(line.split()[1])
+                p = planned[i]
+                live_report.seconds.update(parse_report(line).seconds)
+                printer.step(remote.label, "ok" if p.change.check else "changed", p, live_report.seconds.get(i))
+                printed.add(i)
+
+        live_report, printed = parse_report(""), set()
+        rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800, on_line=progress)
         report = parse_report(out)
         result.done, result.seconds = report.done, report.seconds
         if report.stale is not None:
@@ -244,10 +316,12 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
                                 + ("\n  " + report.output.replace("\n", "\n  ") if report.output else ""))
             else:
                 result.error = f"{remote.label}: remote script failed (exit {rc}): {err.strip()[-500:]}"
+    else:
+        printed = set()
     for i, p in enumerate(planned):
-        if p.change is None:
-            printer.step(remote.label, "ok", p)
-        elif i in result.done:
+        if i in printed or p.change is None:
+            continue
+        if i in result.done:
             printer.step(remote.label, "ok" if p.change.check else "changed", p, result.seconds.get(i))
         elif i == result.failed_step:
             printer.step(remote.label, "FAILED", p)

@@ -1,0 +1,60 @@
+"""Many hosts at once: bounded parallelism, rolling batches, failures that stay per host."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+
+from .errors import ProvisionError
+from .executor import HostResult
+
+T = TypeVar("T")
+DEFAULT_PARALLEL = 10
+
+
+def batches(items: Sequence[T], serial: int | None) -> list[list[T]]:
+    """Rolling batches of ``serial`` hosts (all at once when serial is not set)."""
+    if not serial or serial >= len(items):
+        return [list(items)] if items else []
+    return [list(items[i:i + serial]) for i in range(0, len(items), serial)]
+
+
+def run_fleet(items: Sequence[T], label: Callable[[T], str], fn: Callable[[T], HostResult], *,
+              parallel: int = DEFAULT_PARALLEL, serial: int | None = None, max_fail: int = 0,
+              on_skip: Callable[[str], None] | None = None) -> list[HostResult]:
+    """Run ``fn`` for every item, ``parallel`` at a time, batch after batch.
+
+    A host's failure (a failed step, an unreachable host, a refused key) is its
+    own: the others in its batch go on. After a batch with more than
+    ``max_fail`` failed hosts in total, later batches are skipped.
+    """
+
+    def one(item: T) -> HostResult:
+        try:
+            return fn(item)
+        except ProvisionError as e:
+            return HostResult(label(item), error=str(e), code=e.code)
+
+    results: list[HostResult] = []
+    todo = batches(items, serial)
+    for n, batch in enumerate(todo):
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(batch)))) as pool:
+            results += list(pool.map(one, batch))
+        failed = sum(1 for r in results if r.failed)
+        if failed > max_fail and n + 1 < len(todo):
+            for rest in todo[n + 1:]:
+                for item in rest:
+                    results.append(HostResult(label(item), error="skipped: an earlier batch failed", code=1,
+                                              skipped=True))
+                    if on_skip:
+                        on_skip(label(item))
+            break
+    return results
+
+
+def exit_code(results: Sequence[HostResult]) -> int:
+    """0 all well; 1 a step failed somewhere; else the connection problem's code (2 or 3)."""
+    codes = {r.code for r in results if r.failed}
+    if not codes:
+        return 0
+    return 1 if 1 in codes else min(codes)

@@ -345,6 +345,15 @@ def show_releases(c, project: Path) -> None:
             print(f"  {'*' if n == live else ' '} {n:<40} {who}".rstrip())
 
 
+def _exit_for_failures(results: list[HostResult], printer: Printer) -> None:
+    for r in results:
+        if r.failed:
+            printer.error(r.error)
+    code = exit_code(results)
+    if code:
+        raise Exit(code=code)
+
+
 @guarded
 def show_status(c, project: Path) -> None:
     if not first_call(c):
@@ -379,12 +388,7 @@ def show_status(c, project: Path) -> None:
         return HostResult(job.target.alias)
 
     results = run_fleet(jobs(c, project, {}), lambda j: j.target.alias, one)
-    for r in results:
-        if r.failed:
-            printer.error(r.error)
-    code = exit_code(results)
-    if code:
-        raise Exit(code=code)
+    _exit_for_failures(results, printer)
 
 
 @guarded
@@ -408,9 +412,4 @@ def show_logs(c, project: Path, follow: bool = False, lines: int = 20) -> None:
 
     work = jobs(c, project, {})
     results = run_fleet(work, lambda j: j.target.alias, one, parallel=max(1, len(work)))
-    for r in results:
-        if r.failed:
-            printer.error(r.error)
-    code = exit_code(results)
-    if code:
-        raise Exit(code=code)
+    _exit_for_failures(results, printer)

@@ -135,6 +135,9 @@ def guarded(fn):
             raise Exit(f"error: {e}", code=e.code)
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130)
+        except BrokenPipeError:  # output piped into `head` and the like
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise Exit(code=0)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__

@@ -8,6 +8,7 @@ summary; the result object carries the same for callers and tests.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -155,7 +156,11 @@ def connect(host: str, user: str, port: int, key: str | None, known_hosts: str |
     except socket.gaierror:
         raise Unreachable(f"{label}: host name {host!r} does not resolve; check -H or `host=` in the inventory")
     except (OSError, EOFError) as e:
-        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        causes = list(getattr(e, "errors", {}).values()) or [e]  # paramiko: one error per address tried
+        if any(getattr(x, "errno", None) == errno.ECONNREFUSED for x in causes):
+            raise Unreachable(f"{label}: connection refused by {host}:{port}: nothing listens there; check the "
+                              "port and that sshd runs")
+        reason = getattr(causes[0], "strerror", None) or str(causes[0]) or type(causes[0]).__name__
         raise Unreachable(f"{label}: cannot reach {where}: {reason}; check the address, port and firewall")
     return Remote(conn, label)
 

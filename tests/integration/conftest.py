@@ -36,7 +36,7 @@ class Host:
         return self.droplet.address
 
     def env(self, **extra: str) -> dict:
-        return dict(os.environ, FABRIC_INVENTORY=str(self.inventory), **extra)
+        return {**os.environ, "FABRIC_INVENTORY": str(self.inventory), **extra}
 
     def fab(self, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
         return subprocess.run([FAB, *args], cwd=ROOT, env=self.env(**(env or {})), capture_output=True, text=True,

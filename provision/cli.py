@@ -164,11 +164,11 @@ def run_apply(c, project: Path, flags: dict, *, mode: str = "deploy", dry_run: b
     fleet = fleet or {}
     start = time.monotonic()
     work = jobs(c, project, flags)
-    plans = []
+    plans, sources = [], {}
     for job in work:  # decide everything locally before touching any host
         s = job.settings
         if mode == "deploy":
-            source = scan(s.source)
+            source = sources.get(s.source) or sources.setdefault(s.source, scan(s.source))
             rid = source.release_id()
             steps = deploy_steps(s, source, rid, deployer())
         elif mode == "rollback":

@@ -3,6 +3,7 @@ before any host is touched."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jinja2
@@ -10,13 +11,19 @@ import jinja2
 from .errors import ProvisionError
 
 
-def render(templates_dir: Path, name: str, variables: dict) -> str:
-    env = jinja2.Environment(
+@functools.lru_cache(maxsize=None)
+def _environment(templates_dir: Path) -> jinja2.Environment:
+    # One per folder: each template compiles once per run, however many hosts render it.
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+
+
+def render(templates_dir: Path, name: str, variables: dict) -> str:
+    env = _environment(Path(templates_dir))
     try:
         return env.get_template(name).render(**variables)
     except jinja2.TemplateNotFound:

@@ -11,9 +11,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import socket
 import time
-import urllib.error
-import urllib.request
 
 MAX_CONTENT = 1 << 20
 
@@ -118,21 +117,20 @@ def command_fact(cmd):
     ).returncode
 
 
-class NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *a, **k):
-        return None
-
-
 def http_fact(arg):
-    url, host = arg.split(" ", 1) if " " in arg else (arg, "")
-    req = urllib.request.Request(url, headers={"Host": host} if host else {})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect)
+    """Status code of a plain-HTTP GET (no redirects followed, no proxy), 0 when nothing
+    answers. A raw socket: urllib would double this script's start-up time."""
+    url, _, host = arg.partition(" ")
+    rest = url.split("://", 1)[1]
+    hostport, _, path = rest.partition("/")
+    name, _, port = hostport.partition(":")
     try:
-        with opener.open(req, timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except Exception:
+        with socket.create_connection((name, int(port or 80)), timeout=5) as sock:
+            sock.sendall(("GET /%s HTTP/1.0\r\nHost: %s\r\nUser-Agent: provision-facts\r\n\r\n"
+                          % (path, host or hostport)).encode())
+            status = sock.makefile("rb").readline().split()
+        return int(status[1]) if len(status) > 1 and status[0].startswith(b"HTTP/") else 0
+    except (OSError, ValueError):
         return 0
 
 

@@ -43,3 +43,29 @@ def test_users_and_unreachable_http():
 def test_packages_answer_per_name():
     facts = gather([["package", "no-such-package-xyz"]])
     assert facts == [False]
+
+
+def test_http_fact_reports_status_codes_and_sends_the_host_header():
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers["Host"]))
+            self.send_response(200 if self.path == "/ok" else 404)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        facts = gather([["http", f"http://127.0.0.1:{port}/ok example.test"], ["http", f"http://127.0.0.1:{port}/no"]])
+    finally:
+        server.shutdown()
+    assert facts == [200, 404]
+    assert seen == [("/ok", "example.test"), ("/no", f"127.0.0.1:{port}")]

@@ -98,6 +98,7 @@ def test_host_keys_unknown_refused_accept_new_recorded_changed_always_refused(fl
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert known.read_text().startswith(h.address + " ")
     assert fab(h, "-H", "fl-2", "deploy", inventory=inv).returncode == 0
+    assert fab(h, "-H", "fl-2", "check", inventory=inv).returncode == 0
     # the key changes (say, a man in the middle): refused, even with --accept-new-host-key
     other = fleet[0].droplet.rootfs / "etc/ssh/ssh_host_ed25519_key.pub"
     kind, blob = other.read_text().split()[:2]
@@ -106,6 +107,8 @@ def test_host_keys_unknown_refused_accept_new_recorded_changed_always_refused(fl
     assert bad.returncode == 2
     [line] = bad.stderr.strip().splitlines()
     assert "CHANGED" in line and "ssh-keygen -R" in line
+    check = fab(h, "-H", "fl-2", "check", inventory=inv)  # fab check verifies keys too
+    assert check.returncode == 2 and "CHANGED" in check.stderr
 
 
 def add_user(h, name, sudoers, password=None):

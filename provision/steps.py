@@ -15,7 +15,7 @@ import base64
 import difflib
 import hashlib
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 q = shlex.quote
@@ -375,7 +375,6 @@ class Service(Step):
     check: str | None = None
     daemon_reload_on: tuple[str, ...] = ()
     notify: tuple[str, ...] = ()
-    barrier: bool = False
 
     @property
     def name(self):

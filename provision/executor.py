@@ -264,7 +264,7 @@ def describe_holder(h: dict) -> str:
 
 
 def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, printer: Printer | None = None,
-              env: dict[str, str] | None = None, lock: Lock | None = None) -> HostResult:
+              env: dict[str, str] | None = None, lock: Lock | None = None, _retry: bool = True) -> HostResult:
     printer = printer or Printer()
     start = time.monotonic()
     result = HostResult(remote.label)
@@ -306,6 +306,10 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
         live_report, printed = parse_report(""), set()
         rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800, on_line=progress)
         report = parse_report(out)
+        if report.waited and _retry:
+            # An interrupted deploy finished its step meanwhile: plan again from fresh facts.
+            printer.line(f"{remote.label}: waited for an interrupted deploy to finish its step; planning again")
+            return run_steps(remote, steps, dry_run=dry_run, printer=printer, env=env, lock=lock, _retry=False)
         result.done, result.seconds = report.done, report.seconds
         if report.stale is not None:
             printer.line(f"{remote.label}: took over the deploy lock left by {describe_holder(report.stale)}")

@@ -54,6 +54,7 @@ if ! flock -n 9; then
   elif [ -n "$__hpid" ] && [ "$(cut -d' ' -f4 /proc/$__hpid/stat 2>/dev/null)" = 1 ]; then
     # its client is gone: it stops after its current step
     flock -w 300 9 || {{ echo "@@locked $__holder"; exit 75; }}
+    echo "@@waited $__holder"; exit 76  # the host changed meanwhile: gather facts again
   else echo "@@locked $__holder"; exit 75; fi
 elif [ -s "$__lock.holder" ]; then echo "@@stale $(cat "$__lock.holder")"; fi
 printf '%s\\n' {holder} | sed "s/\\"pid\\": 0/\\"pid\\": $$/" > "$__lock.holder"
@@ -129,6 +130,7 @@ class Report:
     command: str = ""
     output: str = ""
     locked_by: dict | None = None  # the lock was held by this holder
+    waited: bool = False  # waited for a holder whose client died; nothing was applied
     stale: dict | None = None  # a dead holder's lock was taken over (or broken)
 
 
@@ -144,6 +146,8 @@ def parse_report(stdout: str) -> Report:
         elif line.startswith("@@fail "):
             _, i, rc = line.split()
             r.failed, r.rc = int(i), int(rc)
+        elif line.startswith("@@waited"):
+            r.waited = True
         elif line.startswith(("@@locked", "@@stale", "@@broken")):
             word, _, raw = line.partition(" ")
             try:

@@ -21,13 +21,14 @@ q = shlex.quote
 BASE_PACKAGES = ("python3-venv", "python3-pip-whl", "nginx")
 CA_PATH = "/usr/local/share/ca-certificates/provision-ca.crt"
 GUNICORN = "gunicorn>=22"
+NO_PROXY = "localhost,127.0.0.1,::1"  # the health checks talk to nginx on the host itself
 
 
 def proxy_env(s: Settings) -> dict[str, str]:
     env = {}
     if s.proxy:
         env.update(http_proxy=s.proxy, https_proxy=s.proxy, HTTP_PROXY=s.proxy, HTTPS_PROXY=s.proxy,
-                   no_proxy="localhost,127.0.0.1,::1")
+                   no_proxy=NO_PROXY)
     if s.ca_bundle:
         env.update(PIP_CERT="/etc/ssl/certs/ca-certificates.crt")
     return env
@@ -50,7 +51,7 @@ def trust_steps(s: Settings) -> list[Step]:
                           f'Acquire::http::Proxy "{s.proxy}";\nAcquire::https::Proxy "{s.proxy}";\n'.encode(),
                           mode=0o640 if s.secrets else 0o644, sensitive=bool(s.secrets)))
         steps.append(Lines("/etc/environment", (("http_proxy", s.proxy), ("https_proxy", s.proxy),
-                                                ("no_proxy", "localhost,127.0.0.1,::1"))))
+                                                ("no_proxy", NO_PROXY))))
     if s.ca_bundle:
         steps.append(File(CA_PATH, s.ca_bundle.read_bytes(), notify=("ca",)))
         # In the background: apt sources are plain http by default; the venv (pip, https) waits.
@@ -72,8 +73,7 @@ def venv_key(s: Settings, requirements: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def venv_step(s: Settings, requirements: bytes) -> Command:
-    key = venv_key(s, requirements)
+def venv_step(s: Settings, requirements: bytes, key: str) -> Command:
     path = f"{s.root}/venvs/{key}"
     b64 = base64.encodebytes(requirements).decode()
     # Debian ships pip as a wheel (python3-pip-whl); running it from there into a --without-pip
@@ -101,8 +101,8 @@ def rendered(s: Settings, template: str) -> bytes:
 
 def deploy_steps(s: Settings, source: Source, release_id: str, deployer: str = "") -> list[Step]:
     requirements = s.requirements.read_bytes()
-    venv = venv_step(s, requirements)
     key = venv_key(s, requirements)
+    venv = venv_step(s, requirements, key)
     # Render first: a template error stops the deploy before any step exists.
     unit = rendered(s, "app@.service.j2")
     gconf = rendered(s, "gunicorn.conf.py.j2")

@@ -182,22 +182,21 @@ def run_apply(c, project: Path, flags: dict, *, mode: str = "deploy", dry_run: b
     def one(plan) -> HostResult:
         job, steps, lock = plan
         t0 = time.monotonic()
+        remote = None
         try:
             remote = _connect(job, c, fleet.get("accept_new_host_key", False))
-        except ProvisionError as e:
-            printer.error(str(e))
-            return HostResult(job.target.alias, error=str(e), code=e.code, duration=time.monotonic() - t0)
-        try:
             r = run_steps(remote, steps, dry_run=dry_run, printer=printer, env=proxy_env(job.settings), lock=lock)
-        except ProvisionError as e:
+        except ProvisionError as e:  # this host's problem; the others go on
             printer.error(str(e))
             r = HostResult(job.target.alias, error=str(e), code=e.code)
         finally:
-            remote.conn.close()
+            if remote is not None:
+                remote.conn.close()
         r.duration = time.monotonic() - t0
-        printer.line(_summary_line(r, dry_run))
-        if verbose:
-            printer.line(f"{r.host}: {remote.round_trips} SSH round trip(s)")
+        if remote is not None:
+            printer.line(_summary_line(r, dry_run))
+            if verbose:
+                printer.line(f"{r.host}: {remote.round_trips} SSH round trip(s)")
         return r
 
     results = run_fleet(plans, lambda p: p[0].target.alias, one, parallel=fleet.get("parallel") or DEFAULT_PARALLEL,

@@ -185,7 +185,6 @@ class HostResult:
     host: str
     planned: list[Planned] = field(default_factory=list)
     done: set[int] = field(default_factory=set)
-    seconds: dict[int, float] = field(default_factory=dict)
     failed_step: int | None = None
     error: str = ""
     duration: float = 0.0
@@ -295,22 +294,19 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
     if any(p.change is not None for p in planned):
         script = build_script(planned, env, lock)
 
-        def progress(line: str) -> None:  # a line per step as it completes
+        def progress(line: str) -> None:  # a line per step as it completes: every done step passes here
             if line.startswith("@@ok "):
                 i = int(line.split()[1])
                 p = planned[i]
-                live_report.seconds.update(parse_report(line).seconds)
-                printer.step(remote.label, "ok" if p.change.check else "changed", p, live_report.seconds.get(i))
-                printed.add(i)
+                printer.step(remote.label, "ok" if p.change.check else "changed", p, parse_report(line).seconds.get(i))
 
-        live_report, printed = parse_report(""), set()
         rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800, on_line=progress)
         report = parse_report(out)
         if report.waited and _retry:
             # An interrupted deploy finished its step meanwhile: plan again from fresh facts.
             printer.line(f"{remote.label}: waited for an interrupted deploy to finish its step; planning again")
             return run_steps(remote, steps, dry_run=dry_run, printer=printer, env=env, lock=lock, _retry=False)
-        result.done, result.seconds = report.done, report.seconds
+        result.done = report.done
         if report.stale is not None:
             printer.line(f"{remote.label}: took over the deploy lock left by {describe_holder(report.stale)}")
         if report.locked_by is not None:
@@ -325,15 +321,8 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
                                 + ("\n  " + report.output.replace("\n", "\n  ") if report.output else ""))
             else:
                 result.error = f"{remote.label}: remote script failed (exit {rc}): {err.strip()[-500:]}"
-    else:
-        printed = set()
-    for i, p in enumerate(planned):
-        if i in printed or p.change is None:
-            continue
-        if i in result.done:
-            printer.step(remote.label, "ok" if p.change.check else "changed", p, result.seconds.get(i))
-        elif i == result.failed_step:
-            printer.step(remote.label, "FAILED", p)
+    if result.failed_step is not None:
+        printer.step(remote.label, "FAILED", planned[result.failed_step])
     result.duration = time.monotonic() - start
     result.round_trips = remote.round_trips
     if result.error:

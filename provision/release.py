@@ -44,11 +44,14 @@ def live_meta(s: Settings, facts: Facts) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def linked_release(facts: Facts, path: str) -> str | None:
+    """The release a link (``current``, ``slots/a``) points at."""
+    f = facts.file(path)
+    return f["target"].rstrip("/").rsplit("/", 1)[-1] if f and f["type"] == "link" else None
+
+
 def current_release(s: Settings, facts: Facts) -> str | None:
-    f = facts.file(f"{s.root}/current")
-    if f and f["type"] == "link":
-        return f["target"].rstrip("/").rsplit("/", 1)[-1]
-    return None
+    return linked_release(facts, f"{s.root}/current")
 
 
 class Release(Step):
@@ -124,8 +127,7 @@ def live_slot(s: Settings, facts: Facts) -> str | None:
 
 
 def slot_release(s: Settings, facts: Facts, slot: str) -> str | None:
-    f = facts.file(f"{s.root}/slots/{slot}")
-    return f["target"].rstrip("/").rsplit("/", 1)[-1] if f and f["type"] == "link" else None
+    return linked_release(facts, f"{s.root}/slots/{slot}")
 
 
 class Switch(Step):

@@ -14,6 +14,8 @@ PID; set-up is idempotent and clears leftovers of earlier runs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -261,14 +263,19 @@ class Sandbox:
         if current:
             self.down(name)
         self.prepare()
-        index = self._free_index()
-        address = str(NETWORK.network_address + index)
-        netns, veth = f"pv-{name}", f"pvh{index}"
-        peer = f"pvc{index}"
         mdir = self.machines / name
         rootfs = mdir / "rootfs"
-        self._release_rootfs(mdir)
-        mdir.mkdir(parents=True)
+        # Several test runs may start droplets at once: an address is taken under a lock,
+        # by writing the droplet's state with it.
+        with self._locked():
+            index = self._free_index()
+            address = str(NETWORK.network_address + index)
+            self._release_rootfs(mdir)
+            mdir.mkdir(parents=True)
+            self._state_file(name).write_text(json.dumps(asdict(Droplet(name, address, 0, f"pv-{name}",
+                                                                        f"pvh{index}"))))
+        netns, veth = f"pv-{name}", f"pvh{index}"
+        peer = f"pvc{index}"
         self._make_rootfs(mdir)
         self._personalise(rootfs, name)
         # Network: a namespace of our own with one veth pair onto the bridge.
@@ -369,16 +376,28 @@ class Sandbox:
         if Path(f"/run/netns/{netns}").exists():
             _run("ip", "netns", "del", netns, check=False)
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """Serialises address allocation and known_hosts edits between processes."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "state.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def _record_host_keys(self, d: Droplet) -> None:
-        self._forget_host_keys(d.address)
         lines = []
         for pub in sorted((d.rootfs / "etc/ssh").glob("ssh_host_*_key.pub")):
             kind, blob = pub.read_text().split()[:2]
             lines.append(f"{d.address} {kind} {blob}\n")
-        with open(self.known_hosts, "a") as fh:
-            fh.writelines(lines)
+        with self._locked():
+            self._forget_host_keys(d.address, locked=True)
+            with open(self.known_hosts, "a") as fh:
+                fh.writelines(lines)
 
-    def _forget_host_keys(self, address: str) -> None:
+    def _forget_host_keys(self, address: str, locked: bool = False) -> None:
+        if not locked:
+            with self._locked():
+                return self._forget_host_keys(address, locked=True)
         if self.known_hosts.exists():
             keep = [l for l in self.known_hosts.read_text().splitlines(True) if l.split(" ", 1)[0] != address]
             self.known_hosts.write_text("".join(keep))

@@ -81,18 +81,39 @@ class Step:
         return f"<{self.name}>"
 
 
-def _owner_fix(path: str, fact: dict | None, owner: str | None, group: str | None, mode: int | None,
-               recursive: bool = False) -> list[str]:
+def _owner_fix(path: str, fact: dict | None, owner: str | None, group: str | None, mode: int | None) -> list[str]:
+    """chown (never through a symlink: -h) and chmod of a path that is no symlink."""
     cmds = []
     want_owner = owner or (fact or {}).get("owner")
     want_group = group or (fact or {}).get("group")
     if fact is None or (owner and fact["owner"] != owner) or (group and fact["group"] != group):
         if owner or group:
-            flag = "-R " if recursive else ""
-            cmds.append(f"chown {flag}{q(want_owner or 'root')}:{q(want_group or want_owner or 'root')} {q(path)}")
+            cmds.append(f"chown -h {q(want_owner or 'root')}:{q(want_group or want_owner or 'root')} {q(path)}")
     if mode is not None and (fact is None or fact["mode"] != mode):
         cmds.append(f"chmod {mode:o} {q(path)}")
     return cmds
+
+
+def operators_link(fact: dict | None) -> bool:
+    """A symlink root made (say, shared/uploads -> a mounted volume) is the operator's choice: kept
+    as it is, never followed for chown/chmod. Any other symlink was planted and is replaced."""
+    return bool(fact) and fact["type"] == "link" and fact["owner"] == "root"
+
+
+def _replace_planted(path: str, fact: dict | None, want: str) -> tuple[list[str], dict | None]:
+    """Commands that remove whatever is at ``path`` that is not a ``want`` ("dir"/"file"), and the
+    fact that remains. Only ever run where the parent directory is root's, so the entry cannot be
+    swapped between this check and the commands after it."""
+    if fact is None or fact["type"] == want:
+        return [], fact
+    flag = "-rf" if fact["type"] == "dir" else "-f"  # rm never follows a symlink
+    return [f"rm {flag} {q(path)}"], None
+
+
+def _summary(before: dict | None, kept: dict | None) -> str:
+    if before is not None and kept is None:
+        return f"replace a {before['type']}"
+    return "create" if kept is None else "fix owner/mode"
 
 
 @dataclass(repr=False)
@@ -156,11 +177,15 @@ class User(Step):
 
 @dataclass(repr=False)
 class Directory(Step):
+    """A directory (never a symlink: one found in its place is removed, unless ``keep_root_links``
+    and root made it), with owner, group and mode. Its parent must be root's."""
+
     path: str
     owner: str | None = None
     group: str | None = None
     mode: int | None = 0o755
     notify: tuple[str, ...] = ()
+    keep_root_links: bool = False
 
     @property
     def name(self):
@@ -171,14 +196,43 @@ class Directory(Step):
 
     def plan(self, facts, notified):
         f = facts.file(self.path)
-        cmds = []
-        if f is not None and f["type"] != "dir":
-            cmds.append(f"rm -f {q(self.path)}")
-            f = None
+        if self.keep_root_links and operators_link(f):
+            return None
+        cmds, f = _replace_planted(self.path, f, "dir")
         if f is None:
             cmds.append(f"mkdir -p {q(self.path)}")
         cmds += _owner_fix(self.path, f, self.owner, self.group, self.mode)
-        return Change(cmds, summary="create" if f is None else "fix owner/mode") if cmds else None
+        return Change(cmds, summary=_summary(facts.file(self.path), f)) if cmds else None
+
+
+@dataclass(repr=False)
+class Placeholder(Step):
+    """A file whose content is not ours (``.env``, a database file): created empty when missing,
+    owner and mode enforced, a planted symlink replaced. Its parent must be root's."""
+
+    path: str
+    owner: str = "root"
+    group: str = "root"
+    mode: int = 0o640
+    notify: tuple[str, ...] = ()
+
+    @property
+    def name(self):
+        return f"file {self.path}"
+
+    def facts(self):
+        return [("file", self.path)]
+
+    def plan(self, facts, notified):
+        f = facts.file(self.path)
+        if operators_link(f):
+            return None
+        cmds, f = _replace_planted(self.path, f, "file")
+        if f is None:
+            cmds.append(f"install -m {self.mode:o} -o {q(self.owner)} -g {q(self.group)} /dev/null {q(self.path)}")
+        else:
+            cmds += _owner_fix(self.path, f, self.owner, self.group, self.mode)
+        return Change(cmds, summary=_summary(facts.file(self.path), f)) if cmds else None
 
 
 def _heredoc_write(path: str, data: bytes) -> list[str]:
@@ -350,7 +404,8 @@ class Command(Step):
 
     def plan(self, facts, notified):
         needed = bool(notified & set(self.when))
-        if self.creates and facts.file(self.creates) is None:
+        made = facts.file(self.creates) if self.creates else None
+        if self.creates and (made is None or made["owner"] != "root"):  # not root's: not made by us
             needed = True
         if self.unless and facts.command(self.unless) != 0:
             needed = True
@@ -375,6 +430,7 @@ class Service(Step):
     check: str | None = None
     daemon_reload_on: tuple[str, ...] = ()
     notify: tuple[str, ...] = ()
+    pidfile: str | None = None  # a master process: a reload returns once its old workers are gone
 
     @property
     def name(self):
@@ -404,11 +460,25 @@ class Service(Step):
         if action:
             if self.check:
                 cmds.append(self.check)
-            cmds.append(f"systemctl {action} {q(self.service)}")
+            if self.pidfile and action != "start":
+                cmds += drain_workers(f"systemctl {action} {q(self.service)}", self.pidfile)
+            else:
+                cmds.append(f"systemctl {action} {q(self.service)}")
             what.append(action)
         if not what:
             return None
         return Change(cmds, summary=", ".join(what))
+
+
+def drain_workers(command: str, pidfile: str, timeout: float = 30) -> list[str]:
+    """Run ``command`` (a reload), then wait until the workers the master had before are gone:
+    ``systemctl reload`` returns while old workers, with the old configuration, still accept."""
+    return [
+        f'__old=$(cat /proc/"$(cat {q(pidfile)} 2>/dev/null)"/task/*/children 2>/dev/null || true)',
+        command,
+        f"for __i in $(seq {int(timeout * 50)}); do __alive=; for __p in $__old; do "
+        '[ -d /proc/$__p ] && __alive=1 && break; done; [ -n "$__alive" ] || break; sleep 0.02; done',
+    ]
 
 
 @dataclass(repr=False)

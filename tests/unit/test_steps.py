@@ -2,7 +2,7 @@
 
 import pytest
 
-from provision.steps import (Absent, Command, Directory, Facts, File, HttpCheck, Lines, Packages, Service,
+from provision.steps import (Absent, Command, Directory, Facts, File, HttpCheck, Lines, Packages, Placeholder, Service,
                              Symlink, User, collect_facts, plan)
 
 FILE = {"type": "file", "mode": 0o644, "owner": "root", "group": "root", "mtime": 1.0,
@@ -34,15 +34,46 @@ def test_user_created_when_missing_and_fixed_when_different():
 
 
 @pytest.mark.parametrize("fact,expected", [
-    (None, ["mkdir -p /srv/a", "chown app:app /srv/a", "chmod 755 /srv/a"]),
+    (None, ["mkdir -p /srv/a", "chown -h app:app /srv/a", "chmod 755 /srv/a"]),
     ({"type": "dir", "mode": 0o755, "owner": "app", "group": "app"}, None),
     ({"type": "dir", "mode": 0o777, "owner": "app", "group": "app"}, ["chmod 755 /srv/a"]),
-    ({"type": "dir", "mode": 0o755, "owner": "root", "group": "root"}, ["chown app:app /srv/a"]),
+    ({"type": "dir", "mode": 0o755, "owner": "root", "group": "root"}, ["chown -h app:app /srv/a"]),
     ({"type": "file", "mode": 0o644, "owner": "root", "group": "root"},
-     ["rm -f /srv/a", "mkdir -p /srv/a", "chown app:app /srv/a", "chmod 755 /srv/a"]),
+     ["rm -f /srv/a", "mkdir -p /srv/a", "chown -h app:app /srv/a", "chmod 755 /srv/a"]),
 ])
 def test_directory(fact, expected):
     assert decide(Directory("/srv/a", owner="app", group="app"), {("file", "/srv/a"): fact}) == expected
+
+
+PLANTED = {"type": "link", "target": "/etc/systemd/system", "mode": 0o777, "owner": "app", "group": "app"}
+
+
+def test_directory_never_follows_a_planted_symlink():
+    # the app replaced its log dir with a link to /etc/systemd/system: root removes the link
+    # itself (rm -f never follows) and makes a directory; chown -h could not follow either
+    cmds = decide(Directory("/srv/a/log", owner="app", group="app"), {("file", "/srv/a/log"): PLANTED})
+    assert cmds == ["rm -f /srv/a/log", "mkdir -p /srv/a/log", "chown -h app:app /srv/a/log", "chmod 755 /srv/a/log"]
+    # a link root made (an operator's mount) is kept, and never chowned through
+    ops = dict(PLANTED, owner="root", target="/mnt/volume/uploads")
+    assert decide(Directory("/srv/a/up", owner="app", keep_root_links=True), {("file", "/srv/a/up"): ops}) is None
+    assert decide(Directory("/srv/a/up", owner="app"), {("file", "/srv/a/up"): ops})[0] == "rm -f /srv/a/up"
+
+
+def test_placeholder_keeps_content_enforces_owner_and_replaces_planted_links():
+    step = Placeholder("/srv/a/shared/.env", owner="root", group="app", mode=0o640)
+    assert decide(step, {("file", step.path): None}) == ["install -m 640 -o root -g app /dev/null /srv/a/shared/.env"]
+    assert decide(step, {("file", step.path): dict(FILE, group="app", mode=0o640)}) is None
+    assert decide(step, {("file", step.path): dict(FILE, owner="app", group="app", mode=0o666)}) == [
+        "chown -h root:app /srv/a/shared/.env", "chmod 640 /srv/a/shared/.env"]
+    # .env replaced by a link to a root-only file: the link goes, an empty file takes its place
+    assert decide(step, {("file", step.path): dict(PLANTED, target="/etc/shadow")}) == [
+        "rm -f /srv/a/shared/.env", "install -m 640 -o root -g app /dev/null /srv/a/shared/.env"]
+
+
+def test_command_creates_must_be_roots():
+    step = Command("venv", ("build",), creates="/srv/a/venvs/k/.done")
+    assert decide(step, {("file", step.creates): FILE}) is None
+    assert decide(step, {("file", step.creates): dict(FILE, owner="app")}) == ["build"]  # not made by us
 
 
 def test_file_unchanged_when_checksum_matches():
@@ -58,7 +89,7 @@ def test_file_written_atomically_when_content_differs():
     cmds = decide(File("/etc/x", b"new\n"), {("file", "/etc/x"): FILE})
     assert cmds[0].startswith("base64 -d > /etc/x.provision-tmp <<'__PROVISION_EOF__'\nbmV3Cg==\n")
     assert cmds[1] == "mv -f /etc/x.provision-tmp /etc/x"
-    assert cmds[2:] == ["chown root:root /etc/x", "chmod 644 /etc/x"]
+    assert cmds[2:] == ["chown -h root:root /etc/x", "chmod 644 /etc/x"]
 
 
 def test_file_diff_and_sensitive_masking():

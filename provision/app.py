@@ -14,7 +14,7 @@ import shlex
 from .config import Settings
 from .source import Source
 from .release import Prune, Release, Switch, host_header, rollback_target
-from .steps import Absent, Command, Directory, File, HttpCheck, Lines, Packages, Service, Step, Symlink, User
+from .steps import Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Service, Step, Symlink, User
 from .templates import render
 
 q = shlex.quote
@@ -47,11 +47,13 @@ def trust_steps(s: Settings) -> list[Step]:
     """Proxy and extra CA: everything later that downloads depends on them."""
     steps: list[Step] = []
     if s.proxy:
+        credentials = "@" in s.proxy  # then only root may read it: never in a world-readable file
         steps.append(File("/etc/apt/apt.conf.d/80provision-proxy",
                           f'Acquire::http::Proxy "{s.proxy}";\nAcquire::https::Proxy "{s.proxy}";\n'.encode(),
-                          mode=0o640 if s.secrets else 0o644, sensitive=bool(s.secrets)))
-        steps.append(Lines("/etc/environment", (("http_proxy", s.proxy), ("https_proxy", s.proxy),
-                                                ("no_proxy", NO_PROXY))))
+                          mode=0o640 if credentials else 0o644, sensitive=credentials))
+        if not credentials:  # for logins on the host; provision's own commands get it from the script
+            steps.append(Lines("/etc/environment", (("http_proxy", s.proxy), ("https_proxy", s.proxy),
+                                                    ("no_proxy", NO_PROXY))))
     if s.ca_bundle:
         steps.append(File(CA_PATH, s.ca_bundle.read_bytes(), notify=("ca",)))
         # In the background: apt sources are plain http by default; the venv (pip, https) waits.
@@ -61,9 +63,16 @@ def trust_steps(s: Settings) -> list[Step]:
 
 
 def layout_steps(s: Settings) -> list[Step]:
-    steps: list[Step] = [User(s.user, home=s.root), Directory(s.root, owner=s.user, group=s.user, mode=0o755)]
-    for sub in ("releases", "venvs", "shared"):
-        steps.append(Directory(f"{s.root}/{sub}", owner=s.user, group=s.user, mode=0o755))
+    """The app's tree under /srv/<name>. Root owns everything the app runs and root reads (code,
+    virtualenvs, configs, links, the release log); the app user writes only its data: the
+    ``linked_dirs`` under shared/. ``.env`` is root's, readable by the app's group."""
+    steps: list[Step] = [User(s.user, home=s.root), Directory(s.root, owner="root", group="root", mode=0o755)]
+    for sub in ("releases", "venvs", "slots", "shared"):
+        steps.append(Directory(f"{s.root}/{sub}", owner="root", group="root", mode=0o755))
+    for d in s.linked_dirs:
+        steps.append(Directory(f"{s.root}/shared/{d}", owner=s.user, group=s.user, mode=0o755, keep_root_links=True))
+    for f in s.linked_files:
+        steps.append(Placeholder(f"{s.root}/shared/{f}", owner="root", group=s.user, mode=0o640))
     return steps
 
 
@@ -74,6 +83,7 @@ def venv_key(s: Settings, requirements: bytes) -> str:
 
 
 def venv_step(s: Settings, requirements: bytes, key: str) -> Command:
+    """Built by root, owned by root: the app runs it, cannot change it."""
     path = f"{s.root}/venvs/{key}"
     b64 = base64.encodebytes(requirements).decode()
     # Debian ships pip as a wheel (python3-pip-whl); running it from there into a --without-pip
@@ -87,12 +97,19 @@ def venv_step(s: Settings, requirements: bytes, key: str) -> Command:
         f"base64 -d > {q(path)}/requirements.txt <<'__PROVISION_EOF__'\n{b64}__PROVISION_EOF__",
         f"$pip install --quiet --disable-pip-version-check --no-input "
         f"-r {q(path)}/requirements.txt {q(GUNICORN)}",
-        f"touch {q(path)}/.provision-complete",
-        f"chown -R {q(s.user)}:{q(s.user)} {q(path)}",
         f"chmod -R go-w {q(path)}",
+        f"touch {q(path)}/.provision-complete",
     )
     return Command(f"virtualenv {key}", cmds, creates=f"{path}/.provision-complete", background=True,
                    barrier=True)
+
+
+def socket_unit(s: Settings) -> bytes:
+    """Each slot's listening socket, made by systemd as root: only nginx (www-data) may connect."""
+    return (f"# Managed by provision: changes here are overwritten on the next deploy.\n"
+            f"[Unit]\nDescription={s.name} socket (slot %i)\n\n"
+            f"[Socket]\nListenStream={s.socket('%i')}\nSocketUser=root\nSocketGroup=www-data\nSocketMode=0660\n"
+            f"DirectoryMode=0755\n\n[Install]\nWantedBy=sockets.target\n").encode()
 
 
 def rendered(s: Settings, template: str) -> bytes:
@@ -103,25 +120,27 @@ def deploy_steps(s: Settings, source: Source, release_id: str, deployer: str = "
     requirements = s.requirements.read_bytes()
     key = venv_key(s, requirements)
     venv = venv_step(s, requirements, key)
-    # Render first: a template error stops the deploy before any step exists.
-    unit = rendered(s, "app@.service.j2")
-    gconf = rendered(s, "gunicorn.conf.py.j2")
+    # Render first: a template error stops the deploy before any step exists. The unit and the
+    # gunicorn config belong to the release: a refused release leaves the live one as it was.
+    configs = {"unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
     site = rendered(s, "nginx-site.conf.j2")
-    release = Release(s, source, release_id, key, deployer)
+    release = Release(s, source, release_id, key, configs, deployer)
     # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
     # the other packages install and the release and configs are written; the switch waits.
     return trust_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
         venv,
         Packages(packages(s)),
         release,
-        File(f"{s.root}/gunicorn.conf.py", gconf, notify=("gunicorn-conf",)),
-        File(f"/etc/systemd/system/{s.name}@.service", unit, notify=("unit",)),
+        File(f"/etc/systemd/system/{s.name}@.socket", socket_unit(s), notify=("unit", "socket")),
+        # Older layouts: one unit and one gunicorn config shared by both slots (now per release)
+        Absent(f"/etc/systemd/system/{s.name}@.service", notify=("unit",)),
+        Absent(f"{s.root}/gunicorn.conf.py"),
         Switch(s, release.target, action="deploy", by=deployer),
         Prune(s, release.target),
         File(f"/etc/nginx/sites-available/{s.name}", site, notify=("nginx",)),
         Symlink(f"/etc/nginx/sites-enabled/{s.name}", f"/etc/nginx/sites-available/{s.name}", notify=("nginx",)),
         Absent("/etc/nginx/sites-enabled/default", notify=("nginx",), when=("packages",)),
-        Service("nginx", reload_on=("nginx",), check="nginx -t -q"),
+        Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile="/run/nginx.pid"),
         health_check(s),
     ]
 

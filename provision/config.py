@@ -94,15 +94,25 @@ class Settings:
     def template_vars(self) -> dict:
         out = dict(self.extra)
         out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
-        out.update(root=self.root, user=self.user, upstream_file=self.upstream_file)
+        out.update(root=self.root, user=self.user, upstream_file=self.upstream_file, socket_unit=self.socket_unit)
         return out
 
     @property
     def upstream_file(self) -> str:
         return f"/etc/nginx/provision/{self.name}.upstream"
 
+    @property
+    def socket_dir(self) -> str:
+        """Root's: systemd creates the slots' sockets here (the app never writes a path nginx uses)."""
+        return f"/run/provision/{self.name}"
+
     def socket(self, slot: str) -> str:
-        return f"/run/{self.name}/{slot}/gunicorn.sock"
+        return f"{self.socket_dir}/{slot}.sock"
+
+    @property
+    def socket_unit(self) -> str:
+        """The socket unit of a slot, as a systemd specifier (%i is the slot)."""
+        return f"{self.name}@%i.socket"
 
 
 def _bad(key: str, value, why: str) -> ProvisionError:

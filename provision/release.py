@@ -1,12 +1,13 @@
 """Releases: upload, blue/green switch, pruning. Pure steps; the switch itself runs
 ``remote/switch.py`` on the host.
 
-Layout under ``/srv/<app>``::
+Layout under ``/srv/<app>`` (root's, except the data dirs under shared/)::
 
-    releases/<id>/        code, .provision-release (metadata), .venv -> venvs/<key>,
-                          linked files/dirs -> shared/
+    releases/<id>/        code, .venv -> venvs/<key>, linked files/dirs -> shared/
+    releases/<id>/.provision/
+                          release.json (metadata), unit, gunicorn.conf.py: what a slot runs
     venvs/<key>/          one virtualenv per distinct requirements
-    shared/               .env, log/, uploads/ ... kept across releases
+    shared/               .env (root's, app-readable), log/, uploads/ (the app's) ... kept across releases
     slots/{a,b}           -> ../releases/<id>: what each gunicorn instance runs
     current               -> releases/<id>: the release nginx sends traffic to
     releases.log          who deployed or rolled back what, when
@@ -15,6 +16,7 @@ Layout under ``/srv/<app>``::
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import shlex
@@ -29,13 +31,17 @@ from .steps import Change, Facts, Step, symlink_commands
 q = shlex.quote
 SWITCH_PY = resources.files("provision").joinpath("remote/switch.py").read_text()
 SLOTS = ("a", "b")
+RELEASE_DIR = ".provision"  # inside each release: its metadata and the configs its slot runs
 
 
 def meta_path(s: Settings) -> str:
-    return f"{s.root}/current/.provision-release"
+    return f"{s.root}/current/{RELEASE_DIR}/release.json"
 
 
 def live_meta(s: Settings, facts: Facts) -> dict:
+    own = facts.file(f"{s.root}/current/{RELEASE_DIR}")
+    if not own or own["type"] != "dir" or own["owner"] != "root":
+        return {}  # not a release root made (an older layout, or tampered with): a new one is due
     raw = facts.content(meta_path(s))
     try:
         meta = json.loads(raw) if raw else {}
@@ -54,29 +60,42 @@ def current_release(s: Settings, facts: Facts) -> str | None:
     return linked_release(facts, f"{s.root}/current")
 
 
-class Release(Step):
-    """Upload the source as ``releases/<id>`` (not live yet: :class:`Switch` does that).
+def config_digest(configs: dict[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(configs):
+        h.update(name.encode() + b"\0" + configs[name] + b"\0")
+    return h.hexdigest()[:16]
 
-    Nothing to do when the live release has the same source digest and virtualenv.
+
+class Release(Step):
+    """Upload the source and its configs as ``releases/<id>`` (not live yet: :class:`Switch` does that).
+
+    Nothing to do when the live release has the same source, configs and virtualenv.
     A ``current`` that is a plain directory (a hand-made deploy) is kept as a
-    release of its own first.
+    release of its own first. Everything is written by root into a directory only root
+    can write; the app reads it.
     """
 
     notify = ("code",)
 
-    def __init__(self, s: Settings, source: Source, release_id: str, venv_key: str, deployer: str = ""):
-        self.s, self.source, self.release_id, self.venv_key, self.deployer = s, source, release_id, venv_key, deployer
+    def __init__(self, s: Settings, source: Source, release_id: str, venv_key: str, configs: dict[str, bytes],
+                 deployer: str = ""):
+        self.s, self.source, self.release_id, self.venv_key = s, source, release_id, venv_key
+        self.configs, self.deployer = configs, deployer
+        self.config = config_digest(configs)
 
     @property
     def name(self):
         return f"release {self.s.root}/releases"
 
     def facts(self):
-        return [("content", meta_path(self.s)), ("file", f"{self.s.root}/current")]
+        return [("content", meta_path(self.s)), ("file", f"{self.s.root}/current/{RELEASE_DIR}"),
+                ("file", f"{self.s.root}/current")]
 
     def needed(self, facts: Facts) -> bool:
         meta = live_meta(self.s, facts)
-        return not (meta.get("digest") == self.source.digest and meta.get("venv") == self.venv_key)
+        return (meta.get("digest"), meta.get("venv"), meta.get("config")) != (
+            self.source.digest, self.venv_key, self.config)
 
     def target(self, facts: Facts) -> str:
         """The release that should be live after this deploy."""
@@ -90,59 +109,63 @@ class Release(Step):
         s, root = self.s, self.s.root
         rel = f"{root}/releases/{self.release_id}"
         tmp = rel + ".provision-tmp"
-        owner = f"{q(s.user)}:{q(s.user)}"
         cmds = []
         cur = facts.file(f"{root}/current")
         if cur is not None and cur["type"] == "dir":
             legacy = f"{root}/releases/{self.release_id.split('-')[0]}-legacy"
             cmds.append(f"mv -T {q(root + '/current')} {q(legacy)}")
         meta = json.dumps({"id": self.release_id, "digest": self.source.digest, "revision": self.source.revision,
-                           "dirty": self.source.dirty, "deployer": self.deployer, "venv": self.venv_key},
-                          sort_keys=True)
+                           "dirty": self.source.dirty, "deployer": self.deployer, "venv": self.venv_key,
+                           "config": self.config}, sort_keys=True)
         b64 = base64.encodebytes(self.source.tarball()).decode()
+        own = f"{tmp}/{RELEASE_DIR}"
         cmds += [
             f"rm -rf {q(tmp)} && mkdir -p {q(tmp)}",
             f"base64 -d <<'__PROVISION_EOF__' | tar -xz --no-same-owner -C {q(tmp)}\n{b64}__PROVISION_EOF__",
+            f"rm -rf {q(own)} && mkdir -m 755 {q(own)}",
             f"ln -sfn ../../venvs/{self.venv_key} {q(tmp)}/.venv",
         ]
-        # shared/ files and dirs outlive releases; each release links to them
-        own = f"-o {q(s.user)} -g {q(s.user)}"
-        links = [(f, f"[ -e {{0}} ] || install -m 640 {own} /dev/null {{0}}") for f in s.linked_files]
-        links += [(d, f"install -d -m 755 {own} {{0}}") for d in s.linked_dirs]
-        for path, create in links:
-            shared, inside = q(f"{root}/shared/{path}"), q(f"{tmp}/{path}")
-            cmds += [f'mkdir -p "$(dirname {shared})" "$(dirname {inside})"', create.format(shared),
-                     f"rm -rf {inside} && ln -s {shared} {inside}"]
+        for name, data in sorted(self.configs.items()):
+            cmds.append(f"base64 -d > {q(own + '/' + name)} <<'__PROVISION_EOF__'\n"
+                        f"{base64.encodebytes(data).decode()}__PROVISION_EOF__")
+        # shared/ files and dirs outlive releases (the layout steps make them); each release links to them
+        for path in s.linked_files + s.linked_dirs:
+            inside = q(f"{tmp}/{path}")
+            cmds += [f'mkdir -p "$(dirname {inside})"', f"rm -rf {inside} && ln -s {q(root + '/shared/' + path)} {inside}"]
         cmds += [
-            f"printf '%s\\n' {q(meta)} > {q(tmp)}/.provision-release",
-            f"chown -R {owner} {q(tmp)} && chmod -R go-w {q(tmp)}",
+            f"printf '%s\\n' {q(meta)} > {q(own)}/release.json",
+            f"chmod -R go-w {q(tmp)}",
             f"rm -rf {q(rel)} && mv -T {q(tmp)} {q(rel)}",
         ]
         return Change(cmds, summary=f"{self.release_id} ({len(self.source.files)} files)")
 
 
 def live_slot(s: Settings, facts: Facts) -> str | None:
-    m = re.search(rf"/run/{re.escape(s.name)}/([ab])/gunicorn\.sock", facts.content(s.upstream_file) or "")
-    return m.group(1) if m else None
+    upstream = facts.content(s.upstream_file) or ""
+    return next((slot for slot in SLOTS if f"unix:{s.socket(slot)} " in upstream), None)
 
 
 def slot_release(s: Settings, facts: Facts, slot: str) -> str | None:
     return linked_release(facts, f"{s.root}/slots/{slot}")
 
 
+WANTS = "/etc/systemd/system/multi-user.target.wants"  # enabled at boot = a link here, as `systemctl enable` makes
+SOCKETS_WANTS = "/etc/systemd/system/sockets.target.wants"
+
+
 class Switch(Step):
     """Make ``target`` the live release without dropping a request (blue/green slots).
 
-    Switches when there is no live instance, it is not running, it runs another
-    release, or its unit or gunicorn config changed. Otherwise only repairs a
-    ``current`` link or a second running instance left by an interrupted deploy.
+    Switches when there is no live instance, it is not running, or it runs another release
+    (a changed unit or gunicorn config is a new release). Otherwise only repairs a ``current``
+    link or a second instance left running or enabled by an interrupted deploy.
     """
 
     barrier = True
     notify = ("switched",)
 
     def __init__(self, s: Settings, target: Callable[[Facts], str], action: str = "deploy", by: str = "",
-                 restart_on: tuple[str, ...] = ("unit", "gunicorn-conf"), daemon_reload_on: tuple[str, ...] = ("unit",),
+                 restart_on: tuple[str, ...] = ("socket",), daemon_reload_on: tuple[str, ...] = ("unit",),
                  extra_facts: tuple = ()):
         self.s, self.target, self.action, self.by = s, target, action, by
         self.restart_on, self.daemon_reload_on, self.extra_facts = restart_on, daemon_reload_on, extra_facts
@@ -158,6 +181,7 @@ class Switch(Step):
         s = self.s
         return [("content", s.upstream_file), ("file", f"{s.root}/current"), *self.extra_facts,
                 *[("file", f"{s.root}/slots/{slot}") for slot in SLOTS],
+                *[("file", f"{WANTS}/{u}.service") for u in self.units().values()],
                 *[("service", u) for u in self.units().values()]]
 
     def plan(self, facts, notified):
@@ -168,20 +192,20 @@ class Switch(Step):
         running = bool(state and state["active"])
         if live is None or not running or slot_release(s, facts, live) != target or notified & set(self.restart_on):
             slot = "b" if live == "a" else "a"
-            unit_state = facts.service(self.units()[slot]) or {}
             args = {"app": s.name, "root": s.root, "slot": slot, "old": live or "", "release": target,
                     "health_path": s.health_path, "host": host_header(s), "timeout": s.health_timeout,
-                    "action": self.action, "by": self.by,
-                    "daemon_reload": bool(notified & set(self.daemon_reload_on)) or not unit_state.get("loaded")}
+                    "action": self.action, "by": self.by, "upstream": s.upstream_file,
+                    "socket": s.socket(slot), "wants": WANTS, "sockets_wants": SOCKETS_WANTS, "daemon_reload": bool(notified & set(self.daemon_reload_on))}
             return Change([f"python3 -c {q(SWITCH_PY)} {q(json.dumps(args, sort_keys=True))}"],
                           summary=f"{target} -> slot {slot}")
         cmds = []
         if current_release(s, facts) != target:
             cmds += symlink_commands(f"{s.root}/current", f"releases/{target}")
-        other = "b" if live == "a" else "a"
-        other_state = facts.service(self.units()[other])
-        if other_state and (other_state["active"] or other_state["enabled"]):
-            cmds.append(f"systemctl disable --quiet --now {q(self.units()[other])}")
+        other = self.units()["b" if live == "a" else "a"]
+        other_state = facts.service(other)
+        if (other_state and other_state["active"]) or facts.file(f"{WANTS}/{other}.service"):
+            cmds += [f"rm -f {q(f'{WANTS}/{other}.service')} {q(f'{SOCKETS_WANTS}/{other}.socket')}",
+                     f"systemctl stop {q(other + '.socket')} {q(other + '.service')}"]
         return Change(cmds, summary="repair") if cmds else None
 
 

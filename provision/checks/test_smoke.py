@@ -15,19 +15,22 @@ def live_slot(host, app):
 
 
 def test_app_service_enabled_running(host, app):
-    assert host.file(f"/etc/systemd/system/{app['name']}@.service").exists
     slot = live_slot(host, app)
-    svc = host.service(f"{app['name']}@{slot}")
-    assert svc.is_enabled
-    assert svc.is_running
-    idle = host.service(f"{app['name']}@{'b' if slot == 'a' else 'a'}")
-    assert not idle.is_running and not idle.is_enabled
+    assert host.file(f"/etc/systemd/system/{app['name']}@{slot}.service").user == "root"
+    for kind in ("service", "socket"):
+        unit = host.service(f"{app['name']}@{slot}.{kind}")
+        assert unit.is_enabled and unit.is_running, f"{app['name']}@{slot}.{kind}"
+        idle = f"{app['name']}@{'b' if slot == 'a' else 'a'}.{kind}"  # may never have existed
+        assert host.run("systemctl is-active --quiet %s", idle).rc != 0, f"{idle} runs"
+        assert host.run("systemctl is-enabled --quiet %s", idle).rc != 0, f"{idle} is enabled"
 
 
-def test_app_socket_listening_and_nginx_points_at_it(host, app):
-    sock = f"/run/{app['name']}/{live_slot(host, app)}/gunicorn.sock"
+def test_app_socket_only_for_nginx_and_nginx_points_at_it(host, app):
+    sock = f"/run/provision/{app['name']}/{live_slot(host, app)}.sock"
     assert host.socket(f"unix://{sock}").is_listening
-    assert sock in host.file(f"/etc/nginx/provision/{app['name']}.upstream").content_string
+    f = host.file(sock)
+    assert (f.user, f.group, f.mode) == ("root", "www-data", 0o660)
+    assert f"unix:{sock} " in host.file(f"/etc/nginx/provision/{app['name']}.upstream").content_string
 
 
 def test_live_release_is_current(host, app):
@@ -53,16 +56,15 @@ def test_http_through_nginx_answers_200(host, app):
     assert res.stdout.strip() == "200", res.stdout + res.stderr
 
 
-def test_release_owned_by_app_user_not_world_writable(host, app):
+def test_app_runs_nothing_it_can_write(host, app):
+    """Root owns the code, the virtualenv, the configs and the links; the app writes only shared/ data."""
     current = host.file(f"{app['root']}/current")
     assert current.is_symlink
-    release = host.file(f"{app['root']}/{current.linked_to.split(app['root'] + '/', 1)[-1]}")
-    assert release.is_directory
-    assert release.user == app["user"]
-    meta = json.loads(host.file(f"{app['root']}/current/.provision-release").content_string)
+    meta = json.loads(host.file(f"{app['root']}/current/.provision/release.json").content_string)
     assert meta["digest"]
-    for tree in (f"{app['root']}/current/", f"{app['root']}/current/.venv/"):
-        wrong_owner = host.check_output("find %s ! -user %s ! -type l -print -quit", tree, app["user"])
-        assert wrong_owner == "", f"not owned by {app['user']}: {wrong_owner}"
-        writable = host.check_output("find %s -perm -o+w ! -type l -print -quit", tree)
-        assert writable == "", f"world-writable: {writable}"
+    for tree in (f"{app['root']}/", f"{app['root']}/current/", f"{app['root']}/current/.venv/"):
+        not_root = host.check_output("find %s -path %s -prune -o ! -user root -print -quit", tree,
+                                     f"{app['root']}/shared")
+        assert not_root == "", f"not owned by root: {not_root}"
+        writable = host.check_output("find %s -perm /022 ! -type l -print -quit", tree)
+        assert writable == "", f"group- or world-writable: {writable}"

@@ -1,15 +1,18 @@
-# Runs on the managed host (stdlib python3): moves traffic to a release without
-# dropping a request.  argv[1] is JSON: app, root, slot (the idle one), old (the
-# live slot or ""), release, health_path, host, timeout, action, by, daemon_reload.
+# Runs on the managed host as root (stdlib python3): moves traffic to a release without
+# dropping a request.  argv[1] is JSON: app, root, slot (the idle one), old (the live slot
+# or ""), release, health_path, host, timeout, action, by, upstream, socket (the slot's),
+# wants, sockets_wants (boot link dirs), daemon_reload.
 #
-#  1. point slots/<slot> at the release and (re)start <app>@<slot> on its own socket;
+#  1. point slots/<slot> at the release, install the release's unit as <app>@<slot>.service
+#     and (re)start it on its own socket (made by systemd: <app>@<slot>.socket);
 #  2. health gate: the new instance must answer the health path on its socket, or
 #     it is stopped, its log tail printed, and nothing else changes;
 #  3. write the nginx upstream to the new socket, `nginx -t`, reload, and wait for
 #     the old nginx workers to finish their requests;
 #  4. switch `current`, record the live slot and the release log, then stop the
 #     old instance gracefully (gunicorn finishes in-flight requests on TERM).
-# Every intermediate state serves a complete release.
+# Every intermediate state serves a complete release. Everything written here is in
+# directories only root can write, and written without following symlinks.
 import http.client
 import json
 import os
@@ -21,8 +24,8 @@ import time
 a = json.loads(sys.argv[1])
 app, root, slot, old, release = a["app"], a["root"], a["slot"], a["old"], a["release"]
 unit, old_unit = "%s@%s" % (app, slot), "%s@%s" % (app, old)
-sock_path = "/run/%s/%s/gunicorn.sock" % (app, slot)
-upstream = "/etc/nginx/provision/%s.upstream" % app
+sock_path, upstream = a["socket"], a["upstream"]
+unit_file = "/etc/systemd/system/%s.service" % unit
 
 
 def run(*cmd, check=True):
@@ -47,8 +50,8 @@ def log_excerpt(limit=40):
 def fail(message, stop_new=False):
     if stop_new:
         excerpt = log_excerpt()
-        run("systemctl", "stop", unit, check=False)
-        run("systemctl", "reset-failed", unit, check=False)
+        run("systemctl", "stop", unit + ".service", unit + ".socket", check=False)
+        run("systemctl", "reset-failed", unit + ".service", unit + ".socket", check=False)
         message += "\n--- %s's log ---\n%s" % (unit, excerpt)
     sys.stderr.write(message + "\n")
     sys.exit(1)
@@ -57,16 +60,42 @@ def fail(message, stop_new=False):
 def link(path, target):
     tmp = path + ".provision-tmp"
     if os.path.lexists(tmp):
-        os.unlink(tmp)
+        os.unlink(tmp)  # never follows: removes a link itself
     os.symlink(target, tmp)
     os.replace(tmp, path)
 
 
-def write(path, text):
+def write(path, text, mode=0o644):
+    """Atomically, through a fresh temporary file (O_EXCL|O_NOFOLLOW: never through a link)."""
     tmp = path + ".provision-tmp"
-    with open(tmp, "w") as fh:
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def read(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd) as fh:
+        return fh.read()
+
+
+def append_log(path, line):
+    """The release log is root's: anything else found there (a link, another owner) is replaced."""
+    try:
+        st = os.lstat(path)
+        if not os.path.isfile(path) or os.path.islink(path) or st.st_uid != 0:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "a") as fh:
+        fh.write(line)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -118,13 +147,34 @@ if not os.path.isdir(release_dir):
     fail("release %s does not exist on this host (see `fab releases`)" % release)
 if not os.path.exists(release_dir + "/.venv/bin/gunicorn"):
     fail("release %s has no complete virtualenv (it was pruned?); deploy it again instead" % release)
+def roots(path):
+    """Made by root and writable by root only (the app could not have changed it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_uid == 0 and not st.st_mode & 0o022
 
-# 1. the new instance
-os.makedirs(root + "/slots", exist_ok=True)
+
+# What a slot runs must be root's: a release of an older layout (app-owned) may be tampered with.
+for path in (release_dir, release_dir + "/.provision", release_dir + "/.provision/unit",
+             release_dir + "/.provision/gunicorn.conf.py", os.path.realpath(release_dir + "/.venv")):
+    if not roots(path):
+        fail("release %s is not root's alone (%s): made by an older provision or tampered with; deploy "
+             "again instead" % (release, path))
+own_unit = read(release_dir + "/.provision/unit")
+
+# 1. the new instance, with the unit of its own release
 link("%s/slots/%s" % (root, slot), "../releases/" + release)
-if a["daemon_reload"]:
+daemon_reload = a["daemon_reload"]
+if read(unit_file) != own_unit:
+    write(unit_file, own_unit)
+    daemon_reload = True
+if daemon_reload:
     run("systemctl", "daemon-reload")
-run("systemctl", "restart", unit, check=False)
+run("systemctl", "stop", unit + ".service", check=False)
+run("systemctl", "restart", unit + ".socket", check=False)
+run("systemctl", "start", unit + ".service", check=False)
 
 # 2. health gate
 problem = healthy()
@@ -134,7 +184,7 @@ if problem:
 
 # 3. nginx
 os.makedirs(os.path.dirname(upstream), exist_ok=True)
-previous = open(upstream).read() if os.path.exists(upstream) else None
+previous = read(upstream)
 write(upstream, "server unix:%s fail_timeout=0;\n" % sock_path)
 test = run("nginx", "-t", "-q", check=False)
 if test.returncode != 0:
@@ -152,17 +202,19 @@ while time.time() < deadline and any(alive(p) for p in before):
 # 4. record, then retire the old instance
 link(root + "/current", "releases/" + release)
 write(root + "/live-slot", slot + "\n")
-with open(root + "/releases.log", "a") as fh:
-    fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "release": release,
-                         "action": a["action"], "by": a["by"], "slot": slot}, sort_keys=True) + "\n")
-# Enabled at boot = a wants link, as `systemctl enable` makes it (without its daemon reload).
-wants = "/etc/systemd/system/multi-user.target.wants/%s.service"
-os.makedirs(os.path.dirname(wants), exist_ok=True)
-link(wants % unit, "/etc/systemd/system/%s@.service" % app)
+append_log(root + "/releases.log", json.dumps({
+    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "release": release, "action": a["action"],
+    "by": a["by"], "slot": slot}, sort_keys=True) + "\n")
+# Enabled at boot = wants links, as `systemctl enable` makes them (without its daemon reload).
+for wants, name, target in ((a["wants"], unit + ".service", unit_file),
+                            (a["sockets_wants"], unit + ".socket", "/etc/systemd/system/%s@.socket" % app)):
+    os.makedirs(wants, exist_ok=True)
+    link("%s/%s" % (wants, name), target)
 if old and old != slot:
-    if os.path.lexists(wants % old_unit):
-        os.unlink(wants % old_unit)
+    for wants, name in ((a["wants"], old_unit + ".service"), (a["sockets_wants"], old_unit + ".socket")):
+        if os.path.lexists("%s/%s" % (wants, name)):
+            os.unlink("%s/%s" % (wants, name))
     # No new request reaches it now; it finishes the ones it has (gunicorn's graceful
     # stop) without holding up the deploy.
-    run("systemctl", "stop", "--no-block", old_unit, check=False)
+    run("systemctl", "stop", "--no-block", old_unit + ".service", old_unit + ".socket", check=False)
 print("%s now serves %s" % (unit, release))

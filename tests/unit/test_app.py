@@ -42,7 +42,7 @@ def test_fresh_host_changes_everything_in_a_safe_order():
         "file /etc/apt/apt.conf.d/80provision-proxy", "file /usr/local/share/ca-certificates",
         "packages python3-pip-whl", "user hello", "virtualenv", "packages python3-venv python3-pip-whl nginx",
         "release",
-        "file /etc/systemd/system/hello@.service", "switch hello", "prune", "file /etc/nginx/sites-available/hello",
+        "file /etc/systemd/system/hello@.socket", "switch hello", "prune", "file /etc/nginx/sites-available/hello",
         "absent /etc/nginx/sites-enabled/default", "service nginx", "health")]
     assert order == sorted(order)
     by_name = {p.step.name: p for p in planned}
@@ -57,32 +57,55 @@ def test_fresh_host_changes_everything_in_a_safe_order():
     switch = json.loads(shlex.split(by_name["switch hello"].change.commands[0])[-1])
     assert switch == dict(switch, slot="a", old="", release=src.release_id(0), daemon_reload=True, action="deploy")
     nginx = by_name["service nginx"].change.commands
-    assert nginx[-2:] == ["nginx -t -q", "systemctl reload-or-restart nginx"]
+    assert nginx[-4] == "nginx -t -q" and nginx[-2] == "systemctl reload-or-restart nginx"
+    assert "/run/nginx.pid" in nginx[-3] and "sleep" in nginx[-1]  # then waits until the old workers are gone
     assert planned[-1].change.check
 
 
-def test_release_is_skipped_when_the_running_digest_and_venv_match():
+CONFIGS = {"unit": b"[Service]\n", "gunicorn.conf.py": b"workers = 2\n"}
+ROOTS = {"type": "dir", "mode": 0o755, "owner": "root", "group": "root"}
+
+
+def live(meta, own=ROOTS):
+    return Facts({("content", meta_path(settings())): json.dumps(meta), ("file", "/srv/hello/current"):
+                  LINK("releases/r0"), ("file", "/srv/hello/current/.provision"): own})
+
+
+def test_release_is_skipped_when_the_running_digest_venv_and_configs_match():
     s = settings()
     src = scan(s.source)
-    step = Release(s, src, "r1", "venvkey")
-    running = json.dumps({"digest": src.digest, "id": "r0", "venv": "venvkey"})
-    facts = Facts({("content", meta_path(s)): running, ("file", "/srv/hello/current"): LINK("releases/r0")})
-    assert step.plan(facts, set()) is None and step.target(facts) == "r0"
-    other_venv = json.dumps({"digest": src.digest, "id": "r0", "venv": "old"})
-    facts = Facts({("content", meta_path(s)): other_venv, ("file", "/srv/hello/current"): LINK("releases/r0")})
-    change = step.plan(facts, set())
-    assert step.target(facts) == "r1"
+    step = Release(s, src, "r1", "venvkey", CONFIGS)
+    same = {"digest": src.digest, "id": "r0", "venv": "venvkey", "config": step.config}
+    assert step.plan(live(same), set()) is None and step.target(live(same)) == "r0"
+    for changed in ({"venv": "old"}, {"config": "old"}, {"digest": "old"}):
+        facts = live(dict(same, **changed))
+        change = step.plan(facts, set())
+        assert step.target(facts) == "r1", changed
     assert any("tar -xz" in c for c in change.commands)
     assert "ln -sfn ../../venvs/venvkey /srv/hello/releases/r1.provision-tmp/.venv" in change.commands
     assert any(c.startswith("ln -s /srv/hello/shared/.env ") for c in " ".join(change.commands).split(" && "))
     assert change.commands[-1] == "rm -rf /srv/hello/releases/r1 && mv -T /srv/hello/releases/r1.provision-tmp " \
                                   "/srv/hello/releases/r1"
+    # the configs a slot runs are part of the release, written by root
+    assert any(c.startswith("base64 -d > /srv/hello/releases/r1.provision-tmp/.provision/unit ")
+               for c in change.commands)
+    assert not any("chown" in c for c in change.commands)
+
+
+def test_a_live_release_root_did_not_make_is_replaced():
+    s = settings()
+    src = scan(s.source)
+    step = Release(s, src, "r1", "venvkey", CONFIGS)
+    same = {"digest": src.digest, "id": "r0", "venv": "venvkey", "config": step.config}
+    assert step.target(live(same, own=dict(ROOTS, owner="hello"))) == "r1"  # an older layout, app-owned
+    assert step.target(live(same, own=None)) == "r1"
 
 
 def test_a_plain_directory_current_is_kept_as_a_release():
     s = settings()
-    step = Release(s, scan(s.source), "20260101T000000Z-abc", "k")
-    facts = Facts({("content", meta_path(s)): None, ("file", "/srv/hello/current"): {"type": "dir"}})
+    step = Release(s, scan(s.source), "20260101T000000Z-abc", "k", CONFIGS)
+    facts = Facts({("content", meta_path(s)): None, ("file", "/srv/hello/current"): {"type": "dir"},
+                   ("file", "/srv/hello/current/.provision"): None})
     cmds = step.plan(facts, set()).commands
     assert cmds[0] == "mv -T /srv/hello/current /srv/hello/releases/20260101T000000Z-legacy"
 

@@ -53,7 +53,7 @@ def test_template_vars_include_own_vars():
     s = build(var_region="fra1")
     v = s.template_vars()
     assert v["region"] == "fra1" and v["upstream_file"] == "/etc/nginx/provision/hello.upstream"
-    assert s.socket("b") == "/run/hello/b/gunicorn.sock"
+    assert s.socket("b") == "/run/provision/hello/b.sock"
 
 
 def test_proxy_credentials_are_secrets_and_never_in_messages():

@@ -8,7 +8,7 @@ import pytest
 
 from provision import config as cfg
 from provision.errors import ProvisionError
-from provision.release import Prune, Switch, live_slot, rollback_target
+from provision.release import WANTS, Prune, Switch, live_slot, rollback_target
 from provision.steps import Facts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,11 +23,13 @@ def link(target):
 
 def host(live="a", a="r1", b=None, a_state=UP, b_state=DOWN, current="r1", releases=("r1",)):
     return Facts({
-        ("content", S.upstream_file): f"server unix:/run/hello/{live}/gunicorn.sock fail_timeout=0;\n" if live else None,
+        ("content", S.upstream_file): f"server unix:/run/provision/hello/{live}.sock fail_timeout=0;\n" if live else None,
         ("file", "/srv/hello/current"): link(f"releases/{current}") if current else None,
         ("file", "/srv/hello/slots/a"): link(f"../releases/{a}") if a else None,
         ("file", "/srv/hello/slots/b"): link(f"../releases/{b}") if b else None,
         ("service", "hello@a"): a_state, ("service", "hello@b"): b_state,
+        ("file", f"{WANTS}/hello@a.service"): link("/etc/systemd/system/hello@a.service") if a_state == UP else None,
+        ("file", f"{WANTS}/hello@b.service"): link("/etc/systemd/system/hello@b.service") if b_state == UP else None,
         ("ls", "/srv/hello/releases"): list(releases),
     })
 
@@ -54,16 +56,18 @@ def test_new_release_goes_to_the_idle_slot():
 
 def test_fresh_host_starts_slot_a_with_a_daemon_reload():
     fresh = host(live=None, a=None, current=None, a_state=None, b_state=None)
-    args = switch_args(Switch(S, lambda f: "r1").plan(fresh, set()))
+    args = switch_args(Switch(S, lambda f: "r1").plan(fresh, {"unit"}))
     assert (args["slot"], args["old"], args["daemon_reload"]) == ("a", "", True)
+    assert args["socket"] == "/run/provision/hello/a.sock" and args["upstream"] == S.upstream_file
 
 
-def test_config_changes_or_a_dead_instance_switch_too():
-    assert switch_args(Switch(S, lambda f: "r1").plan(host(), {"gunicorn-conf"}))["slot"] == "b"
-    assert switch_args(Switch(S, lambda f: "r1").plan(host(), {"unit"}))["daemon_reload"] is True
+def test_a_new_socket_unit_or_a_dead_instance_switch_too():
+    # a changed unit or gunicorn config is a new release: the release step decides, not tags
+    assert Switch(S, lambda f: "r1").plan(host(), {"unit"}) is None
+    assert switch_args(Switch(S, lambda f: "r1").plan(host(), {"socket", "unit"}))["slot"] == "b"
     assert switch_args(Switch(S, lambda f: "r1").plan(host(a_state=DOWN), set()))["slot"] == "b"
-    # rollbacks do not restart on config tags
-    assert Switch(S, lambda f: "r1", restart_on=()).plan(host(), {"unit"}) is None
+    # rollbacks do not restart on tags
+    assert Switch(S, lambda f: "r1", restart_on=()).plan(host(), {"socket"}) is None
 
 
 def test_interrupted_switch_is_repaired_without_a_restart():
@@ -73,7 +77,15 @@ def test_interrupted_switch_is_repaired_without_a_restart():
     assert change.summary == "repair"
     assert change.commands == ["ln -sfn releases/r2 /srv/hello/current.provision-tmp",
                                "mv -Tf /srv/hello/current.provision-tmp /srv/hello/current",
-                               "systemctl disable --quiet --now hello@a"]
+                               f"rm -f {WANTS}/hello@a.service /etc/systemd/system/sockets.target.wants/hello@a.socket",
+                               "systemctl stop hello@a.socket hello@a.service"]
+
+
+def test_an_idle_slot_that_systemd_still_thinks_enabled_needs_no_repair():
+    # the switch removes the old slot's boot link without a daemon reload: systemd's own
+    # "enabled" lags; the link on disk decides
+    facts = host(live="b", a="r1", b="r2", a_state=dict(DOWN, enabled=True), b_state=UP, current="r2")
+    assert Switch(S, lambda f: "r2").plan(facts, set()) is None
 
 
 def test_prune_keeps_newest_and_never_the_live_or_previous():

@@ -19,9 +19,10 @@ def test_project_templates_render():
     assert "server_name example.com www.example.com;" in site and "default_server" not in site
     assert "include /etc/nginx/provision/hello.upstream;" in site
     unit = render(ROOT / "templates", "app@.service.j2", v)
-    assert ("ExecStart=/srv/hello/slots/%i/.venv/bin/gunicorn --config /srv/hello/gunicorn.conf.py "
-            "--chdir /srv/hello/slots/%i --bind unix:/run/hello/%i/gunicorn.sock") in unit
-    assert "User=hello" in unit and "RuntimeDirectory=hello/%i" in unit
+    assert ("ExecStart=/srv/hello/slots/%i/.venv/bin/gunicorn --config /srv/hello/slots/%i/.provision/gunicorn.conf.py "
+            "--chdir /srv/hello/slots/%i\n") in unit
+    assert "Requires=hello@%i.socket" in unit
+    assert "User=hello" in unit
     conf = render(ROOT / "templates", "gunicorn.conf.py.j2", v)
     compile(conf, "gunicorn.conf.py", "exec")
     assert 'wsgi_app = "app:app"' in conf and "workers = 2" in conf

@@ -151,7 +151,7 @@ def deployer() -> str:
 def lock_for(s: cfg.Settings, action: str, release: str, break_lock: bool) -> Lock:
     holder = {"user": getpass.getuser(), "machine": socket.gethostname(), "action": action, "release": release,
               "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    return Lock(f"/run/lock/provision-{s.name}.lock", holder, break_lock)
+    return Lock(s.name, holder, break_lock)
 
 
 @guarded

@@ -18,10 +18,10 @@ from .steps import Planned
 PRELUDE = """\
 set -u -o pipefail
 export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-__log=$(mktemp)
-trap 'rm -f "$__log"*' EXIT
+__log=$(mktemp -d)/step
+trap 'rm -rf "${__log%/step}"' EXIT
 declare -A __bgpid=() __bgt0=()
-__run() { ( exec 9>&-; set -eE; trap 'echo "@@command: ${BASH_COMMAND%%$'"'"'\n'"'"'*}" >&2' ERR; "s$1" ); }
+__run() { ( set -eE; trap 'echo "@@command: ${BASH_COMMAND%%$'"'"'\n'"'"'*}" >&2' ERR; "s$1" ); }
 # The client went away (Ctrl-C, dropped connection, killed): let running steps
 # finish, so the host is left with complete states only, then stop.
 trap 'wait; exit 141' PIPE HUP TERM
@@ -42,61 +42,70 @@ __join() {
 """
 
 
+# The deploy lock is a transient systemd scope named after the app: the script moves itself
+# into it, and systemd refuses a second one while any process of the first is alive. Only root
+# can make scopes, so no one else can hold or forge the lock; every process a deploy starts
+# (background steps included) is in it, so --break-lock stops exactly a real deploy, and the
+# lock ends when the last of them does. Who holds it is written beside it, readable by root only.
 LOCK = """\
-__lock={path}
-exec 9>>"$__lock"
-if ! flock -n 9; then
-  __holder=$(cat "$__lock.holder" 2>/dev/null)
-  __hpid=$(printf '%s' "$__holder" | sed -n 's/.*"pid": *\\([0-9]*\\).*/\\1/p')
-  if [ {break_lock} = 1 ] && [ -n "$__hpid" ]; then
-    python3 -c {kill_tree} "$__hpid"; flock -w 60 9 || {{ echo "@@locked $__holder"; exit 75; }}
-    echo "@@broken $__holder"
-  elif [ -n "$__hpid" ] && [ "$(cut -d' ' -f4 /proc/$__hpid/stat 2>/dev/null)" = 1 ]; then
-    # its client is gone: it stops after its current step
-    flock -w 300 9 || {{ echo "@@locked $__holder"; exit 75; }}
-    echo "@@waited $__holder"; exit 76  # the host changed meanwhile: gather facts again
-  else echo "@@locked $__holder"; exit 75; fi
-elif [ -s "$__lock.holder" ]; then echo "@@stale $(cat "$__lock.holder")"; fi
-printf '%s\\n' {holder} | sed "s/\\"pid\\": 0/\\"pid\\": $$/" > "$__lock.holder"
-trap 'rm -f "$__log"* "$__lock.holder"' EXIT
-"""
-
-
-# --break-lock: stop a stuck holder and everything it started (TERM, then KILL).
-KILL_TREE = r"""
-import os,signal,sys,time
-def kids(p):
-    out=[]
-    for t in os.listdir('/proc/%s/task'%p) if os.path.exists('/proc/%s'%p) else []:
-        try: out+=open('/proc/%s/task/%s/children'%(p,t)).read().split()
-        except OSError: pass
-    return out
-def tree(p):
-    out=[p]
-    for k in kids(p): out+=tree(k)
-    return out
-pids=tree(sys.argv[1])
-for sig in (signal.SIGTERM,signal.SIGKILL):
-    for p in reversed(pids):
-        try: os.kill(int(p),sig)
-        except OSError: pass
-    end=time.time()+5
-    while time.time()<end and any(os.path.exists('/proc/%s'%p) for p in pids): time.sleep(0.05)
+__unit={unit}
+__holder={holder}
+__scope() {{
+  busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager \\
+    StartTransientUnit 'ssa(sv)a(sa(sv))' "$__unit" fail 2 PIDs au 1 $$ CollectMode s inactive-or-failed 0 \\
+    >/dev/null 2>&1
+}}
+__until_gone() {{  # seconds
+  local i; for i in $(seq $(($1 * 20))); do systemctl is-active --quiet "$__unit" || return 0; sleep 0.05; done
+  return 1
+}}
+umask 077; mkdir -p /run/provision; chmod 755 /run/provision
+if ! __scope; then
+  for __i in $(seq 20); do  # a holder that just started writes its name at once
+    __h=$(cat "$__holder" 2>/dev/null); [ -n "$__h" ] && break; sleep 0.05
+  done
+  __hpid=$(printf '%s' "$__h" | sed -n 's/.*"pid": *\\([0-9]*\\).*/\\1/p')
+  if [ {break_lock} = 1 ]; then
+    systemctl kill --signal=SIGTERM "$__unit" 2>/dev/null; __until_gone 10 || {{
+      systemctl kill --signal=SIGKILL "$__unit" 2>/dev/null; __until_gone 10; }}
+    __scope || {{ echo "@@locked $__h"; exit 75; }}
+    echo "@@broken $__h"
+  elif [ -n "$__hpid" ] && grep -qs "/$__unit\\$" /proc/$__hpid/cgroup \\
+       && [ "$(cut -d' ' -f4 /proc/$__hpid/stat 2>/dev/null)" != 1 ]; then
+    echo "@@locked $__h"; exit 75  # a deploy whose client is connected
+  else
+    # its client is gone, or it was killed: what it started finishes its step, then the lock ends
+    __until_gone 300 || {{ echo "@@locked $__h"; exit 75; }}
+    echo "@@waited $__h"; exit 76  # the host changed meanwhile: gather facts again
+  fi
+elif [ -s "$__holder" ]; then echo "@@stale $(cat "$__holder")"; fi
+for __i in $(seq 100); do grep -qs "/$__unit\\$" /proc/$$/cgroup && break; sleep 0.01; done
+printf '%s\\n' {holder_json} | sed "s/\\"pid\\": 0/\\"pid\\": $$/" > "$__holder"
+umask 022
+trap 'rm -rf "${{__log%/step}}" "$__holder"' EXIT
 """
 
 
 @dataclass
 class Lock:
-    """A deploy lock on the host: flock held by the apply script, with who holds it beside it."""
+    """A deploy lock on the host (see LOCK), with who holds it."""
 
-    path: str
+    app: str
     holder: dict
     break_lock: bool = False
 
+    @property
+    def unit(self) -> str:
+        return f"provision-deploy-{self.app}.scope"
+
+    @property
+    def holder_path(self) -> str:
+        return f"/run/provision/{self.app}.deploy"
+
     def script(self) -> str:
         holder = json.dumps(dict(self.holder, pid=0), sort_keys=True)
-        return LOCK.format(path=shlex.quote(self.path), holder=shlex.quote(holder),
-                           break_lock=int(self.break_lock), kill_tree=shlex.quote(KILL_TREE))
+        return LOCK.format(unit=shlex.quote(self.unit), holder=shlex.quote(self.holder_path),
+                           holder_json=shlex.quote(holder), break_lock=int(self.break_lock))
 
 
 def build_script(planned: list[Planned], env: dict[str, str] | None = None, lock: Lock | None = None) -> str:

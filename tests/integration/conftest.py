@@ -42,13 +42,17 @@ class Host:
         return subprocess.run([FAB, *args], cwd=ROOT, env=self.env(**(env or {})), capture_output=True, text=True,
                               timeout=timeout)
 
-    def sh(self, command: str) -> str:
-        """Run a command on the droplet over SSH; returns stdout, fails on non-zero exit."""
+    def run(self, command: str) -> tuple[int, str, str]:
+        """Run a command on the droplet as root over SSH: (rc, stdout, stderr)."""
         remote = connect(self.address, "root", 22, str(self.sandbox.key), str(self.sandbox.known_hosts))
         try:
-            rc, out, err = remote.exec(command, timeout=120)
+            return remote.exec(command, timeout=120)
         finally:
             remote.conn.close()
+
+    def sh(self, command: str) -> str:
+        """Run a command on the droplet over SSH; returns stdout, fails on non-zero exit."""
+        rc, out, err = self.run(command)
         assert rc == 0, f"`{command}` failed ({rc}): {err}"
         return out
 

@@ -7,13 +7,13 @@ input never leaves a half-changed host.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import shlex
 import os
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,46 +208,44 @@ def run_apply(c, project: Path, flags: dict, *, mode: str = "deploy", dry_run: b
     return results
 
 
+def check_hosts(work: list[Job], connector) -> list["CheckHost"]:
+    """The hosts `fab check` runs on, by alias: each with its app settings (the `app` fixture) and
+    a way to connect (``connector(job)``, called only when a check needs the host)."""
+    from .checks.plugin import CheckHost  # pytest and testinfra: only `fab check` needs them
+
+    out = []
+    for job in work:
+        t, s = job.target, job.settings
+        settings = {"name": s.name, "root": s.root, "user": s.user, "server_name": s.server_name,
+                    "health_path": s.health_path}
+        out.append(CheckHost(t.alias, settings, functools.partial(connector, job), sudo=t.user != "root"))
+    return out
+
+
 @guarded
 def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = None) -> int:
-    import pytest
+    """Every host reachable with a known key first (in parallel, one line per problem); then the
+    checks, over connections that check the host key again: they never go through testinfra's."""
+    from .checks.plugin import CheckHosts, main
 
     if not first_call(c):
         return 0
     work = jobs(c, project, flags)
+    printer = Printer()
 
-    def verify(job: Job) -> HostResult:  # host keys are ours to check: testinfra accepts any
+    def verify(job: Job) -> HostResult:
         _connect(job, c).conn.close()
         return HostResult(job.target.alias)
 
-    _exit_for_failures(run_fleet(work, lambda j: j.target.alias, verify), Printer())
-    by_alias = {}
-    lines = []
-    for job in work:
-        t, s = job.target, job.settings
-        by_alias[t.alias] = {
-            "name": s.name, "root": s.root, "user": s.user, "server_name": s.server_name,
-            "health_path": s.health_path,
-        }
-        lines += [f"Host {t.alias}", f"  HostName {t.host}", f"  User {t.user}", f"  Port {t.port}"]
-        if t.key:
-            lines.append(f"  IdentityFile {t.key}")
-    checks_pkg = Path(__file__).parent / "checks"
-    paths = [str(checks_pkg)]
-    user_dirs = sorted({str(j.settings.checks) for j in work if j.settings.checks.is_dir()})
-    paths += user_dirs
-    with tempfile.TemporaryDirectory(prefix="provision-check-") as tmp:
-        ssh_config = Path(tmp) / "ssh_config"
-        ssh_config.write_text("\n".join(lines) + "\n")
-        os.environ["PROVISION_CHECK_SETTINGS"] = json.dumps(by_alias)
-        hosts = ",".join(f"paramiko://{j.target.alias}" for j in work)
-        sudo = ["--sudo"] if any(j.target.user != "root" for j in work) else []
-        args = [*paths, f"--hosts={hosts}", f"--ssh-config={ssh_config}", "-c", str(checks_pkg / "pytest.ini"),
-                f"--rootdir={project}", "-p", "no:cacheprovider", "-p", "provision.checks.plugin",
-                "-v", "--no-header", "--tb=short", "-W", "ignore::UserWarning", *sudo, *(extra_args or [])]
-        code = pytest.main(args)
+    _exit_for_failures(run_fleet(work, lambda j: j.target.alias, verify), printer)
+    paths = [str(Path(__file__).parent / "checks")]
+    paths += sorted({str(j.settings.checks) for j in work if j.settings.checks.is_dir()})
+    hosts = CheckHosts(check_hosts(work, lambda job: _connect(job, c)))
+    code = main(hosts, paths, project, extra_args)
+    _exit_for_failures([HostResult(alias, error=str(e), code=e.code) for alias, e in hosts.errors().items()],
+                       printer)
     if code != 0:
-        raise Exit(code=int(code))
+        raise Exit(code=code)
     return 0
 
 

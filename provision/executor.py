@@ -139,12 +139,13 @@ def connect(host: str, user: str, port: int, key: str | None, known_hosts: str |
                                  "`known_hosts` setting")
     conn.client.set_missing_host_key_policy(HostKeyPolicy(record_to, accept_new_host_key))
     where = f"{user}@{host}:{port}"
+    known_as = host if port == 22 else f"[{host}]:{port}"  # as known_hosts files name it
     try:
         conn.open()
     except paramiko.BadHostKeyException as e:
         raise ProvisionError(f"{label}: host key of {host} has CHANGED (now {fingerprint(e.key)}); refusing to "
                              f"connect: this may be an attack. If the host was rebuilt, remove the old key with "
-                             f"`ssh-keygen -R {host} -f {record_to}` and retry with --accept-new-host-key")
+                             f"`ssh-keygen -R {shlex.quote(known_as)} -f {record_to}` and retry with --accept-new-host-key")
     except UnknownHostKey as e:
         raise ProvisionError(f"{label}: host key of {host} is unknown ({fingerprint(e.key)}); check that "
                              f"fingerprint, then retry with --accept-new-host-key to record it in {record_to}")

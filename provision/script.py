@@ -55,12 +55,24 @@ __scope() {{
     StartTransientUnit 'ssa(sv)a(sa(sv))' "$__unit" fail 2 PIDs au 1 $$ CollectMode s inactive-or-failed 0 \\
     >/dev/null 2>&1
 }}
+__empty() {{  # no process left: where cgroup notifications get lost, an empty scope can stay "active"
+  local cg f; cg=$(systemctl show -p ControlGroup --value "$__unit" 2>/dev/null)
+  [ -n "$cg" ] || return 0
+  for f in /sys/fs/cgroup$cg/cgroup.events /sys/fs/cgroup/unified$cg/cgroup.events; do
+    [ -r "$f" ] && {{ grep -qx 'populated 0' "$f"; return; }}
+  done
+  return 1
+}}
 __until_gone() {{  # seconds
-  local i; for i in $(seq $(($1 * 20))); do systemctl is-active --quiet "$__unit" || return 0; sleep 0.05; done
+  local i; for i in $(seq $(($1 * 20))); do
+    systemctl is-active --quiet "$__unit" || return 0
+    __empty && {{ systemctl stop "$__unit" 2>/dev/null; return 0; }}
+    sleep 0.05
+  done
   return 1
 }}
 umask 077; mkdir -p /run/provision; chmod 755 /run/provision
-if ! __scope; then
+if ! __scope && ! {{ __empty && __until_gone 1 && __scope; }}; then
   for __i in $(seq 20); do  # a holder that just started writes its name at once
     __h=$(cat "$__holder" 2>/dev/null); [ -n "$__h" ] && break; sleep 0.05
   done
@@ -70,8 +82,8 @@ if ! __scope; then
       systemctl kill --signal=SIGKILL "$__unit" 2>/dev/null; __until_gone 10; }}
     __scope || {{ echo "@@locked $__h"; exit 75; }}
     echo "@@broken $__h"
-  elif [ -n "$__hpid" ] && grep -qs "/$__unit\\$" /proc/$__hpid/cgroup \\
-       && [ "$(cut -d' ' -f4 /proc/$__hpid/stat 2>/dev/null)" != 1 ]; then
+  elif [ -z "$__hpid" ] || {{ grep -qs "/$__unit\\$" /proc/$__hpid/cgroup \\
+       && [ "$(cut -d' ' -f4 /proc/$__hpid/stat 2>/dev/null)" != 1 ]; }}; then
     echo "@@locked $__h"; exit 75  # a deploy whose client is connected
   else
     # its client is gone, or it was killed: what it started finishes its step, then the lock ends

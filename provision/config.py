@@ -37,7 +37,8 @@ DEFAULTS: dict = {
 }
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
-WSGI_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*(\(.*\))?$")
+# module:callable or module:factory(); the module a dotted path of identifiers
+WSGI_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\(\))?", re.ASCII)
 SERVER_NAME_RE = re.compile(r"^(_|[A-Za-z0-9*.-]+( [A-Za-z0-9*.-]+)*)$")
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
 PROXY_RE = re.compile(r"^https?://(?:(?P<user>[^\s/:@]+)(?::(?P<password>[^\s/@]*))?@)?[^\s/@:]+(:\d+)?/?$")
@@ -153,8 +154,9 @@ def build(raw: dict, base_dir: Path) -> Settings:
     if not req.is_file():
         raise _bad("requirements", v["requirements"], f"no such file {req}; create it or set app.requirements")
     wsgi = str(v["wsgi"])
-    if not WSGI_RE.match(wsgi):
-        raise _bad("wsgi", wsgi, "expected module:callable, e.g. app:app or mysite.wsgi:application")
+    if not WSGI_RE.fullmatch(wsgi):
+        raise _bad("wsgi", wsgi, "expected module:callable or module:factory(), e.g. app:app, "
+                   "mysite.wsgi:application or app:create_app()")
     server_name = str(v["server_name"]).strip()
     if not SERVER_NAME_RE.match(server_name):
         raise _bad("server_name", server_name, "expected host names separated by spaces, or _ for any")

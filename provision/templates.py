@@ -14,12 +14,15 @@ from .errors import ProvisionError
 @functools.lru_cache(maxsize=None)
 def _environment(templates_dir: Path) -> jinja2.Environment:
     # One per folder: each template compiles once per run, however many hosts render it.
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+    # `{{ value | pyrepr }}`: a Python literal of the value, for Python configs: data, never code.
+    env.filters["pyrepr"] = repr
+    return env
 
 
 def render(templates_dir: Path, name: str, variables: dict) -> str:

@@ -49,6 +49,20 @@ def test_invalid_settings_give_one_clear_line(over, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("wsgi", ["app:app", "mysite.wsgi:application", "app:create_app()", "_a.b_2:_f"])
+def test_wsgi_module_callable_or_factory(wsgi):
+    assert build(wsgi=wsgi).wsgi == wsgi
+
+
+@pytest.mark.parametrize("wsgi", [
+    'app:f("+str(__import__("os").system("id"))+")', "app:create_app(1)", "app:f()()", "app:app()x",
+    "app.:app", "a..b:app", ".app:app", "app:a.b", "1app:app", "app:app\n", "app:ａpp",
+])
+def test_wsgi_anything_else_is_refused(wsgi):
+    with pytest.raises(ProvisionError, match="app.wsgi"):
+        build(wsgi=wsgi)
+
+
 def test_template_vars_include_own_vars():
     s = build(var_region="fra1")
     v = s.template_vars()

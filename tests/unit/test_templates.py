@@ -1,3 +1,4 @@
+import ast
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,14 @@ def test_project_templates_render():
     assert "User=hello" in unit and "RuntimeDirectory=hello/%i" in unit
     conf = render(ROOT / "templates", "gunicorn.conf.py.j2", v)
     compile(conf, "gunicorn.conf.py", "exec")
-    assert 'wsgi_app = "app:app"' in conf and "workers = 2" in conf
+    assert "wsgi_app = 'app:app'" in conf and "workers = 2" in conf
+
+
+def test_wsgi_is_rendered_as_a_string_literal():
+    wsgi = 'app:f("+str(__import__("os").system("id"))+"\')\\'
+    conf = render(ROOT / "templates", "gunicorn.conf.py.j2", dict(settings().template_vars(), wsgi=wsgi))
+    assigned = {n.targets[0].id: n.value for n in ast.parse(conf).body if isinstance(n, ast.Assign)}
+    assert isinstance(assigned["wsgi_app"], ast.Constant) and assigned["wsgi_app"].value == wsgi
 
 
 def test_undefined_variable_fails_with_one_line(tmp_path):

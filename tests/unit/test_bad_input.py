@@ -1,0 +1,76 @@
+"""Mistakes a user can make, through the real `fab` command line.
+
+Each stops with one line on stderr naming the problem and the fix, exit code 2,
+no traceback, before any connection: HOST is a documentation address (RFC 5737)
+that nothing answers, so a regression can never touch a real host.
+Secrets never show in what `fab` prints.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FAB = Path(sys.executable).parent / "fab"
+HOST = "root@192.0.2.1"
+WSGI_INJECTION = 'app:f("+str(__import__("os").system("id"))+")'
+# A task only these tests add to their copy of the fabfile: the settings a deploy would use.
+SHOW_SETTINGS = '''
+
+@task
+def show_settings(c):
+    for job in cli.jobs(c, PROJECT, {}):
+        s = job.settings
+        print(repr({"packages": s.packages, "linked_dirs": s.linked_dirs, "workers": s.workers, "extra": s.extra}))
+
+
+ns.add_task(show_settings)
+'''
+
+
+@pytest.fixture
+def project(tmp_path):
+    shutil.copy(ROOT / "fabfile.py", tmp_path)
+    shutil.copy(ROOT / "fabric.yaml", tmp_path)
+    shutil.copytree(ROOT / "examples/hello", tmp_path / "examples/hello")
+    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    with open(tmp_path / "fabfile.py", "a") as fh:
+        fh.write(SHOW_SETTINGS)
+    return tmp_path
+
+
+def fab(project, *args, **env):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FABRIC_")}
+    environ.update(env)
+    return subprocess.run([str(FAB), *args], cwd=project, env=environ, capture_output=True, text=True, timeout=60)
+
+
+def app_yaml(project, text):
+    """fabric.yaml with ``text`` added under ``app:``."""
+    (project / "fabric.yaml").write_text((project / "fabric.yaml").read_text()
+                                         + "".join(f"  {line}\n" for line in text.splitlines()))
+
+
+def one_line_error(res, *words) -> str:
+    assert "Traceback" not in res.stdout + res.stderr, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    for w in words:
+        assert w in lines[0]
+    return lines[0]
+
+
+def shown_settings(res) -> dict:
+    assert res.returncode == 0, res.stderr
+    return eval(res.stdout)
+
+
+# -- 1, 2: validation --------------------------------------------------------
+def test_wsgi_that_is_code_is_refused(project):
+    app_yaml(project, f"wsgi: '{WSGI_INJECTION}'")
+    one_line_error(fab(project, "-H", HOST, "deploy"), "app.wsgi", "module:callable")

@@ -36,12 +36,14 @@ DEFAULTS: dict = {
     "graceful_timeout": 30,
 }
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
+# Each used with fullmatch: the whole value must match (no trailing newline).
+NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 # module:callable or module:factory(); the module a dotted path of identifiers
 WSGI_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\(\))?", re.ASCII)
-SERVER_NAME_RE = re.compile(r"^(_|[A-Za-z0-9*.-]+( [A-Za-z0-9*.-]+)*)$")
-PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
-PROXY_RE = re.compile(r"^https?://(?:(?P<user>[^\s/:@]+)(?::(?P<password>[^\s/@]*))?@)?[^\s/@:]+(:\d+)?/?$")
+SERVER_NAME_RE = re.compile(r"_|[A-Za-z0-9*.-]+( [A-Za-z0-9*.-]+)*")
+PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]*")
+PATH_RE = re.compile(r"[\w./-]+")
+PROXY_RE = re.compile(r"https?://(?:(?P<user>[^\s/:@]+)(?::(?P<password>[^\s/@]*))?@)?[^\s/@:]+(:\d+)?/?")
 SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
 MASK = "****"
 
@@ -78,7 +80,7 @@ class Settings:
     def secrets(self) -> tuple[str, ...]:
         """Values never to print: the proxy password, template vars named like secrets."""
         out = []
-        m = PROXY_RE.match(self.proxy) if self.proxy else None
+        m = PROXY_RE.fullmatch(self.proxy) if self.proxy else None
         if m and m.group("password"):
             out.append(m.group("password"))
         out += [str(v) for k, v in self.extra.items() if SECRET_VAR_RE.search(k) and str(v)]
@@ -145,7 +147,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
     v = dict(DEFAULTS)
     v.update({k: raw[k] for k in raw if k in DEFAULTS and raw[k] is not None})
     name = str(v["name"])
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise _bad("name", name, "use lowercase letters, digits, '-' or '_', starting with a letter (max 31)")
     source = (base_dir / str(v["source"])).resolve()
     if not source.is_dir():
@@ -158,17 +160,17 @@ def build(raw: dict, base_dir: Path) -> Settings:
         raise _bad("wsgi", wsgi, "expected module:callable or module:factory(), e.g. app:app, "
                    "mysite.wsgi:application or app:create_app()")
     server_name = str(v["server_name"]).strip()
-    if not SERVER_NAME_RE.match(server_name):
+    if not SERVER_NAME_RE.fullmatch(server_name):
         raise _bad("server_name", server_name, "expected host names separated by spaces, or _ for any")
     health = str(v["health_path"])
     if not health.startswith("/") or any(c.isspace() for c in health):
         raise _bad("health_path", health, "expected a URL path starting with /")
     packages = _list(v["packages"])
     for p in packages:
-        if not PACKAGE_RE.match(p):
+        if not PACKAGE_RE.fullmatch(p):
             raise _bad("packages", p, "not a Debian package name")
     proxy = str(v["proxy"] or "")
-    if proxy and not PROXY_RE.match(proxy):
+    if proxy and not PROXY_RE.fullmatch(proxy):
         raise _bad("proxy", mask_url(proxy), "expected http://[USER:PASSWORD@]HOST:PORT")
     ca = str(v["ca_bundle"] or "")
     ca_path = None
@@ -180,10 +182,10 @@ def build(raw: dict, base_dir: Path) -> Settings:
     for key in ("linked_files", "linked_dirs"):
         linked[key] = tuple(_list(v[key]))
         for rel in linked[key]:
-            if rel.startswith("/") or ".." in rel.split("/") or not re.match(r"^[\w./-]+$", rel):
+            if rel.startswith("/") or ".." in rel.split("/") or not PATH_RE.fullmatch(rel):
                 raise _bad(key, rel, "expected a path inside the release, like .env or log")
     python = str(v["python"])
-    if not re.match(r"^[\w./-]+$", python):
+    if not PATH_RE.fullmatch(python):
         raise _bad("python", python, "expected an interpreter name or path, e.g. python3")
     return Settings(
         name=name,

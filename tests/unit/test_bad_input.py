@@ -74,3 +74,7 @@ def shown_settings(res) -> dict:
 def test_wsgi_that_is_code_is_refused(project):
     app_yaml(project, f"wsgi: '{WSGI_INJECTION}'")
     one_line_error(fab(project, "-H", HOST, "deploy"), "app.wsgi", "module:callable")
+
+
+def test_name_with_trailing_newline_is_refused(project):
+    one_line_error(fab(project, "-H", HOST, "deploy", FABRIC_APP_NAME="hello\n"), "app.name")

@@ -49,6 +49,15 @@ def test_invalid_settings_give_one_clear_line(over, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("key,value", [
+    ("name", "hello\n"), ("packages", ["curl\n"]), ("proxy", "http://proxy:3128\n"), ("linked_files", [".env\n"]),
+    ("python", "python3\n"), ("wsgi", "app:app\n"),
+])
+def test_validation_matches_the_whole_value(key, value):
+    with pytest.raises(ProvisionError, match=f"app.{key}"):
+        build(**{key: value})
+
+
 @pytest.mark.parametrize("wsgi", ["app:app", "mysite.wsgi:application", "app:create_app()", "_a.b_2:_f"])
 def test_wsgi_module_callable_or_factory(wsgi):
     assert build(wsgi=wsgi).wsgi == wsgi

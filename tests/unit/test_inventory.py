@@ -70,6 +70,12 @@ def test_bad_selections(inv, selection, message):
         inv.resolve(selection)
 
 
+@pytest.mark.parametrize("item", ["web1.example.com\n", "deploy@web1.example.com\n", "web1.example.com:22\n"])
+def test_addresses_match_whole(inv, item):
+    with pytest.raises(ProvisionError, match="cannot read host"):
+        inv._direct(item, "root", 22)
+
+
 @pytest.mark.parametrize("text,message", [
     ("[web\nweb1", "malformed section header"),
     ("[web:vars]\njust-a-word", "malformed variable"),

@@ -15,10 +15,13 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from invoke import Exit
+from invoke.config import AmbiguousMergeError
+from invoke.util import yaml
 
 from . import config as cfg
 from .app import deploy_steps, provision_steps, proxy_env, rollback_steps
@@ -142,6 +145,43 @@ def guarded(fn):
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def config_error(error: BaseException, tb) -> str | None:
+    """The one line for an error invoke raises while it reads its configuration, else None.
+
+    Invoke reads fabric.yaml and FABRIC_* variables after importing the fabfile but
+    before any task runs, so `guarded` cannot catch what goes wrong there."""
+    if isinstance(error, yaml.YAMLError):
+        mark = getattr(error, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}" if mark else "a config file"
+        problem = getattr(error, "problem", None) or str(error)
+        return f"{where}: {' '.join(problem.split())}; fix the YAML"
+    if isinstance(error, AmbiguousMergeError):  # its message holds whole config sections: not shown
+        return ("a config file (fabric.yaml) gives a list or a single value where a mapping is expected, "
+                "or the reverse; fix the YAML")
+    if any(frame.f_globals.get("__name__") == "invoke.env" for frame, _ in traceback.walk_tb(tb)):
+        names = ", ".join(sorted(k for k in os.environ if k.startswith("FABRIC_")))
+        return (f"cannot use the FABRIC_* environment variables ({names}): {' '.join(str(error).split())}; "
+                "unset the wrong one, or set its value in fabric.yaml")
+    return None
+
+
+def _excepthook(kind, error, tb) -> None:
+    """Errors of `config_error` end the process with one line and exit code 2; others as usual.
+
+    A hook returning leaves the process with code 1, so this one exits itself (os._exit,
+    after flushing): no task has run, nothing is left to clean up."""
+    message = config_error(error, tb)
+    if message is None:
+        return sys.__excepthook__(kind, error, tb)
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
+# `fab` imports the fabfile, and so this module, before it reads fabric.yaml and FABRIC_* variables.
+sys.excepthook = _excepthook
 
 
 def deployer() -> str:

@@ -78,3 +78,20 @@ def test_wsgi_that_is_code_is_refused(project):
 
 def test_name_with_trailing_newline_is_refused(project):
     one_line_error(fab(project, "-H", HOST, "deploy", FABRIC_APP_NAME="hello\n"), "app.name")
+
+
+# -- 3: one line instead of a traceback ----------------------------------------
+def test_invalid_yaml_names_the_file_and_line(project):
+    (project / "fabric.yaml").write_text("app:\n  name: hello\n  workers: [\n")
+    line = one_line_error(fab(project, "-H", HOST, "deploy"), "fabric.yaml", "line 4", "fix the YAML")
+    assert line.startswith("error: ")
+
+
+def test_fabric_variable_invoke_cannot_use(project):
+    one_line_error(fab(project, "-H", HOST, "deploy", FABRIC_PORT="abc"), "FABRIC_PORT", "unset")
+
+
+def test_config_value_of_the_wrong_shape(project):
+    with open(project / "fabric.yaml", "a") as fh:
+        fh.write("connect_kwargs: [1]\n")
+    one_line_error(fab(project, "-H", HOST, "deploy"), "mapping", "fix the YAML")

@@ -124,10 +124,14 @@ def _int(key: str, value, lo: int, hi: int) -> int:
     return n
 
 
-def _list(value) -> list[str]:
+def _list(key: str, value) -> list[str]:
+    """A list of strings; from the inventory or the environment, one string of items
+    separated by commas or spaces."""
     if isinstance(value, str):
         return [v for v in re.split(r"[,\s]+", value) if v]
-    return [str(v) for v in value or []]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _bad(key, value, "expected a list of strings, or one string of items separated by commas")
+    return list(value)
 
 
 # Vars that may appear in the app layer without being app settings: inventory
@@ -165,7 +169,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
     health = str(v["health_path"])
     if not health.startswith("/") or any(c.isspace() for c in health):
         raise _bad("health_path", health, "expected a URL path starting with /")
-    packages = _list(v["packages"])
+    packages = _list("packages", v["packages"])
     for p in packages:
         if not PACKAGE_RE.fullmatch(p):
             raise _bad("packages", p, "not a Debian package name")
@@ -180,7 +184,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
             raise _bad("ca_bundle", ca, f"no such file {ca_path}")
     linked = {}
     for key in ("linked_files", "linked_dirs"):
-        linked[key] = tuple(_list(v[key]))
+        linked[key] = tuple(_list(key, v[key]))
         for rel in linked[key]:
             if rel.startswith("/") or ".." in rel.split("/") or not PATH_RE.fullmatch(rel):
                 raise _bad(key, rel, "expected a path inside the release, like .env or log")

@@ -95,3 +95,14 @@ def test_config_value_of_the_wrong_shape(project):
     with open(project / "fabric.yaml", "a") as fh:
         fh.write("connect_kwargs: [1]\n")
     one_line_error(fab(project, "-H", HOST, "deploy"), "mapping", "fix the YAML")
+
+
+@pytest.mark.parametrize("setting,key", [
+    ("packages: 5", "app.packages"),
+    ("linked_files: 5", "app.linked_files"),
+    ("linked_dirs: 5", "app.linked_dirs"),
+    ("packages: [[1]]", "app.packages"),
+])
+def test_lists_of_the_wrong_type(project, setting, key):
+    app_yaml(project, setting)
+    one_line_error(fab(project, "-H", HOST, "deploy"), key, "list")

@@ -41,6 +41,10 @@ def test_strings_from_inventory_and_env_are_typed():
     ({"health_path": "health"}, "starting with /"),
     ({"proxy": "proxy:3128"}, "HOST:PORT"),
     ({"packages": ["ok", "Bad;rm"]}, "Debian package"),
+    ({"packages": 5}, "app.packages=5: expected a list"),
+    ({"packages": [[1]]}, "app.packages=.*expected a list"),
+    ({"linked_files": 5}, "app.linked_files=5: expected a list"),
+    ({"linked_dirs": {"log": 1}}, "app.linked_dirs=.*expected a list"),
     ({"colour": "blue"}, "unknown setting app.colour"),
 ])
 def test_invalid_settings_give_one_clear_line(over, message):

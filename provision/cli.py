@@ -85,12 +85,15 @@ def jobs(c, project: Path, flags: dict) -> list[Job]:
     key_flag = key_flag[0] if isinstance(key_flag, list) else key_flag
     targets = inv.resolve(selection(c), default_user=c.config.user or "root",
                           default_port=int(c.config.port or 22))
-    env_app = dict(getattr(c.config, "_env", {}).get("app", {}))
+    project_app = c.config.get("app") or {}
+    if not hasattr(project_app, "keys"):
+        raise ProvisionError(f"`app` in fabric.yaml must be a mapping of settings (name: value lines), "
+                             f"not a {type(project_app).__name__}; fix fabric.yaml")
     out = []
     for t in targets:
         if key_flag:
             t = Target(t.alias, t.host, t.user, t.port, key_flag, t.known_hosts, t.vars)
-        raw = cfg.layer(dict(c.config.app), env_app, t.vars, flags)
+        raw = cfg.layer({str(k): v for k, v in project_app.items()}, ENV_APP, t.vars, flags)
         out.append(Job(t, cfg.build(raw, project)))
     return out
 
@@ -182,6 +185,7 @@ def _excepthook(kind, error, tb) -> None:
 
 # `fab` imports the fabfile, and so this module, before it reads fabric.yaml and FABRIC_* variables.
 sys.excepthook = _excepthook
+ENV_APP = cfg.take_env()
 
 
 def deployer() -> str:

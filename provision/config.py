@@ -1,13 +1,14 @@
 """App settings: validated, typed, layered.
 
-Layers, lowest first: built-in defaults (the fabfile's collection config),
-the project's ``fabric.yaml`` (``app:``), inventory group and host vars,
-``FABRIC_APP_*`` environment variables, task flags.  Invoke does the file and
-environment layering; :func:`layer` slots the inventory in between.
+Layers, lowest first: built-in defaults (:data:`DEFAULTS`), the project's
+``fabric.yaml`` (``app:``, read by invoke), inventory group and host vars,
+``FABRIC_APP_*`` environment variables (read by :func:`take_env`), task flags.
+:func:`layer` merges them; :func:`build` fills in the defaults and validates.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -213,6 +214,19 @@ def build(raw: dict, base_dir: Path) -> Settings:
         graceful_timeout=_int("graceful_timeout", v["graceful_timeout"], 1, 3600),
         extra={k[4:]: raw[k] for k in raw if k.startswith("var_")},
     )
+
+
+ENV_PREFIX = "FABRIC_APP_"
+
+
+def take_env(environ=os.environ) -> dict[str, str]:
+    """Take the ``FABRIC_APP_<KEY>`` variables out of ``environ``, as ``{key: raw string}``
+    (keys in lower case; ``FABRIC_APP_VAR_<NAME>`` too, declared or not).
+
+    The tasks module calls this before invoke reads the environment: invoke would cast
+    them to the type of the config value and fail on lists, and ignore undeclared keys.
+    :func:`build` validates these strings like inventory vars (lists: comma-separated)."""
+    return {k[len(ENV_PREFIX):].lower(): environ.pop(k) for k in list(environ) if k.startswith(ENV_PREFIX)}
 
 
 def layer(config_app: dict, env_app: dict, host_vars: dict, flags: dict) -> dict:

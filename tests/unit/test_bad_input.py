@@ -106,3 +106,26 @@ def test_config_value_of_the_wrong_shape(project):
 def test_lists_of_the_wrong_type(project, setting, key):
     app_yaml(project, setting)
     one_line_error(fab(project, "-H", HOST, "deploy"), key, "list")
+
+
+def test_app_must_be_a_mapping(project):
+    (project / "fabric.yaml").write_text("app: [1, 2]\n")
+    one_line_error(fab(project, "-H", HOST, "deploy"), "`app` in fabric.yaml", "mapping")
+
+
+def test_settings_from_the_environment(project):
+    got = shown_settings(fab(project, "-H", HOST, "show-settings", FABRIC_APP_PACKAGES="curl",
+                             FABRIC_APP_LINKED_DIRS="log,data", FABRIC_APP_WORKERS="4",
+                             FABRIC_APP_VAR_REGION="fra1"))
+    assert got == {"packages": ("curl",), "linked_dirs": ("log", "data"), "workers": 4, "extra": {"region": "fra1"}}
+
+
+def test_settings_layers_env_over_inventory_over_yaml(project):
+    app_yaml(project, "packages: [git]\nworkers: 3")
+    (project / "inventory.ini").write_text("web1 host=192.0.2.1 workers=5 packages=vim\n")
+    got = shown_settings(fab(project, "-H", "web1", "show-settings", FABRIC_APP_WORKERS="6"))
+    assert got["packages"] == ("vim",) and got["workers"] == 6
+
+
+def test_bad_number_from_the_environment(project):
+    one_line_error(fab(project, "-H", HOST, "deploy", FABRIC_APP_WORKERS="abc"), "app.workers", "whole number")

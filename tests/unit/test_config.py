@@ -26,6 +26,12 @@ def test_layers_config_inventory_env_flags():
     assert raw["name"] == "from-env"
 
 
+def test_take_env_takes_the_fabric_app_variables():
+    env = {"FABRIC_APP_PACKAGES": "curl,git", "FABRIC_APP_VAR_API_TOKEN": "t", "FABRIC_PORT": "22", "HOME": "/root"}
+    assert cfg.take_env(env) == {"packages": "curl,git", "var_api_token": "t"}
+    assert env == {"FABRIC_PORT": "22", "HOME": "/root"}
+
+
 def test_strings_from_inventory_and_env_are_typed():
     s = build(workers="8", packages="libpq5, curl")
     assert s.workers == 8 and s.packages == ("libpq5", "curl")

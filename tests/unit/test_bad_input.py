@@ -129,3 +129,10 @@ def test_settings_layers_env_over_inventory_over_yaml(project):
 
 def test_bad_number_from_the_environment(project):
     one_line_error(fab(project, "-H", HOST, "deploy", FABRIC_APP_WORKERS="abc"), "app.workers", "whole number")
+
+
+def test_template_that_fails_while_rendering(project):
+    conf = project / "templates/gunicorn.conf.py.j2"
+    conf.write_text(conf.read_text() + "x = {{ workers / 0 }}\n")
+    line = one_line_error(fab(project, "-H", HOST, "deploy"), "gunicorn.conf.py.j2", "division by zero")
+    assert f":{len(conf.read_text().splitlines())}" in line

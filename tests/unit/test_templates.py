@@ -42,9 +42,23 @@ def test_undefined_variable_fails_with_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_undefined_in_an_included_template_names_its_line(tmp_path):
+    (tmp_path / "t.j2").write_text("{% include 'i.j2' %}\n")
+    (tmp_path / "i.j2").write_text("\n\n{{ workers.nope }}\n")
+    with pytest.raises(ProvisionError, match=r"i.j2:3: 'int object' has no attribute 'nope'"):
+        render(tmp_path, "t.j2", {"workers": 2})
+
+
 def test_missing_template_and_syntax_error(tmp_path):
     with pytest.raises(ProvisionError, match="not found"):
         render(tmp_path, "nope.j2", {})
     (tmp_path / "bad.j2").write_text("{% if %}")
     with pytest.raises(ProvisionError, match="bad.j2:1"):
         render(tmp_path, "bad.j2", {})
+
+
+def test_error_while_rendering_names_the_template_and_line(tmp_path):
+    (tmp_path / "t.j2").write_text("a\n{{ workers / 0 }}\n")
+    with pytest.raises(ProvisionError, match=r"t.j2:2: ZeroDivisionError: division by zero; fix the template") as e:
+        render(tmp_path, "t.j2", {"workers": 2})
+    assert "\n" not in str(e.value)

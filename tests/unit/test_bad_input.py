@@ -136,3 +136,26 @@ def test_template_that_fails_while_rendering(project):
     conf.write_text(conf.read_text() + "x = {{ workers / 0 }}\n")
     line = one_line_error(fab(project, "-H", HOST, "deploy"), "gunicorn.conf.py.j2", "division by zero")
     assert f":{len(conf.read_text().splitlines())}" in line
+
+
+def commit_all(path):
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "init"]):
+        subprocess.run(["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_dangling_symlink_in_the_source(project, tracked):
+    (project / "examples/hello/static").symlink_to("no/such/file")
+    if tracked:
+        commit_all(project)
+    one_line_error(fab(project, "-H", HOST, "deploy"), "static", "remove it or point it at a file inside the app")
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_file_name_that_is_not_utf8(project, tracked):
+    with open(os.path.join(os.fsencode(project / "examples/hello"), b"caf\xe9.txt"), "w") as fh:
+        fh.write("x")
+    if tracked:
+        commit_all(project)
+    one_line_error(fab(project, "-H", HOST, "deploy"), r"caf\xe9.txt", "rename")

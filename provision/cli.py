@@ -79,20 +79,25 @@ def selection(c) -> str:
     return host
 
 
-def jobs(c, project: Path, flags: dict) -> list[Job]:
+def targets(c, project: Path) -> list[Target]:
+    """The selected hosts (-H), from the inventory or as given."""
     inv = Inventory.load(inventory_paths(c, project))
+    return inv.resolve(selection(c), default_user=c.config.user or "root", default_port=c.config.port or 22)
+
+
+def jobs(c, project: Path, flags: dict) -> list[Job]:
     key_flag = (c.config.connect_kwargs.get("key_filename") or [None])
     key_flag = key_flag[0] if isinstance(key_flag, list) else key_flag
-    targets = inv.resolve(selection(c), default_user=c.config.user or "root",
-                          default_port=int(c.config.port or 22))
     project_app = c.config.get("app") or {}
     if not hasattr(project_app, "keys"):
         raise ProvisionError(f"`app` in fabric.yaml must be a mapping of settings (name: value lines), "
                              f"not a {type(project_app).__name__}; fix fabric.yaml")
     out = []
-    for t in targets:
+    for t in targets(c, project):
         if key_flag:
             t = Target(t.alias, t.host, t.user, t.port, key_flag, t.known_hosts, t.vars)
+        if t.key and not os.path.isfile(os.path.expanduser(t.key)):
+            raise ProvisionError(f"{t.alias}: SSH key file {t.key} not found; fix -i KEY or `key=` in the inventory")
         raw = cfg.layer({str(k): v for k, v in project_app.items()}, ENV_APP, t.vars, flags)
         out.append(Job(t, cfg.build(raw, project)))
     return out
@@ -299,8 +304,7 @@ def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = Non
 def show_inventory(c, project: Path) -> None:
     if not first_call(c):
         return
-    inv = Inventory.load(inventory_paths(c, project))
-    for t in inv.resolve(selection(c), default_user=c.config.user or "root", default_port=int(c.config.port or 22)):
+    for t in targets(c, project):
         extra = " ".join(f"{k}={v}" for k, v in sorted(t.vars.items()))
         print(f"{t.alias:<16} {t.address:<32} key={t.key or '-'} {extra}".rstrip())
 

@@ -165,10 +165,11 @@ class Inventory:
             key=conn.get("key"), known_hosts=conn.get("known_hosts"), vars=hv,
         )
 
-    def resolve(self, selection: str, default_user: str = "root", default_port: int = 22) -> list[Target]:
+    def resolve(self, selection: str, default_user: str = "root", default_port: int | str = 22) -> list[Target]:
         items = [s.strip() for s in (selection or "").split(",") if s.strip()]
         if not items:
             raise ProvisionError("no hosts selected; pass -H ALIAS, -H GROUP or -H user@host[:port]")
+        default_port = _port(default_port, "the default port (`port` in fabric.yaml or FABRIC_PORT)")
         out: list[Target] = []
         for item in items:
             if item in self.hosts:

@@ -159,3 +159,18 @@ def test_file_name_that_is_not_utf8(project, tracked):
     if tracked:
         commit_all(project)
     one_line_error(fab(project, "-H", HOST, "deploy"), r"caf\xe9.txt", "rename")
+
+
+def test_missing_key_file_from_the_command_line(project):
+    one_line_error(fab(project, "-H", HOST, "-i", "/nonexistent", "deploy"), "/nonexistent", "key")
+
+
+def test_missing_key_file_from_the_inventory(project):
+    (project / "inventory.ini").write_text("web1 host=192.0.2.1 key=/nonexistent\n")
+    one_line_error(fab(project, "-H", "web1", "deploy"), "/nonexistent", "key")
+
+
+def test_default_port_out_of_range(project):
+    with open(project / "fabric.yaml", "a") as fh:
+        fh.write("port: 70000\n")
+    one_line_error(fab(project, "-H", HOST, "deploy"), "70000", "1 to 65535")

@@ -24,6 +24,7 @@ from invoke.config import AmbiguousMergeError
 from invoke.util import yaml
 
 from . import config as cfg
+from . import secrets
 from .app import deploy_steps, provision_steps, proxy_env, rollback_steps
 from .errors import ProvisionError
 from .executor import HostResult, Printer, connect, gather, run_steps
@@ -115,7 +116,7 @@ def _finish(results: list[HostResult], printer: Printer, json_file: str | None =
         state = " skipped" if r.skipped else ""
         printer.line(f"{r.host:<20} {r.ok:>4} {r.changed:>8} {int(r.failed):>7} {r.duration:>6.1f}s{state}")
     if json_file:
-        Path(json_file).write_text(printer.mask(json.dumps([
+        Path(json_file).write_text(secrets.mask(json.dumps([
             {"host": r.host, "ok": r.ok, "changed": r.changed, "failed": r.failed, "duration": round(r.duration, 3),
              "round_trips": r.round_trips, "changed_steps": r.changed_steps(), "error": r.error}
             for r in results], indent=2)) + "\n")
@@ -143,7 +144,7 @@ def guarded(fn):
         try:
             return fn(*a, **kw)
         except ProvisionError as e:
-            raise Exit(f"error: {e}", code=e.code)
+            raise Exit(f"error: {secrets.mask(str(e))}", code=e.code)
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130)
         except BrokenPipeError:  # output piped into `head` and the like
@@ -226,7 +227,7 @@ def run_apply(c, project: Path, flags: dict, *, mode: str = "deploy", dry_run: b
         else:
             rid, steps = "-", provision_steps(s)
         plans.append((job, steps, lock_for(s, mode, rid, break_lock)))
-    printer = Printer(verbose=verbose, secrets=tuple(x for job in work for x in job.settings.secrets))
+    printer = Printer(verbose=verbose)
 
     def one(plan) -> HostResult:
         job, steps, lock = plan
@@ -305,8 +306,9 @@ def show_inventory(c, project: Path) -> None:
     if not first_call(c):
         return
     for t in targets(c, project):
+        secrets.remember(cfg.secret_values(t.vars))
         extra = " ".join(f"{k}={v}" for k, v in sorted(t.vars.items()))
-        print(f"{t.alias:<16} {t.address:<32} key={t.key or '-'} {extra}".rstrip())
+        print(secrets.mask(f"{t.alias:<16} {t.address:<32} key={t.key or '-'} {extra}".rstrip()))
 
 
 # -- sandbox ------------------------------------------------------------------

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from . import secrets
 from .errors import ProvisionError
 
 DEFAULTS: dict = {
@@ -44,14 +45,33 @@ WSGI_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\(\))?", re.AS
 SERVER_NAME_RE = re.compile(r"_|[A-Za-z0-9*.-]+( [A-Za-z0-9*.-]+)*")
 PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]*")
 PATH_RE = re.compile(r"[\w./-]+")
-PROXY_RE = re.compile(r"https?://(?:(?P<user>[^\s/:@]+)(?::(?P<password>[^\s/@]*))?@)?[^\s/@:]+(:\d+)?/?")
+PROXY_RE = re.compile(r"https?://([^\s/:@]+(:[^\s/@]*)?@)?[^\s/@:]+(:\d+)?/?")  # [user[:password]@]host[:port]
 SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
-MASK = "****"
+
+
+def _password_span(url: str) -> tuple[int, int]:
+    """Where the password of ``[scheme://]user:password@host`` is, in a valid URL or not:
+    from the ':' after the user name to the last '@'; an empty span when there is none."""
+    start = url.find("://") + 3 if "://" in url else 0
+    end = url.rfind("@")
+    colon = url.find(":", start, end) if end > start else -1
+    return (colon + 1, end) if colon >= 0 else (0, 0)
 
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced, for messages."""
-    return re.sub(r"(//[^/:@\s]+:)[^/@\s]*@", rf"\g<1>{MASK}@", url)
+    a, b = _password_span(url)
+    return url[:a] + secrets.MASK + url[b:] if b > a else url
+
+
+def secret_values(raw: dict) -> tuple[str, ...]:
+    """The values never to print among raw settings: the proxy URL's password, and
+    ``var_*`` values whose name contains pass, secret, token or key."""
+    proxy = str(raw.get("proxy") or "")
+    start, end = _password_span(proxy)
+    out = [proxy[start:end]]
+    out += [str(v) for k, v in raw.items() if k.startswith("var_") and SECRET_VAR_RE.search(k)]
+    return tuple(s for s in out if s)
 
 
 @dataclass(frozen=True)
@@ -79,13 +99,8 @@ class Settings:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Values never to print: the proxy password, template vars named like secrets."""
-        out = []
-        m = PROXY_RE.fullmatch(self.proxy) if self.proxy else None
-        if m and m.group("password"):
-            out.append(m.group("password"))
-        out += [str(v) for k, v in self.extra.items() if SECRET_VAR_RE.search(k) and str(v)]
-        return tuple(out)
+        """Values never to print (see :func:`secret_values`)."""
+        return secret_values({"proxy": self.proxy, **{f"var_{k}": v for k, v in self.extra.items()}})
 
     @property
     def root(self) -> str:
@@ -142,7 +157,9 @@ CONNECTION_KEYS = {"host", "user", "port", "key", "known_hosts"}
 
 
 def build(raw: dict, base_dir: Path) -> Settings:
-    """Validate merged raw settings into :class:`Settings` (one clear error per problem)."""
+    """Validate merged raw settings into :class:`Settings` (one clear error per problem).
+    Their secrets are remembered first, so that no message shows them."""
+    secrets.remember(secret_values(raw))
     unknown = sorted(k for k in raw if k not in DEFAULTS and k not in CONNECTION_KEYS and not k.startswith("var_"))
     if unknown:
         raise ProvisionError(

@@ -25,7 +25,7 @@ from importlib import resources
 import paramiko
 from fabric import Connection
 
-from .config import MASK
+from . import secrets
 from .errors import ProvisionError, StepFailed, Unreachable
 from .script import Lock, build_script, parse_report
 from .steps import Facts, File, Lines, Planned, Step, collect_facts, plan
@@ -212,25 +212,19 @@ class HostResult:
 class Printer:
     """All output of a run goes through here, so that secrets are masked in every line."""
 
-    def __init__(self, stream=None, verbose: bool = False, secrets: tuple[str, ...] = ()):
+    def __init__(self, stream=None, verbose: bool = False):
         self.stream = stream or sys.stdout
         self.verbose = verbose
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._lock = threading.Lock()
-
-    def mask(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, MASK)
-        return text
 
     def line(self, text: str) -> None:
         with self._lock:  # hosts run in threads: one whole line at a time
-            print(self.mask(text), file=self.stream, flush=True)
+            print(secrets.mask(text), file=self.stream, flush=True)
 
     def error(self, text: str) -> None:
         """A host's one-line problem (unreachable, refused key, ...), on stderr."""
         with self._lock:
-            print(self.mask(f"error: {text}"), file=sys.stderr, flush=True)
+            print(secrets.mask(f"error: {text}"), file=sys.stderr, flush=True)
 
     def step(self, host: str, status: str, p: Planned, seconds: float | None = None) -> None:
         summary = f" ({p.change.summary})" if p.change is not None and p.change.summary else ""

@@ -174,3 +174,27 @@ def test_default_port_out_of_range(project):
     with open(project / "fabric.yaml", "a") as fh:
         fh.write("port: 70000\n")
     one_line_error(fab(project, "-H", HOST, "deploy"), "70000", "1 to 65535")
+
+
+# -- 4: secrets ----------------------------------------------------------------
+def test_inventory_masks_secrets(project):
+    (project / "inventory.ini").write_text(
+        "web1 host=192.0.2.1 proxy=http://bob:s3cret@proxy:3128 var_api_token=tok-123 var_region=fra1\n")
+    res = fab(project, "-H", "web1", "inventory")
+    assert res.returncode == 0, res.stderr
+    assert "s3cret" not in res.stdout and "tok-123" not in res.stdout
+    assert "proxy=http://bob:****@proxy:3128" in res.stdout and "var_api_token=****" in res.stdout
+    assert "var_region=fra1" in res.stdout
+
+
+@pytest.mark.parametrize("proxy", ["http://bob:s3 cret@proxy:3128", "http://bob:s3cret@@proxy"])
+def test_invalid_proxy_url_hides_the_password(project, proxy):
+    app_yaml(project, f'proxy: "{proxy}"')
+    line = one_line_error(fab(project, "-H", HOST, "deploy"), "app.proxy", "http://bob:****@proxy")
+    assert "s3" not in line and "cret" not in line
+
+
+def test_error_messages_mask_known_secrets(project):
+    app_yaml(project, "var_api_token: tok-123\nhealth_path: tok-123")
+    line = one_line_error(fab(project, "-H", HOST, "deploy"), "app.health_path", "****")
+    assert "tok-123" not in line

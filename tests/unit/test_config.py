@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from provision import config as cfg
+from provision import secrets
 from provision.errors import ProvisionError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,3 +97,26 @@ def test_proxy_credentials_are_secrets_and_never_in_messages():
     with pytest.raises(ProvisionError) as e:
         build(proxy="ftp://bob:s3cret@proxy.corp")
     assert "s3cret" not in str(e.value) and "****" in str(e.value)
+
+
+@pytest.mark.parametrize("url,masked", [
+    ("http://bob:s3cret@proxy:3128", "http://bob:****@proxy:3128"),
+    ("http://bob:s3 cret@proxy:3128", "http://bob:****@proxy:3128"),
+    ("http://bob:s3cret@@proxy", "http://bob:****@proxy"),
+    ("bob:s3cret@proxy:3128", "bob:****@proxy:3128"),
+    ("http://proxy:3128", "http://proxy:3128"),
+    ("http://bob@proxy:3128", "http://bob@proxy:3128"),
+])
+def test_mask_url_valid_or_not(url, masked):
+    assert cfg.mask_url(url) == masked
+
+
+def test_secrets_are_known_before_anything_is_validated():
+    with pytest.raises(ProvisionError) as e:
+        build(var_db_password="pw-4711", proxy="http://bob:hunter2@proxy:3128", workers="many")
+    assert secrets.mask(f"{e.value} pw-4711 hunter2") == f"{e.value} **** ****"
+
+
+def test_inventory_vars_secrets():
+    assert set(cfg.secret_values({"proxy": "http://u:pw1@p:1", "var_api_KEY": "k1", "var_region": "fra1",
+                                  "workers": "4"})) == {"pw1", "k1"}

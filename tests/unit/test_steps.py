@@ -144,9 +144,11 @@ def test_plan_propagates_notify_tags_in_order():
 def test_printer_masks_secrets_in_every_line():
     import io
 
+    from provision import secrets
     from provision.executor import Printer
 
+    secrets.remember(("s3cret", ""))
     out = io.StringIO()
-    p = Printer(out, secrets=("s3cret", ""))
+    p = Printer(out)
     p.line("http_proxy=http://bob:s3cret@proxy:3128")
     assert out.getvalue() == "http_proxy=http://bob:****@proxy:3128\n"

@@ -242,11 +242,7 @@ class Printer:
 
 def diff_for(p: Planned, facts_content: dict[str, str | None]) -> str:
     s = p.step
-    if isinstance(s, File):
-        return s.diff(facts_content.get(s.path))
-    if isinstance(s, Lines):
-        return p.change.diff if p.change else ""
-    return ""
+    return s.diff(facts_content.get(s.path)) if isinstance(s, (File, Lines)) else ""
 
 
 def describe_holder(h: dict) -> str:
@@ -269,7 +265,7 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
                              f"{missing}; provision manages Debian and Ubuntu hosts with apt and systemd")
     result.planned = planned = plan(steps, facts)
     if dry_run:
-        changing_files = [p.step.path for p in planned if p.change and isinstance(p.step, File)]
+        changing_files = [p.step.path for p in planned if p.change and isinstance(p.step, (File, Lines))]
         old = {}
         if changing_files:
             old_facts = gather(remote, [("content", f) for f in changing_files])

@@ -3,7 +3,8 @@
 :func:`provision.config.secret_values` decides what is secret; building settings
 remembers those values before validating anything.  Everything printed goes
 through :func:`mask`: the executor's Printer, the one-line errors of
-``cli.guarded``, ``fab inventory``.
+``cli.guarded``, ``fab inventory``; a dry run shows no diff of a file whose new
+content :func:`holds_secret` (``steps.shown_diff``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ _known: set[str] = set()
 
 def remember(values: Iterable[str]) -> None:
     _known.update(v for v in values if v)
+
+
+def holds_secret(text: str) -> bool:
+    return any(secret in text for secret in _known)
 
 
 def mask(text: str) -> str:

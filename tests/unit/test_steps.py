@@ -67,6 +67,21 @@ def test_file_diff_and_sensitive_masking():
     assert "hunter2" not in masked and "old" not in masked and "hidden" in masked
 
 
+def test_no_diff_of_a_file_holding_a_secret():
+    from provision import secrets
+
+    secrets.remember(("tok-new",))
+    shown = File("/srv/a/settings.py", b"TOKEN = 'tok-new'\n").diff("TOKEN = 'tok-old'\n")
+    assert "tok-" not in shown and "(content hidden: sensitive)" in shown
+
+
+def test_lines_diff_unless_sensitive():
+    old = "PATH=/usr/bin\nTOKEN=old\n"
+    assert "-TOKEN=old" in Lines("/etc/environment", (("TOKEN", "t"),)).diff(old)
+    shown = Lines("/etc/environment", (("TOKEN", "t"),), sensitive=True).diff(old)
+    assert "old" not in shown and "(content hidden: sensitive)" in shown
+
+
 def test_symlink_switches_atomically_only_when_target_differs():
     step = Symlink("/srv/a/current", "releases/2")
     link = {"type": "link", "target": "releases/2", "mode": 0o777, "owner": "root", "group": "root"}

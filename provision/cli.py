@@ -36,6 +36,9 @@ from .source import scan
 
 SANDBOX_INVENTORY = ".sandbox/inventory.ini"
 DEFAULT_INVENTORY = f"inventory.ini,{SANDBOX_INVENTORY}"
+# Taken out of the environment at import: `fab` imports the fabfile, and so this module,
+# before invoke reads the environment (see config.take_env).
+ENV_APP = cfg.take_env()
 
 
 @dataclass
@@ -177,7 +180,8 @@ def config_error(error: BaseException, tb) -> str | None:
 
 
 def _excepthook(kind, error, tb) -> None:
-    """Errors of `config_error` end the process with one line and exit code 2; others as usual.
+    """Python's hook for uncaught exceptions (sys.excepthook): errors of `config_error`
+    end the process with one line and exit code 2; others print as usual.
 
     A hook returning leaves the process with code 1, so this one exits itself (os._exit,
     after flushing): no task has run, nothing is left to clean up."""
@@ -191,7 +195,6 @@ def _excepthook(kind, error, tb) -> None:
 
 # `fab` imports the fabfile, and so this module, before it reads fabric.yaml and FABRIC_* variables.
 sys.excepthook = _excepthook
-ENV_APP = cfg.take_env()
 
 
 def deployer() -> str:

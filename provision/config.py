@@ -247,7 +247,7 @@ def take_env(environ=os.environ) -> dict[str, str]:
 
 
 def layer(config_app: dict, env_app: dict, host_vars: dict, flags: dict) -> dict:
-    """Merge the layers: config (defaults + project file) < inventory < environment < flags."""
+    """Merge the layers: project file < inventory < environment < flags (build fills in defaults)."""
     out = {k: v for k, v in config_app.items()}
     out.update(host_vars)
     out.update(env_app)

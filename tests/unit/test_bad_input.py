@@ -6,6 +6,7 @@ that nothing answers, so a regression can never touch a real host.
 Secrets never show in what `fab` prints.
 """
 
+import ast
 import os
 import shutil
 import subprocess
@@ -67,7 +68,7 @@ def one_line_error(res, *words) -> str:
 
 def shown_settings(res) -> dict:
     assert res.returncode == 0, res.stderr
-    return eval(res.stdout)
+    return ast.literal_eval(res.stdout)
 
 
 # -- 1, 2: validation --------------------------------------------------------

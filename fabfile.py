@@ -9,7 +9,6 @@ from fabric import task
 from invoke import Collection
 
 from provision import cli
-from provision.config import DEFAULTS
 
 PROJECT = Path(__file__).resolve().parent
 
@@ -117,4 +116,4 @@ def info(c, name="sandbox1"):
 
 
 ns = Collection(deploy, plan, provision_, rollback, releases, status, logs, check, inventory, Collection("sandbox", up, down, list_, info))
-ns.configure({"app": dict(DEFAULTS), "inventory": cli.DEFAULT_INVENTORY})
+ns.configure({"inventory": cli.DEFAULT_INVENTORY})

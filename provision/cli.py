@@ -15,12 +15,16 @@ import os
 import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from invoke import Exit
+from invoke.config import AmbiguousMergeError
+from invoke.util import yaml
 
 from . import config as cfg
+from . import secrets
 from .app import deploy_steps, provision_steps, proxy_env, rollback_steps
 from .errors import ProvisionError
 from .executor import HostResult, Printer, connect, gather, run_steps
@@ -32,6 +36,9 @@ from .source import scan
 
 SANDBOX_INVENTORY = ".sandbox/inventory.ini"
 DEFAULT_INVENTORY = f"inventory.ini,{SANDBOX_INVENTORY}"
+# Taken out of the environment at import: `fab` imports the fabfile, and so this module,
+# before invoke reads the environment (see config.take_env).
+ENV_APP = cfg.take_env()
 
 
 @dataclass
@@ -76,18 +83,26 @@ def selection(c) -> str:
     return host
 
 
-def jobs(c, project: Path, flags: dict) -> list[Job]:
+def targets(c, project: Path) -> list[Target]:
+    """The selected hosts (-H), from the inventory or as given."""
     inv = Inventory.load(inventory_paths(c, project))
+    return inv.resolve(selection(c), default_user=c.config.user or "root", default_port=c.config.port or 22)
+
+
+def jobs(c, project: Path, flags: dict) -> list[Job]:
     key_flag = (c.config.connect_kwargs.get("key_filename") or [None])
     key_flag = key_flag[0] if isinstance(key_flag, list) else key_flag
-    targets = inv.resolve(selection(c), default_user=c.config.user or "root",
-                          default_port=int(c.config.port or 22))
-    env_app = dict(getattr(c.config, "_env", {}).get("app", {}))
+    project_app = c.config.get("app") or {}
+    if not hasattr(project_app, "keys"):
+        raise ProvisionError(f"`app` in fabric.yaml must be a mapping of settings (name: value lines), "
+                             f"not a {type(project_app).__name__}; fix fabric.yaml")
     out = []
-    for t in targets:
+    for t in targets(c, project):
         if key_flag:
             t = Target(t.alias, t.host, t.user, t.port, key_flag, t.known_hosts, t.vars)
-        raw = cfg.layer(dict(c.config.app), env_app, t.vars, flags)
+        if t.key and not os.path.isfile(os.path.expanduser(t.key)):
+            raise ProvisionError(f"{t.alias}: SSH key file {t.key} not found; fix -i KEY or `key=` in the inventory")
+        raw = cfg.layer({str(k): v for k, v in project_app.items()}, ENV_APP, t.vars, flags)
         out.append(Job(t, cfg.build(raw, project)))
     return out
 
@@ -104,7 +119,7 @@ def _finish(results: list[HostResult], printer: Printer, json_file: str | None =
         state = " skipped" if r.skipped else ""
         printer.line(f"{r.host:<20} {r.ok:>4} {r.changed:>8} {int(r.failed):>7} {r.duration:>6.1f}s{state}")
     if json_file:
-        Path(json_file).write_text(printer.mask(json.dumps([
+        Path(json_file).write_text(secrets.mask(json.dumps([
             {"host": r.host, "ok": r.ok, "changed": r.changed, "failed": r.failed, "duration": round(r.duration, 3),
              "round_trips": r.round_trips, "changed_steps": r.changed_steps(), "error": r.error}
             for r in results], indent=2)) + "\n")
@@ -132,7 +147,7 @@ def guarded(fn):
         try:
             return fn(*a, **kw)
         except ProvisionError as e:
-            raise Exit(f"error: {e}", code=e.code)
+            raise Exit(f"error: {secrets.mask(str(e))}", code=e.code)
         except KeyboardInterrupt:
             raise Exit("interrupted", code=130)
         except BrokenPipeError:  # output piped into `head` and the like
@@ -142,6 +157,44 @@ def guarded(fn):
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def config_error(error: BaseException, tb) -> str | None:
+    """The one line for an error invoke raises while it reads its configuration, else None.
+
+    Invoke reads fabric.yaml and FABRIC_* variables after importing the fabfile but
+    before any task runs, so `guarded` cannot catch what goes wrong there."""
+    if isinstance(error, yaml.YAMLError):
+        mark = getattr(error, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}" if mark else "a config file"
+        problem = getattr(error, "problem", None) or str(error)
+        return f"{where}: {' '.join(problem.split())}; fix the YAML"
+    if isinstance(error, AmbiguousMergeError):  # its message holds whole config sections: not shown
+        return ("a config file (fabric.yaml) gives a list or a single value where a mapping is expected, "
+                "or the reverse; fix the YAML")
+    if any(frame.f_globals.get("__name__") == "invoke.env" for frame, _ in traceback.walk_tb(tb)):
+        names = ", ".join(sorted(k for k in os.environ if k.startswith("FABRIC_")))
+        return (f"cannot use the FABRIC_* environment variables ({names}): {' '.join(str(error).split())}; "
+                "unset the wrong one, or set its value in fabric.yaml")
+    return None
+
+
+def _excepthook(kind, error, tb) -> None:
+    """Python's hook for uncaught exceptions (sys.excepthook): errors of `config_error`
+    end the process with one line and exit code 2; others print as usual.
+
+    A hook returning leaves the process with code 1, so this one exits itself (os._exit,
+    after flushing): no task has run, nothing is left to clean up."""
+    message = config_error(error, tb)
+    if message is None:
+        return sys.__excepthook__(kind, error, tb)
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
+# `fab` imports the fabfile, and so this module, before it reads fabric.yaml and FABRIC_* variables.
+sys.excepthook = _excepthook
 
 
 def deployer() -> str:
@@ -177,7 +230,7 @@ def run_apply(c, project: Path, flags: dict, *, mode: str = "deploy", dry_run: b
         else:
             rid, steps = "-", provision_steps(s)
         plans.append((job, steps, lock_for(s, mode, rid, break_lock)))
-    printer = Printer(verbose=verbose, secrets=tuple(x for job in work for x in job.settings.secrets))
+    printer = Printer(verbose=verbose)
 
     def one(plan) -> HostResult:
         job, steps, lock = plan
@@ -253,10 +306,10 @@ def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = Non
 def show_inventory(c, project: Path) -> None:
     if not first_call(c):
         return
-    inv = Inventory.load(inventory_paths(c, project))
-    for t in inv.resolve(selection(c), default_user=c.config.user or "root", default_port=int(c.config.port or 22)):
+    for t in targets(c, project):
+        secrets.remember(cfg.secret_values(t.vars))
         extra = " ".join(f"{k}={v}" for k, v in sorted(t.vars.items()))
-        print(f"{t.alias:<16} {t.address:<32} key={t.key or '-'} {extra}".rstrip())
+        print(secrets.mask(f"{t.alias:<16} {t.address:<32} key={t.key or '-'} {extra}".rstrip()))
 
 
 # -- sandbox ------------------------------------------------------------------

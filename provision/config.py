@@ -1,17 +1,19 @@
 """App settings: validated, typed, layered.
 
-Layers, lowest first: built-in defaults (the fabfile's collection config),
-the project's ``fabric.yaml`` (``app:``), inventory group and host vars,
-``FABRIC_APP_*`` environment variables, task flags.  Invoke does the file and
-environment layering; :func:`layer` slots the inventory in between.
+Layers, lowest first: built-in defaults (:data:`DEFAULTS`), the project's
+``fabric.yaml`` (``app:``, read by invoke), inventory group and host vars,
+``FABRIC_APP_*`` environment variables (read by :func:`take_env`), task flags.
+:func:`layer` merges them; :func:`build` fills in the defaults and validates.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from . import secrets
 from .errors import ProvisionError
 
 DEFAULTS: dict = {
@@ -36,18 +38,40 @@ DEFAULTS: dict = {
     "graceful_timeout": 30,
 }
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
-WSGI_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*(\(.*\))?$")
-SERVER_NAME_RE = re.compile(r"^(_|[A-Za-z0-9*.-]+( [A-Za-z0-9*.-]+)*)$")
-PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
-PROXY_RE = re.compile(r"^https?://(?:(?P<user>[^\s/:@]+)(?::(?P<password>[^\s/@]*))?@)?[^\s/@:]+(:\d+)?/?$")
+# Each used with fullmatch: the whole value must match (no trailing newline).
+NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,30}")
+# module:callable or module:factory(); the module a dotted path of identifiers
+WSGI_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\(\))?", re.ASCII)
+SERVER_NAME_RE = re.compile(r"_|[A-Za-z0-9*.-]+( [A-Za-z0-9*.-]+)*")
+PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]*")
+PATH_RE = re.compile(r"[\w./-]+")
+PROXY_RE = re.compile(r"https?://([^\s/:@]+(:[^\s/@]*)?@)?[^\s/@:]+(:\d+)?/?")  # [user[:password]@]host[:port]
 SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
-MASK = "****"
+
+
+def _password_span(url: str) -> tuple[int, int]:
+    """Where the password of ``[scheme://]user:password@host`` is, in a valid URL or not:
+    from the ':' after the user name to the last '@'; an empty span when there is none."""
+    start = url.find("://") + 3 if "://" in url else 0
+    end = url.rfind("@")
+    colon = url.find(":", start, end) if end > start else -1
+    return (colon + 1, end) if colon >= 0 else (0, 0)
 
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced, for messages."""
-    return re.sub(r"(//[^/:@\s]+:)[^/@\s]*@", rf"\g<1>{MASK}@", url)
+    a, b = _password_span(url)
+    return url[:a] + secrets.MASK + url[b:] if b > a else url
+
+
+def secret_values(raw: dict) -> tuple[str, ...]:
+    """The values never to print among raw settings: the proxy URL's password, and
+    ``var_*`` values whose name contains pass, secret, token or key."""
+    proxy = str(raw.get("proxy") or "")
+    start, end = _password_span(proxy)
+    out = [proxy[start:end]]
+    out += [str(v) for k, v in raw.items() if k.startswith("var_") and SECRET_VAR_RE.search(k)]
+    return tuple(s for s in out if s)
 
 
 @dataclass(frozen=True)
@@ -75,13 +99,8 @@ class Settings:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Values never to print: the proxy password, template vars named like secrets."""
-        out = []
-        m = PROXY_RE.match(self.proxy) if self.proxy else None
-        if m and m.group("password"):
-            out.append(m.group("password"))
-        out += [str(v) for k, v in self.extra.items() if SECRET_VAR_RE.search(k) and str(v)]
-        return tuple(out)
+        """Values never to print (see :func:`secret_values`)."""
+        return secret_values({"proxy": self.proxy, **{f"var_{k}": v for k, v in self.extra.items()}})
 
     @property
     def root(self) -> str:
@@ -131,10 +150,14 @@ def _int(key: str, value, lo: int, hi: int) -> int:
     return n
 
 
-def _list(value) -> list[str]:
+def _list(key: str, value) -> list[str]:
+    """A list of strings; from the inventory or the environment, one string of items
+    separated by commas or spaces."""
     if isinstance(value, str):
         return [v for v in re.split(r"[,\s]+", value) if v]
-    return [str(v) for v in value or []]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _bad(key, value, "expected a list of strings, or one string of items separated by commas")
+    return list(value)
 
 
 # Vars that may appear in the app layer without being app settings: inventory
@@ -144,7 +167,9 @@ CONNECTION_KEYS = {"host", "user", "port", "key", "known_hosts"}
 
 
 def build(raw: dict, base_dir: Path) -> Settings:
-    """Validate merged raw settings into :class:`Settings` (one clear error per problem)."""
+    """Validate merged raw settings into :class:`Settings` (one clear error per problem).
+    Their secrets are remembered first, so that no message shows them."""
+    secrets.remember(secret_values(raw))
     unknown = sorted(k for k in raw if k not in DEFAULTS and k not in CONNECTION_KEYS and not k.startswith("var_"))
     if unknown:
         raise ProvisionError(
@@ -154,7 +179,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
     v = dict(DEFAULTS)
     v.update({k: raw[k] for k in raw if k in DEFAULTS and raw[k] is not None})
     name = str(v["name"])
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise _bad("name", name, "use lowercase letters, digits, '-' or '_', starting with a letter (max 31)")
     source = (base_dir / str(v["source"])).resolve()
     if not source.is_dir():
@@ -163,20 +188,21 @@ def build(raw: dict, base_dir: Path) -> Settings:
     if not req.is_file():
         raise _bad("requirements", v["requirements"], f"no such file {req}; create it or set app.requirements")
     wsgi = str(v["wsgi"])
-    if not WSGI_RE.match(wsgi):
-        raise _bad("wsgi", wsgi, "expected module:callable, e.g. app:app or mysite.wsgi:application")
+    if not WSGI_RE.fullmatch(wsgi):
+        raise _bad("wsgi", wsgi, "expected module:callable or module:factory(), e.g. app:app, "
+                   "mysite.wsgi:application or app:create_app()")
     server_name = str(v["server_name"]).strip()
-    if not SERVER_NAME_RE.match(server_name):
+    if not SERVER_NAME_RE.fullmatch(server_name):
         raise _bad("server_name", server_name, "expected host names separated by spaces, or _ for any")
     health = str(v["health_path"])
     if not health.startswith("/") or any(c.isspace() for c in health):
         raise _bad("health_path", health, "expected a URL path starting with /")
-    packages = _list(v["packages"])
+    packages = _list("packages", v["packages"])
     for p in packages:
-        if not PACKAGE_RE.match(p):
+        if not PACKAGE_RE.fullmatch(p):
             raise _bad("packages", p, "not a Debian package name")
     proxy = str(v["proxy"] or "")
-    if proxy and not PROXY_RE.match(proxy):
+    if proxy and not PROXY_RE.fullmatch(proxy):
         raise _bad("proxy", mask_url(proxy), "expected http://[USER:PASSWORD@]HOST:PORT")
     ca = str(v["ca_bundle"] or "")
     ca_path = None
@@ -186,12 +212,12 @@ def build(raw: dict, base_dir: Path) -> Settings:
             raise _bad("ca_bundle", ca, f"no such file {ca_path}")
     linked = {}
     for key in ("linked_files", "linked_dirs"):
-        linked[key] = tuple(_list(v[key]))
+        linked[key] = tuple(_list(key, v[key]))
         for rel in linked[key]:
-            if rel.startswith("/") or ".." in rel.split("/") or not re.match(r"^[\w./-]+$", rel):
+            if rel.startswith("/") or ".." in rel.split("/") or not PATH_RE.fullmatch(rel):
                 raise _bad(key, rel, "expected a path inside the release, like .env or log")
     python = str(v["python"])
-    if not re.match(r"^[\w./-]+$", python):
+    if not PATH_RE.fullmatch(python):
         raise _bad("python", python, "expected an interpreter name or path, e.g. python3")
     return Settings(
         name=name,
@@ -217,8 +243,21 @@ def build(raw: dict, base_dir: Path) -> Settings:
     )
 
 
+ENV_PREFIX = "FABRIC_APP_"
+
+
+def take_env(environ=os.environ) -> dict[str, str]:
+    """Take the ``FABRIC_APP_<KEY>`` variables out of ``environ``, as ``{key: raw string}``
+    (keys in lower case; ``FABRIC_APP_VAR_<NAME>`` too, declared or not).
+
+    The tasks module calls this before invoke reads the environment: invoke would cast
+    them to the type of the config value and fail on lists, and ignore undeclared keys.
+    :func:`build` validates these strings like inventory vars (lists: comma-separated)."""
+    return {k[len(ENV_PREFIX):].lower(): environ.pop(k) for k in list(environ) if k.startswith(ENV_PREFIX)}
+
+
 def layer(config_app: dict, env_app: dict, host_vars: dict, flags: dict) -> dict:
-    """Merge the layers: config (defaults + project file) < inventory < environment < flags."""
+    """Merge the layers: project file < inventory < environment < flags (build fills in defaults)."""
     out = {k: v for k, v in config_app.items()}
     out.update(host_vars)
     out.update(env_app)

@@ -25,7 +25,7 @@ from importlib import resources
 import paramiko
 from fabric import Connection
 
-from .config import MASK
+from . import secrets
 from .errors import ProvisionError, StepFailed, Unreachable
 from .script import Lock, build_script, parse_report
 from .steps import Facts, File, Lines, Planned, Step, collect_facts, plan
@@ -213,25 +213,19 @@ class HostResult:
 class Printer:
     """All output of a run goes through here, so that secrets are masked in every line."""
 
-    def __init__(self, stream=None, verbose: bool = False, secrets: tuple[str, ...] = ()):
+    def __init__(self, stream=None, verbose: bool = False):
         self.stream = stream or sys.stdout
         self.verbose = verbose
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._lock = threading.Lock()
-
-    def mask(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, MASK)
-        return text
 
     def line(self, text: str) -> None:
         with self._lock:  # hosts run in threads: one whole line at a time
-            print(self.mask(text), file=self.stream, flush=True)
+            print(secrets.mask(text), file=self.stream, flush=True)
 
     def error(self, text: str) -> None:
         """A host's one-line problem (unreachable, refused key, ...), on stderr."""
         with self._lock:
-            print(self.mask(f"error: {text}"), file=sys.stderr, flush=True)
+            print(secrets.mask(f"error: {text}"), file=sys.stderr, flush=True)
 
     def step(self, host: str, status: str, p: Planned, seconds: float | None = None) -> None:
         summary = f" ({p.change.summary})" if p.change is not None and p.change.summary else ""
@@ -249,11 +243,7 @@ class Printer:
 
 def diff_for(p: Planned, facts_content: dict[str, str | None]) -> str:
     s = p.step
-    if isinstance(s, File):
-        return s.diff(facts_content.get(s.path))
-    if isinstance(s, Lines):
-        return p.change.diff if p.change else ""
-    return ""
+    return s.diff(facts_content.get(s.path)) if isinstance(s, (File, Lines)) else ""
 
 
 def describe_holder(h: dict) -> str:
@@ -276,7 +266,7 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
                              f"{missing}; provision manages Debian and Ubuntu hosts with apt and systemd")
     result.planned = planned = plan(steps, facts)
     if dry_run:
-        changing_files = [p.step.path for p in planned if p.change and isinstance(p.step, File)]
+        changing_files = [p.step.path for p in planned if p.change and isinstance(p.step, (File, Lines))]
         old = {}
         if changing_files:
             old_facts = gather(remote, [("content", f) for f in changing_files])

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from .errors import ProvisionError
 
-SECTION_RE = re.compile(r"^\[([A-Za-z0-9_.-]+)(?::(vars|children))?\]$")
-ALIAS_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-ADDRESS_RE = re.compile(r"^(?:(?P<user>[A-Za-z0-9_.-]+)@)?(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+)(?::(?P<port>[^:]+))?$")
+# Each used with fullmatch: the whole text must match (no trailing newline).
+SECTION_RE = re.compile(r"\[([A-Za-z0-9_.-]+)(?::(vars|children))?\]")
+ALIAS_RE = re.compile(r"[A-Za-z0-9_.-]+")
+VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ADDRESS_RE = re.compile(r"(?:(?P<user>[A-Za-z0-9_.-]+)@)?(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+)(?::(?P<port>[0-9]+))?")
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Inventory:
             if not line or line[0] in "#;":
                 continue
             if line.startswith("["):
-                m = SECTION_RE.match(line)
+                m = SECTION_RE.fullmatch(line)
                 if not m:
                     raise ProvisionError(f"{where}: malformed section header {line!r}; use [group], "
                                          "[group:vars] or [group:children]")
@@ -93,12 +95,12 @@ class Inventory:
                 k, v = self._pair(line, where)
                 self.group_vars[section][k] = v
             elif kind == "children":
-                if len(words) != 1 or not ALIAS_RE.match(words[0]):
+                if len(words) != 1 or not ALIAS_RE.fullmatch(words[0]):
                     raise ProvisionError(f"{where}: malformed line {line!r}; list one child group per line")
                 self.children[section].append(words[0])
             else:
                 alias, pairs = words[0], words[1:]
-                if not ALIAS_RE.match(alias) or "=" in alias:
+                if not ALIAS_RE.fullmatch(alias) or "=" in alias:
                     raise ProvisionError(f"{where}: malformed host line {line!r}; expected ALIAS [key=value ...]")
                 hv = dict(self._pair(p, where) for p in pairs)
                 if "port" in hv:
@@ -115,7 +117,7 @@ class Inventory:
     def _pair(text: str, where: str) -> tuple[str, str]:
         k, sep, v = text.partition("=")
         k, v = k.strip(), v.strip()
-        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+        if not sep or not VAR_RE.fullmatch(k):
             raise ProvisionError(f"{where}: malformed variable {text!r}; expected key=value")
         if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
             v = v[1:-1]
@@ -163,10 +165,11 @@ class Inventory:
             key=conn.get("key"), known_hosts=conn.get("known_hosts"), vars=hv,
         )
 
-    def resolve(self, selection: str, default_user: str = "root", default_port: int = 22) -> list[Target]:
+    def resolve(self, selection: str, default_user: str = "root", default_port: int | str = 22) -> list[Target]:
         items = [s.strip() for s in (selection or "").split(",") if s.strip()]
         if not items:
             raise ProvisionError("no hosts selected; pass -H ALIAS, -H GROUP or -H user@host[:port]")
+        default_port = _port(default_port, "the default port (`port` in fabric.yaml or FABRIC_PORT)")
         out: list[Target] = []
         for item in items:
             if item in self.hosts:
@@ -186,7 +189,7 @@ class Inventory:
         return out
 
     def _direct(self, item: str, default_user: str, default_port: int) -> Target:
-        m = ADDRESS_RE.match(item)
+        m = ADDRESS_RE.fullmatch(item)
         if not m:
             raise ProvisionError(f"cannot read host {item!r}; use ALIAS, GROUP or user@host[:port]")
         host = m.group("host").strip("[]")

@@ -50,8 +50,8 @@ class Source:
         return buf.getvalue()
 
 
-def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+def _git(root: Path, *args: str, text: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=text)
 
 
 def _walk(root: Path) -> list[str]:
@@ -65,6 +65,18 @@ def _walk(root: Path) -> list[str]:
     return out
 
 
+def _check_shippable(path: Path) -> None:
+    """Stop at a file that cannot be shipped, naming it and the fix."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        raise ProvisionError(f"app source: the file name {ascii(os.fsencode(path))} (shown as bytes) is not "
+                             "valid UTF-8; rename it")
+    if not path.exists():
+        raise ProvisionError(f"app source: {str(path)!r} is a symlink to a missing file "
+                             f"({os.readlink(path)!r}); remove it or point it at a file inside the app")
+
+
 def scan(root: Path) -> Source:
     root = root.resolve()
     if not root.is_dir():
@@ -72,8 +84,11 @@ def scan(root: Path) -> Source:
     revision, dirty = "", False
     inside = _git(root, "rev-parse", "--is-inside-work-tree")
     if inside.returncode == 0 and inside.stdout.strip() == "true":
-        listed = _git(root, "ls-files", "-z", "--cached", "--", ".")
-        files = [f for f in listed.stdout.split("\0") if f and (root / f).is_file()]
+        listed = _git(root, "ls-files", "-z", "--cached", "--", ".", text=False).stdout.split(b"\0")
+        # Named as os.walk names them (bytes that are not UTF-8 as surrogates); deleted files and
+        # directories (submodules, links to directories) are left out, dangling links are not.
+        files = [os.fsdecode(f) for f in listed if f]
+        files = [f for f in files if os.path.lexists(root / f) and not (root / f).is_dir()]
         head = _git(root, "rev-parse", "--short", "HEAD")
         revision = head.stdout.strip() if head.returncode == 0 else ""
         dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip())
@@ -85,6 +100,7 @@ def scan(root: Path) -> Source:
     h = hashlib.sha256()
     for rel in files:
         path = root / rel
+        _check_shippable(path)
         h.update(rel.encode() + b"\0" + (b"x" if os.access(path, os.X_OK) else b"-") + b"\0")
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return Source(root=root, files=tuple(files), digest=h.hexdigest(), revision=revision, dirty=dirty)

@@ -18,6 +18,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Iterable
 
+from . import secrets
+
 q = shlex.quote
 Fact = tuple  # (kind, arg)
 
@@ -60,7 +62,6 @@ class Facts:
 class Change:
     commands: list[str]
     summary: str = ""
-    diff: str = ""
     check: bool = False  # a verification: reported ok, not changed, when it passes
     background: bool = False  # runs alongside the following steps, until the next barrier step
     provides: tuple[str, ...] = ()  # extra notify tags, decided by the plan
@@ -245,7 +246,12 @@ def _heredoc_write(path: str, data: bytes) -> list[str]:
     ]
 
 
-def unified_diff(old: str | None, new: str, path: str) -> str:
+def shown_diff(path: str, old: str | None, new: str, sensitive: bool) -> str:
+    """What a dry run shows of a file's change: a unified diff, or only a note when the file
+    is sensitive or its new content holds a known secret. Then neither side is shown: the
+    old content may hold an old secret that nothing knows any more."""
+    if sensitive or secrets.holds_secret(new):
+        return f"--- {path}\n+++ {path}\n(content hidden: sensitive)\n"
     lines = difflib.unified_diff(
         (old or "").splitlines(True), new.splitlines(True),
         fromfile=f"{path} (host)" if old is not None else "/dev/null", tofile=f"{path} (new)",
@@ -287,9 +293,7 @@ class File(Step):
         return Change(cmds, summary="create" if f is None else "update")
 
     def diff(self, old: str | None) -> str:
-        if self.sensitive:
-            return f"--- {self.path}\n+++ {self.path}\n(content hidden: sensitive)\n"
-        return unified_diff(old, self.content.decode("utf-8", "replace"), self.path)
+        return shown_diff(self.path, old, self.content.decode("utf-8", "replace"), self.sensitive)
 
 
 @dataclass(repr=False)
@@ -346,6 +350,7 @@ class Lines(Step):
     values: tuple[tuple[str, str], ...]
     sep: str = "="
     notify: tuple[str, ...] = ()
+    sensitive: bool = False  # never show the content in diffs
 
     @property
     def name(self):
@@ -373,8 +378,10 @@ class Lines(Step):
         new = self.render(old)
         if old == new:
             return None
-        return Change(_heredoc_write(self.path, new.encode()), summary="update",
-                      diff=unified_diff(old, new, self.path))
+        return Change(_heredoc_write(self.path, new.encode()), summary="update")
+
+    def diff(self, old: str | None) -> str:
+        return shown_diff(self.path, old, self.render(old), self.sensitive)
 
 
 @dataclass(repr=False)

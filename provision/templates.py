@@ -4,6 +4,8 @@ before any host is touched."""
 from __future__ import annotations
 
 import functools
+import os
+import traceback
 from pathlib import Path
 
 import jinja2
@@ -14,12 +16,15 @@ from .errors import ProvisionError
 @functools.lru_cache(maxsize=None)
 def _environment(templates_dir: Path) -> jinja2.Environment:
     # One per folder: each template compiles once per run, however many hosts render it.
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+    # `{{ value | pyrepr }}`: a Python literal of the value, for Python configs: data, never code.
+    env.filters["pyrepr"] = repr
+    return env
 
 
 def render(templates_dir: Path, name: str, variables: dict) -> str:
@@ -28,8 +33,19 @@ def render(templates_dir: Path, name: str, variables: dict) -> str:
         return env.get_template(name).render(**variables)
     except jinja2.TemplateNotFound:
         raise ProvisionError(f"template {name} not found in {templates_dir}; add it or set app.templates")
-    except jinja2.UndefinedError as e:
-        raise ProvisionError(f"template {templates_dir / name}: {e.message}; define it in fabric.yaml "
-                             "(app.var_NAME) or the inventory, or fix the template")
     except jinja2.TemplateSyntaxError as e:
         raise ProvisionError(f"template {e.filename or name}:{e.lineno}: {e.message}; fix the template syntax")
+    except jinja2.UndefinedError as e:
+        raise ProvisionError(f"template {_where(e, Path(templates_dir) / name)}: {e.message}; define it in "
+                             "fabric.yaml (app.var_NAME) or the inventory, or fix the template")
+    except Exception as e:  # raised by the template's own code, e.g. a division by zero
+        raise ProvisionError(f"template {_where(e, Path(templates_dir) / name)}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())}; fix the template")
+
+
+def _where(error: Exception, path: Path) -> str:
+    """``file:line`` of the innermost template line in the error's traceback (jinja2 maps
+    compiled template code back to template lines), else the template's path."""
+    lines = [(frame.f_code.co_filename, n) for frame, n in traceback.walk_tb(error.__traceback__)
+             if frame.f_code.co_filename.startswith(f"{path.parent}{os.sep}")]
+    return "{}:{}".format(*lines[-1]) if lines else str(path)

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from provision import config as cfg
+from provision import secrets
 from provision.errors import ProvisionError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +27,12 @@ def test_layers_config_inventory_env_flags():
     assert raw["name"] == "from-env"
 
 
+def test_take_env_takes_the_fabric_app_variables():
+    env = {"FABRIC_APP_PACKAGES": "curl,git", "FABRIC_APP_VAR_API_TOKEN": "t", "FABRIC_PORT": "22", "HOME": "/root"}
+    assert cfg.take_env(env) == {"packages": "curl,git", "var_api_token": "t"}
+    assert env == {"FABRIC_PORT": "22", "HOME": "/root"}
+
+
 def test_strings_from_inventory_and_env_are_typed():
     s = build(workers="8", packages="libpq5, curl")
     assert s.workers == 8 and s.packages == ("libpq5", "curl")
@@ -41,12 +48,39 @@ def test_strings_from_inventory_and_env_are_typed():
     ({"health_path": "health"}, "starting with /"),
     ({"proxy": "proxy:3128"}, "HOST:PORT"),
     ({"packages": ["ok", "Bad;rm"]}, "Debian package"),
+    ({"packages": 5}, "app.packages=5: expected a list"),
+    ({"packages": [[1]]}, "app.packages=.*expected a list"),
+    ({"linked_files": 5}, "app.linked_files=5: expected a list"),
+    ({"linked_dirs": {"log": 1}}, "app.linked_dirs=.*expected a list"),
     ({"colour": "blue"}, "unknown setting app.colour"),
 ])
 def test_invalid_settings_give_one_clear_line(over, message):
     with pytest.raises(ProvisionError, match=message) as e:
         build(**over)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("name", "hello\n"), ("packages", ["curl\n"]), ("proxy", "http://proxy:3128\n"), ("linked_files", [".env\n"]),
+    ("python", "python3\n"), ("wsgi", "app:app\n"),
+])
+def test_validation_matches_the_whole_value(key, value):
+    with pytest.raises(ProvisionError, match=f"app.{key}"):
+        build(**{key: value})
+
+
+@pytest.mark.parametrize("wsgi", ["app:app", "mysite.wsgi:application", "app:create_app()", "_a.b_2:_f"])
+def test_wsgi_module_callable_or_factory(wsgi):
+    assert build(wsgi=wsgi).wsgi == wsgi
+
+
+@pytest.mark.parametrize("wsgi", [
+    'app:f("+str(__import__("os").system("id"))+")', "app:create_app(1)", "app:f()()", "app:app()x",
+    "app.:app", "a..b:app", ".app:app", "app:a.b", "1app:app", "app:app\n", "app:ａpp",
+])
+def test_wsgi_anything_else_is_refused(wsgi):
+    with pytest.raises(ProvisionError, match="app.wsgi"):
+        build(wsgi=wsgi)
 
 
 def test_template_vars_include_own_vars():
@@ -63,3 +97,26 @@ def test_proxy_credentials_are_secrets_and_never_in_messages():
     with pytest.raises(ProvisionError) as e:
         build(proxy="ftp://bob:s3cret@proxy.corp")
     assert "s3cret" not in str(e.value) and "****" in str(e.value)
+
+
+@pytest.mark.parametrize("url,masked", [
+    ("http://bob:s3cret@proxy:3128", "http://bob:****@proxy:3128"),
+    ("http://bob:s3 cret@proxy:3128", "http://bob:****@proxy:3128"),
+    ("http://bob:s3cret@@proxy", "http://bob:****@proxy"),
+    ("bob:s3cret@proxy:3128", "bob:****@proxy:3128"),
+    ("http://proxy:3128", "http://proxy:3128"),
+    ("http://bob@proxy:3128", "http://bob@proxy:3128"),
+])
+def test_mask_url_valid_or_not(url, masked):
+    assert cfg.mask_url(url) == masked
+
+
+def test_secrets_are_known_before_anything_is_validated():
+    with pytest.raises(ProvisionError) as e:
+        build(var_db_password="pw-4711", proxy="http://bob:hunter2@proxy:3128", workers="many")
+    assert secrets.mask(f"{e.value} pw-4711 hunter2") == f"{e.value} **** ****"
+
+
+def test_inventory_vars_secrets():
+    assert set(cfg.secret_values({"proxy": "http://u:pw1@p:1", "var_api_KEY": "k1", "var_region": "fra1",
+                                  "workers": "4"})) == {"pw1", "k1"}

@@ -70,6 +70,18 @@ def test_bad_selections(inv, selection, message):
         inv.resolve(selection)
 
 
+@pytest.mark.parametrize("item", ["web1.example.com\n", "deploy@web1.example.com\n", "web1.example.com:22\n"])
+def test_addresses_match_whole(inv, item):
+    with pytest.raises(ProvisionError, match="cannot read host"):
+        inv._direct(item, "root", 22)
+
+
+@pytest.mark.parametrize("port", [70000, 0, "abc"])
+def test_default_port_is_checked(inv, port):
+    with pytest.raises(ProvisionError, match="default port.*use a number from 1 to 65535"):
+        inv.resolve("192.0.2.1", default_port=port)
+
+
 @pytest.mark.parametrize("text,message", [
     ("[web\nweb1", "malformed section header"),
     ("[web:vars]\njust-a-word", "malformed variable"),

@@ -1,7 +1,11 @@
 import io
+import os
 import subprocess
 import tarfile
 
+import pytest
+
+from provision.errors import ProvisionError
 from provision.source import scan
 
 
@@ -49,3 +53,26 @@ def test_git_checkout_ships_tracked_files_and_marks_dirty(tmp_path):
     (tmp_path / "app.py").write_text("app = 1\n")
     dirty = scan(tmp_path)
     assert dirty.dirty and dirty.release_id(0).endswith("-dirty") and dirty.digest != src.digest
+
+
+def test_dangling_symlink_is_one_clear_error(tmp_path):
+    make_app(tmp_path)
+    (tmp_path / "pkg" / "data").symlink_to("../gone.txt")
+    with pytest.raises(ProvisionError, match=r"/pkg/data' is a symlink to a missing file .*remove it or point it"):
+        scan(tmp_path)
+
+
+def test_link_to_a_file_is_shipped_as_a_link(tmp_path):
+    make_app(tmp_path)
+    (tmp_path / "main.py").symlink_to("app.py")
+    src = scan(tmp_path)
+    assert "main.py" in src.files
+    assert tarfile.open(fileobj=io.BytesIO(src.tarball())).getmember("main.py").linkname == "app.py"
+
+
+def test_file_name_not_utf8_is_one_clear_error(tmp_path):
+    make_app(tmp_path)
+    (tmp_path / os.fsdecode(b"caf\xe9.txt")).write_text("x")
+    with pytest.raises(ProvisionError, match=r"caf\\xe9\.txt.*rename it") as e:
+        scan(tmp_path)
+    assert "\n" not in str(e.value)

@@ -98,6 +98,21 @@ def test_file_diff_and_sensitive_masking():
     assert "hunter2" not in masked and "old" not in masked and "hidden" in masked
 
 
+def test_no_diff_of_a_file_holding_a_secret():
+    from provision import secrets
+
+    secrets.remember(("tok-new",))
+    shown = File("/srv/a/settings.py", b"TOKEN = 'tok-new'\n").diff("TOKEN = 'tok-old'\n")
+    assert "tok-" not in shown and "(content hidden: sensitive)" in shown
+
+
+def test_lines_diff_unless_sensitive():
+    old = "PATH=/usr/bin\nTOKEN=old\n"
+    assert "-TOKEN=old" in Lines("/etc/environment", (("TOKEN", "t"),)).diff(old)
+    shown = Lines("/etc/environment", (("TOKEN", "t"),), sensitive=True).diff(old)
+    assert "old" not in shown and "(content hidden: sensitive)" in shown
+
+
 def test_symlink_switches_atomically_only_when_target_differs():
     step = Symlink("/srv/a/current", "releases/2")
     link = {"type": "link", "target": "releases/2", "mode": 0o777, "owner": "root", "group": "root"}
@@ -175,9 +190,11 @@ def test_plan_propagates_notify_tags_in_order():
 def test_printer_masks_secrets_in_every_line():
     import io
 
+    from provision import secrets
     from provision.executor import Printer
 
+    secrets.remember(("s3cret", ""))
     out = io.StringIO()
-    p = Printer(out, secrets=("s3cret", ""))
+    p = Printer(out)
     p.line("http_proxy=http://bob:s3cret@proxy:3128")
     assert out.getvalue() == "http_proxy=http://bob:****@proxy:3128\n"

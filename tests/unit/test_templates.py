@@ -1,3 +1,4 @@
+import ast
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,14 @@ def test_project_templates_render():
     assert "User=hello" in unit
     conf = render(ROOT / "templates", "gunicorn.conf.py.j2", v)
     compile(conf, "gunicorn.conf.py", "exec")
-    assert 'wsgi_app = "app:app"' in conf and "workers = 2" in conf
+    assert "wsgi_app = 'app:app'" in conf and "workers = 2" in conf
+
+
+def test_wsgi_is_rendered_as_a_string_literal():
+    wsgi = 'app:f("+str(__import__("os").system("id"))+"\')\\'
+    conf = render(ROOT / "templates", "gunicorn.conf.py.j2", dict(settings().template_vars(), wsgi=wsgi))
+    assigned = {n.targets[0].id: n.value for n in ast.parse(conf).body if isinstance(n, ast.Assign)}
+    assert isinstance(assigned["wsgi_app"], ast.Constant) and assigned["wsgi_app"].value == wsgi
 
 
 def test_undefined_variable_fails_with_one_line(tmp_path):
@@ -35,9 +43,23 @@ def test_undefined_variable_fails_with_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_undefined_in_an_included_template_names_its_line(tmp_path):
+    (tmp_path / "t.j2").write_text("{% include 'i.j2' %}\n")
+    (tmp_path / "i.j2").write_text("\n\n{{ workers.nope }}\n")
+    with pytest.raises(ProvisionError, match=r"i.j2:3: 'int object' has no attribute 'nope'"):
+        render(tmp_path, "t.j2", {"workers": 2})
+
+
 def test_missing_template_and_syntax_error(tmp_path):
     with pytest.raises(ProvisionError, match="not found"):
         render(tmp_path, "nope.j2", {})
     (tmp_path / "bad.j2").write_text("{% if %}")
     with pytest.raises(ProvisionError, match="bad.j2:1"):
         render(tmp_path, "bad.j2", {})
+
+
+def test_error_while_rendering_names_the_template_and_line(tmp_path):
+    (tmp_path / "t.j2").write_text("a\n{{ workers / 0 }}\n")
+    with pytest.raises(ProvisionError, match=r"t.j2:2: ZeroDivisionError: division by zero; fix the template") as e:
+        render(tmp_path, "t.j2", {"workers": 2})
+    assert "\n" not in str(e.value)

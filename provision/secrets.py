@@ -1,0 +1,30 @@
+"""The secret values this process knows, and masking them out of text.
+
+:func:`provision.config.secret_values` decides what is secret; building settings
+remembers those values before validating anything.  Everything printed goes
+through :func:`mask`: the executor's Printer, the one-line errors of
+``cli.guarded``, ``fab inventory``; a dry run shows no diff of a file whose new
+content :func:`holds_secret` (``steps.shown_diff``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+MASK = "****"
+_known: set[str] = set()
+
+
+def remember(values: Iterable[str]) -> None:
+    _known.update(v for v in values if v)
+
+
+def holds_secret(text: str) -> bool:
+    return any(secret in text for secret in _known)
+
+
+def mask(text: str) -> str:
+    """``text`` with every known secret shown as ****."""
+    for secret in sorted(_known, key=len, reverse=True):  # longest first: one may contain another
+        text = text.replace(secret, MASK)
+    return text

@@ -51,9 +51,11 @@ def trust_steps(s: Settings) -> list[Step]:
         steps.append(File("/etc/apt/apt.conf.d/80provision-proxy",
                           f'Acquire::http::Proxy "{s.proxy}";\nAcquire::https::Proxy "{s.proxy}";\n'.encode(),
                           mode=0o640 if credentials else 0o644, sensitive=credentials))
-        if not credentials:  # for logins on the host; provision's own commands get it from the script
-            steps.append(Lines("/etc/environment", (("http_proxy", s.proxy), ("https_proxy", s.proxy),
-                                                    ("no_proxy", NO_PROXY))))
+        # For logins on the host (provision's own commands get it from the script); with
+        # credentials, taken out of there (where older versions wrote them).
+        proxy = None if credentials else s.proxy
+        steps.append(Lines("/etc/environment", (("http_proxy", proxy), ("https_proxy", proxy), ("no_proxy", NO_PROXY)),
+                           sensitive=credentials))
     if s.ca_bundle:
         steps.append(File(CA_PATH, s.ca_bundle.read_bytes(), notify=("ca",)))
         # In the background: apt sources are plain http by default; the venv (pip, https) waits.

@@ -344,10 +344,11 @@ def symlink_commands(path: str, target: str) -> list[str]:
 
 @dataclass(repr=False)
 class Lines(Step):
-    """Ensure ``KEY<sep>VALUE`` lines in a file shared with others (e.g. /etc/environment)."""
+    """Ensure ``KEY<sep>VALUE`` lines in a file shared with others (e.g. /etc/environment);
+    a value of None removes the key's lines."""
 
     path: str
-    values: tuple[tuple[str, str], ...]
+    values: tuple[tuple[str, str | None], ...]
     sep: str = "="
     notify: tuple[str, ...] = ()
     sensitive: bool = False  # never show the content in diffs
@@ -365,12 +366,12 @@ class Lines(Step):
         for line in (old or "").splitlines():
             key = line.split(self.sep, 1)[0].strip()
             if key in want:
-                if key in seen:
+                if key in seen or want[key] is None:
                     continue
                 line = f"{key}{self.sep}{want[key]}"
                 seen.add(key)
             out.append(line)
-        out += [f"{k}{self.sep}{v}" for k, v in self.values if k not in seen]
+        out += [f"{k}{self.sep}{v}" for k, v in self.values if k not in seen and v is not None]
         return "\n".join(out) + "\n"
 
     def plan(self, facts, notified):

@@ -198,3 +198,10 @@ def test_printer_masks_secrets_in_every_line():
     p = Printer(out)
     p.line("http_proxy=http://bob:s3cret@proxy:3128")
     assert out.getvalue() == "http_proxy=http://bob:****@proxy:3128\n"
+
+
+def test_lines_removes_keys_whose_value_is_none():
+    step = Lines("/etc/environment", (("http_proxy", None), ("no_proxy", "localhost")))
+    old = "PATH=/bin\nhttp_proxy=http://bob:pw@proxy:3128\n"
+    assert step.render(old) == "PATH=/bin\nno_proxy=localhost\n"
+    assert step.render("PATH=/bin\nno_proxy=localhost\n") == "PATH=/bin\nno_proxy=localhost\n"

@@ -51,17 +51,16 @@ LOCK = """\
 __unit={unit}
 __holder={holder}
 __scope() {{
-  busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager \\
+  __why=$(busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager \\
     StartTransientUnit 'ssa(sv)a(sa(sv))' "$__unit" fail 2 PIDs au 1 $$ CollectMode s inactive-or-failed 0 \\
-    >/dev/null 2>&1
+    2>&1 >/dev/null)
 }}
 __empty() {{  # no process left: where cgroup notifications get lost, an empty scope can stay "active"
-  local cg f; cg=$(systemctl show -p ControlGroup --value "$__unit" 2>/dev/null)
-  [ -n "$cg" ] || return 0
-  for f in /sys/fs/cgroup$cg/cgroup.events /sys/fs/cgroup/unified$cg/cgroup.events; do
-    [ -r "$f" ] && {{ grep -qx 'populated 0' "$f"; return; }}
+  local cg d; cg=$(systemctl show -p ControlGroup --value "$__unit" 2>/dev/null)
+  for d in ${{cg:+/sys/fs/cgroup$cg /sys/fs/cgroup/unified$cg /sys/fs/cgroup/systemd$cg}}; do
+    [ -n "$(cat "$d/cgroup.procs" 2>/dev/null)" ] && return 1  # cgroup v2, hybrid, v1
   done
-  return 1
+  return 0
 }}
 __until_gone() {{  # seconds
   local i; for i in $(seq $(($1 * 20))); do
@@ -71,16 +70,27 @@ __until_gone() {{  # seconds
   done
   return 1
 }}
+__acquire() {{  # a scope that ended may stay loaded until systemd collects it: up to 2 s for that
+  local i; for i in $(seq 40); do
+    __scope && return 0
+    systemctl is-active --quiet "$__unit" && ! __empty && return 1  # held
+    systemctl stop "$__unit" 2>/dev/null; systemctl reset-failed "$__unit" 2>/dev/null; sleep 0.05
+  done
+  return 1
+}}
 umask 077; mkdir -p /run/provision; chmod 755 /run/provision
-if ! __scope && ! {{ __empty && __until_gone 1 && __scope; }}; then
+if ! __acquire; then
   for __i in $(seq 20); do  # a holder that just started writes its name at once
     __h=$(cat "$__holder" 2>/dev/null); [ -n "$__h" ] && break; sleep 0.05
   done
   __hpid=$(printf '%s' "$__h" | sed -n 's/.*"pid": *\\([0-9]*\\).*/\\1/p')
+  [ -n "$__h" ] || __h="an unnamed process (systemd: ${{__why:-?}}; $(systemctl show -p ControlGroup --value "$__unit" \\
+    2>/dev/null | xargs -I{{}} cat /sys/fs/cgroup/unified{{}}/cgroup.procs /sys/fs/cgroup{{}}/cgroup.procs 2>/dev/null \\
+    | xargs -r ps -o pid=,args= -p | head -n 3 | tr '\\n' ' '))"
   if [ {break_lock} = 1 ]; then
     systemctl kill --signal=SIGTERM "$__unit" 2>/dev/null; __until_gone 10 || {{
       systemctl kill --signal=SIGKILL "$__unit" 2>/dev/null; __until_gone 10; }}
-    __scope || {{ echo "@@locked $__h"; exit 75; }}
+    __acquire || {{ echo "@@locked $__h"; exit 75; }}
     echo "@@broken $__h"
   elif [ -z "$__hpid" ] || {{ grep -qs "/$__unit\\$" /proc/$__hpid/cgroup \\
        && [ "$(cut -d' ' -f4 /proc/$__hpid/stat 2>/dev/null)" != 1 ]; }}; then

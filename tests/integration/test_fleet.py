@@ -67,7 +67,8 @@ def test_serial_batches_stop_after_a_failed_batch(fleet, tmp_path):
     assert res.returncode == 1
     s = summary(tmp_path / "s.json")
     assert not s["fl-1"]["failed"] and s["fl-2"]["failed"] and s["fl-3"]["failed"]
-    assert "fl-3: skipped" in res.stdout and "fl-2: FAILED  health http://127.0.0.1/missing" in res.stdout
+    assert "fl-3: skipped" in res.stdout, res.stdout
+    assert "fl-2: FAILED  health http://127.0.0.1/missing" in res.stdout, res.stdout
     assert re.search(r"^fl-3 .* skipped$", res.stdout, re.M)
 
 

@@ -78,7 +78,7 @@ __acquire() {{  # a scope that ended may stay loaded until systemd collects it: 
   done
   return 1
 }}
-umask 077; mkdir -p /run/provision; chmod 755 /run/provision
+umask 077; mkdir -p {run_dir}; chmod 755 {run_dir}
 if ! __acquire; then
   for __i in $(seq 20); do  # a holder that just started writes its name at once
     __h=$(cat "$__holder" 2>/dev/null); [ -n "$__h" ] && break; sleep 0.05
@@ -115,6 +115,7 @@ class Lock:
     app: str
     holder: dict
     break_lock: bool = False
+    run_dir: str = "/run/provision"  # root's
 
     @property
     def unit(self) -> str:
@@ -122,11 +123,12 @@ class Lock:
 
     @property
     def holder_path(self) -> str:
-        return f"/run/provision/{self.app}.deploy"
+        return f"{self.run_dir}/{self.app}.deploy"
 
     def script(self) -> str:
         holder = json.dumps(dict(self.holder, pid=0), sort_keys=True)
         return LOCK.format(unit=shlex.quote(self.unit), holder=shlex.quote(self.holder_path),
+                           run_dir=shlex.quote(self.run_dir),
                            holder_json=shlex.quote(holder), break_lock=int(self.break_lock))
 
 

@@ -11,9 +11,9 @@ import base64
 import hashlib
 import shlex
 
-from .config import Settings
+from .config import UPSTREAM_HEADER, Settings
 from .source import Source
-from .release import Prune, Release, Switch, host_header, rollback_target
+from .release import Prune, Release, Switch, host_header, log_path, rollback_target
 from .steps import Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Service, Step, Symlink, User
 from .templates import render
 
@@ -137,22 +137,31 @@ def deploy_steps(s: Settings, source: Source, release_id: str, deployer: str = "
         # Older layouts: one unit and one gunicorn config shared by both slots (now per release)
         Absent(f"/etc/systemd/system/{s.name}@.service", notify=("unit",)),
         Absent(f"{s.root}/gunicorn.conf.py"),
-        Switch(s, release.target, action="deploy", by=deployer),
+        Switch(s, release.target, action="deploy", by=deployer, prove=proves_upstream(site)),
         Prune(s, release.target),
         File(f"/etc/nginx/sites-available/{s.name}", site, notify=("nginx",)),
         Symlink(f"/etc/nginx/sites-enabled/{s.name}", f"/etc/nginx/sites-available/{s.name}", notify=("nginx",)),
         Absent("/etc/nginx/sites-enabled/default", notify=("nginx",), when=("packages",)),
         Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile="/run/nginx.pid"),
-        health_check(s),
+        health_check(s, proves_upstream(site)),
     ]
 
 
-def health_check(s: Settings) -> HttpCheck:
-    """The end-to-end check: through nginx on the host, as a visitor would."""
-    return HttpCheck("http://127.0.0.1" + s.health_path, host_header=host_header(s), timeout=s.health_timeout)
+def proves_upstream(site: bytes) -> bool:
+    """The site tells the host which socket answered (the kit's template does; yours may not)."""
+    return UPSTREAM_HEADER.encode() in site
+
+
+def health_check(s: Settings, prove: bool) -> HttpCheck:
+    """The end-to-end check: through nginx on the host, as a visitor would, answered by this
+    app's gunicorn (not nginx's welcome page or another app's site)."""
+    return HttpCheck("http://127.0.0.1" + s.health_path, host_header=host_header(s), timeout=s.health_timeout,
+                     expect=(UPSTREAM_HEADER, f"unix:{s.socket_dir}/") if prove else None)
 
 
 def rollback_steps(s: Settings, to: str | None, by: str = "") -> list[Step]:
     target = rollback_target(s, to)
-    return [Switch(s, target, action="rollback", by=by, restart_on=(), extra_facts=(("ls", f"{s.root}/releases"),)),
-            health_check(s)]
+    prove = proves_upstream(rendered(s, "nginx-site.conf.j2"))
+    return [Switch(s, target, action="rollback", by=by, restart_on=(), prove=prove,
+                   extra_facts=(("ls", f"{s.root}/releases"), ("content", log_path(s)))),
+            health_check(s, prove)]

@@ -46,6 +46,7 @@ SERVER_NAME_RE = re.compile(r"_|[A-Za-z0-9*.-]+( [A-Za-z0-9*.-]+)*")
 PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]*")
 PATH_RE = re.compile(r"[\w./-]+")
 PROXY_RE = re.compile(r"https?://([^\s/:@]+(:[^\s/@]*)?@)?[^\s/@:]+(:\d+)?/?")  # [user[:password]@]host[:port]
+UPSTREAM_HEADER = "X-Provision-Upstream"  # the socket that answered, for requests from the host itself
 SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
 
 
@@ -113,7 +114,8 @@ class Settings:
     def template_vars(self) -> dict:
         out = dict(self.extra)
         out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
-        out.update(root=self.root, user=self.user, upstream_file=self.upstream_file, socket_unit=self.socket_unit)
+        out.update(root=self.root, user=self.user, upstream_file=self.upstream_file, socket_unit=self.socket_unit,
+                   upstream_header=UPSTREAM_HEADER, upstream_var=f"provision_upstream_{self.name.replace('-', '_')}")
         return out
 
     @property
@@ -214,7 +216,8 @@ def build(raw: dict, base_dir: Path) -> Settings:
     for key in ("linked_files", "linked_dirs"):
         linked[key] = tuple(_list(key, v[key]))
         for rel in linked[key]:
-            if rel.startswith("/") or ".." in rel.split("/") or not PATH_RE.fullmatch(rel):
+            parts = rel.split("/")
+            if rel.startswith("/") or not PATH_RE.fullmatch(rel) or any(p in ("", ".", "..") for p in parts):
                 raise _bad(key, rel, "expected a path inside the release, like .env or log")
     python = str(v["python"])
     if not PATH_RE.fullmatch(python):
@@ -231,7 +234,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
         threads=_int("threads", v["threads"], 1, 256),
         python=python,
         packages=tuple(packages),
-        checks=(base_dir / str(v["checks"])).resolve(),
+        checks=(source / str(v["checks"])).resolve(),  # beside the app: its checks, not every app's
         templates=(base_dir / str(v["templates"])).resolve(),
         proxy=proxy.rstrip("/"),
         ca_bundle=ca_path,

@@ -20,10 +20,11 @@ import hashlib
 import json
 import re
 import shlex
+from dataclasses import dataclass
 from importlib import resources
 from typing import Callable
 
-from .config import Settings
+from .config import UPSTREAM_HEADER, Settings
 from .errors import ProvisionError
 from .source import Source
 from .steps import Change, Facts, Step, symlink_commands
@@ -166,8 +167,8 @@ class Switch(Step):
 
     def __init__(self, s: Settings, target: Callable[[Facts], str], action: str = "deploy", by: str = "",
                  restart_on: tuple[str, ...] = ("socket",), daemon_reload_on: tuple[str, ...] = ("unit",),
-                 extra_facts: tuple = ()):
-        self.s, self.target, self.action, self.by = s, target, action, by
+                 extra_facts: tuple = (), prove: bool = False):
+        self.s, self.target, self.action, self.by, self.prove = s, target, action, by, prove
         self.restart_on, self.daemon_reload_on, self.extra_facts = restart_on, daemon_reload_on, extra_facts
 
     @property
@@ -195,7 +196,8 @@ class Switch(Step):
             args = {"app": s.name, "root": s.root, "slot": slot, "old": live or "", "release": target,
                     "health_path": s.health_path, "host": host_header(s), "timeout": s.health_timeout,
                     "action": self.action, "by": self.by, "upstream": s.upstream_file,
-                    "socket": s.socket(slot), "wants": WANTS, "sockets_wants": SOCKETS_WANTS, "daemon_reload": bool(notified & set(self.daemon_reload_on))}
+                    "socket": s.socket(slot), "prove": [UPSTREAM_HEADER, f"unix:{s.socket(slot)}"] if self.prove else None,
+                    "site": f"/etc/nginx/sites-enabled/{s.name}", "wants": WANTS, "sockets_wants": SOCKETS_WANTS, "daemon_reload": bool(notified & set(self.daemon_reload_on))}
             return Change([f"python3 -c {q(SWITCH_PY)} {q(json.dumps(args, sort_keys=True))}"],
                           summary=f"{target} -> slot {slot}")
         cmds = []
@@ -213,9 +215,60 @@ def host_header(s: Settings) -> str:
     return "" if s.server_name == "_" else s.server_name.split()[0].replace("*", "www")
 
 
+def log_path(s: Settings) -> str:
+    return f"{s.root}/releases.log"
+
+
+@dataclass
+class History:
+    """What the release log (``releases.log``, written by the switch) says about releases."""
+
+    went_live: list[str]  # in order, one entry per switch to it (deploy or rollback)
+    refused: set[str]
+    first: dict[str, dict]  # each release's first entry: when, by whom
+
+    @classmethod
+    def read(cls, text: str | None) -> "History":
+        went_live, refused, first = [], set(), {}
+        for line in (text or "").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("release"), str):
+                continue
+            first.setdefault(entry["release"], entry)
+            if entry.get("action") in ("deploy", "rollback"):
+                went_live.append(entry["release"])
+            elif entry.get("action") == "refused":
+                refused.add(entry["release"])
+        return cls(went_live, refused, first)
+
+    def state(self, release: str) -> str:
+        """live-at-some-time, refused (its health gate failed) or never-live (an interrupted deploy)."""
+        if release in self.went_live:
+            return "went live"
+        return "refused" if release in self.refused else "never live"
+
+    def before(self, live: str | None, present: list[str]) -> str | None:
+        """The release that was live before ``live``, among those still ``present``."""
+        seen_live = False
+        for release in reversed(self.went_live):
+            if release == live:
+                seen_live = True
+            elif (seen_live or live is None) and release in present:
+                return release
+        return None
+
+
+def releases_on_host(s: Settings, facts: Facts) -> list[str]:
+    return sorted(n for n in (facts.ls(f"{s.root}/releases") or []) if not n.endswith(".provision-tmp"))
+
+
 class Prune(Step):
-    """Keep the newest ``keep_releases`` releases, never the live or the previous one;
-    drop partial uploads and virtualenvs no kept release uses."""
+    """Keep the newest ``keep_releases`` releases that went live, never the live or the
+    previous one; drop releases that never went live (refused, interrupted) first, partial
+    uploads, and virtualenvs no kept release uses."""
 
     def __init__(self, s: Settings, target: Callable[[Facts], str]):
         self.s, self.target = s, target
@@ -225,17 +278,18 @@ class Prune(Step):
         return f"prune {self.s.root}/releases"
 
     def facts(self):
-        return [("ls", f"{self.s.root}/releases"), ("file", f"{self.s.root}/current")]
+        return [("ls", f"{self.s.root}/releases"), ("file", f"{self.s.root}/current"), ("content", log_path(self.s))]
 
     def doomed(self, facts: Facts) -> list[str]:
         names = facts.ls(f"{self.s.root}/releases") or []
         partial = [n for n in names if n.endswith(".provision-tmp")]
-        releases = sorted(set(n for n in names if n not in partial) | {self.target(facts)})
-        keep = set(releases[-self.s.keep_releases:]) | {self.target(facts)}
-        previous = current_release(self.s, facts)
-        if previous:
-            keep.add(previous)
-        return partial + [r for r in releases if r not in keep]
+        history = History.read(facts.content(log_path(self.s)))
+        releases = releases_on_host(self.s, facts)
+        target, previous = self.target(facts), current_release(self.s, facts)
+        went_live = [r for r in releases if history.state(r) == "went live"]
+        keep = set(went_live[-self.s.keep_releases:]) | {target} | ({previous} if previous else set())
+        never = [r for r in releases if r not in keep and r not in went_live]
+        return partial + never + [r for r in went_live if r not in keep]
 
     def plan(self, facts, notified):
         doomed = self.doomed(facts)
@@ -253,16 +307,18 @@ class Prune(Step):
 
 
 def rollback_target(s: Settings, to: str | None) -> Callable[[Facts], str]:
+    """``to``, or the release that was live before the live one (from the release log)."""
+
     def target(facts: Facts) -> str:
-        releases = [n for n in (facts.ls(f"{s.root}/releases") or []) if not n.endswith(".provision-tmp")]
+        releases = releases_on_host(s, facts)
         if to:
             if to not in releases:
                 raise ProvisionError(f"no release {to!r} on the host; `fab releases` lists them")
             return to
-        live = current_release(s, facts)
-        earlier = [r for r in sorted(releases) if live is None or r < live]
+        earlier = History.read(facts.content(log_path(s))).before(current_release(s, facts), releases)
         if not earlier:
-            raise ProvisionError("no earlier release to roll back to; `fab releases` lists them")
-        return earlier[-1]
+            raise ProvisionError("no release that was live before the live one is left on the host; "
+                                 "`fab releases` lists them (roll back to one with --to ID)")
+        return earlier
 
     return target

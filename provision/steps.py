@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import difflib
 import hashlib
+import json
 import shlex
 from dataclasses import dataclass
 from typing import Iterable
@@ -54,8 +55,8 @@ class Facts:
     def command(self, cmd: str) -> int:
         return self._answers[("command", cmd)]
 
-    def http(self, url: str, host: str = "") -> int:
-        return self._answers[("http", f"{url} {host}".strip())]
+    def http(self, url: str, host: str = "", expect: tuple[str, str] | None = None) -> int:
+        return self._answers[("http", http_fact_arg(url, host, expect))]
 
 
 @dataclass
@@ -489,9 +490,14 @@ def drain_workers(command: str, pidfile: str, timeout: float = 30) -> list[str]:
     ]
 
 
+def http_fact_arg(url: str, host: str, expect: tuple[str, str] | None) -> str:
+    return json.dumps([url, host, *(expect or ())])
+
+
 @dataclass(repr=False)
 class HttpCheck(Step):
-    """The service answers ``url`` with a 2xx status (retried up to ``timeout`` seconds).
+    """The service answers ``url`` with a 2xx status (retried up to ``timeout`` seconds), and,
+    with ``expect`` (header, prefix), with that header starting so: proof of who answered.
 
     Runs whenever anything changed in this run; otherwise the status gathered
     with the facts decides.
@@ -500,41 +506,44 @@ class HttpCheck(Step):
     url: str
     host_header: str = ""
     timeout: int = 30
+    expect: tuple[str, str] | None = None
 
     @property
     def name(self):
         return f"health {self.url}"
 
     def facts(self):
-        return [("http", f"{self.url} {self.host_header}".strip())]
+        return [("http", http_fact_arg(self.url, self.host_header, self.expect))]
 
     def command(self) -> str:
-        return http_check_command(self.url, self.host_header, self.timeout)
+        return http_check_command(self.url, self.host_header, self.timeout, self.expect)
 
     def plan(self, facts, notified):
-        status = facts.http(self.url, self.host_header)
+        status = facts.http(self.url, self.host_header, self.expect)
         if notified or not (200 <= status < 300):
             return Change([self.command()], summary="answers", check=True)
         return None
 
 
-def http_check_command(url: str, host_header: str, timeout: int) -> str:
+def http_check_command(url: str, host_header: str, timeout: int, expect: tuple[str, str] | None = None) -> str:
     py = (
         "import sys,time,urllib.request as u,urllib.error as e\n"
-        "url,host,limit=sys.argv[1],sys.argv[2],float(sys.argv[3])\n"
+        "url,host,limit,want=sys.argv[1],sys.argv[2],float(sys.argv[3]),sys.argv[4:]\n"
         "o=u.build_opener(u.ProxyHandler({}))\n"
         "end=time.time()+limit;last='no answer'\n"
         "while True:\n"
         "  try:\n"
         "    r=o.open(u.Request(url,headers={'Host':host} if host else {}),timeout=5)\n"
-        "    if 200<=r.status<300: sys.exit(0)\n"
-        "    last='HTTP %d'%r.status\n"
+        "    got=r.headers.get(want[0],'') if want else ''\n"
+        "    if 200<=r.status<300 and got.startswith(want[1] if want else ''): sys.exit(0)\n"
+        "    last='HTTP %d'%r.status+(', %s: %r'%(want[0],got) if want else '')\n"
         "  except e.HTTPError as x: last='HTTP %d'%x.code\n"
         "  except Exception as x: last=str(x)\n"
         "  if time.time()>end: sys.exit('health check: %s answered %s after %ss'%(url,last,limit))\n"
         "  time.sleep(0.2)\n"
     )
-    return f"python3 -c {q(py)} {q(url)} {q(host_header)} {timeout}"
+    extra = f" {q(expect[0])} {q(expect[1])}" if expect else ""
+    return f"python3 -c {q(py)} {q(url)} {q(host_header)} {timeout}{extra}"
 
 
 def collect_facts(steps: Iterable[Step]) -> list[Fact]:

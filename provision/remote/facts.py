@@ -119,8 +119,9 @@ def command_fact(cmd):
 
 def http_fact(arg):
     """Status code of a plain-HTTP GET (no redirects followed, no proxy), 0 when nothing
-    answers. A raw socket: urllib would double this script's start-up time."""
-    url, _, host = arg.partition(" ")
+    answers or, given [url, host, header, prefix], the header does not start with prefix.
+    A raw socket: urllib would double this script's start-up time."""
+    url, host, *expect = json.loads(arg)
     rest = url.split("://", 1)[1]
     hostport, _, path = rest.partition("/")
     name, _, port = hostport.partition(":")
@@ -128,7 +129,16 @@ def http_fact(arg):
         with socket.create_connection((name, int(port or 80)), timeout=5) as sock:
             sock.sendall(("GET /%s HTTP/1.0\r\nHost: %s\r\nUser-Agent: provision-facts\r\n\r\n"
                           % (path, host or hostport)).encode())
-            status = sock.makefile("rb").readline().split()
+            reply = sock.makefile("rb")
+            status = reply.readline().split()
+            headers = {}
+            for line in iter(reply.readline, b"\r\n"):
+                key, _, value = line.decode("latin-1").partition(":")
+                headers[key.strip().lower()] = value.strip()
+                if not line:
+                    break
+        if expect and not headers.get(expect[0].lower(), "").startswith(expect[1]):
+            return 0
         return int(status[1]) if len(status) > 1 and status[0].startswith(b"HTTP/") else 0
     except (OSError, ValueError):
         return 0

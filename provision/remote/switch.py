@@ -16,6 +16,8 @@
 import http.client
 import json
 import os
+import re
+import select
 import socket
 import subprocess
 import sys
@@ -38,13 +40,20 @@ def run(*cmd, check=True):
 STARTED = time.time()
 
 
+EXCEPTION = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure))(: .*)?$")
+
+
 def log_excerpt(limit=40):
-    """The new instance's log since this switch began, from its first error on (the first
-    attempt's traceback names the cause; restarts only repeat it)."""
+    """The exception that stopped the new instance (the last line of its first traceback, as
+    Python prints it), then its log from the start of that traceback up to that line."""
     lines = run("journalctl", "-u", unit, "--since", "@%d" % int(STARTED - 1), "--no-pager", "-o", "cat",
                 check=False).stdout.splitlines()
-    first = next((i for i, l in enumerate(lines) if "Traceback" in l or "Error" in l), max(0, len(lines) - limit))
-    return "\n".join(lines[first:first + limit])
+    at = next((i for i, l in enumerate(lines) if EXCEPTION.match(l)), None)
+    if at is None:
+        return "\n".join(lines[-limit:])
+    start = max(0, at + 1 - limit)
+    start = next((i for i in range(at, start - 1, -1) if "Traceback" in lines[i]), start)
+    return "exception: %s\n%s" % (lines[at].strip(), "\n".join(lines[start:at + 1]))
 
 
 def fail(message, stop_new=False):
@@ -52,6 +61,7 @@ def fail(message, stop_new=False):
         excerpt = log_excerpt()
         run("systemctl", "stop", unit + ".service", unit + ".socket", check=False)
         run("systemctl", "reset-failed", unit + ".service", unit + ".socket", check=False)
+        record("refused")
         message += "\n--- %s's log ---\n%s" % (unit, excerpt)
     sys.stderr.write(message + "\n")
     sys.exit(1)
@@ -98,15 +108,49 @@ def append_log(path, line):
         fh.write(line)
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
+def record(action):
+    """A line in the release log: what went live (deploy, rollback) or was refused, by whom, when."""
+    append_log(root + "/releases.log", json.dumps({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "release": release, "action": action,
+        "by": a["by"], "slot": slot}, sort_keys=True) + "\n")
 
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
+
+def exited():
+    """Why the new instance is not starting any more (it exited or systemd restarts it), or None."""
+    state = dict(l.split("=", 1) for l in run("systemctl", "show", "-p", "ActiveState,SubState,NRestarts",
+                                             unit + ".service", check=False).stdout.split())
+    if state.get("ActiveState") in ("failed", "inactive") or state.get("SubState") == "auto-restart" \
+            or int(state.get("NRestarts") or 0) > 0:
+        return "%s exited (it is %s)" % (unit, state.get("SubState") or state.get("ActiveState"))
+    return None
+
+
+def ask(deadline):
+    """The status line of GET health_path on the new socket. systemd accepts connections for the
+    instance even before it runs, so the answer is awaited while watching that it still starts."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(5)
+        conn.connect(sock_path)
+        conn.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (a["health_path"], a["host"] or "localhost")).encode())
+        data = b""
+        while b"\r\n" not in data and time.time() < deadline:
+            if select.select([conn], [], [], 0.1)[0]:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            else:
+                why = exited()
+                if why:
+                    raise Exited(why)
+        return data.split(b"\r\n", 1)[0].decode("latin-1")
+    finally:
+        conn.close()
+
+
+class Exited(Exception):
+    pass
 
 
 def healthy():
@@ -114,18 +158,17 @@ def healthy():
     last = "no answer"
     while time.time() < deadline:
         try:
-            conn = UnixHTTPConnection(sock_path, timeout=5)
-            conn.request("GET", a["health_path"], headers={"Host": a["host"] or "localhost"})
-            status = conn.getresponse().status
-            conn.close()
-            if 200 <= status < 300:
+            status = ask(deadline).split()
+            if len(status) > 1 and status[1].isdigit() and 200 <= int(status[1]) < 300:
                 return None
-            last = "HTTP %d" % status
+            last = "HTTP %s" % status[1] if len(status) > 1 else "no answer"
+        except Exited as e:
+            return str(e)
         except OSError as e:
             last = str(e) or type(e).__name__
-        state = run("systemctl", "is-active", unit, check=False).stdout.strip()
-        if state in ("failed", "inactive"):
-            return "%s is %s (it exited)" % (unit, state)
+        why = exited()
+        if why:
+            return why
         time.sleep(0.03)
     return "no healthy answer within %ss (last: %s)" % (a["timeout"], last)
 
@@ -174,7 +217,9 @@ if daemon_reload:
     run("systemctl", "daemon-reload")
 run("systemctl", "stop", unit + ".service", check=False)
 run("systemctl", "restart", unit + ".socket", check=False)
-run("systemctl", "start", unit + ".service", check=False)
+# --no-block: a release that crashes would hold `start` through systemd's restarts (seconds);
+# the health gate sees the crash at once instead.
+run("systemctl", "start", "--no-block", unit + ".service", check=False)
 
 # 2. health gate
 problem = healthy()
@@ -193,18 +238,52 @@ if test.returncode != 0:
     else:
         write(upstream, previous)
     fail("nginx -t failed, traffic not moved: %s" % test.stdout.strip(), stop_new=True)
-before = nginx_workers()
-run("systemctl", "reload-or-restart", "nginx")
-deadline = time.time() + 30
-while time.time() < deadline and any(alive(p) for p in before):
-    time.sleep(0.02)
+def reload_nginx():
+    """Returns once the old workers, with the old configuration, are gone."""
+    before = nginx_workers()
+    run("systemctl", "reload-or-restart", "nginx")
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(p) for p in before):
+        time.sleep(0.02)
+
+
+def through_nginx():
+    """None once nginx answers the health path from the new socket (its site says which socket
+    answered a request from the host itself), else what it answered."""
+    header, want = a["prove"]
+    deadline, last = time.time() + 10, "no answer"
+    while time.time() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", 80, timeout=5)
+            conn.request("GET", a["health_path"], headers={"Host": a["host"] or "localhost"})
+            resp = conn.getresponse()
+            got = resp.getheader(header) or ""
+            conn.close()
+            if 200 <= resp.status < 300 and got == want:
+                return None
+            last = "HTTP %d from %s" % (resp.status, got or "something else than %s (nginx's own page?)" % app)
+        except OSError as e:
+            last = str(e) or type(e).__name__
+        time.sleep(0.05)
+    return last
+
+
+reload_nginx()
+if a["prove"] and os.path.lexists(a["site"]):
+    problem = through_nginx()
+    if problem:
+        if previous is None:
+            os.unlink(upstream)
+        else:
+            write(upstream, previous)
+        reload_nginx()
+        fail("release %s answers on its socket, but not through nginx (%s); traffic stays on the previous "
+             "release" % (release, problem), stop_new=True)
 
 # 4. record, then retire the old instance
 link(root + "/current", "releases/" + release)
 write(root + "/live-slot", slot + "\n")
-append_log(root + "/releases.log", json.dumps({
-    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "release": release, "action": a["action"],
-    "by": a["by"], "slot": slot}, sort_keys=True) + "\n")
+record(a["action"])
 # Enabled at boot = wants links, as `systemctl enable` makes them (without its daemon reload).
 for wants, name, target in ((a["wants"], unit + ".service", unit_file),
                             (a["sockets_wants"], unit + ".socket", "/etc/systemd/system/%s@.socket" % app)):

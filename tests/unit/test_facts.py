@@ -36,7 +36,7 @@ def test_users_and_unreachable_http():
     root, nobody = gather([["user", "root"], ["user", "no-such-user-xyz"]])
     assert root["uid"] == 0 and nobody is None
     # port 9 on loopback: nothing listens; the fact is 0, not an exception
-    assert gather([["http", "http://127.0.0.1:9/"]]) == [0]
+    assert gather([["http", '["http://127.0.0.1:9/", ""]']]) == [0]
 
 
 def test_packages_answer_per_name():
@@ -44,7 +44,7 @@ def test_packages_answer_per_name():
     assert facts == [False]
 
 
-def test_http_fact_reports_status_codes_and_sends_the_host_header():
+def test_http_fact_reports_status_codes_sends_the_host_header_and_checks_who_answered():
     import http.server
     import threading
 
@@ -53,7 +53,8 @@ def test_http_fact_reports_status_codes_and_sends_the_host_header():
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             seen.append((self.path, self.headers["Host"]))
-            self.send_response(200 if self.path == "/ok" else 404)
+            self.send_response(200 if self.path != "/no" else 404)
+            self.send_header("X-Provision-Upstream", "unix:/run/provision/hello/a.sock")
             self.end_headers()
 
         def log_message(self, *a):
@@ -62,9 +63,11 @@ def test_http_fact_reports_status_codes_and_sends_the_host_header():
     server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        port = server.server_address[1]
-        facts = gather([["http", f"http://127.0.0.1:{port}/ok example.test"], ["http", f"http://127.0.0.1:{port}/no"]])
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        facts = gather([["http", json.dumps([f"{url}/ok", "example.test"])], ["http", json.dumps([f"{url}/no", ""])],
+                        ["http", json.dumps([f"{url}/ok", "", "X-Provision-Upstream", "unix:/run/provision/hello/"])],
+                        ["http", json.dumps([f"{url}/ok", "", "X-Provision-Upstream", "unix:/run/provision/other/"])]])
     finally:
         server.shutdown()
-    assert facts == [200, 404]
-    assert seen == [("/ok", "example.test"), ("/no", f"127.0.0.1:{port}")]
+    assert facts == [200, 404, 200, 0]  # the last: answered, but not by that app
+    assert seen[:2] == [("/ok", "example.test"), ("/no", url.split("//")[1])]

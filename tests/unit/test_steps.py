@@ -168,7 +168,7 @@ def test_service(state, notified, expected):
 
 def test_health_check_runs_after_changes_or_when_unhealthy():
     step = HttpCheck("http://127.0.0.1/", timeout=5)
-    key = ("http", "http://127.0.0.1/")
+    key = ("http", '["http://127.0.0.1/", ""]')
     assert decide(step, {key: 200}) is None
     assert decide(step, {key: 502}) is not None
     assert decide(step, {key: 200}, notified={"*changed*"}) is not None

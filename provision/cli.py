@@ -29,7 +29,7 @@ from .app import deploy_steps, provision_steps, proxy_env, rollback_steps
 from .errors import ProvisionError
 from .executor import HostResult, Printer, connect, gather, run_steps
 from .fleet import DEFAULT_PARALLEL, exit_code, run_fleet
-from .release import current_release
+from .release import History, current_release, log_path, releases_on_host
 from .script import Lock
 from .inventory import Inventory, Target
 from .source import scan
@@ -384,24 +384,17 @@ def show_releases(c, project: Path) -> None:
         s = job.settings
         remote = _connect(job, c)
         try:
-            keys = [("ls", f"{s.root}/releases"), ("content", f"{s.root}/releases.log"), ("file", f"{s.root}/current")]
-            facts = gather(remote, keys)
+            facts = gather(remote, [("ls", f"{s.root}/releases"), ("content", log_path(s)), ("file", f"{s.root}/current")])
         finally:
             remote.conn.close()
-        live = current_release(s, facts)
-        log: dict[str, dict] = {}
-        for line in (facts.content(f"{s.root}/releases.log") or "").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            log.setdefault(entry.get("release"), entry) if entry.get("action") == "deploy" else None
-        names = [n for n in facts.ls(f"{s.root}/releases") or [] if not n.endswith(".provision-tmp")]
+        live, history = current_release(s, facts), History.read(facts.content(log_path(s)))
+        names = releases_on_host(s, facts)
         print(f"{job.target.alias}: {len(names)} release(s) in {s.root}/releases")
-        for n in sorted(names):
-            e = log.get(n, {})
-            who = f"deployed {e['time']} by {e.get('by') or '?'}" if e else ""
-            print(f"  {'*' if n == live else ' '} {n:<40} {who}".rstrip())
+        for n in names:
+            e, state = history.first.get(n), history.state(n)
+            when = f"{e.get('action')} {e.get('time')} by {e.get('by') or '?'}" if e else ""
+            mark = "" if state == "went live" else f"{state.upper()}  "
+            print(f"  {'*' if n == live else ' '} {n:<40} {mark}{when}".rstrip())
 
 
 def _exit_for_failures(results: list[HostResult], printer: Printer) -> None:
@@ -424,19 +417,24 @@ def show_status(c, project: Path) -> None:
         units = [f"{s.name}@a", f"{s.name}@b", "nginx"]
         remote = _connect(job, c)
         try:
-            facts = gather(remote, [("file", f"{s.root}/current"), ("content", f"{s.root}/releases.log"),
+            facts = gather(remote, [("file", f"{s.root}/current"), ("content", log_path(s)),
                                     ("content", f"{s.root}/live-slot"), ("content", "/proc/uptime"), ("os", "")]
                            + [("service", u) for u in units])
         finally:
             remote.conn.close()
         slot = (facts.content(f"{s.root}/live-slot") or "").strip()
-        states = []
+        states, down = [], []
         for u in units:
             st = facts.service(u) or {}
             if st.get("active") or u == "nginx" or u.endswith("@" + slot):
                 states.append(f"{u} {'running' if st.get('active') else 'STOPPED'}")
-        log = (facts.content(f"{s.root}/releases.log") or "").strip().splitlines()
-        last = json.loads(log[-1]) if log else {}
+                if not st.get("active"):
+                    down.append(u)
+        log = (facts.content(log_path(s)) or "").strip().splitlines()
+        try:
+            last = json.loads(log[-1]) if log else {}
+        except ValueError:
+            last = {}
         uptime = float((facts.content("/proc/uptime") or "0").split()[0])
         osf = facts[("os", "")]
         printer.line(f"{job.target.alias}: release {current_release(s, facts) or '(none)'}; {', '.join(states)}; "
@@ -444,6 +442,9 @@ def show_status(c, project: Path) -> None:
         if last:
             printer.line(f"{job.target.alias}: last {last.get('action')} {last.get('release')} at {last.get('time')} "
                          f"by {last.get('by') or '?'}")
+        if down:  # the host does not serve the app: say so in the exit code too
+            return HostResult(job.target.alias, error=f"{job.target.alias}: {' and '.join(down)} not running; "
+                                                      "`fab deploy` starts what is missing")
         return HostResult(job.target.alias)
 
     results = run_fleet(jobs(c, project, {}), lambda j: j.target.alias, one)

@@ -8,7 +8,7 @@ import pytest
 
 from provision import config as cfg
 from provision.errors import ProvisionError
-from provision.release import WANTS, Prune, Switch, live_slot, rollback_target
+from provision.release import WANTS, History, Prune, Switch, live_slot, rollback_target
 from provision.steps import Facts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,30 +88,66 @@ def test_an_idle_slot_that_systemd_still_thinks_enabled_needs_no_repair():
     assert Switch(S, lambda f: "r2").plan(facts, set()) is None
 
 
-def test_prune_keeps_newest_and_never_the_live_or_previous():
+def log(*entries):
+    return "".join(json.dumps({"release": r, "action": a, "time": "t", "by": "me"}) + "\n" for r, a in entries)
+
+
+LOG = ("content", "/srv/hello/releases.log")
+
+
+def test_prune_keeps_newest_that_went_live_and_never_the_live_or_previous():
     s = cfg.build(dict(cfg.DEFAULTS, keep_releases=2), ROOT)
     names = ["2026-01", "2026-02", "2026-03", "2026-04", "2026-05.provision-tmp"]
-    facts = Facts({("ls", "/srv/hello/releases"): names, ("file", "/srv/hello/current"): link("releases/2026-01")})
+    went = log(("2026-01", "deploy"), ("2026-02", "deploy"), ("2026-03", "deploy"), ("2026-04", "deploy"),
+               ("2026-01", "rollback"))
+    facts = Facts({("ls", "/srv/hello/releases"): names, ("file", "/srv/hello/current"): link("releases/2026-01"),
+                   LOG: went})
     prune = Prune(s, lambda f: "2026-06")
-    # keep: 2026-04 and the new 2026-06 (newest two), 2026-01 (previous, live before this deploy)
-    assert prune.doomed(facts) == ["2026-05.provision-tmp", "2026-02", "2026-03"]
+    # keep: 2026-03, 2026-04 (newest two that went live), the new 2026-06, 2026-01 (live before this deploy)
+    assert prune.doomed(facts) == ["2026-05.provision-tmp", "2026-02"]
     cmds = prune.plan(facts, {"switched"}).commands
-    assert cmds[0] == ("rm -rf /srv/hello/releases/2026-05.provision-tmp /srv/hello/releases/2026-02 "
-                       "/srv/hello/releases/2026-03")
+    assert cmds[0] == "rm -rf /srv/hello/releases/2026-05.provision-tmp /srv/hello/releases/2026-02"
     assert "venvs" in cmds[1]
 
 
+def test_prune_removes_releases_that_never_went_live_first():
+    s = cfg.build(dict(cfg.DEFAULTS, keep_releases=5), ROOT)
+    names = ["r1", "r2-refused", "r3-interrupted", "r4"]
+    facts = Facts({("ls", "/srv/hello/releases"): names, ("file", "/srv/hello/current"): link("releases/r4"),
+                   LOG: log(("r1", "deploy"), ("r2-refused", "refused"), ("r4", "deploy"))})
+    assert Prune(s, lambda f: "r4").doomed(facts) == ["r2-refused", "r3-interrupted"]
+
+
 def test_prune_copes_with_no_releases_and_no_current():
-    facts = Facts({("ls", "/srv/hello/releases"): None, ("file", "/srv/hello/current"): None})
+    facts = Facts({("ls", "/srv/hello/releases"): None, ("file", "/srv/hello/current"): None, LOG: None})
     assert Prune(S, lambda f: "r1").doomed(facts) == []
     assert Prune(S, lambda f: "r1").plan(facts, set()) is None
 
 
-def test_rollback_target():
-    facts = host(current="r3", releases=("r1", "r2", "r3", "r4-broken", "r5.provision-tmp"))
-    assert rollback_target(S, None)(facts) == "r2"
+def with_log(facts_obj, text):
+    return Facts({**facts_obj._answers, LOG: text})
+
+
+def test_rollback_goes_to_the_release_live_before_the_live_one_never_to_one_that_was_not():
+    # r2 was refused and r3 interrupted (never live), between the live r4 and the r1 live before it
+    facts = with_log(host(current="r4", releases=("r1", "r2", "r3", "r4", "r5.provision-tmp")),
+                     log(("r1", "deploy"), ("r2", "refused"), ("r4", "deploy")))
+    assert rollback_target(S, None)(facts) == "r1"
     assert rollback_target(S, "r1")(facts) == "r1"
+    # after that rollback, the live one is r2 and the one live before it r3
+    facts = with_log(host(current="r2", releases=("r1", "r2", "r3")),
+                     log(("r1", "deploy"), ("r2", "deploy"), ("r3", "deploy"), ("r2", "rollback")))
+    assert rollback_target(S, None)(facts) == "r3"
+    # the release live before is gone (pruned): the one before that
+    facts = with_log(host(current="r3", releases=("r1", "r3")), log(("r1", "deploy"), ("r2", "deploy"), ("r3", "deploy")))
+    assert rollback_target(S, None)(facts) == "r1"
     with pytest.raises(ProvisionError, match="no release 'r9'"):
         rollback_target(S, "r9")(facts)
-    with pytest.raises(ProvisionError, match="no earlier release"):
-        rollback_target(S, None)(host(current="r1", releases=("r1",)))
+    with pytest.raises(ProvisionError, match="no release that was live before"):
+        rollback_target(S, None)(with_log(host(current="r1", releases=("r1", "r0")), log(("r1", "deploy"))))
+
+
+def test_history_marks_refused_and_never_live_releases():
+    h = History.read(log(("r1", "deploy"), ("r2", "refused")) + "not json\n" + '["odd"]\n')
+    assert [h.state(r) for r in ("r1", "r2", "r3")] == ["went live", "refused", "never live"]
+    assert h.first["r1"]["by"] == "me"

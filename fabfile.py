@@ -5,12 +5,25 @@ Thin by design: argument parsing here, everything else in the provision package.
 
 from pathlib import Path
 
-from fabric import task
+from fabric import Task, task as fabric_task
 from invoke import Collection
 
 from provision import cli
 
 PROJECT = Path(__file__).resolve().parent
+
+
+class ProvisionTask(Task):
+    """Short flags mean the same in every task: -s is --source; --serial has none."""
+
+    LONG_ONLY = {"serial"}
+
+    def arg_opts(self, name, default, taken_names):
+        return super().arg_opts(name, default, taken_names | set(name) if name in self.LONG_ONLY else taken_names)
+
+
+def task(*args, **kwargs):
+    return fabric_task(*args, klass=ProvisionTask, **kwargs)
 
 
 def _flags(source=None):

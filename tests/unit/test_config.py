@@ -120,3 +120,15 @@ def test_secrets_are_known_before_anything_is_validated():
 def test_inventory_vars_secrets():
     assert set(cfg.secret_values({"proxy": "http://u:pw1@p:1", "var_api_KEY": "k1", "var_region": "fra1",
                                   "workers": "4"})) == {"pw1", "k1"}
+
+
+@pytest.mark.parametrize("value", [".", "./log", "log/", "a//b", "log/.", ".."])
+def test_linked_paths_name_something_inside_the_release(value):
+    with pytest.raises(ProvisionError, match="expected a path inside the release"):
+        cfg.build(dict(cfg.DEFAULTS, linked_dirs=[value]), ROOT)
+
+
+def test_checks_belong_to_the_app_source(tmp_path):
+    (tmp_path / "requirements.txt").write_text("flask\n")
+    assert cfg.build(dict(cfg.DEFAULTS, source=str(tmp_path)), ROOT).checks == tmp_path / "checks"
+    assert cfg.build(dict(cfg.DEFAULTS), ROOT).checks == ROOT / "examples/hello/checks"

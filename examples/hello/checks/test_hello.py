@@ -1,5 +1,5 @@
 """A project's own smoke check: `fab check` runs every test_*.py in the
-folder named by app.checks (default: checks/) beside the built-in ones."""
+folder named by app.checks (default: checks/ in the app source) beside the built-in ones."""
 
 
 def test_hello_answers_its_greeting(host, app):

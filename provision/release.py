@@ -266,9 +266,9 @@ def releases_on_host(s: Settings, facts: Facts) -> list[str]:
 
 
 class Prune(Step):
-    """Keep the newest ``keep_releases`` releases that went live, never the live or the
-    previous one; drop releases that never went live (refused, interrupted) first, partial
-    uploads, and virtualenvs no kept release uses."""
+    """Keep the newest ``keep_releases`` releases, never the live or the previous one; releases
+    that never went live (refused, interrupted) go first: they keep only the room left. Partial
+    uploads and virtualenvs no kept release uses go too."""
 
     def __init__(self, s: Settings, target: Callable[[Facts], str]):
         self.s, self.target = s, target
@@ -286,10 +286,12 @@ class Prune(Step):
         history = History.read(facts.content(log_path(self.s)))
         releases = releases_on_host(self.s, facts)
         target, previous = self.target(facts), current_release(self.s, facts)
-        went_live = [r for r in releases if history.state(r) == "went live"]
-        keep = set(went_live[-self.s.keep_releases:]) | {target} | ({previous} if previous else set())
+        went_live = sorted({r for r in releases if history.state(r) == "went live"} | {target})
+        keep = set(went_live[-self.s.keep_releases:]) | ({previous} if previous else set())
         never = [r for r in releases if r not in keep and r not in went_live]
-        return partial + never + [r for r in went_live if r not in keep]
+        room = max(0, self.s.keep_releases - len(keep))  # never-live ones go first: they get what is left
+        keep |= set(never[max(0, len(never) - room):]) if room else set()
+        return partial + [r for r in never if r not in keep] + [r for r in went_live if r not in keep]
 
     def plan(self, facts, notified):
         doomed = self.doomed(facts)

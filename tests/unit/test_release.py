@@ -95,7 +95,7 @@ def log(*entries):
 LOG = ("content", "/srv/hello/releases.log")
 
 
-def test_prune_keeps_newest_that_went_live_and_never_the_live_or_previous():
+def test_prune_keeps_newest_and_never_the_live_or_previous():
     s = cfg.build(dict(cfg.DEFAULTS, keep_releases=2), ROOT)
     names = ["2026-01", "2026-02", "2026-03", "2026-04", "2026-05.provision-tmp"]
     went = log(("2026-01", "deploy"), ("2026-02", "deploy"), ("2026-03", "deploy"), ("2026-04", "deploy"),
@@ -103,19 +103,21 @@ def test_prune_keeps_newest_that_went_live_and_never_the_live_or_previous():
     facts = Facts({("ls", "/srv/hello/releases"): names, ("file", "/srv/hello/current"): link("releases/2026-01"),
                    LOG: went})
     prune = Prune(s, lambda f: "2026-06")
-    # keep: 2026-03, 2026-04 (newest two that went live), the new 2026-06, 2026-01 (live before this deploy)
-    assert prune.doomed(facts) == ["2026-05.provision-tmp", "2026-02"]
+    # keep: 2026-04 and the new 2026-06 (newest two), 2026-01 (previous, live before this deploy)
+    assert prune.doomed(facts) == ["2026-05.provision-tmp", "2026-02", "2026-03"]
     cmds = prune.plan(facts, {"switched"}).commands
-    assert cmds[0] == "rm -rf /srv/hello/releases/2026-05.provision-tmp /srv/hello/releases/2026-02"
+    assert cmds[0] == ("rm -rf /srv/hello/releases/2026-05.provision-tmp /srv/hello/releases/2026-02 "
+                       "/srv/hello/releases/2026-03")
     assert "venvs" in cmds[1]
 
 
-def test_prune_removes_releases_that_never_went_live_first():
-    s = cfg.build(dict(cfg.DEFAULTS, keep_releases=5), ROOT)
+@pytest.mark.parametrize("keep,doomed", [(2, ["r2-refused", "r3-interrupted"]), (3, ["r2-refused"]), (5, [])])
+def test_prune_removes_releases_that_never_went_live_first(keep, doomed):
+    s = cfg.build(dict(cfg.DEFAULTS, keep_releases=keep), ROOT)
     names = ["r1", "r2-refused", "r3-interrupted", "r4"]
     facts = Facts({("ls", "/srv/hello/releases"): names, ("file", "/srv/hello/current"): link("releases/r4"),
                    LOG: log(("r1", "deploy"), ("r2-refused", "refused"), ("r4", "deploy"))})
-    assert Prune(s, lambda f: "r4").doomed(facts) == ["r2-refused", "r3-interrupted"]
+    assert Prune(s, lambda f: "r4").doomed(facts) == doomed
 
 
 def test_prune_copes_with_no_releases_and_no_current():

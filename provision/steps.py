@@ -40,6 +40,9 @@ class Facts:
     def content(self, path: str) -> str | None:
         return self._answers[("content", path)]
 
+    def files(self, path: str) -> dict[str, str | None] | None:
+        return self._answers[("files", path)]
+
     def package(self, name: str) -> bool:
         return bool(self._answers[("package", name)])
 

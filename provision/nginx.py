@@ -2,16 +2,21 @@
 
 Planning refuses a site that clashes with another enabled one: both the default server of a port
 (nginx refuses to start), or both serving a server_name on the same port (nginx ignores the second).
+Applying writes and enables the site, then runs ``nginx -t``: when nginx refuses the result, the
+previous site file and link come back (or the new ones go), so a deploy never leaves nginx with a
+configuration it refuses to start with.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 
 from .errors import ProvisionError
 from .steps import Change, File, symlink_commands
 
+q = shlex.quote
 MANAGED = "# Managed by provision"  # the first line of provision's site template
 DEBIAN_DEFAULT = "default"  # Debian's welcome site: deploy_steps removes it before the app's site
 TOKEN_RE = re.compile(r"""#[^\n]*|"[^"]*"|'[^']*'|[{};]|[^\s{};"']+""")  # a comment, a word, or { } ;
@@ -82,7 +87,7 @@ def clash(mine: list[Server], theirs: list[Server]) -> str | None:
 
 class Site(File):
     """The app's site (``sites-available/<app>``), enabled by a link in ``sites-enabled``: refused
-    while planning when it clashes with another enabled site."""
+    while planning when it clashes with another enabled site, put back when nginx refuses it."""
 
     def __init__(self, app: str, content: bytes, conf_dir: str = "/etc/nginx"):
         super().__init__(f"{conf_dir}/sites-available/{app}", content, notify=("nginx",))
@@ -112,5 +117,22 @@ class Site(File):
             return None
         commands = (write.commands if write else []) + (symlink_commands(self.link, self.path) if enable else [])
         summary = ", ".join(w for w in (write and write.summary, enable and "enable") if w)
-        return Change(commands, summary=summary)
+        backup = f"{self.path.rsplit('/', 1)[0]}/.{self.app}.provision-old"  # where nginx includes nothing
+        return Change(nginx_tested(commands, [self.path, self.link], backup), summary=summary)
 
+
+def nginx_tested(commands: list[str], paths: list[str], backup: str) -> list[str]:
+    """``commands``, which change ``paths`` (absolute), then ``nginx -t``. When nginx refuses the
+    result, each path is put back as it was (removed when it was not there) and the step fails with
+    nginx's message. ``backup`` (a directory in one only root writes) keeps the previous paths meanwhile."""
+    each = f"for __p in {' '.join(q(p) for p in paths)}; do"
+    return [
+        f'__old={q(backup)}; rm -rf "$__old" && mkdir -m 700 "$__old"',
+        f'{each} if [ -e "$__p" ] || [ -L "$__p" ]; then mkdir -p "$__old${{__p%/*}}" && cp -a "$__p" "$__old$__p"; '
+        "fi; done",
+        *commands,
+        f'if ! __nginx=$(nginx -t -q 2>&1); then {each} rm -rf "$__p"; '
+        'if [ -e "$__old$__p" ] || [ -L "$__old$__p" ]; then mv "$__old$__p" "$__p"; fi; done; '
+        'rm -rf "$__old"; echo "$__nginx" >&2; exit 1; fi',
+        'rm -rf "$__old"',
+    ]

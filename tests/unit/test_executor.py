@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from provision import config as cfg
+from provision.cli import _summary_line
 from provision.errors import ProvisionError
-from provision.executor import Printer, run_steps
+from provision.executor import HostResult, Printer, run_steps
 from provision.steps import Directory, File, Lines, User
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,3 +61,9 @@ def test_a_problem_planning_finds_names_the_host_and_nothing_is_applied():
         run_steps(host, steps, printer=Printer(io.StringIO()))
     assert e.value.code == 2
     assert host.ran == []  # the directory planned before it was not made either
+
+
+def test_a_dry_run_a_host_refused_says_so():
+    refused = HostResult("web1", error="web1: account alice already exists ...", code=2)
+    assert _summary_line(refused, dry_run=True) == "web1: dry run stopped, nothing was touched (0.0s)"
+    assert _summary_line(HostResult("web1"), dry_run=True) == "web1: dry run: nothing would change (0.0s)"

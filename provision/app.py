@@ -12,9 +12,10 @@ import hashlib
 import shlex
 
 from .config import UPSTREAM_HEADER, Settings
+from .nginx import DEBIAN_DEFAULT, Site
 from .source import Source
 from .release import Prune, Release, Switch, host_header, log_path, rollback_target
-from .steps import Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Service, Step, Symlink, User
+from .steps import Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Service, Step, User
 from .templates import render
 
 q = shlex.quote
@@ -139,9 +140,9 @@ def deploy_steps(s: Settings, source: Source, release_id: str, deployer: str = "
         Absent(f"{s.root}/gunicorn.conf.py"),
         Switch(s, release.target, action="deploy", by=deployer, prove=proves_upstream(site)),
         Prune(s, release.target),
-        File(f"/etc/nginx/sites-available/{s.name}", site, notify=("nginx",)),
-        Symlink(f"/etc/nginx/sites-enabled/{s.name}", f"/etc/nginx/sites-available/{s.name}", notify=("nginx",)),
-        Absent("/etc/nginx/sites-enabled/default", notify=("nginx",), when=("packages",)),
+        # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
+        Absent(f"/etc/nginx/sites-enabled/{DEBIAN_DEFAULT}", notify=("nginx",), when=("packages",)),
+        Site(s.name, site),
         Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile="/run/nginx.pid"),
         health_check(s, proves_upstream(site)),
     ]

@@ -129,6 +129,8 @@ def _finish(results: list[HostResult], printer: Printer, json_file: str | None =
 
 
 def _summary_line(r: HostResult, dry_run: bool) -> str:
+    if dry_run and r.failed:
+        return f"{r.host}: dry run stopped, nothing was touched ({r.duration:.1f}s)"
     if dry_run:
         n = sum(1 for p in r.planned if p.status == "change")
         return (f"{r.host}: dry run: {n} step(s) would change, nothing was touched ({r.duration:.1f}s)" if n else

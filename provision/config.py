@@ -48,6 +48,15 @@ PATH_RE = re.compile(r"[\w./-]+")
 PROXY_RE = re.compile(r"https?://([^\s/:@]+(:[^\s/@]*)?@)?[^\s/@:]+(:\d+)?/?")  # [user[:password]@]host[:port]
 UPSTREAM_HEADER = "X-Provision-Upstream"  # the socket that answered, for requests from the host itself
 SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
+# The app's system user is named after it: never one of these accounts or groups of Debian and
+# Ubuntu systems and common services, nor systemd-*. (On the host, an account provision did not
+# make is refused too: steps.User.)
+RESERVED_NAMES = frozenset("""
+    root daemon bin sys sync games man lp mail news uucp proxy www-data backup list irc gnats nobody nogroup
+    adm tty disk kmem dialout fax voice cdrom floppy tape sudo audio dip operator src shadow utmp video sasl
+    plugdev staff users netdev input render kvm crontab messagebus sshd ssh ssl-cert polkitd tss uuidd syslog
+    avahi dnsmasq tcpdump ntp chrony postfix nginx postgres mysql redis memcached
+""".split())
 
 
 def _password_span(url: str) -> tuple[int, int]:
@@ -183,6 +192,8 @@ def build(raw: dict, base_dir: Path) -> Settings:
     name = str(v["name"])
     if not NAME_RE.fullmatch(name):
         raise _bad("name", name, "use lowercase letters, digits, '-' or '_', starting with a letter (max 31)")
+    if name in RESERVED_NAMES or name.startswith("systemd-"):
+        raise _bad("name", name, "that is a system account on Debian and Ubuntu hosts; choose another app name")
     source = (base_dir / str(v["source"])).resolve()
     if not source.is_dir():
         raise _bad("source", v["source"], f"no such directory {source}; point --source at your app")

@@ -264,7 +264,10 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
         missing = " and ".join(w for w, ok in (("apt", osf["apt"]), ("systemd", osf["systemd"])) if not ok)
         raise ProvisionError(f"{remote.label}: unsupported OS ({osf['id'] or 'unknown'} {osf['version']}): no "
                              f"{missing}; provision manages Debian and Ubuntu hosts with apt and systemd")
-    result.planned = planned = plan(steps, facts)
+    try:
+        result.planned = planned = plan(steps, facts)
+    except ProvisionError as e:  # found while planning, before anything was applied
+        raise ProvisionError(f"{remote.label}: {e}", e.code) from None
     if dry_run:
         changing_files = [p.step.path for p in planned if p.change and isinstance(p.step, (File, Lines))]
         old = {}

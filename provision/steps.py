@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from . import secrets
+from .errors import ProvisionError
 
 q = shlex.quote
 Fact = tuple  # (kind, arg)
@@ -39,6 +40,9 @@ class Facts:
 
     def content(self, path: str) -> str | None:
         return self._answers[("content", path)]
+
+    def files(self, path: str) -> dict[str, str | None] | None:
+        return self._answers[("files", path)]
 
     def package(self, name: str) -> bool:
         return bool(self._answers[("package", name)])
@@ -149,6 +153,9 @@ class Packages(Step):
 
 @dataclass(repr=False)
 class User(Step):
+    """A system user whose home is ``home``. An account of that name with another home is not one
+    provision made (it makes them with this home): it is never taken over, planning refuses it."""
+
     user: str
     home: str
     shell: str = "/usr/sbin/nologin"
@@ -169,12 +176,12 @@ class User(Step):
                  f"--shell {q(self.shell)} {q(self.user)}"],
                 summary="create",
             )
-        cmds = []
         if u["home"] != self.home:
-            cmds.append(f"usermod --home {q(self.home)} {q(self.user)}")
+            raise ProvisionError(f"account {self.user} already exists on the host (home {u['home']}) and provision "
+                                 "did not make it; choose another app name (app.name)")
         if u["shell"] != self.shell:
-            cmds.append(f"usermod --shell {q(self.shell)} {q(self.user)}")
-        return Change(cmds, summary="update") if cmds else None
+            return Change([f"usermod --shell {q(self.shell)} {q(self.user)}"], summary="update")
+        return None
 
 
 @dataclass(repr=False)

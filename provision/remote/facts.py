@@ -67,6 +67,13 @@ def ls_fact(path):
         return None
 
 
+def files_fact(path):
+    """The text of every file in a directory (links followed), by name: None for what is not a
+    readable file (a dangling link, a directory)."""
+    names = ls_fact(path)
+    return None if names is None else {n: content_fact(os.path.join(path, n)) for n in names}
+
+
 def user_fact(name):
     try:
         p = pwd.getpwnam(name)
@@ -166,7 +173,7 @@ def main():
     req = json.loads(sys.argv[1])
     pkgs = packages_facts([a for k, a in req if k == "package"])
     svcs = services_facts([a for k, a in req if k == "service"])
-    simple = {"file": file_fact, "content": content_fact, "user": user_fact, "ls": ls_fact,
+    simple = {"file": file_fact, "content": content_fact, "files": files_fact, "user": user_fact, "ls": ls_fact,
               "command": command_fact, "http": http_fact, "os": os_fact}
     out = []
     for kind, arg in req:

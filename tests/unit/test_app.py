@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from provision import config as cfg
-from provision.app import deploy_steps, provision_steps, proxy_env
+from provision.app import deploy_steps, provision_steps, proxy_env, rendered
 from provision.release import Release, meta_path
 from provision.errors import ProvisionError
 from provision.source import scan
@@ -25,11 +25,12 @@ def settings(**over):
     return cfg.build(cfg.layer(dict(cfg.DEFAULTS), {}, {}, over), ROOT)
 
 
-def fresh_facts(steps):
+def fresh_facts(steps, found=None):
+    """A host that has nothing the steps ask about, but the answers in ``found``."""
     answers = {}
     for kind, arg in collect_facts(steps):
         answers[(kind, arg)] = {"package": False, "service": FRESH_SERVICE, "http": 0, "command": 1}.get(kind)
-    return Facts(answers)
+    return Facts({**answers, **(found or {})})
 
 
 def test_fresh_host_changes_everything_in_a_safe_order():
@@ -42,8 +43,10 @@ def test_fresh_host_changes_everything_in_a_safe_order():
         "file /etc/apt/apt.conf.d/80provision-proxy", "file /usr/local/share/ca-certificates",
         "packages python3-pip-whl", "user hello", "virtualenv", "packages python3-venv python3-pip-whl nginx",
         "release",
-        "file /etc/systemd/system/hello@.socket", "switch hello", "prune", "file /etc/nginx/sites-available/hello",
-        "absent /etc/nginx/sites-enabled/default", "service nginx", "health")]
+        "file /etc/systemd/system/hello@.socket", "switch hello", "prune",
+        # Debian's welcome site is a default server too: gone before the app's site is enabled (and tested)
+        "absent /etc/nginx/sites-enabled/default", "file /etc/nginx/sites-available/hello", "service nginx",
+        "health")]
     assert order == sorted(order)
     by_name = {p.step.name: p for p in planned}
     # the venv builds in the background; the switch waits for it; apt-get update runs once
@@ -60,6 +63,17 @@ def test_fresh_host_changes_everything_in_a_safe_order():
     assert nginx[-4] == "nginx -t -q" and nginx[-2] == "systemctl reload-or-restart nginx"
     assert "/run/nginx.pid" in nginx[-3] and "sleep" in nginx[-1]  # then waits until the old workers are gone
     assert planned[-1].change.check
+
+
+def test_a_second_default_server_on_the_host_is_refused_while_planning():
+    s = settings(name="second")
+    src = scan(s.source)
+    steps = deploy_steps(s, src, src.release_id(0))
+    facts = fresh_facts(steps, {("files", "/etc/nginx/sites-enabled"): {
+        "hello": rendered(settings(), "nginx-site.conf.j2").decode()}})
+    with pytest.raises(ProvisionError, match=r"^app second and app hello \(/etc/nginx/sites-enabled/hello\) are both "
+                                             "nginx's default server for port 80; give one of them a server_name"):
+        plan(steps, facts)
 
 
 CONFIGS = {"unit": b"[Service]\n", "gunicorn.conf.py": b"workers = 2\n"}

@@ -77,6 +77,11 @@ def test_wsgi_that_is_code_is_refused(project):
     one_line_error(fab(project, "-H", HOST, "deploy"), "app.wsgi", "module:callable")
 
 
+def test_system_account_as_app_name_is_refused_before_any_connection(project):
+    res = fab(project, "-H", HOST, "deploy", "--dry-run", FABRIC_APP_NAME="root")
+    one_line_error(res, "app.name='root'", "system account", "choose another app name")
+
+
 def test_name_with_trailing_newline_is_refused(project):
     one_line_error(fab(project, "-H", HOST, "deploy", FABRIC_APP_NAME="hello\n"), "app.name")
 

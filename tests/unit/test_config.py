@@ -60,6 +60,13 @@ def test_invalid_settings_give_one_clear_line(over, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["root", "mail", "www-data", "nobody", "sshd", "systemd-network", "postgres", "sudo"])
+def test_names_of_system_accounts_are_refused(name):
+    with pytest.raises(ProvisionError, match=f"app.name='{name}': .*choose another app name") as e:
+        build(name=name)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("key,value", [
     ("name", "hello\n"), ("packages", ["curl\n"]), ("proxy", "http://proxy:3128\n"), ("linked_files", [".env\n"]),
     ("python", "python3\n"), ("wsgi", "app:app\n"),

@@ -5,23 +5,31 @@ import json
 import shlex
 from pathlib import Path
 
+import pytest
+
 from provision import config as cfg
-from provision.executor import Printer, run_steps
-from provision.steps import File, Lines
+from provision.cli import _summary_line
+from provision.errors import ProvisionError
+from provision.executor import HostResult, Printer, run_steps
+from provision.steps import Directory, File, Lines, User
 
 ROOT = Path(__file__).resolve().parents[2]
 OS = {"id": "debian", "version": "12", "apt": True, "systemd": True, "python": "3.11"}
 
 
 class FakeRemote:
-    """Answers the fact gatherer from a dict; runs nothing else."""
+    """Answers the fact gatherer from a dict; records anything else it is asked to run."""
 
     label, sudo, round_trips = "web1", "", 0
 
     def __init__(self, answers: dict):
         self.answers = answers
+        self.ran = []
 
     def exec(self, command, stdin=b"", timeout=None, on_line=None):
+        if not command.startswith("python3 -c "):
+            self.ran.append(command)
+            return 0, "", ""
         keys = json.loads(shlex.split(command)[-1])
         return 0, json.dumps({"facts": [self.answers[tuple(k)] for k in keys]}), ""
 
@@ -43,3 +51,19 @@ def test_dry_run_after_a_password_change_shows_neither_password():
     text = out.getvalue()
     assert "old-pw" not in text and "new-pw" not in text
     assert text.count("(content hidden: sensitive)") == 2, text
+
+
+def test_a_problem_planning_finds_names_the_host_and_nothing_is_applied():
+    steps = [Directory("/srv/alice"), User("alice", home="/srv/alice")]
+    host = FakeRemote({("os", ""): OS, ("file", "/srv/alice"): None,
+                       ("user", "alice"): {"uid": 1000, "home": "/home/alice", "shell": "/bin/bash", "group": "alice"}})
+    with pytest.raises(ProvisionError, match="^web1: account alice already exists") as e:
+        run_steps(host, steps, printer=Printer(io.StringIO()))
+    assert e.value.code == 2
+    assert host.ran == []  # the directory planned before it was not made either
+
+
+def test_a_dry_run_a_host_refused_says_so():
+    refused = HostResult("web1", error="web1: account alice already exists ...", code=2)
+    assert _summary_line(refused, dry_run=True) == "web1: dry run stopped, nothing was touched (0.0s)"
+    assert _summary_line(HostResult("web1"), dry_run=True) == "web1: dry run: nothing would change (0.0s)"

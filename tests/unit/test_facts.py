@@ -71,3 +71,16 @@ def test_http_fact_reports_status_codes_sends_the_host_header_and_checks_who_ans
         server.shutdown()
     assert facts == [200, 404, 200, 0]  # the last: answered, but not by that app
     assert seen[:2] == [("/ok", "example.test"), ("/no", url.split("//")[1])]
+
+
+def test_files_of_a_directory_are_read_through_links(tmp_path):
+    (tmp_path / "available").mkdir()
+    (tmp_path / "available" / "hello").write_text("server {}\n")
+    enabled = tmp_path / "enabled"
+    enabled.mkdir()
+    (enabled / "hello").symlink_to(tmp_path / "available" / "hello")
+    (enabled / "gone").symlink_to(tmp_path / "available" / "nothing")
+    (enabled / "mine").write_text("# mine\n")
+    (enabled / "sub").mkdir()
+    assert gather([["files", str(enabled)], ["files", str(tmp_path / "missing")]]) == [
+        {"gone": None, "hello": "server {}\n", "mine": "# mine\n", "sub": None}, None]

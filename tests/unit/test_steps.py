@@ -2,6 +2,7 @@
 
 import pytest
 
+from provision.errors import ProvisionError
 from provision.steps import (Absent, Command, Directory, Facts, File, HttpCheck, Lines, Packages, Placeholder, Service,
                              Symlink, User, collect_facts, plan)
 
@@ -24,13 +25,22 @@ def test_packages_installs_only_missing():
     assert decide(step, {("package", "nginx"): True, ("package", "python3-venv"): True}) is None
 
 
-def test_user_created_when_missing_and_fixed_when_different():
+def test_user_created_when_missing_and_its_shell_fixed():
     step = User("hello", home="/srv/hello")
     assert "useradd --system" in decide(step, {("user", "hello"): None})[0]
     same = {"uid": 999, "home": "/srv/hello", "shell": "/usr/sbin/nologin", "group": "hello"}
     assert decide(step, {("user", "hello"): same}) is None
-    moved = dict(same, home="/home/hello")
-    assert decide(step, {("user", "hello"): moved}) == ["usermod --home /srv/hello hello"]
+    assert decide(step, {("user", "hello"): dict(same, shell="/bin/bash")}) == [
+        "usermod --shell /usr/sbin/nologin hello"]
+
+
+def test_an_account_provision_did_not_make_is_never_taken_over():
+    step = User("alice", home="/srv/alice")
+    theirs = {"uid": 1000, "home": "/home/alice", "shell": "/bin/bash", "group": "alice"}
+    with pytest.raises(ProvisionError) as e:
+        decide(step, {("user", "alice"): theirs})
+    assert str(e.value) == ("account alice already exists on the host (home /home/alice) and provision did not "
+                            "make it; choose another app name (app.name)")
 
 
 @pytest.mark.parametrize("fact,expected", [

@@ -21,7 +21,7 @@ export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 __log=$(mktemp -d)/step
 trap 'rm -rf "${__log%/step}"' EXIT
 declare -A __bgpid=() __bgt0=()
-__run() { ( set -eE; trap 'echo "@@command: ${BASH_COMMAND%%$'"'"'\n'"'"'*}" >&2' ERR; "s$1" ); }
+__run() { ( exec 9>&-; set -eE; trap 'echo "@@command: ${BASH_COMMAND%%$'"'"'\n'"'"'*}" >&2' ERR; "s$1" ); }
 # The client went away (Ctrl-C, dropped connection, killed): let running steps
 # finish, so the host is left with complete states only, then stop.
 trap 'wait; exit 141' PIPE HUP TERM
@@ -32,7 +32,7 @@ __done() {  # step, rc, start time, log
   wait; exit "$2"  # let background steps finish: nothing left running behind the report
 }
 __step() { local t0=${EPOCHREALTIME:-0}; __run "$1" >"$__log" 2>&1; __done "$1" $? "$t0" "$__log"; }
-__bg() { __bgt0[$1]=${EPOCHREALTIME:-0}; __run "$1" >"$__log.$1" 2>&1 & __bgpid[$1]=$!; }
+__bg() { __bgt0[$1]=${EPOCHREALTIME:-0}; __run "$1" >"$__log.$1" 2>&1 9>&- & __bgpid[$1]=$!; }
 __join() {
   local i rc
   for i in "${!__bgpid[@]}"; do
@@ -42,67 +42,61 @@ __join() {
 """
 
 
-# The deploy lock is a transient systemd scope named after the app: the script moves itself
-# into it, and systemd refuses a second one while any process of the first is alive. Only root
-# can make scopes, so no one else can hold or forge the lock; every process a deploy starts
-# (background steps included) is in it, so --break-lock stops exactly a real deploy, and the
-# lock ends when the last of them does. Who holds it is written beside it, readable by root only.
+# The deploy lock: flock on a file only root can open ({run_dir}/<app>.lock, 0600), held by
+# the script's main shell alone (steps close it), so no one else can hold or forge it and it
+# ends with the holder. Each deploy also moves itself into a transient systemd scope of its
+# own (provision-deploy-<app>-<pid>.scope): every process it starts is in it. The holder file
+# beside the lock (root's) names both. A later deploy that finds the holder gone but its scope
+# still running (a holder killed outright: its steps finish their work) waits for that scope;
+# --break-lock stops the holder's scope (systemd kills exactly its processes), never a pid read
+# from a file.
 LOCK = """\
-__unit={unit}
+__lockf={lock}
 __holder={holder}
-__scope() {{
-  __why=$(busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager \\
-    StartTransientUnit 'ssa(sv)a(sa(sv))' "$__unit" fail 2 PIDs au 1 $$ CollectMode s inactive-or-failed 0 \\
-    2>&1 >/dev/null)
+__unit=provision-deploy-{app}-$$.scope
+__procs() {{  # the processes of a scope (any cgroup layout: v2, hybrid, v1)
+  local d; for d in {cgroup} {cgroup}/unified {cgroup}/systemd; do
+    cat "$d/system.slice/$1/cgroup.procs" 2>/dev/null; done | sort -u
 }}
-__empty() {{  # no process left: where cgroup notifications get lost, an empty scope can stay "active"
-  local cg d; cg=$(systemctl show -p ControlGroup --value "$__unit" 2>/dev/null)
-  for d in ${{cg:+/sys/fs/cgroup$cg /sys/fs/cgroup/unified$cg /sys/fs/cgroup/systemd$cg}}; do
-    [ -n "$(cat "$d/cgroup.procs" 2>/dev/null)" ] && return 1  # cgroup v2, hybrid, v1
+__scope_of() {{ printf '%s' "$1" | sed -n 's/.*"scope": *"\\(provision-deploy-{app}-[0-9]*\\.scope\\)".*/\\1/p'; }}
+__stop_scope() {{  # TERM, then KILL, whatever is left of a deploy's scope
+  local i sig; for sig in SIGTERM SIGKILL; do
+    systemctl kill --signal=$sig "$1" 2>/dev/null
+    for i in $(seq 100); do [ -z "$(__procs "$1")" ] && return 0; sleep 0.05; done
   done
-  return 0
-}}
-__until_gone() {{  # seconds
-  local i; for i in $(seq $(($1 * 20))); do
-    systemctl is-active --quiet "$__unit" || return 0
-    __empty && {{ systemctl stop "$__unit" 2>/dev/null; return 0; }}
-    sleep 0.05
-  done
-  return 1
-}}
-__acquire() {{  # a scope that ended may stay loaded until systemd collects it: up to 2 s for that
-  local i; for i in $(seq 40); do
-    __scope && return 0
-    systemctl is-active --quiet "$__unit" && ! __empty && return 1  # held
-    systemctl stop "$__unit" 2>/dev/null; systemctl reset-failed "$__unit" 2>/dev/null; sleep 0.05
-  done
-  return 1
 }}
 umask 077; mkdir -p {run_dir}; chmod 755 {run_dir}
-if ! __acquire; then
+exec 9>>"$__lockf"
+if ! flock -n 9; then
   for __i in $(seq 20); do  # a holder that just started writes its name at once
     __h=$(cat "$__holder" 2>/dev/null); [ -n "$__h" ] && break; sleep 0.05
   done
   __hpid=$(printf '%s' "$__h" | sed -n 's/.*"pid": *\\([0-9]*\\).*/\\1/p')
-  [ -n "$__h" ] || __h="an unnamed process (systemd: ${{__why:-?}}; $(systemctl show -p ControlGroup --value "$__unit" \\
-    2>/dev/null | xargs -I{{}} cat /sys/fs/cgroup/unified{{}}/cgroup.procs /sys/fs/cgroup{{}}/cgroup.procs 2>/dev/null \\
-    | xargs -r ps -o pid=,args= -p | head -n 3 | tr '\\n' ' '))"
-  if [ {break_lock} = 1 ]; then
-    systemctl kill --signal=SIGTERM "$__unit" 2>/dev/null; __until_gone 10 || {{
-      systemctl kill --signal=SIGKILL "$__unit" 2>/dev/null; __until_gone 10; }}
-    __acquire || {{ echo "@@locked $__h"; exit 75; }}
+  if [ {break_lock} = 1 ] && [ -n "$(__scope_of "$__h")" ]; then
+    __stop_scope "$(__scope_of "$__h")"
+    flock -w 10 9 || {{ echo "@@locked $__h"; exit 75; }}
     echo "@@broken $__h"
-  elif [ -z "$__hpid" ] || {{ grep -qs "/$__unit\\$" /proc/$__hpid/cgroup \\
-       && [ "$(cut -d' ' -f4 /proc/$__hpid/stat 2>/dev/null)" != 1 ]; }}; then
-    echo "@@locked $__h"; exit 75  # a deploy whose client is connected
-  else
-    # its client is gone, or it was killed: what it started finishes its step, then the lock ends
-    __until_gone 300 || {{ echo "@@locked $__h"; exit 75; }}
+  elif [ -n "$__hpid" ] && [ "$(cut -d' ' -f4 /proc/$__hpid/stat 2>/dev/null)" = 1 ]; then
+    # its client is gone: it stops after its current step
+    flock -w 300 9 || {{ echo "@@locked $__h"; exit 75; }}
     echo "@@waited $__h"; exit 76  # the host changed meanwhile: gather facts again
-  fi
-elif [ -s "$__holder" ]; then echo "@@stale $(cat "$__holder")"; fi
-for __i in $(seq 100); do grep -qs "/$__unit\\$" /proc/$$/cgroup && break; sleep 0.01; done
-printf '%s\\n' {holder_json} | sed "s/\\"pid\\": 0/\\"pid\\": $$/" > "$__holder"
+  else echo "@@locked $__h"; exit 75; fi
+elif [ -s "$__holder" ]; then
+  __h=$(cat "$__holder")
+  __old=$(__scope_of "$__h")
+  if [ -n "$__old" ] && [ -n "$(__procs "$__old")" ]; then  # the last holder was killed; its steps run on
+    if [ {break_lock} = 1 ]; then __stop_scope "$__old"; echo "@@broken $__h"
+    else
+      for __i in $(seq 6000); do [ -z "$(__procs "$__old")" ] && break; sleep 0.05; done
+      [ -z "$(__procs "$__old")" ] || {{ echo "@@locked $__h"; exit 75; }}
+      echo "@@waited $__h"; exit 76
+    fi
+  else echo "@@stale $__h"; fi
+fi
+busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager \\
+  StartTransientUnit 'ssa(sv)a(sa(sv))' "$__unit" fail 2 PIDs au 1 $$ CollectMode s inactive-or-failed 0 \\
+  >/dev/null 2>&1 && for __i in $(seq 100); do grep -qs "/$__unit\\$" /proc/$$/cgroup && break; sleep 0.01; done
+printf '%s\\n' {holder_json} | sed -e "s/\\"pid\\": 0/\\"pid\\": $$/" -e "s/@scope@/$__unit/" > "$__holder"
 umask 022
 trap 'rm -rf "${{__log%/step}}" "$__holder"' EXIT
 """
@@ -116,20 +110,22 @@ class Lock:
     holder: dict
     break_lock: bool = False
     run_dir: str = "/run/provision"  # root's
+    cgroup: str = "/sys/fs/cgroup"
 
     @property
-    def unit(self) -> str:
-        return f"provision-deploy-{self.app}.scope"
+    def path(self) -> str:
+        return f"{self.run_dir}/{self.app}.lock"
 
     @property
     def holder_path(self) -> str:
         return f"{self.run_dir}/{self.app}.deploy"
 
     def script(self) -> str:
-        holder = json.dumps(dict(self.holder, pid=0), sort_keys=True)
-        return LOCK.format(unit=shlex.quote(self.unit), holder=shlex.quote(self.holder_path),
-                           run_dir=shlex.quote(self.run_dir),
-                           holder_json=shlex.quote(holder), break_lock=int(self.break_lock))
+        holder = json.dumps(dict(self.holder, pid=0, scope="@scope@"), sort_keys=True)
+        return LOCK.format(lock=shlex.quote(self.path), holder=shlex.quote(self.holder_path), app=self.app,
+                           run_dir=shlex.quote(self.run_dir), cgroup=shlex.quote(self.cgroup),
+                           holder_json=shlex.quote(holder),
+                           break_lock=int(self.break_lock))
 
 
 def build_script(planned: list[Planned], env: dict[str, str] | None = None, lock: Lock | None = None) -> str:

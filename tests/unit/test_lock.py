@@ -1,7 +1,6 @@
-"""The deploy lock as it runs on the host, by a real local bash with fake busctl and systemctl on PATH.
-
-The fakes keep systemd's side in a folder: ``scope`` exists while the scope is active, ``procs``
-lists its processes (what the cgroup holds), ``calls`` records every call.
+"""The deploy lock as it runs on the host, by a real local bash: flock on a file in a folder of the
+test's, systemd faked on PATH. The fake keeps each scope's processes where the script looks for them
+(``<cgroup>/system.slice/<scope>/cgroup.procs``) and records every call in ``calls``.
 """
 
 import json
@@ -17,18 +16,15 @@ from provision.steps import Change, Planned, Step
 
 BUSCTL = """#!/bin/bash
 echo "busctl $*" >> "$FAKE/calls"
-if [ -e "$FAKE/scope" ]; then echo "Call failed: Unit $5 was already loaded or has a fragment file." >&2; exit 1; fi
-touch "$FAKE/scope"
+mkdir -p "$FAKE/cg/system.slice/$5" && echo "${11}" > "$FAKE/cg/system.slice/$5/cgroup.procs"
 """
 SYSTEMCTL = """#!/bin/bash
 echo "systemctl $*" >> "$FAKE/calls"
-case "$1" in
-  is-active) [ -e "$FAKE/scope" ] ;;
-  show) [ -e "$FAKE/scope" ] && echo "/../../..$FAKE/cg" ;;  # its cgroup.procs: $FAKE/cg/cgroup.procs
-  kill|stop) rm -f "$FAKE/scope"; : > "$FAKE/cg/cgroup.procs" ;;
-  reset-failed) ;;
-esac
+if [ "$1" = kill ]; then  # systemd kills exactly the scope's processes
+  f="$FAKE/cg/system.slice/$3/cgroup.procs"; kill -"${2#--signal=SIG}" $(cat "$f") 2>/dev/null; : > "$f"
+fi
 """
+OLD_SCOPE = "provision-deploy-hello-4242.scope"
 
 
 @pytest.fixture
@@ -38,9 +34,8 @@ def fake(tmp_path):
     for name, text in (("busctl", BUSCTL), ("systemctl", SYSTEMCTL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    (tmp_path / "cg").mkdir()
-    (tmp_path / "cg" / "cgroup.procs").write_text("")
     (tmp_path / "run").mkdir()
+    (tmp_path / "calls").write_text("")
     return tmp_path
 
 
@@ -48,65 +43,89 @@ def run(fake, lock, commands=("true",)):
     script = build_script([Planned(Step(), Change(list(commands)))], lock=lock)
     # the script sets its own PATH: the fakes go in front of it
     script = script.replace("export LC_ALL=C PATH=", f"export LC_ALL=C PATH={fake / 'bin'}:", 1)
-    env = dict(os.environ, FAKE=str(fake))
-    return subprocess.run(["bash", "-s"], input=script, capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(["bash", "-s"], input=script, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, FAKE=str(fake)))
 
 
 def lock(fake, **kw):
-    return Lock("hello", {"user": "alice", "action": "deploy"}, run_dir=str(fake / "run"), **kw)
+    return Lock("hello", {"user": "alice", "action": "deploy"}, run_dir=str(fake / "run"), cgroup=str(fake / "cg"),
+                **kw)
 
 
-def held_by(fake, pid, procs="4242\n"):
-    (fake / "scope").touch()
-    (fake / "cg" / "cgroup.procs").write_text(procs)
-    (fake / "run" / "hello.deploy").write_text(json.dumps({"user": "bob", "pid": pid}) + "\n")
+def last_holder(fake, pid, procs=()):
+    """What a holder killed outright leaves: its holder file, and its scope with what still runs."""
+    (fake / "run" / "hello.deploy").write_text(json.dumps({"user": "bob", "pid": pid, "scope": OLD_SCOPE}) + "\n")
+    scope = fake / "cg" / "system.slice" / OLD_SCOPE
+    scope.mkdir(parents=True)
+    (scope / "cgroup.procs").write_text("".join(f"{p}\n" for p in procs))
 
 
-def test_a_free_lock_is_taken_and_its_holder_named_while_the_deploy_runs(fake):
+def test_a_free_lock_is_taken_and_names_its_holder_and_scope_while_the_deploy_runs(fake):
     seen = fake / "seen"
-    res = run(fake, lock(fake), [f"cat {fake}/run/hello.deploy > {seen}"])
+    res = run(fake, lock(fake), [f"cat {fake}/run/hello.deploy > {seen}", "ls -l /proc/self/fd/ > /dev/null"])
     assert res.returncode == 0, res.stdout + res.stderr
     holder = json.loads(seen.read_text())
-    assert holder["user"] == "alice" and holder["pid"] > 0
+    assert holder["user"] == "alice" and holder["scope"] == f"provision-deploy-hello-{holder['pid']}.scope"
     assert not (fake / "run" / "hello.deploy").exists()  # gone with the deploy
-    assert "StartTransientUnit" in (fake / "calls").read_text()
+    assert oct((fake / "run" / "hello.lock").stat().st_mode & 0o777) == "0o600"  # no one else can open it
 
 
-def test_a_killed_holders_steps_are_waited_for_then_the_host_is_planned_again(fake):
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    held_by(fake, dead.pid)
-    # its orphaned steps finish after a while: the scope goes
-    ender = subprocess.Popen(["bash", "-c", f"sleep 0.5; rm -f {fake}/scope"])
-    res = run(fake, lock(fake), [f"touch {fake}/never"])
+def test_the_lock_is_held_by_the_deploy_alone_not_by_its_steps(fake):
+    # a step left running in the background (an orphan, once its holder is gone) does not hold the lock
+    res = run(fake, lock(fake), [f"flock -n {fake}/run/hello.lock true && touch {fake}/free-in-step || true"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not (fake / "free-in-step").exists()  # held while the deploy runs...
+    res = run(fake, lock(fake), [f"(sleep 2; touch {fake}/late) > /dev/null 2>&1 &"])
+    assert res.returncode == 0
+    subprocess.run(["flock", "-n", str(fake / "run" / "hello.lock"), "true"], check=True)  # ...and not after
+
+
+def test_a_held_lock_is_refused_naming_the_holder(fake):
+    holder = subprocess.Popen(["flock", str(fake / "run" / "hello.lock"), "sleep", "30"])
+    try:
+        time.sleep(0.2)
+        (fake / "run" / "hello.deploy").write_text(json.dumps({"user": "bob", "pid": holder.pid}) + "\n")
+        res = run(fake, lock(fake), [f"touch {fake}/never"])
+        report = parse_report(res.stdout)
+        assert res.returncode == 75 and report.locked_by == {"user": "bob", "pid": holder.pid}
+        assert not (fake / "never").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_holders_running_steps_are_waited_for_then_the_host_is_planned_again(fake):
+    last_holder(fake, 999999, [4243])  # a step the killed holder had started still runs...
+    ender = subprocess.Popen(["bash", "-c", f"sleep 0.5; : > {fake}/cg/system.slice/{OLD_SCOPE}/cgroup.procs"])
+    res = run(fake, lock(fake), [f"touch {fake}/never"])  # ...for half a second
     ender.wait()
     report = parse_report(res.stdout)
-    assert res.returncode == 76 and report.waited and report.locked_by is None
+    assert res.returncode == 76 and report.waited, res.stdout + res.stderr
     assert not (fake / "never").exists()
 
 
-def test_break_lock_stops_the_scope_and_never_a_pid_named_in_a_file(fake):
-    victim = subprocess.Popen(["sleep", "30"])
+def test_break_lock_stops_the_holders_scope_and_never_a_pid_named_in_a_file(fake):
+    victim = subprocess.Popen(["sleep", "30"])  # someone else's process, named as the holder's pid
+    step = subprocess.Popen(["sleep", "30"])  # the killed holder's step, in its scope
     try:
-        held_by(fake, victim.pid)  # a forged holder naming someone else's process
+        last_holder(fake, victim.pid, [step.pid])
         res = run(fake, lock(fake, break_lock=True))
-        report = parse_report(res.stdout)
         assert res.returncode == 0, res.stdout + res.stderr
-        assert report.stale == {"user": "bob", "pid": victim.pid}  # reported as broken
-        calls = (fake / "calls").read_text()
-        assert "systemctl kill --signal=SIGTERM provision-deploy-hello.scope" in calls
-        time.sleep(0.1)
+        assert parse_report(res.stdout).stale["scope"] == OLD_SCOPE  # reported as broken
+        assert f"systemctl kill --signal=SIGTERM {OLD_SCOPE}" in (fake / "calls").read_text()
+        assert step.wait(timeout=5) == -signal.SIGTERM
         assert victim.poll() is None  # alive
     finally:
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
+        for p in (victim, step):
+            p.kill()
+            p.wait()
 
 
-def test_an_active_scope_with_no_process_left_is_taken_at_once(fake):
-    held_by(fake, 999999, procs="")  # systemd lost the cgroup's "empty" event
+def test_a_holder_whose_scope_is_empty_is_taken_over_at_once(fake):
+    last_holder(fake, 999999, [])
     t0 = time.monotonic()
     res = run(fake, lock(fake))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert parse_report(res.stdout).stale == {"user": "bob", "pid": 999999}
+    assert parse_report(res.stdout).stale["user"] == "bob"
     assert time.monotonic() - t0 < 5
     assert "kill" not in (fake / "calls").read_text()

@@ -39,6 +39,9 @@ class Facts:
     def content(self, path: str) -> str | None:
         return self._answers[("content", path)]
 
+    def content_below(self, base: str, rel: str) -> str | None:
+        return self._answers[below(base, rel)]
+
     def package(self, name: str) -> bool:
         return bool(self._answers[("package", name)])
 
@@ -56,6 +59,11 @@ class Facts:
 
     def http(self, url: str, host: str = "") -> int:
         return self._answers[("http", f"{url} {host}".strip())]
+
+
+def below(base: str, rel: str) -> Fact:
+    """The fact of the text of ``base/rel``, read without following any symlink below ``base``."""
+    return ("content_below", f"{base}\0{rel}")
 
 
 @dataclass

@@ -63,8 +63,8 @@ def live_meta(s: Settings, facts: Facts) -> dict:
 
 
 def live_files(s: Settings, facts: Facts) -> dict[str, str] | None:
-    """The live release's files, each with its sha256: none on a host without a release; None when
-    not known (a release made before manifests were, or one whose manifest is over 1 MiB)."""
+    """The live release's files, each with its sha256: {} on a host with no release; None when not
+    known (a release made before manifests were, or one whose manifest is over 1 MiB)."""
     if facts.file(f"{s.root}/current") is None:
         return {}
     return _live_json(s, facts, manifest_path(s))

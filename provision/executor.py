@@ -1,7 +1,8 @@
 """The one place that acts: runs a list of steps against a host over Fabric.
 
 Round trips per host: one to gather every fact, one to apply every change
-(none when nothing changes).  Output is a line per step and a per-host
+(none when nothing changes); a dry run applies nothing, and gathers what its
+diffs need (old contents) in its second, if they need anything.  Output is a line per step and a per-host
 summary; the result object carries the same for callers and tests.
 """
 
@@ -28,7 +29,7 @@ from fabric import Connection
 from . import secrets
 from .errors import ProvisionError, StepFailed, Unreachable
 from .script import Lock, build_script, parse_report
-from .steps import Facts, File, Lines, Planned, Step, collect_facts, plan
+from .steps import Facts, Planned, Step, collect_facts, plan
 
 FACTS_SCRIPT = resources.files("provision").joinpath("remote/facts.py").read_text()
 
@@ -241,11 +242,6 @@ class Printer:
                 self.line("    $ " + "\n      ".join(lines))
 
 
-def diff_for(p: Planned, facts_content: dict[str, str | None]) -> str:
-    s = p.step
-    return s.diff(facts_content.get(s.path)) if isinstance(s, (File, Lines)) else ""
-
-
 def describe_holder(h: dict) -> str:
     if "raw" in h or not h:
         return h.get("raw", "an unknown process")
@@ -269,14 +265,13 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
     except ProvisionError as e:  # found while planning, before anything was applied
         raise ProvisionError(f"{remote.label}: {e}", e.code) from None
     if dry_run:
-        changing_files = [p.step.path for p in planned if p.change and isinstance(p.step, (File, Lines))]
-        old = {}
-        if changing_files:
-            old_facts = gather(remote, [("content", f) for f in changing_files])
-            old = {f: old_facts.content(f) for f in changing_files}
+        # What the diffs need beyond the plan's facts (old contents): one more round trip at most
+        changing = [p for p in planned if p.status == "change"]
+        wanted = list(dict.fromkeys(f for p in changing for f in p.step.diff_facts(facts)))
+        more = gather(remote, wanted) if wanted else Facts({})
         for p in planned:
             printer.step(remote.label, "would" if p.status == "change" else p.status, p)
-            d = diff_for(p, old) if p.status == "change" else ""
+            d = p.step.show_diff(facts, more) if p.status == "change" else ""
             if d:
                 printer.line(d.rstrip("\n"))
         result.duration = time.monotonic() - start

@@ -5,7 +5,8 @@ Layout under ``/srv/<app>`` (root's, except the data dirs under shared/)::
 
     releases/<id>/        code, .venv -> venvs/<key>, linked files/dirs -> shared/
     releases/<id>/.provision/
-                          release.json (metadata), unit, gunicorn.conf.py: what a slot runs
+                          release.json (metadata), manifest.json (each file's sha256),
+                          unit, gunicorn.conf.py: what a slot runs
     venvs/<key>/          one virtualenv per distinct requirements
     shared/               .env (root's, app-readable), log/, uploads/ (the app's) ... kept across releases
     slots/{a,b}           -> ../releases/<id>: what each gunicorn instance runs
@@ -24,31 +25,75 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Callable
 
+from . import secrets
 from .config import UPSTREAM_HEADER, Settings
 from .errors import ProvisionError
 from .source import Source
-from .steps import Change, Facts, Step, symlink_commands
+from .steps import HIDDEN, Change, Facts, Step, below, symlink_commands, unified_diff
 
 q = shlex.quote
 SWITCH_PY = resources.files("provision").joinpath("remote/switch.py").read_text()
 SLOTS = ("a", "b")
 RELEASE_DIR = ".provision"  # inside each release: its metadata and the configs its slot runs
+SHOWN_LINES, SHOWN_IN_ALL = 200, 1000  # diff lines a dry run shows of one app file, and of all
 
 
 def meta_path(s: Settings) -> str:
     return f"{s.root}/current/{RELEASE_DIR}/release.json"
 
 
-def live_meta(s: Settings, facts: Facts) -> dict:
+def manifest_path(s: Settings) -> str:
+    return f"{s.root}/current/{RELEASE_DIR}/manifest.json"
+
+
+def _live_json(s: Settings, facts: Facts, path: str) -> dict | None:
+    """A JSON object the live release keeps in its own directory; None when there is none."""
     own = facts.file(f"{s.root}/current/{RELEASE_DIR}")
     if not own or own["type"] != "dir" or own["owner"] != "root":
-        return {}  # not a release root made (an older layout, or tampered with): a new one is due
-    raw = facts.content(meta_path(s))
+        return None  # not a release root made (an older layout, or tampered with)
+    raw = facts.content(path)
     try:
-        meta = json.loads(raw) if raw else {}
-    except ValueError:
-        meta = {}
-    return meta if isinstance(meta, dict) else {}
+        value = json.loads(raw) if raw else None
+    except ValueError:  # also a manifest cut at the fact gatherer's MAX_CONTENT
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def live_meta(s: Settings, facts: Facts) -> dict:
+    return _live_json(s, facts, meta_path(s)) or {}  # {}: a new release is due
+
+
+def live_files(s: Settings, facts: Facts) -> dict[str, str] | None:
+    """The live release's files, each with its sha256: {} on a host with no release; None when not
+    known (a release made before manifests were, or one whose manifest is over 1 MiB)."""
+    if facts.file(f"{s.root}/current") is None:
+        return {}
+    return _live_json(s, facts, manifest_path(s))
+
+
+def release_files(s: Settings, source: Source) -> dict[str, str]:
+    """The source files a release holds, each with its sha256: not those that its links (to
+    shared/, the virtualenv) or its own directory take the place of."""
+    replaced = (*s.linked_files, *s.linked_dirs, ".venv", RELEASE_DIR)
+    return {p: h for p, h in source.hashes.items() if not any(p == r or p.startswith(r + "/") for r in replaced)}
+
+
+def as_text(data: bytes) -> str | None:
+    """``data`` as text; None when it is binary (a NUL byte, or not UTF-8)."""
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def no_content(path: str, data: bytes) -> str:
+    """Why a dry run shows none of a file's new content, whatever the old one: "" when it may show it."""
+    text = as_text(data)
+    if secrets.looks_secret(path) or (text is not None and secrets.holds_secret(text)):
+        return HIDDEN
+    return f"(binary, {len(data)} bytes)" if text is None else ""
 
 
 def linked_release(facts: Facts, path: str) -> str | None:
@@ -84,14 +129,16 @@ class Release(Step):
         self.s, self.source, self.release_id, self.venv_key = s, source, release_id, venv_key
         self.configs, self.deployer = configs, deployer
         self.config = config_digest(configs)
+        self.files = release_files(s, source)
+        self.live = f"{s.root}/current"
 
     @property
     def name(self):
         return f"release {self.s.root}/releases"
 
     def facts(self):
-        return [("content", meta_path(self.s)), ("file", f"{self.s.root}/current/{RELEASE_DIR}"),
-                ("file", f"{self.s.root}/current")]
+        return [("content", meta_path(self.s)), ("content", manifest_path(self.s)),
+                ("file", f"{self.live}/{RELEASE_DIR}"), ("file", self.live)]
 
     def needed(self, facts: Facts) -> bool:
         meta = live_meta(self.s, facts)
@@ -103,6 +150,15 @@ class Release(Step):
         if self.needed(facts):
             return self.release_id
         return live_meta(self.s, facts).get("id") or current_release(self.s, facts) or self.release_id
+
+    def changes(self, facts: Facts) -> tuple[list[str], list[str], list[str]] | None:
+        """This release's files changed, added and removed against the live release's; None when
+        the live release's are not known."""
+        live = live_files(self.s, facts)
+        if live is None:
+            return None
+        return ([p for p, h in self.files.items() if p in live and live[p] != h],
+                [p for p in self.files if p not in live], sorted(p for p in live if p not in self.files))
 
     def plan(self, facts, notified):
         if not self.needed(facts):
@@ -126,7 +182,8 @@ class Release(Step):
             f"rm -rf {q(own)} && mkdir -m 755 {q(own)}",
             f"ln -sfn ../../venvs/{self.venv_key} {q(tmp)}/.venv",
         ]
-        for name, data in sorted(self.configs.items()):
+        manifest = json.dumps(self.files, indent=0, sort_keys=True).encode() + b"\n"
+        for name, data in sorted({**self.configs, "manifest.json": manifest}.items()):
             cmds.append(f"base64 -d > {q(own + '/' + name)} <<'__PROVISION_EOF__'\n"
                         f"{base64.encodebytes(data).decode()}__PROVISION_EOF__")
         # shared/ files and dirs outlive releases (the layout steps make them); each release links to them
@@ -138,7 +195,45 @@ class Release(Step):
             f"chmod -R go-w {q(tmp)}",
             f"rm -rf {q(rel)} && mv -T {q(tmp)} {q(rel)}",
         ]
-        return Change(cmds, summary=f"{self.release_id} ({len(self.source.files)} files)")
+        changes = self.changes(facts)
+        compared = ("files not compared (the live release has no readable manifest)" if changes is None else
+                    "{} changed, {} added, {} removed".format(*map(len, changes)))
+        return Change(cmds, summary=f"{self.release_id} ({len(self.source.files)} files), {compared}")
+
+    def _new(self, path: str) -> bytes:
+        return (self.source.root / path).read_bytes()
+
+    def diff_facts(self, facts):
+        changes = self.changes(facts)
+        if changes is None:
+            return []
+        return [below(self.live, p) for p in changes[0] if not no_content(p, self._new(p))]
+
+    def show_diff(self, facts, more):
+        """Each changed, added and removed file on a line; below a changed or added text file its
+        unified diff, cut at SHOWN_LINES lines, and at SHOWN_IN_ALL for all files together."""
+        changes = self.changes(facts)
+        if changes is None:
+            return ""
+        changed, added, removed = changes
+        out, room = [], SHOWN_IN_ALL
+        for status, paths in (("changed", changed), ("added", added)):
+            for path in paths:
+                new, old = self._new(path), None
+                note = no_content(path, new)
+                if not note and status == "changed":
+                    old = more.content_below(self.live, path)
+                    if old is None:
+                        note = "(no diff: the live copy is binary, over 1 MiB or unreadable)"
+                    elif secrets.holds_secret(old):
+                        note = HIDDEN
+                out.append(f"{status:<7} {path}" + (f" {note}" if note else ""))
+                diff = [] if note else unified_diff(path, old, new.decode("utf-8"))
+                shown = min(len(diff), SHOWN_LINES, room)
+                room -= shown
+                out += diff[:shown] + ([f"... {len(diff) - shown} more lines"] if shown < len(diff) else [])
+        out += [f"removed {p}" for p in removed]
+        return "\n".join(out)
 
 
 def live_slot(s: Settings, facts: Facts) -> str | None:

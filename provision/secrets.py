@@ -3,15 +3,18 @@
 :func:`provision.config.secret_values` decides what is secret; building settings
 remembers those values before validating anything.  Everything printed goes
 through :func:`mask`: the executor's Printer, the one-line errors of
-``cli.guarded``, ``fab inventory``; a dry run shows no diff of a file whose new
-content :func:`holds_secret` (``steps.shown_diff``).
+``cli.guarded``, ``fab inventory``; a dry run shows no content of a file whose old
+or new content :func:`holds_secret` (``steps.shown_diff``, ``release.Release.show_diff``),
+nor of an app's file whose name :func:`looks_secret`.
 """
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Iterable
 
 MASK = "****"
+SECRET_NAMES = (".env", ".env.*", "*.pem", "*.key", "id_*", "*secret*", "*credential*")
 _known: set[str] = set()
 
 
@@ -21,6 +24,11 @@ def remember(values: Iterable[str]) -> None:
 
 def holds_secret(text: str) -> bool:
     return any(secret in text for secret in _known)
+
+
+def looks_secret(path: str) -> bool:
+    """A file whose name, or the name of a folder on its path, looks like it holds secrets."""
+    return any(fnmatchcase(part.lower(), name) for part in path.split("/") for name in SECRET_NAMES)
 
 
 def mask(text: str) -> str:

@@ -27,6 +27,7 @@ class Source:
     root: Path
     files: tuple[str, ...]  # relative paths, sorted
     digest: str  # sha256 over paths, modes and contents
+    hashes: dict[str, str]  # relative path -> sha256 (hex) of its content
     revision: str  # git short sha, or "" outside git
     dirty: bool
 
@@ -97,10 +98,12 @@ def scan(root: Path) -> Source:
     else:
         files = _walk(root)
     files = sorted(f for f in files if not any(part in SKIP_DIRS for part in Path(f).parts))
-    h = hashlib.sha256()
+    h, hashes = hashlib.sha256(), {}
     for rel in files:
         path = root / rel
         _check_shippable(path)
+        content = hashlib.sha256(path.read_bytes())
+        hashes[rel] = content.hexdigest()
         h.update(rel.encode() + b"\0" + (b"x" if os.access(path, os.X_OK) else b"-") + b"\0")
-        h.update(hashlib.sha256(path.read_bytes()).digest())
-    return Source(root=root, files=tuple(files), digest=h.hexdigest(), revision=revision, dirty=dirty)
+        h.update(content.digest())
+    return Source(root=root, files=tuple(files), digest=h.hexdigest(), hashes=hashes, revision=revision, dirty=dirty)

@@ -44,6 +44,9 @@ class Facts:
     def files(self, path: str) -> dict[str, str | None] | None:
         return self._answers[("files", path)]
 
+    def content_below(self, base: str, rel: str) -> str | None:
+        return self._answers[below(base, rel)]
+
     def package(self, name: str) -> bool:
         return bool(self._answers[("package", name)])
 
@@ -61,6 +64,11 @@ class Facts:
 
     def http(self, url: str, host: str = "", expect: tuple[str, str] | None = None) -> int:
         return self._answers[("http", http_fact_arg(url, host, expect))]
+
+
+def below(base: str, rel: str) -> Fact:
+    """The fact of the text of ``base/rel``, read without following any symlink below ``base``."""
+    return ("content_below", f"{base}\0{rel}")
 
 
 @dataclass
@@ -82,6 +90,14 @@ class Step:
 
     def plan(self, facts: Facts, notified: set[str]) -> Change | None:
         raise NotImplementedError
+
+    def diff_facts(self, facts: Facts) -> list[Fact]:
+        """More facts a dry run needs to show this step's change (gathered in a second round trip)."""
+        return []
+
+    def show_diff(self, facts: Facts, more: Facts) -> str:
+        """What a dry run shows of this step's change below its line; ``more`` answers ``diff_facts``."""
+        return ""
 
     def __repr__(self) -> str:
         return f"<{self.name}>"
@@ -254,21 +270,40 @@ def _heredoc_write(path: str, data: bytes) -> list[str]:
     ]
 
 
-def shown_diff(path: str, old: str | None, new: str, sensitive: bool) -> str:
-    """What a dry run shows of a file's change: a unified diff, or only a note when the file
-    is sensitive or its new content holds a known secret. Then neither side is shown: the
-    old content may hold an old secret that nothing knows any more."""
-    if sensitive or secrets.holds_secret(new):
-        return f"--- {path}\n+++ {path}\n(content hidden: sensitive)\n"
+HIDDEN = "(content hidden: sensitive)"
+
+
+def unified_diff(path: str, old: str | None, new: str) -> list[str]:
+    """The lines of a unified diff of ``path``; ``old`` None: a new file."""
     lines = difflib.unified_diff(
         (old or "").splitlines(True), new.splitlines(True),
         fromfile=f"{path} (host)" if old is not None else "/dev/null", tofile=f"{path} (new)",
     )
-    return "".join(l if l.endswith("\n") else l + "\n" for l in lines)
+    return [l[:-1] if l.endswith("\n") else l for l in lines]
+
+
+def shown_diff(path: str, old: str | None, new: str, sensitive: bool) -> str:
+    """What a dry run shows of a file's change: a unified diff, or only a note when the file
+    is sensitive or either side holds a known secret. Then neither side is shown: the
+    old content may hold an old secret that nothing knows any more."""
+    if sensitive or secrets.holds_secret(new) or secrets.holds_secret(old or ""):
+        return f"--- {path}\n+++ {path}\n{HIDDEN}\n"
+    return "".join(l + "\n" for l in unified_diff(path, old, new))
+
+
+class ShowsContentDiff:
+    """A step on one file (``path``) whose dry run shows ``diff(old)``: against the file's content
+    on the host."""
+
+    def diff_facts(self, facts):
+        return [("content", self.path)]
+
+    def show_diff(self, facts, more):
+        return self.diff(more.content(self.path))
 
 
 @dataclass(repr=False)
-class File(Step):
+class File(ShowsContentDiff, Step):
     path: str
     content: bytes
     owner: str | None = "root"
@@ -351,7 +386,7 @@ def symlink_commands(path: str, target: str) -> list[str]:
 
 
 @dataclass(repr=False)
-class Lines(Step):
+class Lines(ShowsContentDiff, Step):
     """Ensure ``KEY<sep>VALUE`` lines in a file shared with others (e.g. /etc/environment);
     a value of None removes the key's lines."""
 

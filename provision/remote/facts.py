@@ -60,6 +60,38 @@ def content_fact(path):
     return data[:MAX_CONTENT].decode("utf-8", "replace")
 
 
+def content_below_fact(arg):
+    """The text of a file below a directory ("DIR\\0RELATIVE PATH"), reached without following
+    any symlink below DIR (DIR itself may be one). None when it is missing, a link or behind
+    one, not a regular file, over MAX_CONTENT, or not UTF-8 text."""
+    base, rel = arg.split("\0")
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return None
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+            inner = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+        finally:
+            os.close(fd)
+        with os.fdopen(inner, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            data = fh.read(MAX_CONTENT + 1)
+    except OSError:
+        return None
+    if len(data) > MAX_CONTENT or b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def ls_fact(path):
     try:
         return sorted(os.listdir(path))
@@ -173,8 +205,8 @@ def main():
     req = json.loads(sys.argv[1])
     pkgs = packages_facts([a for k, a in req if k == "package"])
     svcs = services_facts([a for k, a in req if k == "service"])
-    simple = {"file": file_fact, "content": content_fact, "files": files_fact, "user": user_fact, "ls": ls_fact,
-              "command": command_fact, "http": http_fact, "os": os_fact}
+    simple = {"file": file_fact, "content": content_fact, "content_below": content_below_fact, "files": files_fact,
+              "user": user_fact, "ls": ls_fact, "command": command_fact, "http": http_fact, "os": os_fact}
     out = []
     for kind, arg in req:
         if kind == "package":

@@ -8,7 +8,7 @@ import pytest
 
 from provision import config as cfg
 from provision.app import deploy_steps, provision_steps, proxy_env, rendered
-from provision.release import Release, meta_path
+from provision.release import Release, manifest_path, meta_path
 from provision.errors import ProvisionError
 from provision.source import scan
 from provision.steps import Facts, collect_facts, plan
@@ -81,8 +81,8 @@ ROOTS = {"type": "dir", "mode": 0o755, "owner": "root", "group": "root"}
 
 
 def live(meta, own=ROOTS):
-    return Facts({("content", meta_path(settings())): json.dumps(meta), ("file", "/srv/hello/current"):
-                  LINK("releases/r0"), ("file", "/srv/hello/current/.provision"): own})
+    return Facts({("content", meta_path(settings())): json.dumps(meta), ("content", manifest_path(settings())): None,
+                  ("file", "/srv/hello/current"): LINK("releases/r0"), ("file", "/srv/hello/current/.provision"): own})
 
 
 def test_release_is_skipped_when_the_running_digest_venv_and_configs_match():

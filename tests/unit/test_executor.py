@@ -11,7 +11,9 @@ from provision import config as cfg
 from provision.cli import _summary_line
 from provision.errors import ProvisionError
 from provision.executor import HostResult, Printer, run_steps
-from provision.steps import Directory, File, Lines, User
+from provision.release import Release, manifest_path, meta_path
+from provision.source import scan
+from provision.steps import Directory, File, Lines, User, below
 
 ROOT = Path(__file__).resolve().parents[2]
 OS = {"id": "debian", "version": "12", "apt": True, "systemd": True, "python": "3.11"}
@@ -27,6 +29,7 @@ class FakeRemote:
         self.ran = []
 
     def exec(self, command, stdin=b"", timeout=None, on_line=None):
+        self.round_trips += 1
         if not command.startswith("python3 -c "):
             self.ran.append(command)
             return 0, "", ""
@@ -67,3 +70,27 @@ def test_a_dry_run_a_host_refused_says_so():
     refused = HostResult("web1", error="web1: account alice already exists ...", code=2)
     assert _summary_line(refused, dry_run=True) == "web1: dry run stopped, nothing was touched (0.0s)"
     assert _summary_line(HostResult("web1"), dry_run=True) == "web1: dry run: nothing would change (0.0s)"
+
+
+def test_dry_run_gathers_the_old_contents_of_every_diff_in_one_more_round_trip(tmp_path):
+    (tmp_path / "app.py").write_text("print('new')\n")
+    s = cfg.build(dict(cfg.DEFAULTS), ROOT)
+    release = Release(s, scan(tmp_path), "r1", "venvkey", {})
+    live = "/srv/hello/current"
+    host = FakeRemote({
+        ("os", ""): OS,
+        ("file", "/etc/x"): None, ("content", "/etc/x"): None,
+        ("content", meta_path(s)): json.dumps({"id": "r0"}),
+        ("content", manifest_path(s)): json.dumps({"app.py": "0", "gone.py": "0"}),
+        ("file", live): {"type": "link", "target": "releases/r0", "owner": "root"},
+        ("file", f"{live}/.provision"): {"type": "dir", "owner": "root"},
+        below(live, "app.py"): "print('old')\n",
+    })
+    out = io.StringIO()
+    result = run_steps(host, [File("/etc/x", b"x\n"), release], dry_run=True, printer=Printer(out))
+    assert result.round_trips == 2 and not result.done
+    text = out.getvalue()
+    assert "web1: would   release /srv/hello/releases (r1 (1 files), 1 changed, 0 added, 1 removed)\n" in text
+    assert "+++ /etc/x (new)\n@@ -0,0 +1 @@\n+x\n" in text
+    assert "changed app.py\n--- app.py (host)\n+++ app.py (new)\n@@ -1 +1 @@\n-print('old')\n+print('new')\n" in text
+    assert "removed gone.py\n" in text

@@ -84,3 +84,19 @@ def test_files_of_a_directory_are_read_through_links(tmp_path):
     (enabled / "sub").mkdir()
     assert gather([["files", str(enabled)], ["files", str(tmp_path / "missing")]]) == [
         {"gone": None, "hello": "server {}\n", "mine": "# mine\n", "sub": None}, None]
+
+
+def test_content_below_a_directory_follows_no_link_below_it(tmp_path):
+    release = tmp_path / "releases/r1"
+    (release / "pkg").mkdir(parents=True)
+    (release / "pkg/app.py").write_text("print(1)\n")
+    (release / "blob").write_bytes(b"\x00\x01")
+    (tmp_path / "secret").write_text("root's\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere/app.py").write_text("planted\n")
+    (release / "link.py").symlink_to(tmp_path / "secret")
+    (release / "uploads").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "current").symlink_to("releases/r1")  # the directory itself may be a link
+    base = str(tmp_path / "current")
+    asked = ["pkg/app.py", "blob", "link.py", "uploads/app.py", "../secret", "pkg", "missing.py"]
+    assert gather([["content_below", f"{base}\0{rel}"] for rel in asked]) == ["print(1)\n"] + [None] * 6

@@ -114,6 +114,9 @@ def test_no_diff_of_a_file_holding_a_secret():
     secrets.remember(("tok-new",))
     shown = File("/srv/a/settings.py", b"TOKEN = 'tok-new'\n").diff("TOKEN = 'tok-old'\n")
     assert "tok-" not in shown and "(content hidden: sensitive)" in shown
+    # nor of one whose old content holds one (a secret taken out of a file)
+    shown = File("/srv/a/settings.py", b"TOKEN = env('TOKEN')\n").diff("TOKEN = 'tok-new'\n")
+    assert "TOKEN" not in shown and "(content hidden: sensitive)" in shown
 
 
 def test_lines_diff_unless_sensitive():

@@ -394,9 +394,10 @@ def show_releases(c, project: Path) -> None:
         print(f"{job.target.alias}: {len(names)} release(s) in {s.root}/releases")
         for n in names:
             e, state = history.first.get(n), history.state(n)
-            when = f"{e.get('action')} {e.get('time')} by {e.get('by') or '?'}" if e else ""
-            mark = "" if state == "went live" else f"{state.upper()}  "
-            print(f"  {'*' if n == live else ' '} {n:<40} {mark}{when}".rstrip())
+            done = {"deploy": "deployed", "rollback": "rolled back to", "refused": "REFUSED"}.get(e.get("action")) if e \
+                else "NEVER LIVE" if state == "never live" else ""
+            when = f" {e.get('time')} by {e.get('by') or '?'}" if e else ""
+            print(f"  {'*' if n == live else ' '} {n:<40} {done or ''}{when}".rstrip())
 
 
 def _exit_for_failures(results: list[HostResult], printer: Printer) -> None:

@@ -11,11 +11,14 @@ import base64
 import hashlib
 import shlex
 
+from . import secrets
 from .config import UPSTREAM_HEADER, Settings
+from .errors import ProvisionError
 from .nginx import DEBIAN_DEFAULT, Site
 from .source import Source
 from .release import Prune, Release, Switch, host_header, log_path, rollback_target
-from .steps import Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Service, Step, User
+from .steps import (Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, RootsOnly, Service,
+                    Step, User)
 from .templates import render
 
 q = shlex.quote
@@ -51,12 +54,12 @@ def trust_steps(s: Settings) -> list[Step]:
         credentials = "@" in s.proxy  # then only root may read it: never in a world-readable file
         steps.append(File("/etc/apt/apt.conf.d/80provision-proxy",
                           f'Acquire::http::Proxy "{s.proxy}";\nAcquire::https::Proxy "{s.proxy}";\n'.encode(),
-                          mode=0o640 if credentials else 0o644, sensitive=credentials))
+                          mode=0o640 if credentials else 0o644, sensitive=True))
         # For logins on the host (provision's own commands get it from the script); with
         # credentials, taken out of there (where older versions wrote them).
         proxy = None if credentials else s.proxy
         steps.append(Lines("/etc/environment", (("http_proxy", proxy), ("https_proxy", proxy), ("no_proxy", NO_PROXY)),
-                           sensitive=credentials))
+                           sensitive=True))  # its old content may hold an old password
     if s.ca_bundle:
         steps.append(File(CA_PATH, s.ca_bundle.read_bytes(), notify=("ca",)))
         # In the background: apt sources are plain http by default; the venv (pip, https) waits.
@@ -69,7 +72,11 @@ def layout_steps(s: Settings) -> list[Step]:
     """The app's tree under /srv/<name>. Root owns everything the app runs and root reads (code,
     virtualenvs, configs, links, the release log); the app user writes only its data: the
     ``linked_dirs`` under shared/. ``.env`` is root's, readable by the app's group."""
-    steps: list[Step] = [User(s.user, home=s.root), Directory(s.root, owner="root", group="root", mode=0o755)]
+    tree = (s.root, *(f"{s.root}/{sub}" for sub in ("releases", "venvs", "slots", "shared")))
+    steps: list[Step] = [
+        RootsOnly(tree, hint=f"move it aside as root (mv {s.root} {s.root}.old), deploy again, then copy your "
+                             f"data from {s.root}.old/shared/ into {s.root}/shared/ after checking it"),
+        User(s.user, home=s.root), Directory(s.root, owner="root", group="root", mode=0o755)]
     for sub in ("releases", "venvs", "slots", "shared"):
         steps.append(Directory(f"{s.root}/{sub}", owner="root", group="root", mode=0o755))
     for d in s.linked_dirs:
@@ -116,7 +123,14 @@ def socket_unit(s: Settings) -> bytes:
 
 
 def rendered(s: Settings, template: str) -> bytes:
-    return render(s.templates, template, s.template_vars()).encode()
+    """A template rendered for the host. What it renders is readable by every local user (units,
+    the nginx site, the release's configs), so no secret may end up in it."""
+    text = render(s.templates, template, s.template_vars())
+    if secrets.holds_secret(text):
+        raise ProvisionError(f"template {template} renders a secret (a var_* setting named like a password, "
+                             "token or key) into a file every user on the host can read; give the app secrets "
+                             "through shared/.env instead")
+    return text.encode()
 
 
 def deploy_steps(s: Settings, source: Source, release_id: str, deployer: str = "") -> list[Step]:

@@ -230,6 +230,12 @@ def build(raw: dict, base_dir: Path) -> Settings:
             parts = rel.split("/")
             if rel.startswith("/") or not PATH_RE.fullmatch(rel) or any(p in ("", ".", "..") for p in parts):
                 raise _bad(key, rel, "expected a path inside the release, like .env or log")
+    for key in ("linked_files", "linked_dirs"):
+        for rel in linked[key]:
+            # the app owns a linked dir: provision makes nothing inside it (it would act in a place the app controls)
+            outer = next((d for d in linked["linked_dirs"] if rel.startswith(d + "/")), None)
+            if outer:
+                raise _bad(key, rel, f"it lies inside linked dir {outer!r}, which is the app's; list only {outer!r}")
     python = str(v["python"])
     if not PATH_RE.fullmatch(python):
         raise _bad("python", python, "expected an interpreter name or path, e.g. python3")

@@ -231,6 +231,31 @@ class Directory(Step):
 
 
 @dataclass(repr=False)
+class RootsOnly(Step):
+    """Refuses to plan anything for a tree root does not own: what another user could write
+    (an older layout, where the app owned it) can be swapped for links while root works in it.
+    ``hint`` says what to do instead."""
+
+    paths: tuple[str, ...]
+    hint: str
+
+    @property
+    def name(self):
+        return f"owner of {self.paths[0]}"
+
+    def facts(self):
+        return [("file", p) for p in self.paths]
+
+    def plan(self, facts, notified):
+        for p in self.paths:
+            f = facts.file(p)
+            if f is not None and (f["owner"] != "root" or f.get("acl")):
+                who = "has an ACL" if f["owner"] == "root" else f"belongs to {f['owner']}"
+                raise ProvisionError(f"{p} {who}, so it is not root's alone; {self.hint}")
+        return None
+
+
+@dataclass(repr=False)
 class Placeholder(Step):
     """A file whose content is not ours (``.env``, a database file): created empty when missing,
     owner and mode enforced, a planted symlink replaced. Its parent must be root's."""
@@ -260,12 +285,15 @@ class Placeholder(Step):
         return Change(cmds, summary=_summary(facts.file(self.path), f)) if cmds else None
 
 
-def _heredoc_write(path: str, data: bytes) -> list[str]:
-    """Commands that write ``data`` to ``path`` atomically (temp file + rename)."""
+def _heredoc_write(path: str, data: bytes, owner: str = "root", group: str = "root", mode: int = 0o644) -> list[str]:
+    """Commands that write ``data`` to ``path`` atomically: a fresh temporary file only root can
+    read (a secret is never readable while it is written), given its owner and mode, then
+    renamed into place."""
     tmp = f"{path}.provision-tmp"
     b64 = base64.encodebytes(data).decode()
     return [
-        f"base64 -d > {q(tmp)} <<'__PROVISION_EOF__'\n{b64}__PROVISION_EOF__",
+        f"rm -f {q(tmp)} && (umask 077 && base64 -d > {q(tmp)}) <<'__PROVISION_EOF__'\n{b64}__PROVISION_EOF__",
+        *_owner_fix(tmp, None, owner, group, mode),
         f"mv -f {q(tmp)} {q(path)}",
     ]
 
@@ -331,8 +359,8 @@ class File(ShowsContentDiff, Step):
         cmds = []
         if f is not None and f["type"] == "dir":
             cmds.append(f"rm -rf {q(self.path)}")
-        cmds += _heredoc_write(self.path, self.content)
-        cmds += _owner_fix(self.path, None, self.owner, self.group, self.mode)
+        cmds += _heredoc_write(self.path, self.content, self.owner or "root", self.group or "root",
+                               0o644 if self.mode is None else self.mode)
         return Change(cmds, summary="create" if f is None else "update")
 
     def diff(self, old: str | None) -> str:

@@ -29,6 +29,22 @@ def owner(uid, gid):
     return u, g
 
 
+def has_acl(path):
+    """An ACL on a path can give access that its owner and mode do not show."""
+    try:
+        return any(a.startswith("system.posix_acl") for a in os.listxattr(path, follow_symlinks=False))
+    except OSError:
+        return False
+
+
+def read_regular(fd):
+    """The start of an open file that is a regular file (never a FIFO or a device), else None."""
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            return None
+        return fh.read(MAX_CONTENT + 1)
+
+
 def file_fact(path):
     try:
         st = os.lstat(path)
@@ -41,23 +57,25 @@ def file_fact(path):
         out["target"] = os.readlink(path)
     elif stat.S_ISDIR(st.st_mode):
         out["type"] = "dir"
-    else:
+        out["acl"] = has_acl(path)
+    elif stat.S_ISREG(st.st_mode):
         out["type"] = "file"
         h = hashlib.sha256()
-        with open(path, "rb") as fh:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 16), b""):
                 h.update(chunk)
         out["sha256"] = h.hexdigest()
+    else:
+        out["type"] = "other"  # a FIFO, socket or device: never opened
     return out
 
 
 def content_fact(path):
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_CONTENT + 1)
+        data = read_regular(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
-    return data[:MAX_CONTENT].decode("utf-8", "replace")
+    return None if data is None else data[:MAX_CONTENT].decode("utf-8", "replace")
 
 
 def content_below_fact(arg):

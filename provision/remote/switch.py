@@ -50,10 +50,11 @@ def log_excerpt(limit=40):
                 check=False).stdout.splitlines()
     at = next((i for i, l in enumerate(lines) if EXCEPTION.match(l)), None)
     if at is None:
-        return "\n".join(lines[-limit:])
+        return "\n".join("  " + l for l in lines[-limit:])
     start = max(0, at + 1 - limit)
     start = next((i for i in range(at, start - 1, -1) if "Traceback" in lines[i]), start)
-    return "exception: %s\n%s" % (lines[at].strip(), "\n".join(lines[start:at + 1]))
+    # indented: the app's own lines can never pass for the apply script's report lines
+    return "exception: %s\n%s" % (lines[at].strip(), "\n".join("  " + l for l in lines[start:at + 1]))
 
 
 def fail(message, stop_new=False):
@@ -194,9 +195,10 @@ def roots(path):
     """Made by root and writable by root only (the app could not have changed it)."""
     try:
         st = os.stat(path)
+        acl = any(x.startswith("system.posix_acl") for x in os.listxattr(path))
     except OSError:
         return False
-    return st.st_uid == 0 and not st.st_mode & 0o022
+    return st.st_uid == 0 and not st.st_mode & 0o022 and not acl
 
 
 # What a slot runs must be root's: a release of an older layout (app-owned) may be tampered with.

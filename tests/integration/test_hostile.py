@@ -178,6 +178,21 @@ def test_break_lock_stops_exactly_the_deploy_of_a_killed_holder(droplet, tmp_pat
     assert droplet.run("systemctl is-active --quiet provision-deploy-hello.scope")[0] != 0
 
 
+def test_a_tree_an_older_layout_gave_the_app_is_refused_and_left_alone(droplet):
+    """Older layouts let the app own /srv/hello: root must not work in there (the app could swap
+    any entry for a link between provision's look and its act); the deploy says what to do."""
+    droplet.sh("chown hello:hello /srv/hello/shared")
+    try:
+        before = droplet.sh("find /etc /srv -xdev -printf '%p %u %m %s\\n' | sort | sha256sum")
+        res = droplet.fab("-H", droplet.name, "deploy")
+        assert res.returncode == 2, res.stdout + res.stderr
+        [line] = res.stderr.strip().splitlines()
+        assert "/srv/hello/shared belongs to hello" in line and "mv /srv/hello /srv/hello.old" in line
+        assert droplet.sh("find /etc /srv -xdev -printf '%p %u %m %s\\n' | sort | sha256sum") == before
+    finally:
+        droplet.sh("chown root:root /srv/hello/shared")
+
+
 def test_proxy_credentials_stay_in_root_only_files(droplet):
     proxy = {"FABRIC_APP_PROXY": "http://bob:s3cret@10.231.0.1:8888"}
     res = droplet.fab("-H", droplet.name, "deploy", "-v", env=proxy)

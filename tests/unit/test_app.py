@@ -139,3 +139,13 @@ def test_bad_template_variable_fails_before_any_step(tmp_path):
     s = settings(templates=str(tmp_path))
     with pytest.raises(ProvisionError, match="'domain_typo' is undefined"):
         deploy_steps(s, scan(s.source), "r1")
+
+
+def test_a_template_that_renders_a_secret_is_refused(tmp_path):
+    for t in (ROOT / "templates").iterdir():
+        (tmp_path / t.name).write_text(t.read_text())
+    with open(tmp_path / "app@.service.j2", "a") as fh:
+        fh.write("Environment=API_TOKEN={{ api_token }}\n")  # units are world-readable
+    s = settings(templates=str(tmp_path), var_api_token="s3cr3t-token")
+    with pytest.raises(ProvisionError, match="renders a secret .* shared/.env"):
+        deploy_steps(s, scan(s.source), "r1")

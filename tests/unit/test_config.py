@@ -139,3 +139,10 @@ def test_checks_belong_to_the_app_source(tmp_path):
     (tmp_path / "requirements.txt").write_text("flask\n")
     assert cfg.build(dict(cfg.DEFAULTS, source=str(tmp_path)), ROOT).checks == tmp_path / "checks"
     assert cfg.build(dict(cfg.DEFAULTS), ROOT).checks == ROOT / "examples/hello/checks"
+
+
+@pytest.mark.parametrize("over", [{"linked_dirs": ["uploads", "uploads/thumbs"]},
+                                  {"linked_dirs": ["data"], "linked_files": [".env", "data/db.sqlite3"]}])
+def test_nothing_is_linked_inside_a_linked_dir(over):
+    with pytest.raises(ProvisionError, match="inside linked dir"):
+        cfg.build(dict(cfg.DEFAULTS, **over), ROOT)

@@ -100,3 +100,11 @@ def test_content_below_a_directory_follows_no_link_below_it(tmp_path):
     base = str(tmp_path / "current")
     asked = ["pkg/app.py", "blob", "link.py", "uploads/app.py", "../secret", "pkg", "missing.py"]
     assert gather([["content_below", f"{base}\0{rel}"] for rel in asked]) == ["print(1)\n"] + [None] * 6
+
+
+def test_a_fifo_or_device_is_never_opened(tmp_path):
+    import os
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it for reading would hang the facts until a writer came
+    assert gather([["file", str(fifo)], ["content", str(fifo)], ["content", "/dev/null"]]) == [
+        dict(gather([["file", str(fifo)]])[0], type="other"), None, None]

@@ -3,7 +3,7 @@
 import pytest
 
 from provision.errors import ProvisionError
-from provision.steps import (Absent, Command, Directory, Facts, File, HttpCheck, Lines, Packages, Placeholder, Service,
+from provision.steps import (Absent, Command, Directory, Facts, File, HttpCheck, Lines, Packages, Placeholder, RootsOnly, Service,
                              Symlink, User, collect_facts, plan)
 
 FILE = {"type": "file", "mode": 0o644, "owner": "root", "group": "root", "mtime": 1.0,
@@ -97,9 +97,11 @@ def test_file_only_fixes_mode_when_content_matches():
 
 def test_file_written_atomically_when_content_differs():
     cmds = decide(File("/etc/x", b"new\n"), {("file", "/etc/x"): FILE})
-    assert cmds[0].startswith("base64 -d > /etc/x.provision-tmp <<'__PROVISION_EOF__'\nbmV3Cg==\n")
-    assert cmds[1] == "mv -f /etc/x.provision-tmp /etc/x"
-    assert cmds[2:] == ["chown -h root:root /etc/x", "chmod 644 /etc/x"]
+    # written where only root can read it, given owner and mode, then renamed: never readable half-way
+    assert cmds[0].startswith("rm -f /etc/x.provision-tmp && (umask 077 && base64 -d > /etc/x.provision-tmp) "
+                              "<<'__PROVISION_EOF__'\nbmV3Cg==\n")
+    assert cmds[1:] == ["chown -h root:root /etc/x.provision-tmp", "chmod 644 /etc/x.provision-tmp",
+                        "mv -f /etc/x.provision-tmp /etc/x"]
 
 
 def test_file_diff_and_sensitive_masking():
@@ -218,3 +220,13 @@ def test_lines_removes_keys_whose_value_is_none():
     old = "PATH=/bin\nhttp_proxy=http://bob:pw@proxy:3128\n"
     assert step.render(old) == "PATH=/bin\nno_proxy=localhost\n"
     assert step.render("PATH=/bin\nno_proxy=localhost\n") == "PATH=/bin\nno_proxy=localhost\n"
+
+
+def test_a_tree_root_does_not_own_alone_is_refused_before_anything_runs():
+    step = RootsOnly(("/srv/a", "/srv/a/releases"), hint="move it aside")
+    mine = {"type": "dir", "mode": 0o755, "owner": "root", "group": "root", "acl": False}
+    assert decide(step, {("file", "/srv/a"): mine, ("file", "/srv/a/releases"): None}) is None
+    with pytest.raises(ProvisionError, match="^/srv/a/releases belongs to app, so it is not root's alone; move it"):
+        decide(step, {("file", "/srv/a"): mine, ("file", "/srv/a/releases"): dict(mine, owner="app")})
+    with pytest.raises(ProvisionError, match="^/srv/a has an ACL"):  # a default ACL would give the app new files
+        decide(step, {("file", "/srv/a"): dict(mine, acl=True), ("file", "/srv/a/releases"): None})

@@ -54,13 +54,14 @@ def inventory_paths(c, project: Path) -> list[Path]:
     return [project / Path(n.strip()).expanduser() for n in names if n.strip()]
 
 
-_handled: set[str] = set()
+_handled: set[tuple[str, str]] = set()
 
 
-def first_call(c) -> bool:
+def first_call(c, task: str) -> bool:
     """Fabric calls a task once per -H item; the first call handles the whole selection
-    (in parallel), the others have nothing left to do."""
-    key = selection(c)
+    (in parallel), the others have nothing left to do. Each task named on the command line
+    (`fab -H web deploy check`) gets its own first call."""
+    key = (task, selection(c))
     if key in _handled:
         return False
     _handled.add(key)
@@ -214,7 +215,7 @@ def run_apply(c, project: Path, flags: dict, *, mode: str = "deploy", dry_run: b
               json_file: str | None = None, break_lock: bool = False, to: str | None = None,
               fleet: dict | None = None) -> list[HostResult]:
     """deploy, provision or rollback the selected hosts."""
-    if not first_call(c):
+    if not first_call(c, f"run_apply:{mode}:{dry_run}"):
         return []
     fleet = fleet or {}
     start = time.monotonic()
@@ -283,7 +284,7 @@ def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = Non
     checks, over connections that check the host key again: they never go through testinfra's."""
     from .checks.plugin import CheckHosts, main
 
-    if not first_call(c):
+    if not first_call(c, "run_checks"):
         return 0
     work = jobs(c, project, flags)
     printer = Printer()
@@ -306,7 +307,7 @@ def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = Non
 
 @guarded
 def show_inventory(c, project: Path) -> None:
-    if not first_call(c):
+    if not first_call(c, "show_inventory"):
         return
     for t in targets(c, project):
         secrets.remember(cfg.secret_values(t.vars))
@@ -380,7 +381,7 @@ def sandbox_info(name: str) -> None:
 
 @guarded
 def show_releases(c, project: Path) -> None:
-    if not first_call(c):
+    if not first_call(c, "show_releases"):
         return
     for job in jobs(c, project, {}):
         s = job.settings
@@ -411,7 +412,7 @@ def _exit_for_failures(results: list[HostResult], printer: Printer) -> None:
 
 @guarded
 def show_status(c, project: Path) -> None:
-    if not first_call(c):
+    if not first_call(c, "show_status"):
         return
     printer = Printer()
 
@@ -456,7 +457,7 @@ def show_status(c, project: Path) -> None:
 
 @guarded
 def show_logs(c, project: Path, follow: bool = False, lines: int = 20) -> None:
-    if not first_call(c):
+    if not first_call(c, "show_logs"):
         return
     printer = Printer()
 

@@ -61,6 +61,14 @@ def test_second_deploy_changes_and_restarts_nothing(droplet, tmp_path):
     assert droplet.sh(STATE) == before  # same mtimes, same PIDs, same package list
 
 
+def test_every_task_on_the_command_line_runs(droplet):
+    res = droplet.fab("-H", droplet.name, "deploy", "check", "status")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{droplet.name}: no changes, nothing restarted" in res.stdout  # deploy
+    assert "8 passed" in res.stdout  # check: it was skipped, the selection counted as handled
+    assert f"{droplet.name}: release " in res.stdout  # status
+
+
 def test_dry_run_shows_diff_and_touches_nothing(droplet):
     before = droplet.sh(CHECKSUM)
     res = droplet.fab("-H", droplet.name, "deploy", "--dry-run", "-v", env={

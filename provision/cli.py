@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from invoke import Exit
@@ -33,6 +34,9 @@ from .release import History, current_release, log_path, releases_on_host
 from .script import Lock
 from .inventory import Inventory, Target
 from .source import scan
+
+if TYPE_CHECKING:
+    from .checks.plugin import CheckHost
 
 SANDBOX_INVENTORY = ".sandbox/inventory.ini"
 DEFAULT_INVENTORY = f"inventory.ini,{SANDBOX_INVENTORY}"
@@ -379,6 +383,9 @@ def sandbox_info(name: str) -> None:
     print(f"Stop: fab sandbox.down --name {name}")
 
 
+DONE = {"deploy": "deployed", "rollback": "rolled back to", "refused": "REFUSED"}  # release log actions
+
+
 @guarded
 def show_releases(c, project: Path) -> None:
     if not first_call(c, "show_releases"):
@@ -387,18 +394,18 @@ def show_releases(c, project: Path) -> None:
         s = job.settings
         remote = _connect(job, c)
         try:
-            facts = gather(remote, [("ls", f"{s.root}/releases"), ("content", log_path(s)), ("file", f"{s.root}/current")])
+            facts = gather(remote, [("ls", f"{s.root}/releases"), ("content", log_path(s)),
+                                    ("file", f"{s.root}/current")])
         finally:
             remote.conn.close()
         live, history = current_release(s, facts), History.read(facts.content(log_path(s)))
         names = releases_on_host(s, facts)
         print(f"{job.target.alias}: {len(names)} release(s) in {s.root}/releases")
         for n in names:
-            e, state = history.first.get(n), history.state(n)
-            done = {"deploy": "deployed", "rollback": "rolled back to", "refused": "REFUSED"}.get(e.get("action")) if e \
-                else "NEVER LIVE" if state == "never live" else ""
-            when = f" {e.get('time')} by {e.get('by') or '?'}" if e else ""
-            print(f"  {'*' if n == live else ' '} {n:<40} {done or ''}{when}".rstrip())
+            e = history.first.get(n)  # none: the log never saw it go live or be refused
+            what = (f"{DONE.get(e.get('action'), '')} {e.get('time')} by {e.get('by') or '?'}" if e
+                    else "NEVER LIVE")
+            print(f"  {'*' if n == live else ' '} {n:<40} {what}".rstrip())
 
 
 def _exit_for_failures(results: list[HostResult], printer: Printer) -> None:

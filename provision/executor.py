@@ -146,7 +146,8 @@ def connect(host: str, user: str, port: int, key: str | None, known_hosts: str |
     except paramiko.BadHostKeyException as e:
         raise ProvisionError(f"{label}: host key of {host} has CHANGED (now {fingerprint(e.key)}); refusing to "
                              f"connect: this may be an attack. If the host was rebuilt, remove the old key with "
-                             f"`ssh-keygen -R {shlex.quote(known_as)} -f {record_to}` and retry with --accept-new-host-key")
+                             f"`ssh-keygen -R {shlex.quote(known_as)} -f {record_to}` and retry with "
+                             "--accept-new-host-key")
     except UnknownHostKey as e:
         raise ProvisionError(f"{label}: host key of {host} is unknown ({fingerprint(e.key)}); check that "
                              f"fingerprint, then retry with --accept-new-host-key to record it in {record_to}")

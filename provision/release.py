@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
 import shlex
 from dataclasses import dataclass
 from importlib import resources
@@ -189,7 +188,8 @@ class Release(Step):
         # shared/ files and dirs outlive releases (the layout steps make them); each release links to them
         for path in s.linked_files + s.linked_dirs:
             inside = q(f"{tmp}/{path}")
-            cmds += [f'mkdir -p "$(dirname {inside})"', f"rm -rf {inside} && ln -s {q(root + '/shared/' + path)} {inside}"]
+            cmds += [f'mkdir -p "$(dirname {inside})"',
+                     f"rm -rf {inside} && ln -s {q(root + '/shared/' + path)} {inside}"]
         cmds += [
             f"printf '%s\\n' {q(meta)} > {q(own)}/release.json",
             f"chmod -R go-w {q(tmp)}",
@@ -290,9 +290,11 @@ class Switch(Step):
             slot = "b" if live == "a" else "a"
             args = {"app": s.name, "root": s.root, "slot": slot, "old": live or "", "release": target,
                     "health_path": s.health_path, "host": host_header(s), "timeout": s.health_timeout,
-                    "action": self.action, "by": self.by, "upstream": s.upstream_file,
-                    "socket": s.socket(slot), "prove": [UPSTREAM_HEADER, f"unix:{s.socket(slot)}"] if self.prove else None,
-                    "site": f"/etc/nginx/sites-enabled/{s.name}", "wants": WANTS, "sockets_wants": SOCKETS_WANTS, "daemon_reload": bool(notified & set(self.daemon_reload_on))}
+                    "action": self.action, "by": self.by, "upstream": s.upstream_file, "log": log_path(s),
+                    "socket": s.socket(slot),
+                    "prove": [UPSTREAM_HEADER, f"unix:{s.socket(slot)}"] if self.prove else None,
+                    "site": f"/etc/nginx/sites-enabled/{s.name}", "wants": WANTS, "sockets_wants": SOCKETS_WANTS,
+                    "daemon_reload": bool(notified & set(self.daemon_reload_on))}
             return Change([f"python3 -c {q(SWITCH_PY)} {q(json.dumps(args, sort_keys=True))}"],
                           summary=f"{target} -> slot {slot}")
         cmds = []

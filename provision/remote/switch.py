@@ -1,7 +1,8 @@
 # Runs on the managed host as root (stdlib python3): moves traffic to a release without
 # dropping a request.  argv[1] is JSON: app, root, slot (the idle one), old (the live slot
-# or ""), release, health_path, host, timeout, action, by, upstream, socket (the slot's),
-# wants, sockets_wants (boot link dirs), daemon_reload.
+# or ""), release, health_path, host, timeout, action, by, upstream, log (the release log),
+# socket (the slot's), prove ([header, value] nginx must answer with, or null), site (the
+# enabled nginx site), wants, sockets_wants (boot link dirs), daemon_reload.
 #
 #  1. point slots/<slot> at the release, install the release's unit as <app>@<slot>.service
 #     and (re)start it on its own socket (made by systemd: <app>@<slot>.socket);
@@ -111,7 +112,7 @@ def append_log(path, line):
 
 def record(action):
     """A line in the release log: what went live (deploy, rollback) or was refused, by whom, when."""
-    append_log(root + "/releases.log", json.dumps({
+    append_log(a["log"], json.dumps({
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "release": release, "action": action,
         "by": a["by"], "slot": slot}, sort_keys=True) + "\n")
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import paramiko
-import pytest
 
 from provision import config as cfg
 from provision.checks import plugin

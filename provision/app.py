@@ -12,14 +12,15 @@ import hashlib
 import shlex
 
 from . import secrets
-from .config import UPSTREAM_HEADER, Settings
+from .config import Settings
+from .layout import NGINX_DEFAULT_SITE, UPSTREAM_HEADER
 from .errors import ProvisionError
-from .nginx import DEBIAN_DEFAULT, Site
+from .nginx import Site
 from .source import Source
 from .release import Prune, Release, Switch, host_header, log_path, rollback_target
 from .steps import (Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, RootsOnly, Service,
                     Step, User)
-from .templates import render
+from .render import render
 
 q = shlex.quote
 BASE_PACKAGES = ("python3-venv", "python3-pip-whl", "nginx")
@@ -72,17 +73,16 @@ def layout_steps(s: Settings) -> list[Step]:
     """The app's tree under /srv/<name>. Root owns everything the app runs and root reads (code,
     virtualenvs, configs, links, the release log); the app user writes only its data: the
     ``linked_dirs`` under shared/. ``.env`` is root's, readable by the app's group."""
-    tree = (s.root, *(f"{s.root}/{sub}" for sub in ("releases", "venvs", "slots", "shared")))
+    lay = s.layout
     steps: list[Step] = [
-        RootsOnly(tree, hint=f"move it aside as root (mv {s.root} {s.root}.old), deploy again, then copy your "
-                             f"data from {s.root}.old/shared/ into {s.root}/shared/ after checking it"),
-        User(s.user, home=s.root), Directory(s.root, owner="root", group="root", mode=0o755)]
-    for sub in ("releases", "venvs", "slots", "shared"):
-        steps.append(Directory(f"{s.root}/{sub}", owner="root", group="root", mode=0o755))
+        RootsOnly(lay.tree, hint=f"move it aside as root (mv {lay.root} {lay.root}.old), deploy again, then copy "
+                                 f"your data from {lay.root}.old/shared/ into {lay.shared}/ after checking it"),
+        User(s.user, home=lay.root)]
+    steps += [Directory(d, owner="root", group="root", mode=0o755) for d in lay.tree]
     for d in s.linked_dirs:
-        steps.append(Directory(f"{s.root}/shared/{d}", owner=s.user, group=s.user, mode=0o755, keep_root_links=True))
+        steps.append(Directory(f"{lay.shared}/{d}", owner=s.user, group=s.user, mode=0o755, keep_root_links=True))
     for f in s.linked_files:
-        steps.append(Placeholder(f"{s.root}/shared/{f}", owner="root", group=s.user, mode=0o640))
+        steps.append(Placeholder(f"{lay.shared}/{f}", owner="root", group=s.user, mode=0o640))
     return steps
 
 
@@ -94,7 +94,7 @@ def venv_key(s: Settings, requirements: bytes) -> str:
 
 def venv_step(s: Settings, requirements: bytes, key: str) -> Command:
     """Built by root, owned by root: the app runs it, cannot change it."""
-    path = f"{s.root}/venvs/{key}"
+    path = s.layout.venv(key)
     b64 = base64.encodebytes(requirements).decode()
     # Debian ships pip as a wheel (python3-pip-whl); running it from there into a --without-pip
     # venv skips ensurepip (about 3 s of a fresh deploy) and needs no other package.
@@ -118,7 +118,7 @@ def socket_unit(s: Settings) -> bytes:
     """Each slot's listening socket, made by systemd as root: only nginx (www-data) may connect."""
     return (f"# Managed by provision: changes here are overwritten on the next deploy.\n"
             f"[Unit]\nDescription={s.name} socket (slot %i)\n\n"
-            f"[Socket]\nListenStream={s.socket('%i')}\nSocketUser=root\nSocketGroup=www-data\nSocketMode=0660\n"
+            f"[Socket]\nListenStream={s.layout.socket('%i')}\nSocketUser=root\nSocketGroup=www-data\nSocketMode=0660\n"
             f"DirectoryMode=0755\n\n[Install]\nWantedBy=sockets.target\n").encode()
 
 
@@ -148,15 +148,16 @@ def deploy_steps(s: Settings, source: Source, release_id: str, deployer: str = "
         venv,
         Packages(packages(s)),
         release,
-        File(f"/etc/systemd/system/{s.name}@.socket", socket_unit(s), notify=("unit", "socket")),
+        File(s.layout.socket_unit_file, socket_unit(s), notify=("unit", "socket")),
         # Older layouts: one unit and one gunicorn config shared by both slots (now per release)
-        Absent(f"/etc/systemd/system/{s.name}@.service", notify=("unit",)),
-        Absent(f"{s.root}/gunicorn.conf.py"),
+        Absent(s.layout.legacy_unit_file, notify=("unit",)),
+        Absent(f"{s.layout.root}/gunicorn.conf.py"),
+        Absent(f"{s.layout.root}/live-slot"),  # now the upstream file alone says which slot is live
         Switch(s, release.target, action="deploy", by=deployer, prove=proves_upstream(site)),
         Prune(s, release.target),
         # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
-        Absent(f"/etc/nginx/sites-enabled/{DEBIAN_DEFAULT}", notify=("nginx",), when=("packages",)),
-        Site(s.name, site),
+        Absent(f"{s.layout.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
+        Site(s.layout, site),
         Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile="/run/nginx.pid"),
         health_check(s, proves_upstream(site)),
     ]
@@ -171,12 +172,12 @@ def health_check(s: Settings, prove: bool) -> HttpCheck:
     """The end-to-end check: through nginx on the host, as a visitor would, answered by this
     app's gunicorn (not nginx's welcome page or another app's site)."""
     return HttpCheck("http://127.0.0.1" + s.health_path, host_header=host_header(s), timeout=s.health_timeout,
-                     expect=(UPSTREAM_HEADER, f"unix:{s.socket_dir}/") if prove else None)
+                     expect=(UPSTREAM_HEADER, f"unix:{s.layout.socket_dir}/") if prove else None)
 
 
 def rollback_steps(s: Settings, to: str | None, by: str = "") -> list[Step]:
     target = rollback_target(s, to)
     prove = proves_upstream(rendered(s, "nginx-site.conf.j2"))
     return [Switch(s, target, action="rollback", by=by, restart_on=(), prove=prove,
-                   extra_facts=(("ls", f"{s.root}/releases"), ("content", log_path(s)))),
+                   extra_facts=(("ls", s.layout.releases), ("content", log_path(s)))),
             health_check(s, prove)]

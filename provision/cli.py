@@ -32,85 +32,12 @@ from .executor import HostResult, Printer, connect, gather, run_steps
 from .fleet import DEFAULT_PARALLEL, exit_code, run_fleet
 from .release import History, current_release, log_path, releases_on_host
 from .script import Lock
-from .inventory import Inventory, Target
+from .hosts import SANDBOX_INVENTORY, Job, jobs, project, targets
+from .layout import SLOTS
 from .source import scan
 
 if TYPE_CHECKING:
     from .checks.plugin import CheckHost
-
-SANDBOX_INVENTORY = ".sandbox/inventory.ini"
-DEFAULT_INVENTORY = f"inventory.ini,{SANDBOX_INVENTORY}"
-# Taken out of the environment at import: `fab` imports the fabfile, and so this module,
-# before invoke reads the environment (see config.take_env).
-ENV_APP = cfg.take_env()
-
-
-@dataclass
-class Job:
-    target: Target
-    settings: cfg.Settings
-
-
-def inventory_paths(c, project: Path) -> list[Path]:
-    names = c.config.get("inventory", None) or DEFAULT_INVENTORY
-    if isinstance(names, str):
-        names = names.split(",")
-    return [project / Path(n.strip()).expanduser() for n in names if n.strip()]
-
-
-_handled: set[tuple[str, str]] = set()
-
-
-def first_call(c, task: str) -> bool:
-    """Fabric calls a task once per -H item; the first call handles the whole selection
-    (in parallel), the others have nothing left to do. Each task named on the command line
-    (`fab -H web deploy check`) gets its own first call."""
-    key = (task, selection(c))
-    if key in _handled:
-        return False
-    _handled.add(key)
-    return True
-
-
-def selection(c) -> str:
-    try:  # the whole -H value, as `fab` parsed it
-        from fabric.main import program
-
-        whole = program.core[0].args.hosts.value
-    except (ImportError, AttributeError, IndexError, TypeError):
-        whole = None
-    if whole:
-        return whole
-    host = getattr(c, "original_host", None)
-    if not host:
-        raise ProvisionError("no hosts selected; pass -H ALIAS, -H GROUP or -H user@host[:port] "
-                             "(see `fab inventory`)")
-    return host
-
-
-def targets(c, project: Path) -> list[Target]:
-    """The selected hosts (-H), from the inventory or as given."""
-    inv = Inventory.load(inventory_paths(c, project))
-    return inv.resolve(selection(c), default_user=c.config.user or "root", default_port=c.config.port or 22)
-
-
-def jobs(c, project: Path, flags: dict) -> list[Job]:
-    key_flag = (c.config.connect_kwargs.get("key_filename") or [None])
-    key_flag = key_flag[0] if isinstance(key_flag, list) else key_flag
-    project_app = c.config.get("app") or {}
-    if not hasattr(project_app, "keys"):
-        raise ProvisionError(f"`app` in fabric.yaml must be a mapping of settings (name: value lines), "
-                             f"not a {type(project_app).__name__}; fix fabric.yaml")
-    out = []
-    for t in targets(c, project):
-        if key_flag:
-            t = Target(t.alias, t.host, t.user, t.port, key_flag, t.known_hosts, t.vars)
-        if t.key and not os.path.isfile(os.path.expanduser(t.key)):
-            raise ProvisionError(f"{t.alias}: SSH key file {t.key} not found; fix -i KEY or `key=` in the inventory")
-        raw = cfg.layer({str(k): v for k, v in project_app.items()}, ENV_APP, t.vars, flags)
-        out.append(Job(t, cfg.build(raw, project)))
-    return out
-
 
 def _connect(job: Job, c, accept_new_host_key: bool = False):
     t = job.target
@@ -215,15 +142,13 @@ def lock_for(s: cfg.Settings, action: str, release: str, break_lock: bool) -> Lo
 
 
 @guarded
-def run_apply(c, project: Path, flags: dict, *, mode: str = "deploy", dry_run: bool = False, verbose: bool = False,
+def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, verbose: bool = False,
               json_file: str | None = None, break_lock: bool = False, to: str | None = None,
               fleet: dict | None = None) -> list[HostResult]:
     """deploy, provision or rollback the selected hosts."""
-    if not first_call(c, f"run_apply:{mode}:{dry_run}"):
-        return []
     fleet = fleet or {}
     start = time.monotonic()
-    work = jobs(c, project, flags)
+    work = jobs(c, flags)
     plans, sources = [], {}
     for job in work:  # decide everything locally before touching any host
         s = job.settings
@@ -276,21 +201,19 @@ def check_hosts(work: list[Job], connector) -> list["CheckHost"]:
     out = []
     for job in work:
         t, s = job.target, job.settings
-        settings = {"name": s.name, "root": s.root, "user": s.user, "server_name": s.server_name,
-                    "health_path": s.health_path}
+        settings = {"name": s.name, "user": s.user, "server_name": s.server_name, "health_path": s.health_path,
+                    **s.layout.variables()}
         out.append(CheckHost(t.alias, settings, functools.partial(connector, job), sudo=t.user != "root"))
     return out
 
 
 @guarded
-def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = None) -> int:
+def run_checks(c, flags: dict, extra_args: list[str] | None = None) -> int:
     """Every host reachable with a known key first (in parallel, one line per problem); then the
     checks, over connections that check the host key again: they never go through testinfra's."""
     from .checks.plugin import CheckHosts, main
 
-    if not first_call(c, "run_checks"):
-        return 0
-    work = jobs(c, project, flags)
+    work = jobs(c, flags)
     printer = Printer()
 
     def verify(job: Job) -> HostResult:
@@ -301,7 +224,7 @@ def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = Non
     paths = [str(Path(__file__).parent / "checks")]
     paths += sorted({str(j.settings.checks) for j in work if j.settings.checks.is_dir()})
     hosts = CheckHosts(check_hosts(work, lambda job: _connect(job, c)))
-    code = main(hosts, paths, project, extra_args)
+    code = main(hosts, paths, project(c), extra_args)
     _exit_for_failures([HostResult(alias, error=str(e), code=e.code) for alias, e in hosts.errors().items()],
                        printer)
     if code != 0:
@@ -310,10 +233,8 @@ def run_checks(c, project: Path, flags: dict, extra_args: list[str] | None = Non
 
 
 @guarded
-def show_inventory(c, project: Path) -> None:
-    if not first_call(c, "show_inventory"):
-        return
-    for t in targets(c, project):
+def show_inventory(c) -> None:
+    for t in targets(c):
         secrets.remember(cfg.secret_values(t.vars))
         extra = " ".join(f"{k}={v}" for k, v in sorted(t.vars.items()))
         print(secrets.mask(f"{t.alias:<16} {t.address:<32} key={t.key or '-'} {extra}".rstrip()))
@@ -329,15 +250,15 @@ def _sandbox():
     return Sandbox()
 
 
-def _write_sandbox_inventory(sb, project: Path) -> Path:
-    path = project / SANDBOX_INVENTORY
+def _write_sandbox_inventory(sb, c) -> Path:
+    path = project(c) / SANDBOX_INVENTORY
     path.parent.mkdir(exist_ok=True)
     path.write_text(sb.inventory())
     return path
 
 
 @guarded
-def sandbox_up(project: Path, names: list[str]) -> list:
+def sandbox_up(c, names: list[str]) -> list:
     sb = _sandbox()
     sb.prepare()
     out = []
@@ -347,13 +268,13 @@ def sandbox_up(project: Path, names: list[str]) -> list:
         out.append(d)
         print(f"{d.name}: up at {d.address} in {time.monotonic() - t0:.1f}s  "
               f"(ssh -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} root@{d.address})")
-    inv = _write_sandbox_inventory(sb, project)
+    inv = _write_sandbox_inventory(sb, c)
     print(f"inventory: {inv} (use -H {names[0] if names else 'sandbox'} or -H sandbox)")
     return out
 
 
 @guarded
-def sandbox_down(project: Path, names: list[str], everything: bool = False) -> None:
+def sandbox_down(c, names: list[str], everything: bool = False) -> None:
     sb = _sandbox()
     gone = sb.down_all() if everything else [n for n in names if sb.down(n)]
     for n in names:
@@ -361,11 +282,11 @@ def sandbox_down(project: Path, names: list[str], everything: bool = False) -> N
             print(f"{n}: no such droplet", file=sys.stderr)
     for n in gone:
         print(f"{n}: destroyed")
-    _write_sandbox_inventory(sb, project)
+    _write_sandbox_inventory(sb, c)
 
 
 @guarded
-def sandbox_list(project: Path) -> None:
+def sandbox_list(c) -> None:
     sb = _sandbox()
     for d in sb.list():
         state = "running" if d.running() else "stopped"
@@ -387,20 +308,18 @@ DONE = {"deploy": "deployed", "rollback": "rolled back to", "refused": "REFUSED"
 
 
 @guarded
-def show_releases(c, project: Path) -> None:
-    if not first_call(c, "show_releases"):
-        return
-    for job in jobs(c, project, {}):
+def show_releases(c) -> None:
+    for job in jobs(c, {}):
         s = job.settings
         remote = _connect(job, c)
         try:
-            facts = gather(remote, [("ls", f"{s.root}/releases"), ("content", log_path(s)),
-                                    ("file", f"{s.root}/current")])
+            facts = gather(remote, [("ls", s.layout.releases), ("content", log_path(s)),
+                                    ("file", s.layout.current)])
         finally:
             remote.conn.close()
         live, history = current_release(s, facts), History.read(facts.content(log_path(s)))
         names = releases_on_host(s, facts)
-        print(f"{job.target.alias}: {len(names)} release(s) in {s.root}/releases")
+        print(f"{job.target.alias}: {len(names)} release(s) in {s.layout.releases}")
         for n in names:
             e = history.first.get(n)  # none: the log never saw it go live or be refused
             what = (f"{DONE.get(e.get('action'), '')} {e.get('time')} by {e.get('by') or '?'}" if e
@@ -418,26 +337,24 @@ def _exit_for_failures(results: list[HostResult], printer: Printer) -> None:
 
 
 @guarded
-def show_status(c, project: Path) -> None:
-    if not first_call(c, "show_status"):
-        return
+def show_status(c) -> None:
     printer = Printer()
 
     def one(job: Job) -> HostResult:
         s = job.settings
-        units = [f"{s.name}@a", f"{s.name}@b", "nginx"]
+        units = [*(s.layout.unit(slot) for slot in SLOTS), "nginx"]
         remote = _connect(job, c)
         try:
-            facts = gather(remote, [("file", f"{s.root}/current"), ("content", log_path(s)),
-                                    ("content", f"{s.root}/live-slot"), ("content", "/proc/uptime"), ("os", "")]
+            facts = gather(remote, [("file", s.layout.current), ("content", log_path(s)),
+                                    ("content", s.layout.upstream_file), ("content", "/proc/uptime"), ("os", "")]
                            + [("service", u) for u in units])
         finally:
             remote.conn.close()
-        slot = (facts.content(f"{s.root}/live-slot") or "").strip()
+        slot = s.layout.live_slot(facts.content(s.layout.upstream_file))
         states, down = [], []
         for u in units:
             st = facts.service(u) or {}
-            if st.get("active") or u == "nginx" or u.endswith("@" + slot):
+            if st.get("active") or u == "nginx" or (slot and u == s.layout.unit(slot)):
                 states.append(f"{u} {'running' if st.get('active') else 'STOPPED'}")
                 if not st.get("active"):
                     down.append(u)
@@ -458,22 +375,21 @@ def show_status(c, project: Path) -> None:
                                                       "`fab deploy` starts what is missing")
         return HostResult(job.target.alias)
 
-    results = run_fleet(jobs(c, project, {}), lambda j: j.target.alias, one)
+    results = run_fleet(jobs(c, {}), lambda j: j.target.alias, one)
     _exit_for_failures(results, printer)
 
 
 @guarded
-def show_logs(c, project: Path, follow: bool = False, lines: int = 20) -> None:
-    if not first_call(c, "show_logs"):
-        return
+def show_logs(c, follow: bool = False, lines: int = 20) -> None:
     printer = Printer()
 
     def one(job: Job) -> HostResult:
         s, label = job.settings, job.target.alias
         f = " -f" if follow else ""
-        cmd = (f"journalctl -u {s.name}@a -u {s.name}@b -u nginx -n {lines} --no-pager -o short-iso{f} & "
-               f"tail -q -n {lines}{' -F' if follow else ''} /var/log/nginx/{s.name}.access.log "
-               f"/var/log/nginx/{s.name}.error.log 2>/dev/null & wait")
+        units = " ".join(f"-u {u}" for u in (*(s.layout.unit(slot) for slot in SLOTS), "nginx"))
+        cmd = (f"journalctl {units} -n {lines} --no-pager -o short-iso{f} & "
+               f"tail -q -n {lines}{' -F' if follow else ''} {s.layout.access_log} {s.layout.error_log} "
+               "2>/dev/null & wait")
         remote = _connect(job, c)
         try:
             remote.exec(f"{remote.sudo}bash -c {shlex.quote(cmd)}", on_line=lambda l: printer.line(f"{label} | {l}"))
@@ -481,6 +397,6 @@ def show_logs(c, project: Path, follow: bool = False, lines: int = 20) -> None:
             remote.conn.close()
         return HostResult(label)
 
-    work = jobs(c, project, {})
+    work = jobs(c, {})
     results = run_fleet(work, lambda j: j.target.alias, one, parallel=max(1, len(work)))
     _exit_for_failures(results, printer)

@@ -15,10 +15,13 @@ from pathlib import Path
 
 from . import secrets
 from .errors import ProvisionError
+from .layout import Layout
 
+# The one place defaults are: the kit's fabric.yaml and `python -m provision init` set only what
+# differs. ``name`` has none (it names the app's user, directories and units).
 DEFAULTS: dict = {
-    "name": "hello",
-    "source": "examples/hello",
+    "name": None,
+    "source": ".",  # the directory holding the fabfile
     "wsgi": "app:app",
     "requirements": "requirements.txt",
     "server_name": "_",
@@ -46,7 +49,6 @@ SERVER_NAME_RE = re.compile(r"_|[A-Za-z0-9*.-]+( [A-Za-z0-9*.-]+)*")
 PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]*")
 PATH_RE = re.compile(r"[\w./-]+")
 PROXY_RE = re.compile(r"https?://([^\s/:@]+(:[^\s/@]*)?@)?[^\s/@:]+(:\d+)?/?")  # [user[:password]@]host[:port]
-UPSTREAM_HEADER = "X-Provision-Upstream"  # the socket that answered, for requests from the host itself
 SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
 # The app's system user is named after it: never one of these accounts or groups of Debian and
 # Ubuntu systems and common services, nor systemd-*. (On the host, an account provision did not
@@ -101,10 +103,10 @@ class Settings:
     templates: Path
     proxy: str
     ca_bundle: Path | None
-    keep_releases: int = 5
-    linked_files: tuple[str, ...] = (".env",)
-    linked_dirs: tuple[str, ...] = ("log", "uploads")
-    graceful_timeout: int = 30
+    keep_releases: int
+    linked_files: tuple[str, ...]
+    linked_dirs: tuple[str, ...]
+    graceful_timeout: int
     extra: dict = field(default_factory=dict)  # other vars, available to templates
 
     @property
@@ -113,36 +115,20 @@ class Settings:
         return secret_values({"proxy": self.proxy, **{f"var_{k}": v for k, v in self.extra.items()}})
 
     @property
-    def root(self) -> str:
-        return f"/srv/{self.name}"
+    def layout(self) -> Layout:
+        return Layout(self.name)
 
     @property
     def user(self) -> str:
         return self.name
 
     def template_vars(self) -> dict:
+        """What templates see: the settings (``var_*`` ones without the prefix), the app's user
+        and the host layout's paths."""
         out = dict(self.extra)
         out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
-        out.update(root=self.root, user=self.user, upstream_file=self.upstream_file, socket_unit=self.socket_unit,
-                   upstream_header=UPSTREAM_HEADER, upstream_var=f"provision_upstream_{self.name.replace('-', '_')}")
+        out.update(self.layout.variables(), user=self.user)
         return out
-
-    @property
-    def upstream_file(self) -> str:
-        return f"/etc/nginx/provision/{self.name}.upstream"
-
-    @property
-    def socket_dir(self) -> str:
-        """Root's: systemd creates the slots' sockets here (the app never writes a path nginx uses)."""
-        return f"/run/provision/{self.name}"
-
-    def socket(self, slot: str) -> str:
-        return f"{self.socket_dir}/{slot}.sock"
-
-    @property
-    def socket_unit(self) -> str:
-        """The socket unit of a slot, as a systemd specifier (%i is the slot)."""
-        return f"{self.name}@%i.socket"
 
 
 def _bad(key: str, value, why: str) -> ProvisionError:
@@ -189,6 +175,8 @@ def build(raw: dict, base_dir: Path) -> Settings:
         )
     v = dict(DEFAULTS)
     v.update({k: raw[k] for k in raw if k in DEFAULTS and raw[k] is not None})
+    if v["name"] is None:
+        raise ProvisionError("no app name; set app.name in fabric.yaml (`python -m provision init` writes one)")
     name = str(v["name"])
     if not NAME_RE.fullmatch(name):
         raise _bad("name", name, "use lowercase letters, digits, '-' or '_', starting with a letter (max 31)")

@@ -14,11 +14,11 @@ import shlex
 from dataclasses import dataclass
 
 from .errors import ProvisionError
+from .layout import NGINX_DEFAULT_SITE, Layout
 from .steps import Change, File, symlink_commands
 
 q = shlex.quote
 MANAGED = "# Managed by provision"  # the first line of provision's site template
-DEBIAN_DEFAULT = "default"  # Debian's welcome site: deploy_steps removes it before the app's site
 TOKEN_RE = re.compile(r"""#[^\n]*|"[^"]*"|'[^']*'|[{};]|[^\s{};"']+""")  # a comment, a word, or { } ;
 
 
@@ -89,10 +89,9 @@ class Site(File):
     """The app's site (``sites-available/<app>``), enabled by a link in ``sites-enabled``: refused
     while planning when it clashes with another enabled site, put back when nginx refuses it."""
 
-    def __init__(self, app: str, content: bytes, conf_dir: str = "/etc/nginx"):
-        super().__init__(f"{conf_dir}/sites-available/{app}", content, notify=("nginx",))
-        self.app, self.enabled = app, f"{conf_dir}/sites-enabled"
-        self.link = f"{self.enabled}/{app}"
+    def __init__(self, layout: Layout, content: bytes):
+        super().__init__(layout.site, content, notify=("nginx",))
+        self.app, self.enabled, self.link = layout.name, layout.sites_enabled, layout.site_enabled
 
     def facts(self):
         return super().facts() + [("file", self.link), ("files", self.enabled)]
@@ -100,7 +99,7 @@ class Site(File):
     def refuse_clashes(self, enabled: dict[str, str | None]) -> None:
         mine = servers(self.content.decode("utf-8", "replace"))
         for name, text in sorted(enabled.items()):
-            if name in (self.app, DEBIAN_DEFAULT) or text is None:
+            if name in (self.app, NGINX_DEFAULT_SITE) or text is None:
                 continue
             why = clash(mine, servers(text))
             if why:

@@ -25,29 +25,28 @@ from importlib import resources
 from typing import Callable
 
 from . import secrets
-from .config import UPSTREAM_HEADER, Settings
+from .config import Settings
+from .layout import RELEASE_DIR, SLOTS, SOCKETS_WANTS, TMP, UPSTREAM_HEADER, WANTS
 from .errors import ProvisionError
 from .source import Source
 from .steps import HIDDEN, Change, Facts, Step, below, symlink_commands, unified_diff
 
 q = shlex.quote
 SWITCH_PY = resources.files("provision").joinpath("remote/switch.py").read_text()
-SLOTS = ("a", "b")
-RELEASE_DIR = ".provision"  # inside each release: its metadata and the configs its slot runs
 SHOWN_LINES, SHOWN_IN_ALL = 200, 1000  # diff lines a dry run shows of one app file, and of all
 
 
 def meta_path(s: Settings) -> str:
-    return f"{s.root}/current/{RELEASE_DIR}/release.json"
+    return s.layout.live("release.json")
 
 
 def manifest_path(s: Settings) -> str:
-    return f"{s.root}/current/{RELEASE_DIR}/manifest.json"
+    return s.layout.live("manifest.json")
 
 
 def _live_json(s: Settings, facts: Facts, path: str) -> dict | None:
     """A JSON object the live release keeps in its own directory; None when there is none."""
-    own = facts.file(f"{s.root}/current/{RELEASE_DIR}")
+    own = facts.file(f"{s.layout.current}/{RELEASE_DIR}")
     if not own or own["type"] != "dir" or own["owner"] != "root":
         return None  # not a release root made (an older layout, or tampered with)
     raw = facts.content(path)
@@ -65,7 +64,7 @@ def live_meta(s: Settings, facts: Facts) -> dict:
 def live_files(s: Settings, facts: Facts) -> dict[str, str] | None:
     """The live release's files, each with its sha256: {} on a host with no release; None when not
     known (a release made before manifests were, or one whose manifest is over 1 MiB)."""
-    if facts.file(f"{s.root}/current") is None:
+    if facts.file(s.layout.current) is None:
         return {}
     return _live_json(s, facts, manifest_path(s))
 
@@ -102,7 +101,7 @@ def linked_release(facts: Facts, path: str) -> str | None:
 
 
 def current_release(s: Settings, facts: Facts) -> str | None:
-    return linked_release(facts, f"{s.root}/current")
+    return linked_release(facts, s.layout.current)
 
 
 def config_digest(configs: dict[str, bytes]) -> str:
@@ -129,11 +128,11 @@ class Release(Step):
         self.configs, self.deployer = configs, deployer
         self.config = config_digest(configs)
         self.files = release_files(s, source)
-        self.live = f"{s.root}/current"
+        self.live = s.layout.current
 
     @property
     def name(self):
-        return f"release {self.s.root}/releases"
+        return f"release {self.s.layout.releases}"
 
     def facts(self):
         return [("content", meta_path(self.s)), ("content", manifest_path(self.s)),
@@ -162,7 +161,7 @@ class Release(Step):
     def plan(self, facts, notified):
         if not self.needed(facts):
             return None
-        s, root = self.s, self.s.root
+        s, root = self.s, self.s.layout.root
         rel = f"{root}/releases/{self.release_id}"
         tmp = rel + ".provision-tmp"
         cmds = []
@@ -237,16 +236,13 @@ class Release(Step):
 
 
 def live_slot(s: Settings, facts: Facts) -> str | None:
-    upstream = facts.content(s.upstream_file) or ""
-    return next((slot for slot in SLOTS if f"unix:{s.socket(slot)} " in upstream), None)
+    return s.layout.live_slot(facts.content(s.layout.upstream_file))
 
 
 def slot_release(s: Settings, facts: Facts, slot: str) -> str | None:
-    return linked_release(facts, f"{s.root}/slots/{slot}")
+    return linked_release(facts, s.layout.slot_link(slot))
 
 
-WANTS = "/etc/systemd/system/multi-user.target.wants"  # enabled at boot = a link here, as `systemctl enable` makes
-SOCKETS_WANTS = "/etc/systemd/system/sockets.target.wants"
 
 
 class Switch(Step):
@@ -275,8 +271,8 @@ class Switch(Step):
 
     def facts(self):
         s = self.s
-        return [("content", s.upstream_file), ("file", f"{s.root}/current"), *self.extra_facts,
-                *[("file", f"{s.root}/slots/{slot}") for slot in SLOTS],
+        return [("content", s.layout.upstream_file), ("file", s.layout.current), *self.extra_facts,
+                *[("file", s.layout.slot_link(slot)) for slot in SLOTS],
                 *[("file", f"{WANTS}/{u}.service") for u in self.units().values()],
                 *[("service", u) for u in self.units().values()]]
 
@@ -288,18 +284,18 @@ class Switch(Step):
         running = bool(state and state["active"])
         if live is None or not running or slot_release(s, facts, live) != target or notified & set(self.restart_on):
             slot = "b" if live == "a" else "a"
-            args = {"app": s.name, "root": s.root, "slot": slot, "old": live or "", "release": target,
+            args = {"app": s.name, "root": s.layout.root, "slot": slot, "old": live or "", "release": target,
                     "health_path": s.health_path, "host": host_header(s), "timeout": s.health_timeout,
-                    "action": self.action, "by": self.by, "upstream": s.upstream_file, "log": log_path(s),
-                    "socket": s.socket(slot),
-                    "prove": [UPSTREAM_HEADER, f"unix:{s.socket(slot)}"] if self.prove else None,
-                    "site": f"/etc/nginx/sites-enabled/{s.name}", "wants": WANTS, "sockets_wants": SOCKETS_WANTS,
+                    "action": self.action, "by": self.by, "upstream": s.layout.upstream_file, "log": log_path(s),
+                    "socket": s.layout.socket(slot),
+                    "prove": [UPSTREAM_HEADER, f"unix:{s.layout.socket(slot)}"] if self.prove else None,
+                    "site": s.layout.site_enabled, "wants": WANTS, "sockets_wants": SOCKETS_WANTS,
                     "daemon_reload": bool(notified & set(self.daemon_reload_on))}
             return Change([f"python3 -c {q(SWITCH_PY)} {q(json.dumps(args, sort_keys=True))}"],
                           summary=f"{target} -> slot {slot}")
         cmds = []
         if current_release(s, facts) != target:
-            cmds += symlink_commands(f"{s.root}/current", f"releases/{target}")
+            cmds += symlink_commands(s.layout.current, f"releases/{target}")
         other = self.units()["b" if live == "a" else "a"]
         other_state = facts.service(other)
         if (other_state and other_state["active"]) or facts.file(f"{WANTS}/{other}.service"):
@@ -313,7 +309,7 @@ def host_header(s: Settings) -> str:
 
 
 def log_path(s: Settings) -> str:
-    return f"{s.root}/releases.log"
+    return s.layout.release_log
 
 
 @dataclass
@@ -359,7 +355,7 @@ class History:
 
 
 def releases_on_host(s: Settings, facts: Facts) -> list[str]:
-    return sorted(n for n in (facts.ls(f"{s.root}/releases") or []) if not n.endswith(".provision-tmp"))
+    return sorted(n for n in (facts.ls(s.layout.releases) or []) if not n.endswith(TMP))
 
 
 class Prune(Step):
@@ -372,14 +368,14 @@ class Prune(Step):
 
     @property
     def name(self):
-        return f"prune {self.s.root}/releases"
+        return f"prune {self.s.layout.releases}"
 
     def facts(self):
-        return [("ls", f"{self.s.root}/releases"), ("file", f"{self.s.root}/current"), ("content", log_path(self.s))]
+        return [("ls", self.s.layout.releases), ("file", self.s.layout.current), ("content", log_path(self.s))]
 
     def doomed(self, facts: Facts) -> list[str]:
-        names = facts.ls(f"{self.s.root}/releases") or []
-        partial = [n for n in names if n.endswith(".provision-tmp")]
+        names = facts.ls(self.s.layout.releases) or []
+        partial = [n for n in names if n.endswith(TMP)]
         history = History.read(facts.content(log_path(self.s)))
         releases = releases_on_host(self.s, facts)
         target, previous = self.target(facts), current_release(self.s, facts)
@@ -394,7 +390,7 @@ class Prune(Step):
         doomed = self.doomed(facts)
         if not doomed and "switched" not in notified:
             return None
-        root = self.s.root
+        root = self.s.layout.root
         cmds = [f"rm -rf {' '.join(q(root + '/releases/' + d) for d in doomed)}"] if doomed else []
         # A virtualenv stays while any release links to it (rollbacks need theirs).
         cmds.append(

@@ -11,31 +11,33 @@ def test_nginx_installed_enabled_running(host):
 
 
 def live_slot(host, app):
-    return host.file(f"{app['root']}/live-slot").content_string.strip()
+    """The slot nginx sends traffic to (the upstream file names its socket)."""
+    upstream = host.file(app["upstream_file"]).content_string
+    return next(slot for slot, sock in app["sockets"].items() if f"unix:{sock} " in upstream)
 
 
 def test_app_service_enabled_running(host, app):
     slot = live_slot(host, app)
-    assert host.file(f"/etc/systemd/system/{app['name']}@{slot}.service").user == "root"
+    live, idle_unit = app["units"][slot], next(u for s, u in app["units"].items() if s != slot)
+    assert host.file(app["unit_files"][slot]).user == "root"
     for kind in ("service", "socket"):
-        unit = host.service(f"{app['name']}@{slot}.{kind}")
-        assert unit.is_enabled and unit.is_running, f"{app['name']}@{slot}.{kind}"
-        idle = f"{app['name']}@{'b' if slot == 'a' else 'a'}.{kind}"  # may never have existed
+        unit = host.service(f"{live}.{kind}")
+        assert unit.is_enabled and unit.is_running, f"{live}.{kind}"
+        idle = f"{idle_unit}.{kind}"  # may never have existed
         assert host.run("systemctl is-active --quiet %s", idle).rc != 0, f"{idle} runs"
         assert host.run("systemctl is-enabled --quiet %s", idle).rc != 0, f"{idle} is enabled"
 
 
 def test_app_socket_only_for_nginx_and_nginx_points_at_it(host, app):
-    sock = f"/run/provision/{app['name']}/{live_slot(host, app)}.sock"
+    sock = app["sockets"][live_slot(host, app)]
     assert host.socket(f"unix://{sock}").is_listening
     f = host.file(sock)
     assert (f.user, f.group, f.mode) == ("root", "www-data", 0o660)
-    assert f"unix:{sock} " in host.file(f"/etc/nginx/provision/{app['name']}.upstream").content_string
 
 
 def test_live_release_is_current(host, app):
-    slot_target = host.file(f"{app['root']}/slots/{live_slot(host, app)}").linked_to
-    assert slot_target == host.file(f"{app['root']}/current").linked_to
+    slot_target = host.file(f"{app['slots']}/{live_slot(host, app)}").linked_to
+    assert slot_target == host.file(app["current"]).linked_to
 
 
 def test_nginx_config_valid(host):
@@ -58,13 +60,12 @@ def test_http_through_nginx_answers_200(host, app):
 
 def test_app_runs_nothing_it_can_write(host, app):
     """Root owns the code, the virtualenv, the configs and the links; the app writes only shared/ data."""
-    current = host.file(f"{app['root']}/current")
+    current = host.file(app["current"])
     assert current.is_symlink
-    meta = json.loads(host.file(f"{app['root']}/current/.provision/release.json").content_string)
+    meta = json.loads(host.file(f"{app['current']}/{app['release_dir']}/release.json").content_string)
     assert meta["digest"]
-    for tree in (f"{app['root']}/", f"{app['root']}/current/", f"{app['root']}/current/.venv/"):
-        not_root = host.check_output("find %s -path %s -prune -o ! -user root -print -quit", tree,
-                                     f"{app['root']}/shared")
+    for tree in (f"{app['root']}/", f"{app['current']}/", f"{app['current']}/.venv/"):
+        not_root = host.check_output("find %s -path %s -prune -o ! -user root -print -quit", tree, app["shared"])
         assert not_root == "", f"not owned by root: {not_root}"
         writable = host.check_output("find %s -perm /022 ! -type l -print -quit", tree)
         assert writable == "", f"group- or world-writable: {writable}"

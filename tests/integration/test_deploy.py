@@ -109,7 +109,7 @@ def test_failed_step_reports_command_and_stderr_and_old_release_keeps_serving(dr
 
 
 def test_bad_template_variable_is_one_line_and_changes_nothing(droplet, tmp_path):
-    for t in (ROOT / "templates").iterdir():
+    for t in (ROOT / "provision/templates").iterdir():
         shutil.copy(t, tmp_path / t.name)
     (tmp_path / "nginx-site.conf.j2").write_text("server_name {{ domian }};\n")
     before = droplet.sh(CHECKSUM)

@@ -165,7 +165,7 @@ def test_bad_input_is_one_line_with_the_fix_and_changes_nothing(fleet, accounts,
         (tmp_path / "app" / "app.py").write_text("app = None\n")
         args, message = args + ["--source", str(tmp_path / "app")], "requirements.txt"
     elif case == "undefined template variable":
-        for t in (ROOT / "templates").iterdir():
+        for t in (ROOT / "provision/templates").iterdir():
             shutil.copy(t, tmp_path / t.name)
         (tmp_path / "app@.service.j2").write_text("User={{ app_user }}\n")
         env, message = {"FABRIC_APP_TEMPLATES": str(tmp_path)}, "'app_user' is undefined"

@@ -43,7 +43,7 @@ def second(tmp_path_factory):
 @pytest.fixture
 def bad_templates(tmp_path):
     """The templates, with a site nginx refuses (an unknown directive)."""
-    for t in (ROOT / "templates").iterdir():
+    for t in (ROOT / "provision/templates").iterdir():
         shutil.copy(t, tmp_path / t.name)
     site = tmp_path / "nginx-site.conf.j2"
     site.write_text(site.read_text().replace("client_max_body_size 10m;", "no_such_directive on;"))

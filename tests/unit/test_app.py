@@ -22,7 +22,7 @@ def LINK(target):
 
 
 def settings(**over):
-    return cfg.build(cfg.layer(dict(cfg.DEFAULTS), {}, {}, over), ROOT)
+    return cfg.build(cfg.layer(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), {}, {}, over), ROOT)
 
 
 def fresh_facts(steps, found=None):
@@ -133,7 +133,7 @@ def test_proxy_and_ca_are_settings():
 
 
 def test_bad_template_variable_fails_before_any_step(tmp_path):
-    for t in (ROOT / "templates").iterdir():
+    for t in (ROOT / "provision/templates").iterdir():
         (tmp_path / t.name).write_text(t.read_text())
     (tmp_path / "nginx-site.conf.j2").write_text("server_name {{ domain_typo }};\n")
     s = settings(templates=str(tmp_path))
@@ -142,7 +142,7 @@ def test_bad_template_variable_fails_before_any_step(tmp_path):
 
 
 def test_a_template_that_renders_a_secret_is_refused(tmp_path):
-    for t in (ROOT / "templates").iterdir():
+    for t in (ROOT / "provision/templates").iterdir():
         (tmp_path / t.name).write_text(t.read_text())
     with open(tmp_path / "app@.service.j2", "a") as fh:
         fh.write("Environment=API_TOKEN={{ api_token }}\n")  # units are world-readable

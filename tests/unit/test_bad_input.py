@@ -21,10 +21,13 @@ HOST = "root@192.0.2.1"
 WSGI_INJECTION = 'app:f("+str(__import__("os").system("id"))+")'
 # A task only these tests add to their copy of the fabfile: the settings a deploy would use.
 SHOW_SETTINGS = '''
+from fabric import task
+from provision.hosts import jobs
+
 
 @task
 def show_settings(c):
-    for job in cli.jobs(c, PROJECT, {}):
+    for job in jobs(c, {}):
         s = job.settings
         print(repr({"packages": s.packages, "linked_dirs": s.linked_dirs, "workers": s.workers, "extra": s.extra}))
 
@@ -38,7 +41,7 @@ def project(tmp_path):
     shutil.copy(ROOT / "fabfile.py", tmp_path)
     shutil.copy(ROOT / "fabric.yaml", tmp_path)
     shutil.copytree(ROOT / "examples/hello", tmp_path / "examples/hello")
-    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    shutil.copytree(ROOT / "provision/templates", tmp_path / "templates")
     with open(tmp_path / "fabfile.py", "a") as fh:
         fh.write(SHOW_SETTINGS)
     return tmp_path

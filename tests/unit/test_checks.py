@@ -10,7 +10,9 @@ import paramiko
 from provision import config as cfg
 from provision.checks import plugin
 from provision.checks.plugin import CheckHost, CheckHosts, PinnedBackend
-from provision.cli import Job, check_hosts
+from provision.cli import check_hosts
+from provision.hosts import Job
+from provision.layout import Layout
 from provision.errors import ProvisionError
 from provision.inventory import Target
 
@@ -18,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def job(alias: str, user: str = "root", **over) -> Job:
-    return Job(Target(alias, "10.0.0.1", user), cfg.build(cfg.layer(dict(cfg.DEFAULTS), {}, {}, over), ROOT))
+    return Job(Target(alias, "10.0.0.1", user), cfg.build(cfg.layer(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), {}, {}, over), ROOT))
 
 
 def test_one_check_host_per_job_by_alias_with_its_settings_connecting_only_when_asked():
@@ -26,8 +28,9 @@ def test_one_check_host_per_job_by_alias_with_its_settings_connecting_only_when_
     work = [job("web1"), job("root@10.0.0.9:2222", name="other"), job("web2", user="deploy")]
     hosts = check_hosts(work, lambda j: opened.append(j.target.alias) or f"remote of {j.target.alias}")
     assert [h.alias for h in hosts] == ["web1", "root@10.0.0.9:2222", "web2"]
-    assert hosts[1].settings == {"name": "other", "root": "/srv/other", "user": "other", "server_name": "_",
-                                 "health_path": "/"}
+    assert hosts[1].settings == {"name": "other", "user": "other", "server_name": "_", "health_path": "/",
+                                 **Layout("other").variables()}
+    assert hosts[1].settings["root"] == "/srv/other" and hosts[1].settings["sockets"]["a"] == "/run/provision/other/a.sock"
     assert [h.sudo for h in hosts] == [False, False, True]  # sudo only where the user is not root
     assert opened == []
     assert hosts[2].open() == "remote of web2" and opened == ["web2"]

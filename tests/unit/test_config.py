@@ -10,12 +10,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def build(**over):
-    return cfg.build(cfg.layer(dict(cfg.DEFAULTS), {}, {}, over), ROOT)
+    return cfg.build(cfg.layer(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), {}, {}, over), ROOT)
 
 
 def test_defaults_are_valid():
     s = build()
-    assert s.name == "hello" and s.source == ROOT / "examples/hello" and s.root == "/srv/hello"
+    assert s.name == "hello" and s.source == ROOT / "examples/hello" and s.layout.root == "/srv/hello"
     assert s.requirements == ROOT / "examples/hello/requirements.txt"
     assert s.workers == 2 and s.proxy == "" and s.ca_bundle is None
 
@@ -94,7 +94,7 @@ def test_template_vars_include_own_vars():
     s = build(var_region="fra1")
     v = s.template_vars()
     assert v["region"] == "fra1" and v["upstream_file"] == "/etc/nginx/provision/hello.upstream"
-    assert s.socket("b") == "/run/provision/hello/b.sock"
+    assert s.layout.socket("b") == "/run/provision/hello/b.sock"
 
 
 def test_proxy_credentials_are_secrets_and_never_in_messages():
@@ -132,17 +132,17 @@ def test_inventory_vars_secrets():
 @pytest.mark.parametrize("value", [".", "./log", "log/", "a//b", "log/.", ".."])
 def test_linked_paths_name_something_inside_the_release(value):
     with pytest.raises(ProvisionError, match="expected a path inside the release"):
-        cfg.build(dict(cfg.DEFAULTS, linked_dirs=[value]), ROOT)
+        cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello", linked_dirs=[value]), ROOT)
 
 
 def test_checks_belong_to_the_app_source(tmp_path):
     (tmp_path / "requirements.txt").write_text("flask\n")
-    assert cfg.build(dict(cfg.DEFAULTS, source=str(tmp_path)), ROOT).checks == tmp_path / "checks"
-    assert cfg.build(dict(cfg.DEFAULTS), ROOT).checks == ROOT / "examples/hello/checks"
+    assert cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(tmp_path)), ROOT).checks == tmp_path / "checks"
+    assert cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), ROOT).checks == ROOT / "examples/hello/checks"
 
 
 @pytest.mark.parametrize("over", [{"linked_dirs": ["uploads", "uploads/thumbs"]},
                                   {"linked_dirs": ["data"], "linked_files": [".env", "data/db.sqlite3"]}])
 def test_nothing_is_linked_inside_a_linked_dir(over):
     with pytest.raises(ProvisionError, match="inside linked dir"):
-        cfg.build(dict(cfg.DEFAULTS, **over), ROOT)
+        cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello", **over), ROOT)

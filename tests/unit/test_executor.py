@@ -39,7 +39,7 @@ class FakeRemote:
 
 def test_dry_run_after_a_password_change_shows_neither_password():
     new, old = "http://bob:new-pw@proxy:3128", "http://bob:old-pw@proxy:3128"
-    cfg.build(cfg.layer(dict(cfg.DEFAULTS), {}, {}, {"proxy": new}), ROOT)  # settings make new-pw a known secret
+    cfg.build(cfg.layer(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), {}, {}, {"proxy": new}), ROOT)  # settings make new-pw a known secret
     steps = [File("/etc/apt/apt.conf.d/80proxy", f'Acquire::http::Proxy "{new}";\n'.encode()),
              Lines("/etc/environment", (("http_proxy", new),))]
     host = FakeRemote({
@@ -74,7 +74,7 @@ def test_a_dry_run_a_host_refused_says_so():
 
 def test_dry_run_gathers_the_old_contents_of_every_diff_in_one_more_round_trip(tmp_path):
     (tmp_path / "app.py").write_text("print('new')\n")
-    s = cfg.build(dict(cfg.DEFAULTS), ROOT)
+    s = cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), ROOT)
     release = Release(s, scan(tmp_path), "r1", "venvkey", {})
     live = "/srv/hello/current"
     host = FakeRemote({

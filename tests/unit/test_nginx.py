@@ -13,6 +13,7 @@ import pytest
 from provision import config as cfg
 from provision.app import rendered
 from provision.errors import ProvisionError
+from provision.layout import Layout
 from provision.nginx import Site
 from provision.script import build_script, parse_report
 from provision.steps import Facts, Planned
@@ -30,12 +31,12 @@ server {
 
 def site(name: str, server_name: str = "_") -> str:
     """The site provision writes for an app, from the real template."""
-    s = cfg.build(cfg.layer(dict(cfg.DEFAULTS), {}, {}, {"name": name, "server_name": server_name}), ROOT)
+    s = cfg.build(cfg.layer(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), {}, {}, {"name": name, "server_name": server_name}), ROOT)
     return rendered(s, "nginx-site.conf.j2").decode()
 
 
 def plan_beside(enabled: dict, server_name: str = "_"):
-    step = Site("second", site("second", server_name).encode())
+    step = Site(Layout("second"), site("second", server_name).encode())
     return step.plan(Facts({("file", step.path): None, ("file", step.link): None,
                             ("files", "/etc/nginx/sites-enabled"): enabled}), set())
 
@@ -99,7 +100,7 @@ def conf(tmp_path):
 
 def apply(conf: Path, content: str):
     """Gather the facts of a Site with the real fact gatherer, plan it and run its change."""
-    step = Site("second", content.encode(), conf_dir=str(conf))
+    step = Site(Layout("second", nginx_dir=str(conf)), content.encode())
     keys = step.facts()
     gathered = subprocess.run([sys.executable, "-c", FACTS_PY, json.dumps(keys)], capture_output=True, text=True,
                               check=True)

@@ -12,7 +12,7 @@ from provision.release import WANTS, History, Prune, Switch, live_slot, rollback
 from provision.steps import Facts
 
 ROOT = Path(__file__).resolve().parents[2]
-S = cfg.build(dict(cfg.DEFAULTS), ROOT)
+S = cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), ROOT)
 UP = {"loaded": True, "active": True, "enabled": True, "pid": 7}
 DOWN = {"loaded": True, "active": False, "enabled": False, "pid": 0}
 
@@ -23,7 +23,7 @@ def link(target):
 
 def host(live="a", a="r1", b=None, a_state=UP, b_state=DOWN, current="r1", releases=("r1",)):
     return Facts({
-        ("content", S.upstream_file): f"server unix:/run/provision/hello/{live}.sock fail_timeout=0;\n" if live else None,
+        ("content", S.layout.upstream_file): f"server unix:/run/provision/hello/{live}.sock fail_timeout=0;\n" if live else None,
         ("file", "/srv/hello/current"): link(f"releases/{current}") if current else None,
         ("file", "/srv/hello/slots/a"): link(f"../releases/{a}") if a else None,
         ("file", "/srv/hello/slots/b"): link(f"../releases/{b}") if b else None,
@@ -58,7 +58,7 @@ def test_fresh_host_starts_slot_a_with_a_daemon_reload():
     fresh = host(live=None, a=None, current=None, a_state=None, b_state=None)
     args = switch_args(Switch(S, lambda f: "r1").plan(fresh, {"unit"}))
     assert (args["slot"], args["old"], args["daemon_reload"]) == ("a", "", True)
-    assert args["socket"] == "/run/provision/hello/a.sock" and args["upstream"] == S.upstream_file
+    assert args["socket"] == "/run/provision/hello/a.sock" and args["upstream"] == S.layout.upstream_file
 
 
 def test_a_new_socket_unit_or_a_dead_instance_switch_too():
@@ -96,7 +96,7 @@ LOG = ("content", "/srv/hello/releases.log")
 
 
 def test_prune_keeps_newest_and_never_the_live_or_previous():
-    s = cfg.build(dict(cfg.DEFAULTS, keep_releases=2), ROOT)
+    s = cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello", keep_releases=2), ROOT)
     names = ["2026-01", "2026-02", "2026-03", "2026-04", "2026-05.provision-tmp"]
     went = log(("2026-01", "deploy"), ("2026-02", "deploy"), ("2026-03", "deploy"), ("2026-04", "deploy"),
                ("2026-01", "rollback"))
@@ -113,7 +113,7 @@ def test_prune_keeps_newest_and_never_the_live_or_previous():
 
 @pytest.mark.parametrize("keep,doomed", [(2, ["r2-refused", "r3-interrupted"]), (3, ["r2-refused"]), (5, [])])
 def test_prune_removes_releases_that_never_went_live_first(keep, doomed):
-    s = cfg.build(dict(cfg.DEFAULTS, keep_releases=keep), ROOT)
+    s = cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello", keep_releases=keep), ROOT)
     names = ["r1", "r2-refused", "r3-interrupted", "r4"]
     facts = Facts({("ls", "/srv/hello/releases"): names, ("file", "/srv/hello/current"): link("releases/r4"),
                    LOG: log(("r1", "deploy"), ("r2-refused", "refused"), ("r4", "deploy"))})

@@ -12,7 +12,7 @@ from provision.source import scan
 from provision.steps import Facts, below
 
 ROOT = Path(__file__).resolve().parents[2]
-S = cfg.build(dict(cfg.DEFAULTS), ROOT)
+S = cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), ROOT)
 LIVE = "/srv/hello/current"
 ROOTS = {"type": "dir", "mode": 0o755, "owner": "root", "group": "root"}
 LINK = {"type": "link", "target": "releases/r0", "mode": 0o777, "owner": "root", "group": "root"}

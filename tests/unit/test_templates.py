@@ -5,33 +5,33 @@ import pytest
 
 from provision import config as cfg
 from provision.errors import ProvisionError
-from provision.templates import render
+from provision.render import render
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def settings(**over):
-    return cfg.build(cfg.layer(dict(cfg.DEFAULTS), {}, {}, over), ROOT)
+    return cfg.build(cfg.layer(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), {}, {}, over), ROOT)
 
 
 def test_project_templates_render():
     v = settings(server_name="example.com www.example.com").template_vars()
-    site = render(ROOT / "templates", "nginx-site.conf.j2", v)
+    site = render(ROOT / "provision/templates", "nginx-site.conf.j2", v)
     assert "server_name example.com www.example.com;" in site and "default_server" not in site
     assert "include /etc/nginx/provision/hello.upstream;" in site
-    unit = render(ROOT / "templates", "app@.service.j2", v)
+    unit = render(ROOT / "provision/templates", "app@.service.j2", v)
     assert ("ExecStart=/srv/hello/slots/%i/.venv/bin/gunicorn --config /srv/hello/slots/%i/.provision/gunicorn.conf.py "
             "--chdir /srv/hello/slots/%i\n") in unit
     assert "Requires=hello@%i.socket" in unit
     assert "User=hello" in unit
-    conf = render(ROOT / "templates", "gunicorn.conf.py.j2", v)
+    conf = render(ROOT / "provision/templates", "gunicorn.conf.py.j2", v)
     compile(conf, "gunicorn.conf.py", "exec")
     assert "wsgi_app = 'app:app'" in conf and "workers = 2" in conf
 
 
 def test_wsgi_is_rendered_as_a_string_literal():
     wsgi = 'app:f("+str(__import__("os").system("id"))+"\')\\'
-    conf = render(ROOT / "templates", "gunicorn.conf.py.j2", dict(settings().template_vars(), wsgi=wsgi))
+    conf = render(ROOT / "provision/templates", "gunicorn.conf.py.j2", dict(settings().template_vars(), wsgi=wsgi))
     assigned = {n.targets[0].id: n.value for n in ast.parse(conf).body if isinstance(n, ast.Assign)}
     assert isinstance(assigned["wsgi_app"], ast.Constant) and assigned["wsgi_app"].value == wsgi
 

@@ -1,5 +1,7 @@
-"""Render the project's templates locally, strictly: a missing variable fails
-before any host is touched."""
+"""Render templates locally, strictly: a missing variable fails before any host is touched.
+
+A template comes from the project's ``templates/`` folder (``app.templates``) when it holds
+one by that name, else from the kit's defaults (``provision/templates/``)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,22 @@ import jinja2
 from .errors import ProvisionError
 
 
+KIT_TEMPLATES = Path(__file__).with_name("templates")
+NAMES = ("nginx-site.conf.j2", "app@.service.j2", "gunicorn.conf.py.j2")
+
+
+def default_template(name: str) -> str:
+    """The kit's own version of a template, for users to start theirs from."""
+    if name not in NAMES:
+        raise ProvisionError(f"no template {name!r}; the templates are {', '.join(NAMES)}")
+    return (KIT_TEMPLATES / name).read_text()
+
+
 @functools.lru_cache(maxsize=None)
 def _environment(templates_dir: Path) -> jinja2.Environment:
     # One per folder: each template compiles once per run, however many hosts render it.
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir)),
+        loader=jinja2.FileSystemLoader([str(templates_dir), str(KIT_TEMPLATES)]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
@@ -31,8 +44,9 @@ def render(templates_dir: Path, name: str, variables: dict) -> str:
     env = _environment(Path(templates_dir))
     try:
         return env.get_template(name).render(**variables)
-    except jinja2.TemplateNotFound:
-        raise ProvisionError(f"template {name} not found in {templates_dir}; add it or set app.templates")
+    except jinja2.TemplateNotFound as e:
+        raise ProvisionError(f"template {e.name} not found in {templates_dir} nor among the kit's ({', '.join(NAMES)}); "
+                             "add it or fix the name")
     except jinja2.TemplateSyntaxError as e:
         raise ProvisionError(f"template {e.filename or name}:{e.lineno}: {e.message}; fix the template syntax")
     except jinja2.UndefinedError as e:

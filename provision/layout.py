@@ -1,0 +1,187 @@
+"""The host layout: every path and name a deploy uses on a host, defined once.
+
+The planner (steps), the remote programs (as data in their arguments), the templates (as
+variables) and the checks (the ``app`` fixture) all take their paths from a :class:`Layout`.
+Nothing else writes a host path.
+
+Under ``/srv/<app>`` (root's, except the data dirs under ``shared/``)::
+
+    releases/<id>/        code, .venv -> ../../venvs/<key>, linked files/dirs -> shared/
+    releases/<id>/.provision/
+                          release.json (metadata), manifest.json (each file's sha256),
+                          unit, gunicorn.conf.py: what a slot runs
+    venvs/<key>/          one virtualenv per distinct requirements
+    shared/               .env (root's, app-readable), log/, uploads/ (the app's): kept across releases
+    slots/{a,b}           -> ../releases/<id>: what each gunicorn instance runs
+    current               -> releases/<id>: the live release
+    releases.log          who deployed or rolled back what, when (one JSON object a line)
+
+Elsewhere: the slots' units and sockets under /etc/systemd/system, the nginx site and its
+upstream file (the one record of the live slot: nginx sends traffic where it says), and the
+deploy lock and sockets under /run/provision (root's).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+SLOTS = ("a", "b")
+TMP = ".provision-tmp"  # suffix of a path being written; renamed into place when complete
+RELEASE_DIR = ".provision"  # inside each release: its metadata and the configs its slot runs
+RUN_DIR = "/run/provision"  # root's: locks, holder files, the apps' socket dirs
+SYSTEMD_DIR = "/etc/systemd/system"
+WANTS = f"{SYSTEMD_DIR}/multi-user.target.wants"  # enabled at boot = a link here, as `systemctl enable` makes
+SOCKETS_WANTS = f"{SYSTEMD_DIR}/sockets.target.wants"
+NGINX_DIR = "/etc/nginx"
+NGINX_PID = "/run/nginx.pid"
+NGINX_DEFAULT_SITE = "default"  # Debian's welcome site
+UPSTREAM_HEADER = "X-Provision-Upstream"  # the socket that answered, for requests from the host itself
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one app lives on a host."""
+
+    name: str
+    nginx_dir: str = NGINX_DIR  # another only in tests
+
+    # -- /srv/<name>
+    @property
+    def root(self) -> str:
+        return f"/srv/{self.name}"
+
+    @property
+    def releases(self) -> str:
+        return f"{self.root}/releases"
+
+    def release(self, release_id: str) -> str:
+        return f"{self.releases}/{release_id}"
+
+    @property
+    def venvs(self) -> str:
+        return f"{self.root}/venvs"
+
+    def venv(self, key: str) -> str:
+        return f"{self.venvs}/{key}"
+
+    @property
+    def slots(self) -> str:
+        return f"{self.root}/slots"
+
+    def slot_link(self, slot: str) -> str:
+        return f"{self.slots}/{slot}"
+
+    @property
+    def shared(self) -> str:
+        return f"{self.root}/shared"
+
+    @property
+    def current(self) -> str:
+        return f"{self.root}/current"
+
+    @property
+    def release_log(self) -> str:
+        return f"{self.root}/releases.log"
+
+    @property
+    def tree(self) -> tuple[str, ...]:
+        """The directories root owns alone under the app's root, the root first."""
+        return (self.root, self.releases, self.venvs, self.slots, self.shared)
+
+    def live(self, file: str) -> str:
+        """A file of the live release's own directory (release.json, manifest.json)."""
+        return f"{self.current}/{RELEASE_DIR}/{file}"
+
+    # -- systemd: one instance (and socket) per slot
+    def unit(self, slot: str) -> str:
+        return f"{self.name}@{slot}"
+
+    def unit_file(self, slot: str) -> str:
+        return f"{SYSTEMD_DIR}/{self.unit(slot)}.service"
+
+    @property
+    def socket_unit_file(self) -> str:
+        return f"{SYSTEMD_DIR}/{self.name}@.socket"
+
+    @property
+    def socket_unit(self) -> str:
+        """The socket unit of a slot, as a systemd specifier (%i is the slot)."""
+        return f"{self.name}@%i.socket"
+
+    @property
+    def legacy_unit_file(self) -> str:
+        """Older layouts: one unit for both slots (now each release has its own)."""
+        return f"{SYSTEMD_DIR}/{self.name}@.service"
+
+    @property
+    def socket_dir(self) -> str:
+        """Root's: systemd creates the slots' sockets here (the app never writes a path nginx uses)."""
+        return f"{RUN_DIR}/{self.name}"
+
+    def socket(self, slot: str) -> str:
+        return f"{self.socket_dir}/{slot}.sock"
+
+    # -- nginx
+    @property
+    def site(self) -> str:
+        return f"{self.nginx_dir}/sites-available/{self.name}"
+
+    @property
+    def sites_enabled(self) -> str:
+        return f"{self.nginx_dir}/sites-enabled"
+
+    @property
+    def site_enabled(self) -> str:
+        return f"{self.sites_enabled}/{self.name}"
+
+    @property
+    def upstream_file(self) -> str:
+        return f"{self.nginx_dir}/provision/{self.name}.upstream"
+
+    def upstream(self, slot: str) -> str:
+        """The upstream file's content that sends traffic to ``slot``."""
+        return f"server unix:{self.socket(slot)} fail_timeout=0;\n"
+
+    def live_slot(self, upstream: str | None) -> str | None:
+        """The slot the upstream file's content sends traffic to: the live slot."""
+        found = re.search(r"server unix:(\S+) ", upstream or "")
+        return next((s for s in SLOTS if found and found.group(1) == self.socket(s)), None)
+
+    @property
+    def access_log(self) -> str:
+        return f"/var/log/nginx/{self.name}.access.log"
+
+    @property
+    def error_log(self) -> str:
+        return f"/var/log/nginx/{self.name}.error.log"
+
+    @property
+    def upstream_var(self) -> str:
+        """The nginx variable of the site's map that tells the host which socket answered."""
+        return f"provision_upstream_{self.name.replace('-', '_')}"
+
+    # -- the deploy lock
+    @property
+    def lock(self) -> str:
+        return f"{RUN_DIR}/{self.name}.lock"
+
+    @property
+    def lock_holder(self) -> str:
+        return f"{RUN_DIR}/{self.name}.deploy"
+
+    @property
+    def deploy_scope_prefix(self) -> str:
+        """A deploy's transient systemd scope is this, its shell's pid, ``.scope``."""
+        return f"provision-deploy-{self.name}-"
+
+    # -- handed to others
+    def variables(self) -> dict:
+        """For templates and checks: the paths they may use."""
+        return {"root": self.root, "current": self.current, "shared": self.shared, "slots": self.slots,
+                "release_dir": RELEASE_DIR, "socket_dir": self.socket_dir, "socket_unit": self.socket_unit,
+                "upstream_file": self.upstream_file, "upstream_header": UPSTREAM_HEADER,
+                "upstream_var": self.upstream_var, "release_log": self.release_log,
+                "access_log": self.access_log, "error_log": self.error_log,
+                "sockets": {s: self.socket(s) for s in SLOTS}, "units": {s: self.unit(s) for s in SLOTS},
+                "unit_files": {s: self.unit_file(s) for s in SLOTS}}

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 from .errors import ProvisionError
-from .executor import HostResult
+from .runner import HostResult
 
 T = TypeVar("T")
 DEFAULT_PARALLEL = 10

@@ -20,7 +20,6 @@ import base64
 import hashlib
 import json
 import shlex
-from dataclasses import dataclass
 from importlib import resources
 from typing import Callable
 
@@ -28,8 +27,10 @@ from . import secrets
 from .config import Settings
 from .layout import RELEASE_DIR, SLOTS, SOCKETS_WANTS, TMP, UPSTREAM_HEADER, WANTS
 from .errors import ProvisionError
+from .history import History
 from .source import Source
-from .steps import HIDDEN, Change, Facts, Step, below, symlink_commands, unified_diff
+from .facts import Facts, below
+from .steps import HIDDEN, Change, Step, symlink_commands, unified_diff
 
 q = shlex.quote
 SWITCH_PY = resources.files("provision").joinpath("remote/switch.py").read_text()
@@ -310,48 +311,6 @@ def host_header(s: Settings) -> str:
 
 def log_path(s: Settings) -> str:
     return s.layout.release_log
-
-
-@dataclass
-class History:
-    """What the release log (``releases.log``, written by the switch) says about releases."""
-
-    went_live: list[str]  # in order, one entry per switch to it (deploy or rollback)
-    refused: set[str]
-    first: dict[str, dict]  # each release's first entry: when, by whom
-
-    @classmethod
-    def read(cls, text: str | None) -> "History":
-        went_live, refused, first = [], set(), {}
-        for line in (text or "").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(entry, dict) or not isinstance(entry.get("release"), str):
-                continue
-            first.setdefault(entry["release"], entry)
-            if entry.get("action") in ("deploy", "rollback"):
-                went_live.append(entry["release"])
-            elif entry.get("action") == "refused":
-                refused.add(entry["release"])
-        return cls(went_live, refused, first)
-
-    def state(self, release: str) -> str:
-        """live-at-some-time, refused (its health gate failed) or never-live (an interrupted deploy)."""
-        if release in self.went_live:
-            return "went live"
-        return "refused" if release in self.refused else "never live"
-
-    def before(self, live: str | None, present: list[str]) -> str | None:
-        """The release that was live before ``live``, among those still ``present``."""
-        seen_live = False
-        for release in reversed(self.went_live):
-            if release == live:
-                seen_live = True
-            elif (seen_live or live is None) and release in present:
-                return release
-        return None
 
 
 def releases_on_host(s: Settings, facts: Facts) -> list[str]:

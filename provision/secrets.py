@@ -2,7 +2,7 @@
 
 :func:`provision.config.secret_values` decides what is secret; building settings
 remembers those values before validating anything.  Everything printed goes
-through :func:`mask`: the executor's Printer, the one-line errors of
+through :func:`mask`: the output's Printer, the one-line errors of
 ``cli.guarded``, ``fab inventory``; a dry run shows no content of a file whose old
 or new content :func:`holds_secret` (``steps.shown_diff``, ``release.Release.show_diff``),
 nor of an app's file whose name :func:`looks_secret`.

@@ -2,7 +2,7 @@
 
 A step names the facts it needs (``facts()``), and turns the gathered facts
 into a :class:`Change` (``plan()``), or ``None`` when the host already is as
-desired.  Nothing here touches a host: the executor gathers the facts of all
+desired.  Nothing here touches a host: the runner gathers the facts of all
 steps in one round trip and runs every change in one script.
 
 ``notify`` tags let later steps react to earlier changes (a service restarts
@@ -14,61 +14,15 @@ from __future__ import annotations
 import base64
 import difflib
 import hashlib
-import json
 import shlex
 from dataclasses import dataclass
 from typing import Iterable
 
 from . import secrets
 from .errors import ProvisionError
+from .facts import Fact, Facts, http_fact_arg
 
 q = shlex.quote
-Fact = tuple  # (kind, arg)
-
-
-class Facts:
-    """Answers of the remote fact gatherer, looked up by (kind, arg)."""
-
-    def __init__(self, answers: dict[Fact, object]):
-        self._answers = dict(answers)
-
-    def __getitem__(self, key: Fact):
-        return self._answers[key]
-
-    def file(self, path: str) -> dict | None:
-        return self._answers[("file", path)]
-
-    def content(self, path: str) -> str | None:
-        return self._answers[("content", path)]
-
-    def files(self, path: str) -> dict[str, str | None] | None:
-        return self._answers[("files", path)]
-
-    def content_below(self, base: str, rel: str) -> str | None:
-        return self._answers[below(base, rel)]
-
-    def package(self, name: str) -> bool:
-        return bool(self._answers[("package", name)])
-
-    def ls(self, path: str) -> list[str] | None:
-        return self._answers[("ls", path)]
-
-    def user(self, name: str) -> dict | None:
-        return self._answers[("user", name)]
-
-    def service(self, name: str) -> dict | None:
-        return self._answers[("service", name)]
-
-    def command(self, cmd: str) -> int:
-        return self._answers[("command", cmd)]
-
-    def http(self, url: str, host: str = "", expect: tuple[str, str] | None = None) -> int:
-        return self._answers[("http", http_fact_arg(url, host, expect))]
-
-
-def below(base: str, rel: str) -> Fact:
-    """The fact of the text of ``base/rel``, read without following any symlink below ``base``."""
-    return ("content_below", f"{base}\0{rel}")
 
 
 @dataclass
@@ -560,10 +514,6 @@ def drain_workers(command: str, pidfile: str, timeout: float = 30) -> list[str]:
     ]
 
 
-def http_fact_arg(url: str, host: str, expect: tuple[str, str] | None) -> str:
-    return json.dumps([url, host, *(expect or ())])
-
-
 @dataclass(repr=False)
 class HttpCheck(Step):
     """The service answers ``url`` with a 2xx status (retried up to ``timeout`` seconds), and,
@@ -614,14 +564,6 @@ def http_check_command(url: str, host_header: str, timeout: int, expect: tuple[s
     )
     extra = f" {q(expect[0])} {q(expect[1])}" if expect else ""
     return f"python3 -c {q(py)} {q(url)} {q(host_header)} {timeout}{extra}"
-
-
-def collect_facts(steps: Iterable[Step]) -> list[Fact]:
-    seen: dict[Fact, None] = {}
-    for s in steps:
-        for f in s.facts():
-            seen.setdefault(tuple(f), None)
-    return list(seen)
 
 
 @dataclass

@@ -7,7 +7,7 @@ parsing here, what each task does in :mod:`provision.cli`.
 from fabric import Task, task as fabric_task
 from invoke import Collection
 
-from . import cli
+from .cli import apply as applying, check as checking, info as showing, sandbox as sandboxes
 from .hosts import DEFAULT_INVENTORY
 
 
@@ -46,21 +46,21 @@ def _fleet(parallel, serial, max_fail, accept_new_host_key):
 def deploy(c, source=None, dry_run=False, verbose=False, json=None, break_lock=False, parallel=None, serial=None,
            max_fail=None, accept_new_host_key=False):
     """Provision the host, push a release, switch to it without dropping requests, health-check."""
-    cli.run_apply(c, _flags(source), dry_run=dry_run, verbose=verbose, json_file=json, break_lock=break_lock,
+    applying.run_apply(c, _flags(source), dry_run=dry_run, verbose=verbose, json_file=json, break_lock=break_lock,
                   fleet=_fleet(parallel, serial, max_fail, accept_new_host_key))
 
 
 @task(help={"source": "app directory (default: app.source)", "verbose": "show remote commands"})
 def plan(c, source=None, verbose=False):
     """What `deploy` would change, with diffs; touches nothing."""
-    cli.run_apply(c, _flags(source), dry_run=True, verbose=verbose)
+    applying.run_apply(c, _flags(source), dry_run=True, verbose=verbose)
 
 
 @task(name="provision", help={"dry_run": "show the plan, touch nothing", **FLEET_HELP})
 def provision_(c, dry_run=False, verbose=False, break_lock=False, parallel=None, serial=None, max_fail=None,
                accept_new_host_key=False):
     """Packages, app user and directory layout only."""
-    cli.run_apply(c, _flags(), mode="provision", dry_run=dry_run, verbose=verbose, break_lock=break_lock,
+    applying.run_apply(c, _flags(), mode="provision", dry_run=dry_run, verbose=verbose, break_lock=break_lock,
                   fleet=_fleet(parallel, serial, max_fail, accept_new_host_key))
 
 
@@ -68,62 +68,62 @@ def provision_(c, dry_run=False, verbose=False, break_lock=False, parallel=None,
 def rollback(c, to=None, verbose=False, break_lock=False, parallel=None, serial=None, max_fail=None,
              accept_new_host_key=False):
     """Switch traffic back to an earlier release (no rebuild)."""
-    cli.run_apply(c, _flags(), mode="rollback", to=to, verbose=verbose, break_lock=break_lock,
+    applying.run_apply(c, _flags(), mode="rollback", to=to, verbose=verbose, break_lock=break_lock,
                   fleet=_fleet(parallel, serial, max_fail, accept_new_host_key))
 
 
 @task
 def status(c):
     """Per host: live release, service states, uptime, last deploy."""
-    cli.show_status(c)
+    showing.show_status(c)
 
 
 @task(help={"follow": "keep printing new lines (Ctrl-C to stop)", "lines": "lines of history per host (default 20)"})
 def logs(c, follow=False, lines=20):
     """App and nginx logs of the selected hosts, each line prefixed by its host."""
-    cli.show_logs(c, follow=follow, lines=int(lines))
+    showing.show_logs(c, follow=follow, lines=int(lines))
 
 
 @task
 def releases(c):
     """List the releases on the host; * marks the live one."""
-    cli.show_releases(c)
+    showing.show_releases(c)
 
 
 @task(help={"source": "app directory (default: app.source)"})
 def check(c, source=None):
     """Run the smoke checks (pytest-testinfra) against the selected hosts."""
-    cli.run_checks(c, _flags(source))
+    checking.run_checks(c, _flags(source))
 
 
 @task
 def inventory(c):
     """Show the selected hosts (-H) with their resolved settings."""
-    cli.show_inventory(c)
+    showing.show_inventory(c)
 
 
 @task(iterable=["name"], help={"name": "droplet name (repeatable; default sandbox1)"})
 def up(c, name=None):
     """Start local sandbox droplets (systemd-nspawn; needs root)."""
-    cli.sandbox_up(c, name or ["sandbox1"])
+    sandboxes.sandbox_up(c, name or ["sandbox1"])
 
 
 @task(iterable=["name"], name="down", help={"name": "droplet name (repeatable)", "all": "destroy all droplets and the proxy"})
 def down(c, name=None, all=False):
     """Destroy sandbox droplets."""
-    cli.sandbox_down(c, name or ([] if all else ["sandbox1"]), everything=all)
+    sandboxes.sandbox_down(c, name or ([] if all else ["sandbox1"]), everything=all)
 
 
 @task(name="list")
 def list_(c):
     """List sandbox droplets."""
-    cli.sandbox_list(c)
+    sandboxes.sandbox_list(c)
 
 
 @task(help={"name": "droplet name (default sandbox1)"})
 def info(c, name="sandbox1"):
     """Print a droplet's URL and how to SSH in."""
-    cli.sandbox_info(name)
+    sandboxes.sandbox_info(name)
 
 
 ns = Collection(deploy, plan, provision_, rollback, releases, status, logs, check, inventory, Collection("sandbox", up, down, list_, info))

@@ -30,7 +30,7 @@ NO_TESTINFRA = ["-p", "no:pytest11.testinfra", "-p", "no:testinfra"]
 class CheckHost:
     alias: str
     settings: dict  # what the `app` fixture gives
-    open: Callable[[], Any]  # a provision.executor.Remote, host key checked, or ProvisionError
+    open: Callable[[], Any]  # a provision.ssh.Remote, host key checked, or ProvisionError
     sudo: bool = False
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from provision.executor import connect
+from provision.ssh import connect
 from provision.sandbox import Droplet, Sandbox, can_run
 
 ROOT = Path(__file__).resolve().parents[2]

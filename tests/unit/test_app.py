@@ -11,7 +11,8 @@ from provision.app import deploy_steps, provision_steps, proxy_env, rendered
 from provision.release import Release, manifest_path, meta_path
 from provision.errors import ProvisionError
 from provision.source import scan
-from provision.steps import Facts, collect_facts, plan
+from provision.facts import Facts, collect_facts
+from provision.steps import plan
 
 ROOT = Path(__file__).resolve().parents[2]
 FRESH_SERVICE = {"loaded": False, "active": False, "enabled": False, "pid": 0}

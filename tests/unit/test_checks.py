@@ -10,7 +10,7 @@ import paramiko
 from provision import config as cfg
 from provision.checks import plugin
 from provision.checks.plugin import CheckHost, CheckHosts, PinnedBackend
-from provision.cli import check_hosts
+from provision.cli.check import check_hosts
 from provision.hosts import Job
 from provision.layout import Layout
 from provision.errors import ProvisionError

@@ -16,7 +16,8 @@ from provision.errors import ProvisionError
 from provision.layout import Layout
 from provision.nginx import Site
 from provision.script import build_script, parse_report
-from provision.steps import Facts, Planned
+from provision.facts import Facts
+from provision.steps import Planned
 
 ROOT = Path(__file__).resolve().parents[2]
 FACTS_PY = resources.files("provision").joinpath("remote/facts.py").read_text()

@@ -8,8 +8,10 @@ import pytest
 
 from provision import config as cfg
 from provision.errors import ProvisionError
-from provision.release import WANTS, History, Prune, Switch, live_slot, rollback_target
-from provision.steps import Facts
+from provision.history import History
+from provision.layout import WANTS
+from provision.release import Prune, Switch, live_slot, rollback_target
+from provision.facts import Facts
 
 ROOT = Path(__file__).resolve().parents[2]
 S = cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), ROOT)

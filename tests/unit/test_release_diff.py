@@ -9,7 +9,7 @@ from provision import config as cfg
 from provision import secrets
 from provision.release import SHOWN_IN_ALL, SHOWN_LINES, Release, manifest_path, meta_path
 from provision.source import scan
-from provision.steps import Facts, below
+from provision.facts import Facts, below
 
 ROOT = Path(__file__).resolve().parents[2]
 S = cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), ROOT)

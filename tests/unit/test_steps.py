@@ -3,8 +3,9 @@
 import pytest
 
 from provision.errors import ProvisionError
-from provision.steps import (Absent, Command, Directory, Facts, File, HttpCheck, Lines, Packages, Placeholder, RootsOnly, Service,
-                             Symlink, User, collect_facts, plan)
+from provision.facts import Facts
+from provision.facts import collect_facts
+from provision.steps import (Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, RootsOnly, Service, Symlink, User, plan)
 
 FILE = {"type": "file", "mode": 0o644, "owner": "root", "group": "root", "mtime": 1.0,
         "sha256": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}  # sha256("hello")
@@ -206,7 +207,7 @@ def test_printer_masks_secrets_in_every_line():
     import io
 
     from provision import secrets
-    from provision.executor import Printer
+    from provision.output import Printer
 
     secrets.remember(("s3cret", ""))
     out = io.StringIO()

@@ -1,4 +1,4 @@
-"""The executor's dry run against a fake host: what it prints."""
+"""The runner's dry run against a fake host: what it prints."""
 
 import io
 import json
@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from provision import config as cfg
-from provision.cli import _summary_line
 from provision.errors import ProvisionError
-from provision.executor import HostResult, Printer, run_steps
+from provision.output import Printer, summary_line
+from provision.runner import HostResult, run_steps
 from provision.release import Release, manifest_path, meta_path
 from provision.source import scan
-from provision.steps import Directory, File, Lines, User, below
+from provision.facts import below
+from provision.steps import Directory, File, Lines, User
 
 ROOT = Path(__file__).resolve().parents[2]
 OS = {"id": "debian", "version": "12", "apt": True, "systemd": True, "python": "3.11"}
@@ -68,8 +69,8 @@ def test_a_problem_planning_finds_names_the_host_and_nothing_is_applied():
 
 def test_a_dry_run_a_host_refused_says_so():
     refused = HostResult("web1", error="web1: account alice already exists ...", code=2)
-    assert _summary_line(refused, dry_run=True) == "web1: dry run stopped, nothing was touched (0.0s)"
-    assert _summary_line(HostResult("web1"), dry_run=True) == "web1: dry run: nothing would change (0.0s)"
+    assert summary_line(refused, dry_run=True) == "web1: dry run stopped, nothing was touched (0.0s)"
+    assert summary_line(HostResult("web1"), dry_run=True) == "web1: dry run: nothing would change (0.0s)"
 
 
 def test_dry_run_gathers_the_old_contents_of_every_diff_in_one_more_round_trip(tmp_path):

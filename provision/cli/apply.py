@@ -1,0 +1,86 @@
+"""deploy, provision and rollback: plan every host locally, then run each host's steps, in
+parallel, in rolling batches when asked."""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import time
+
+from invoke import Exit
+
+from .. import config as cfg
+from ..app import deploy_steps, provision_steps, proxy_env, rollback_steps
+from ..errors import ProvisionError
+from ..fleet import DEFAULT_PARALLEL, exit_code, run_fleet
+from ..hosts import jobs
+from ..output import Printer, summary_line, summary_table
+from ..runner import HostResult, run_steps
+from ..script import Lock
+from ..source import scan
+from . import connect_job, guarded
+
+
+def deployer() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def lock_for(s: cfg.Settings, action: str, release: str, break_lock: bool) -> Lock:
+    holder = {"user": getpass.getuser(), "machine": socket.gethostname(), "action": action, "release": release,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    return Lock(s.name, holder, break_lock)
+
+
+@guarded
+def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, verbose: bool = False,
+              json_file: str | None = None, break_lock: bool = False, to: str | None = None,
+              fleet: dict | None = None) -> list[HostResult]:
+    """deploy, provision or rollback the selected hosts."""
+    fleet = fleet or {}
+    start = time.monotonic()
+    work = jobs(c, flags)
+    plans, sources = [], {}
+    for job in work:  # decide everything locally before touching any host
+        s = job.settings
+        if mode == "deploy":
+            source = sources.get(s.source) or sources.setdefault(s.source, scan(s.source))
+            rid = source.release_id()
+            steps = deploy_steps(s, source, rid, deployer())
+        elif mode == "rollback":
+            rid = to or "previous release"
+            steps = rollback_steps(s, to, deployer())
+        else:
+            rid, steps = "-", provision_steps(s)
+        plans.append((job, steps, lock_for(s, mode, rid, break_lock)))
+    printer = Printer(verbose=verbose)
+
+    def one(plan) -> HostResult:
+        job, steps, lock = plan
+        t0 = time.monotonic()
+        remote = None
+        try:
+            remote = connect_job(job, c, fleet.get("accept_new_host_key", False))
+            r = run_steps(remote, steps, dry_run=dry_run, printer=printer, env=proxy_env(job.settings), lock=lock)
+        except ProvisionError as e:  # this host's problem; the others go on
+            printer.error(str(e))
+            r = HostResult(job.target.alias, error=str(e), code=e.code)
+        finally:
+            if remote is not None:
+                remote.conn.close()
+        r.duration = time.monotonic() - t0
+        if remote is not None:
+            printer.line(summary_line(r, dry_run))
+            if verbose:
+                printer.line(f"{r.host}: {remote.round_trips} SSH round trip(s)")
+        return r
+
+    results = run_fleet(plans, lambda p: p[0].target.alias, one, parallel=fleet.get("parallel") or DEFAULT_PARALLEL,
+                        serial=fleet.get("serial"), max_fail=fleet.get("max_fail") or 0,
+                        on_skip=lambda h: printer.line(f"{h}: skipped (an earlier batch failed; see --max-fail)"))
+    if verbose:
+        printer.line(f"total {time.monotonic() - start:.2f}s")
+    summary_table(results, printer, json_file)
+    code = exit_code(results)
+    if code:
+        raise Exit(code=code)
+    return results

@@ -1,0 +1,115 @@
+"""What is on the hosts, changing nothing: status, releases, logs, and the inventory itself."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from .. import config as cfg
+from .. import secrets
+from ..facts import gather
+from ..history import DONE, History
+from ..hosts import Job, jobs, targets
+from ..layout import SLOTS
+from ..output import Printer
+from ..release import current_release, log_path, releases_on_host
+from ..runner import HostResult
+from ..fleet import run_fleet
+from . import connect_job, exit_for_failures, guarded
+
+
+@guarded
+def show_inventory(c) -> None:
+    for t in targets(c):
+        secrets.remember(cfg.secret_values(t.vars))
+        extra = " ".join(f"{k}={v}" for k, v in sorted(t.vars.items()))
+        print(secrets.mask(f"{t.alias:<16} {t.address:<32} key={t.key or '-'} {extra}".rstrip()))
+
+
+
+
+
+@guarded
+def show_releases(c) -> None:
+    for job in jobs(c, {}):
+        s = job.settings
+        remote = connect_job(job, c)
+        try:
+            facts = gather(remote, [("ls", s.layout.releases), ("content", log_path(s)),
+                                    ("file", s.layout.current)])
+        finally:
+            remote.conn.close()
+        live, history = current_release(s, facts), History.read(facts.content(log_path(s)))
+        names = releases_on_host(s, facts)
+        print(f"{job.target.alias}: {len(names)} release(s) in {s.layout.releases}")
+        for n in names:
+            e = history.first.get(n)  # none: the log never saw it go live or be refused
+            what = (f"{DONE.get(e.get('action'), '')} {e.get('time')} by {e.get('by') or '?'}" if e
+                    else "NEVER LIVE")
+            print(f"  {'*' if n == live else ' '} {n:<40} {what}".rstrip())
+
+
+@guarded
+def show_status(c) -> None:
+    printer = Printer()
+
+    def one(job: Job) -> HostResult:
+        s = job.settings
+        units = [*(s.layout.unit(slot) for slot in SLOTS), "nginx"]
+        remote = connect_job(job, c)
+        try:
+            facts = gather(remote, [("file", s.layout.current), ("content", log_path(s)),
+                                    ("content", s.layout.upstream_file), ("content", "/proc/uptime"), ("os", "")]
+                           + [("service", u) for u in units])
+        finally:
+            remote.conn.close()
+        slot = s.layout.live_slot(facts.content(s.layout.upstream_file))
+        states, down = [], []
+        for u in units:
+            st = facts.service(u) or {}
+            if st.get("active") or u == "nginx" or (slot and u == s.layout.unit(slot)):
+                states.append(f"{u} {'running' if st.get('active') else 'STOPPED'}")
+                if not st.get("active"):
+                    down.append(u)
+        log = (facts.content(log_path(s)) or "").strip().splitlines()
+        try:
+            last = json.loads(log[-1]) if log else {}
+        except ValueError:
+            last = {}
+        uptime = float((facts.content("/proc/uptime") or "0").split()[0])
+        osf = facts[("os", "")]
+        printer.line(f"{job.target.alias}: release {current_release(s, facts) or '(none)'}; {', '.join(states)}; "
+                     f"up {uptime / 86400:.1f} days; {osf['id']} {osf['version']}")
+        if last:
+            printer.line(f"{job.target.alias}: last {last.get('action')} {last.get('release')} at {last.get('time')} "
+                         f"by {last.get('by') or '?'}")
+        if down:  # the host does not serve the app: say so in the exit code too
+            return HostResult(job.target.alias, error=f"{job.target.alias}: {' and '.join(down)} not running; "
+                                                      "`fab deploy` starts what is missing")
+        return HostResult(job.target.alias)
+
+    results = run_fleet(jobs(c, {}), lambda j: j.target.alias, one)
+    exit_for_failures(results, printer)
+
+
+@guarded
+def show_logs(c, follow: bool = False, lines: int = 20) -> None:
+    printer = Printer()
+
+    def one(job: Job) -> HostResult:
+        s, label = job.settings, job.target.alias
+        f = " -f" if follow else ""
+        units = " ".join(f"-u {u}" for u in (*(s.layout.unit(slot) for slot in SLOTS), "nginx"))
+        cmd = (f"journalctl {units} -n {lines} --no-pager -o short-iso{f} & "
+               f"tail -q -n {lines}{' -F' if follow else ''} {s.layout.access_log} {s.layout.error_log} "
+               "2>/dev/null & wait")
+        remote = connect_job(job, c)
+        try:
+            remote.exec(f"{remote.sudo}bash -c {shlex.quote(cmd)}", on_line=lambda l: printer.line(f"{label} | {l}"))
+        finally:
+            remote.conn.close()
+        return HostResult(label)
+
+    work = jobs(c, {})
+    results = run_fleet(work, lambda j: j.target.alias, one, parallel=max(1, len(work)))
+    exit_for_failures(results, printer)

@@ -1,0 +1,75 @@
+"""The sandbox tasks: local droplets (systemd-nspawn) for tests and the demo. Off the deploy path:
+:mod:`provision.sandbox` is imported only by these."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ProvisionError
+from ..hosts import SANDBOX_INVENTORY, project
+from . import guarded
+
+
+def _sandbox():
+    from .sandbox import Sandbox, can_run
+
+    reason = can_run()
+    if reason:
+        raise ProvisionError(f"cannot run sandbox droplets here: {reason}")
+    return Sandbox()
+
+
+def _write_sandbox_inventory(sb, c) -> Path:
+    path = project(c) / SANDBOX_INVENTORY
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(sb.inventory())
+    return path
+
+
+@guarded
+def sandbox_up(c, names: list[str]) -> list:
+    sb = _sandbox()
+    sb.prepare()
+    out = []
+    for name in names:
+        t0 = time.monotonic()
+        d = sb.up(name)
+        out.append(d)
+        print(f"{d.name}: up at {d.address} in {time.monotonic() - t0:.1f}s  "
+              f"(ssh -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} root@{d.address})")
+    inv = _write_sandbox_inventory(sb, c)
+    print(f"inventory: {inv} (use -H {names[0] if names else 'sandbox'} or -H sandbox)")
+    return out
+
+
+@guarded
+def sandbox_down(c, names: list[str], everything: bool = False) -> None:
+    sb = _sandbox()
+    gone = sb.down_all() if everything else [n for n in names if sb.down(n)]
+    for n in names:
+        if n not in gone and not everything:
+            print(f"{n}: no such droplet", file=sys.stderr)
+    for n in gone:
+        print(f"{n}: destroyed")
+    _write_sandbox_inventory(sb, c)
+
+
+@guarded
+def sandbox_list(c) -> None:
+    sb = _sandbox()
+    for d in sb.list():
+        state = "running" if d.running() else "stopped"
+        print(f"{d.name:<16} {d.address:<15} {state:<8} pid={d.pid} key={sb.key}")
+
+
+@guarded
+def sandbox_info(name: str) -> None:
+    sb = _sandbox()
+    d = sb.get(name)
+    if d is None or not d.running():
+        raise ProvisionError(f"no running droplet {name!r}; start it with `fab sandbox.up --name {name}`")
+    print(f"URL:  http://{d.address}/")
+    print(f"SSH:  ssh -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} root@{d.address}")
+    print(f"Stop: fab sandbox.down --name {name}")

@@ -1,0 +1,124 @@
+"""The one place that acts: runs a list of steps against a host.
+
+Round trips per host: one to gather every fact, one to apply every change (none when nothing
+changes); a dry run applies nothing, and gathers what its diffs need (old contents) in its
+second, if they need anything. The result carries what happened per step for the summary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .errors import ProvisionError
+from .facts import Facts, collect_facts, gather
+from .output import Printer
+from .script import Lock, build_script, parse_report
+from .ssh import Remote
+from .steps import Planned, Step, plan
+
+
+@dataclass
+class HostResult:
+    host: str
+    planned: list[Planned] = field(default_factory=list)
+    done: set[int] = field(default_factory=set)
+    failed_step: int | None = None
+    error: str = ""
+    duration: float = 0.0
+    round_trips: int = 0
+    code: int = 1  # exit code this host's failure stands for
+    skipped: bool = False
+
+    @property
+    def changed(self) -> int:
+        return sum(1 for i, p in enumerate(self.planned) if p.status == "change" and i in self.done)
+
+    @property
+    def ok(self) -> int:
+        return sum(1 for i, p in enumerate(self.planned) if p.status != "change" and
+                   (p.change is None or i in self.done))
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error)
+
+    def changed_steps(self) -> list[str]:
+        return [p.step.name for i, p in enumerate(self.planned) if p.status == "change" and i in self.done]
+
+
+def describe_holder(h: dict) -> str:
+    if "raw" in h or not h:
+        return h.get("raw", "an unknown process")
+    return (f"{h.get('user', '?')} on {h.get('machine', '?')} since {h.get('time', '?')} "
+            f"({h.get('action', 'deploy')} of {h.get('release', '?')}, remote pid {h.get('pid', '?')})")
+
+
+def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, printer: Printer | None = None,
+              env: dict[str, str] | None = None, lock: Lock | None = None, _retry: bool = True) -> HostResult:
+    printer = printer or Printer()
+    start = time.monotonic()
+    result = HostResult(remote.label)
+    facts = gather(remote, [("os", "")] + collect_facts(steps))
+    osf = facts[("os", "")]
+    if not (osf["apt"] and osf["systemd"]):
+        missing = " and ".join(w for w, ok in (("apt", osf["apt"]), ("systemd", osf["systemd"])) if not ok)
+        raise ProvisionError(f"{remote.label}: unsupported OS ({osf['id'] or 'unknown'} {osf['version']}): no "
+                             f"{missing}; provision manages Debian and Ubuntu hosts with apt and systemd")
+    try:
+        result.planned = planned = plan(steps, facts)
+    except ProvisionError as e:  # found while planning, before anything was applied
+        raise ProvisionError(f"{remote.label}: {e}", e.code) from None
+    if dry_run:
+        # What the diffs need beyond the plan's facts (old contents): one more round trip at most
+        changing = [p for p in planned if p.status == "change"]
+        wanted = list(dict.fromkeys(f for p in changing for f in p.step.diff_facts(facts)))
+        more = gather(remote, wanted) if wanted else Facts({})
+        for p in planned:
+            printer.step(remote.label, "would" if p.status == "change" else p.status, p)
+            d = p.step.show_diff(facts, more) if p.status == "change" else ""
+            if d:
+                printer.line(d.rstrip("\n"))
+        result.duration = time.monotonic() - start
+        result.round_trips = remote.round_trips
+        return result
+    for p in planned:  # what is already as desired, known before anything runs
+        if p.change is None:
+            printer.step(remote.label, "ok", p)
+    if any(p.change is not None for p in planned):
+        script = build_script(planned, env, lock)
+
+        def progress(line: str) -> None:  # a line per step as it completes: every done step passes here
+            if line.startswith("@@ok "):
+                i = int(line.split()[1])
+                p = planned[i]
+                printer.step(remote.label, "ok" if p.change.check else "changed", p, parse_report(line).seconds.get(i))
+
+        rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800, on_line=progress)
+        report = parse_report(out)
+        if report.waited and _retry:
+            # An interrupted deploy finished its step meanwhile: plan again from fresh facts.
+            printer.line(f"{remote.label}: waited for an interrupted deploy to finish its step; planning again")
+            return run_steps(remote, steps, dry_run=dry_run, printer=printer, env=env, lock=lock, _retry=False)
+        result.done = report.done
+        if report.stale is not None:
+            printer.line(f"{remote.label}: took over the deploy lock left by {describe_holder(report.stale)}")
+        if report.locked_by is not None:
+            result.error = (f"{remote.label}: another deploy holds the lock: {describe_holder(report.locked_by)}; "
+                            "wait for it, or if it is stuck re-run with --break-lock")
+        elif rc != 0:
+            result.failed_step = report.failed
+            if report.failed is not None:
+                name = planned[report.failed].step.name
+                result.error = (f"{remote.label}: step `{name}` failed (exit {report.rc})"
+                                + (f"\n  command: {report.command}" if report.command else "")
+                                + ("\n  " + report.output.replace("\n", "\n  ") if report.output else ""))
+            else:
+                result.error = f"{remote.label}: remote script failed (exit {rc}): {err.strip()[-500:]}"
+    if result.failed_step is not None:
+        printer.step(remote.label, "FAILED", planned[result.failed_step])
+    result.duration = time.monotonic() - start
+    result.round_trips = remote.round_trips
+    if result.error:
+        printer.line(result.error)
+    return result

@@ -1,8 +1,8 @@
 """The desired state of a host serving one WSGI app, as a list of steps.
 
-``provision_steps`` is the machine (proxy, CA, packages, user, layout);
-``deploy_steps`` adds the release, its virtualenv, the rendered configs, the
-services and the final health check.  Pure: settings and source in, steps out.
+``provision_steps`` is the machine (proxy, CA, packages, user, layout); :class:`Deploy`
+adds the release, its virtualenv, the rendered configs, the services and the final health
+check; :class:`Rollback` switches back.  Pure: settings, source and facts in, steps out.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import shlex
 
 from . import secrets
 from .config import Settings
-from .layout import NGINX_DEFAULT_SITE, UPSTREAM_HEADER
+from .layout import NGINX_DEFAULT_SITE, NGINX_PID, UPSTREAM_HEADER
 from .errors import ProvisionError
 from .nginx import Site
 from .source import Source
-from .release import Prune, Release, Switch, host_header, log_path, rollback_target
-from .steps import (Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, RootsOnly, Service,
-                    Step, User)
+from .release import Prune, Release, Switch, host_header, rollback_facts, rollback_target
+from .steps import (Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Recipe, RootsOnly,
+                    Service, Step, User)
 from .render import render
 
 q = shlex.quote
@@ -133,34 +133,69 @@ def rendered(s: Settings, template: str) -> bytes:
     return text.encode()
 
 
-def deploy_steps(s: Settings, source: Source, release_id: str, deployer: str = "") -> list[Step]:
-    requirements = s.requirements.read_bytes()
-    key = venv_key(s, requirements)
-    venv = venv_step(s, requirements, key)
-    # Render first: a template error stops the deploy before any step exists. The unit and the
-    # gunicorn config belong to the release: a refused release leaves the live one as it was.
-    configs = {"unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
-    site = rendered(s, "nginx-site.conf.j2")
-    release = Release(s, source, release_id, key, configs, deployer)
-    # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
-    # the other packages install and the release and configs are written; the switch waits.
-    return trust_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
-        venv,
-        Packages(packages(s)),
-        release,
-        File(s.layout.socket_unit_file, socket_unit(s), notify=("unit", "socket")),
-        # Older layouts: one unit and one gunicorn config shared by both slots (now per release)
-        Absent(s.layout.legacy_unit_file, notify=("unit",)),
-        Absent(f"{s.layout.root}/gunicorn.conf.py"),
-        Absent(f"{s.layout.root}/live-slot"),  # now the upstream file alone says which slot is live
-        Switch(s, release.target, action="deploy", by=deployer, prove=proves_upstream(site)),
-        Prune(s, release.target),
-        # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
-        Absent(f"{s.layout.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
-        Site(s.layout, site),
-        Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile="/run/nginx.pid"),
-        health_check(s, proves_upstream(site)),
-    ]
+class Deploy(Recipe):
+    """The whole deploy: the machine, a release of ``source`` (uploaded only when the live one
+    differs), its virtualenv and configs, the switch, pruning, nginx, the final health check.
+
+    Renders every template here, first: a template error stops the deploy before any step
+    exists. The unit and the gunicorn config belong to the release: a refused release leaves the
+    live one as it was."""
+
+    def __init__(self, s: Settings, source: Source, release_id: str, deployer: str = ""):
+        self.s, self.deployer = s, deployer
+        requirements = s.requirements.read_bytes()
+        key = venv_key(s, requirements)
+        self.venv = venv_step(s, requirements, key)
+        configs = {"unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
+        self.site = rendered(s, "nginx-site.conf.j2")
+        self.release = Release(s, source, release_id, key, configs, deployer)
+
+    def target_facts(self):
+        return self.release.facts()
+
+    def target(self, facts):
+        return self.release.target(facts)
+
+    def steps(self, target):
+        s, lay, prove = self.s, self.s.layout, proves_upstream(self.site)
+        # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
+        # the other packages install and the release and configs are written; the switch waits.
+        return trust_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
+            self.venv,
+            Packages(packages(s)),
+            self.release,
+            File(lay.socket_unit_file, socket_unit(s), notify=("unit", "socket")),
+            # Older layouts: one unit and one gunicorn config shared by both slots (now per
+            # release), and a live-slot file (now the upstream file alone says which slot is live)
+            Absent(lay.legacy_unit_file, notify=("unit",)),
+            Absent(f"{lay.root}/gunicorn.conf.py"),
+            Absent(f"{lay.root}/live-slot"),
+            Switch(s, target, action="deploy", by=self.deployer, prove=prove),
+            Prune(s, target),
+            # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
+            Absent(f"{lay.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
+            Site(lay, self.site),
+            Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile=NGINX_PID),
+            health_check(s, prove),
+        ]
+
+
+class Rollback(Recipe):
+    """Back to ``to``, or to the release live before the live one: the switch and the health check."""
+
+    def __init__(self, s: Settings, to: str | None, by: str = ""):
+        self.s, self.to, self.by = s, to, by
+        self.prove = proves_upstream(rendered(s, "nginx-site.conf.j2"))
+
+    def target_facts(self):
+        return rollback_facts(self.s)
+
+    def target(self, facts):
+        return rollback_target(self.s, facts, self.to)
+
+    def steps(self, target):
+        return [Switch(self.s, target, action="rollback", by=self.by, restart_on=(), prove=self.prove),
+                health_check(self.s, self.prove)]
 
 
 def proves_upstream(site: bytes) -> bool:
@@ -173,11 +208,3 @@ def health_check(s: Settings, prove: bool) -> HttpCheck:
     app's gunicorn (not nginx's welcome page or another app's site)."""
     return HttpCheck("http://127.0.0.1" + s.health_path, host_header=host_header(s), timeout=s.health_timeout,
                      expect=(UPSTREAM_HEADER, f"unix:{s.layout.socket_dir}/") if prove else None)
-
-
-def rollback_steps(s: Settings, to: str | None, by: str = "") -> list[Step]:
-    target = rollback_target(s, to)
-    prove = proves_upstream(rendered(s, "nginx-site.conf.j2"))
-    return [Switch(s, target, action="rollback", by=by, restart_on=(), prove=prove,
-                   extra_facts=(("ls", s.layout.releases), ("content", log_path(s)))),
-            health_check(s, prove)]

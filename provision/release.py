@@ -21,7 +21,6 @@ import hashlib
 import json
 import shlex
 from importlib import resources
-from typing import Callable
 
 from . import secrets
 from .config import Settings
@@ -257,11 +256,11 @@ class Switch(Step):
     barrier = True
     notify = ("switched",)
 
-    def __init__(self, s: Settings, target: Callable[[Facts], str], action: str = "deploy", by: str = "",
+    def __init__(self, s: Settings, target: str | None, action: str = "deploy", by: str = "",
                  restart_on: tuple[str, ...] = ("socket",), daemon_reload_on: tuple[str, ...] = ("unit",),
-                 extra_facts: tuple = (), prove: bool = False):
+                 prove: bool = False):
         self.s, self.target, self.action, self.by, self.prove = s, target, action, by, prove
-        self.restart_on, self.daemon_reload_on, self.extra_facts = restart_on, daemon_reload_on, extra_facts
+        self.restart_on, self.daemon_reload_on = restart_on, daemon_reload_on
 
     @property
     def name(self):
@@ -272,14 +271,13 @@ class Switch(Step):
 
     def facts(self):
         s = self.s
-        return [("content", s.layout.upstream_file), ("file", s.layout.current), *self.extra_facts,
+        return [("content", s.layout.upstream_file), ("file", s.layout.current),
                 *[("file", s.layout.slot_link(slot)) for slot in SLOTS],
                 *[("file", f"{WANTS}/{u}.service") for u in self.units().values()],
                 *[("service", u) for u in self.units().values()]]
 
     def plan(self, facts, notified):
-        s = self.s
-        target = self.target(facts)
+        s, target = self.s, self.target
         live = live_slot(s, facts)
         state = facts.service(self.units()[live]) if live else None
         running = bool(state and state["active"])
@@ -322,7 +320,7 @@ class Prune(Step):
     that never went live (refused, interrupted) go first: they keep only the room left. Partial
     uploads and virtualenvs no kept release uses go too."""
 
-    def __init__(self, s: Settings, target: Callable[[Facts], str]):
+    def __init__(self, s: Settings, target: str | None):
         self.s, self.target = s, target
 
     @property
@@ -337,7 +335,7 @@ class Prune(Step):
         partial = [n for n in names if n.endswith(TMP)]
         history = History.read(facts.content(log_path(self.s)))
         releases = releases_on_host(self.s, facts)
-        target, previous = self.target(facts), current_release(self.s, facts)
+        target, previous = self.target, current_release(self.s, facts)
         went_live = sorted({r for r in releases if history.state(r) == "went live"} | {target})
         keep = set(went_live[-self.s.keep_releases:]) | ({previous} if previous else set())
         never = [r for r in releases if r not in keep and r not in went_live]
@@ -360,19 +358,19 @@ class Prune(Step):
         return Change(cmds, summary=f"remove {len(doomed)}" if doomed else "unused virtualenvs")
 
 
-def rollback_target(s: Settings, to: str | None) -> Callable[[Facts], str]:
+def rollback_facts(s: Settings) -> list:
+    return [("ls", s.layout.releases), ("content", log_path(s)), ("file", s.layout.current)]
+
+
+def rollback_target(s: Settings, facts: Facts, to: str | None) -> str:
     """``to``, or the release that was live before the live one (from the release log)."""
-
-    def target(facts: Facts) -> str:
-        releases = releases_on_host(s, facts)
-        if to:
-            if to not in releases:
-                raise ProvisionError(f"no release {to!r} on the host; `fab releases` lists them")
-            return to
-        earlier = History.read(facts.content(log_path(s))).before(current_release(s, facts), releases)
-        if not earlier:
-            raise ProvisionError("no release that was live before the live one is left on the host; "
-                                 "`fab releases` lists them (roll back to one with --to ID)")
-        return earlier
-
-    return target
+    releases = releases_on_host(s, facts)
+    if to:
+        if to not in releases:
+            raise ProvisionError(f"no release {to!r} on the host; `fab releases` lists them")
+        return to
+    earlier = History.read(facts.content(log_path(s))).before(current_release(s, facts), releases)
+    if not earlier:
+        raise ProvisionError("no release that was live before the live one is left on the host; "
+                             "`fab releases` lists them (roll back to one with --to ID)")
+    return earlier

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import ProvisionError
-from .facts import Facts, collect_facts, gather
+from .facts import Facts, gather
 from .output import Printer
 from .script import Lock, build_script, parse_report
 from .ssh import Remote
-from .steps import Planned, Step, plan
+from .steps import Planned, Recipe, Step, Steps, plan
 
 
 @dataclass
@@ -54,19 +54,23 @@ def describe_holder(h: dict) -> str:
             f"({h.get('action', 'deploy')} of {h.get('release', '?')}, remote pid {h.get('pid', '?')})")
 
 
-def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, printer: Printer | None = None,
+def run_steps(remote: Remote, recipe: Recipe | list[Step], *, dry_run: bool = False, printer: Printer | None = None,
               env: dict[str, str] | None = None, lock: Lock | None = None, _retry: bool = True) -> HostResult:
+    """Gather the facts, decide the target and plan every step, then apply (or, in a dry run,
+    show) the changes."""
     printer = printer or Printer()
     start = time.monotonic()
     result = HostResult(remote.label)
-    facts = gather(remote, [("os", "")] + collect_facts(steps))
+    if not isinstance(recipe, Recipe):
+        recipe = Steps(recipe)
+    facts = gather(remote, [("os", ""), *recipe.facts()])
     osf = facts[("os", "")]
     if not (osf["apt"] and osf["systemd"]):
         missing = " and ".join(w for w, ok in (("apt", osf["apt"]), ("systemd", osf["systemd"])) if not ok)
         raise ProvisionError(f"{remote.label}: unsupported OS ({osf['id'] or 'unknown'} {osf['version']}): no "
                              f"{missing}; provision manages Debian and Ubuntu hosts with apt and systemd")
     try:
-        result.planned = planned = plan(steps, facts)
+        result.planned = planned = plan(recipe.steps(recipe.target(facts)), facts)
     except ProvisionError as e:  # found while planning, before anything was applied
         raise ProvisionError(f"{remote.label}: {e}", e.code) from None
     if dry_run:
@@ -99,7 +103,7 @@ def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, print
         if report.waited and _retry:
             # An interrupted deploy finished its step meanwhile: plan again from fresh facts.
             printer.line(f"{remote.label}: waited for an interrupted deploy to finish its step; planning again")
-            return run_steps(remote, steps, dry_run=dry_run, printer=printer, env=env, lock=lock, _retry=False)
+            return run_steps(remote, recipe, dry_run=dry_run, printer=printer, env=env, lock=lock, _retry=False)
         result.done = report.done
         if report.stale is not None:
             printer.line(f"{remote.label}: took over the deploy lock left by {describe_holder(report.stale)}")

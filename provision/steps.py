@@ -20,7 +20,7 @@ from typing import Iterable
 
 from . import secrets
 from .errors import ProvisionError
-from .facts import Fact, Facts, http_fact_arg
+from .facts import Fact, Facts, collect_facts, http_fact_arg
 
 q = shlex.quote
 
@@ -564,6 +564,37 @@ def http_check_command(url: str, host_header: str, timeout: int, expect: tuple[s
     )
     extra = f" {q(expect[0])} {q(expect[1])}" if expect else ""
     return f"python3 -c {q(py)} {q(url)} {q(host_header)} {timeout}{extra}"
+
+
+class Recipe:
+    """What a run does to a host: its steps, once the facts have decided which release they are
+    about (``target``: the release to make live; None when there is none).
+
+    The runner gathers :meth:`facts` in its one round trip, calls :meth:`target` once, and hands
+    that value to :meth:`steps`. A step's facts never depend on the target, so ``steps(None)``
+    tells which facts the steps need."""
+
+    def target_facts(self) -> list[Fact]:
+        return []
+
+    def target(self, facts: Facts) -> str | None:
+        return None
+
+    def steps(self, target: str | None) -> list[Step]:
+        raise NotImplementedError
+
+    def facts(self) -> list[Fact]:
+        return list(dict.fromkeys([*map(tuple, self.target_facts()), *collect_facts(self.steps(None))]))
+
+
+class Steps(Recipe):
+    """Steps that need no target."""
+
+    def __init__(self, steps: Iterable[Step]):
+        self._steps = list(steps)
+
+    def steps(self, target):
+        return self._steps
 
 
 @dataclass

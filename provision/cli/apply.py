@@ -10,7 +10,7 @@ import time
 from invoke import Exit
 
 from .. import config as cfg
-from ..app import deploy_steps, provision_steps, proxy_env, rollback_steps
+from ..app import Deploy, Rollback, provision_steps, proxy_env
 from ..errors import ProvisionError
 from ..fleet import DEFAULT_PARALLEL, exit_code, run_fleet
 from ..hosts import jobs
@@ -45,10 +45,10 @@ def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, ve
         if mode == "deploy":
             source = sources.get(s.source) or sources.setdefault(s.source, scan(s.source))
             rid = source.release_id()
-            steps = deploy_steps(s, source, rid, deployer())
+            steps = Deploy(s, source, rid, deployer())
         elif mode == "rollback":
             rid = to or "previous release"
-            steps = rollback_steps(s, to, deployer())
+            steps = Rollback(s, to, deployer())
         else:
             rid, steps = "-", provision_steps(s)
         plans.append((job, steps, lock_for(s, mode, rid, break_lock)))

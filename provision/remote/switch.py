@@ -285,7 +285,6 @@ if a["prove"] and os.path.lexists(a["site"]):
 
 # 4. record, then retire the old instance
 link(root + "/current", "releases/" + release)
-write(root + "/live-slot", slot + "\n")
 record(a["action"])
 # Enabled at boot = wants links, as `systemctl enable` makes them (without its daemon reload).
 for wants, name, target in ((a["wants"], unit + ".service", unit_file),

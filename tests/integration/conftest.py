@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from provision.layout import Layout
 from provision.ssh import connect
 from provision.sandbox import Droplet, Sandbox, can_run
 
@@ -55,6 +56,11 @@ class Host:
         rc, out, err = self.run(command)
         assert rc == 0, f"`{command}` failed ({rc}): {err}"
         return out
+
+    def live_slot(self, app: str = "hello") -> str | None:
+        """The slot nginx sends the app's traffic to, as the layout reads it from the upstream file."""
+        layout = Layout(app)
+        return layout.live_slot(self.run(f"cat {layout.upstream_file}")[1])
 
 
 @pytest.fixture(scope="session")

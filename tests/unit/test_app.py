@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from provision import config as cfg
-from provision.app import deploy_steps, provision_steps, proxy_env, rendered
+from provision.app import Deploy, provision_steps, proxy_env, rendered
 from provision.release import Release, manifest_path, meta_path
 from provision.errors import ProvisionError
 from provision.source import scan
@@ -37,7 +37,7 @@ def fresh_facts(steps, found=None):
 def test_fresh_host_changes_everything_in_a_safe_order():
     s = settings(proxy="http://10.0.0.1:3128", ca_bundle="/etc/ssl/certs/ca-certificates.crt")
     src = scan(s.source)
-    steps = deploy_steps(s, src, src.release_id(0))
+    steps = Deploy(s, src, src.release_id(0)).steps(src.release_id(0))
     planned = plan(steps, fresh_facts(steps))
     names = [p.step.name for p in planned if p.change]
     order = [next(i for i, n in enumerate(names) if n.startswith(prefix)) for prefix in (
@@ -69,7 +69,7 @@ def test_fresh_host_changes_everything_in_a_safe_order():
 def test_a_second_default_server_on_the_host_is_refused_while_planning():
     s = settings(name="second")
     src = scan(s.source)
-    steps = deploy_steps(s, src, src.release_id(0))
+    steps = Deploy(s, src, src.release_id(0)).steps(src.release_id(0))
     facts = fresh_facts(steps, {("files", "/etc/nginx/sites-enabled"): {
         "hello": rendered(settings(), "nginx-site.conf.j2").decode()}})
     with pytest.raises(ProvisionError, match=r"^app second and app hello \(/etc/nginx/sites-enabled/hello\) are both "
@@ -139,7 +139,7 @@ def test_bad_template_variable_fails_before_any_step(tmp_path):
     (tmp_path / "nginx-site.conf.j2").write_text("server_name {{ domain_typo }};\n")
     s = settings(templates=str(tmp_path))
     with pytest.raises(ProvisionError, match="'domain_typo' is undefined"):
-        deploy_steps(s, scan(s.source), "r1")
+        Deploy(s, scan(s.source), "r1")
 
 
 def test_a_template_that_renders_a_secret_is_refused(tmp_path):
@@ -149,4 +149,18 @@ def test_a_template_that_renders_a_secret_is_refused(tmp_path):
         fh.write("Environment=API_TOKEN={{ api_token }}\n")  # units are world-readable
     s = settings(templates=str(tmp_path), var_api_token="s3cr3t-token")
     with pytest.raises(ProvisionError, match="renders a secret .* shared/.env"):
-        deploy_steps(s, scan(s.source), "r1")
+        Deploy(s, scan(s.source), "r1")
+
+
+def test_the_target_is_decided_once_from_the_facts_and_the_steps_get_the_value():
+    s = settings()
+    src = scan(s.source)
+    deploy = Deploy(s, src, "r1")
+    # a step's facts never depend on the target: steps(None) tells the runner what to gather
+    assert collect_facts(deploy.steps(None)) == collect_facts(deploy.steps("r1"))
+    assert set(deploy.release.facts()) <= set(deploy.facts())
+    fresh = fresh_facts(deploy.steps("r1"))
+    assert deploy.target(fresh) == "r1"  # nothing live: the new release
+    switch = next(st for st in deploy.steps("r1") if st.name == "switch hello")
+    prune = next(st for st in deploy.steps("r1") if st.name.startswith("prune"))
+    assert switch.target == prune.target == "r1"

@@ -46,36 +46,36 @@ def test_live_slot_comes_from_the_nginx_upstream():
 
 
 def test_same_release_running_is_a_no_op():
-    assert Switch(S, lambda f: "r1").plan(host(), set()) is None
+    assert Switch(S, "r1").plan(host(), set()) is None
 
 
 def test_new_release_goes_to_the_idle_slot():
-    args = switch_args(Switch(S, lambda f: "r2").plan(host(), set()))
+    args = switch_args(Switch(S, "r2").plan(host(), set()))
     assert (args["slot"], args["old"], args["release"]) == ("b", "a", "r2")
-    args = switch_args(Switch(S, lambda f: "r3").plan(host(live="b", b="r2", b_state=UP, a_state=DOWN), set()))
+    args = switch_args(Switch(S, "r3").plan(host(live="b", b="r2", b_state=UP, a_state=DOWN), set()))
     assert (args["slot"], args["old"]) == ("a", "b")
 
 
 def test_fresh_host_starts_slot_a_with_a_daemon_reload():
     fresh = host(live=None, a=None, current=None, a_state=None, b_state=None)
-    args = switch_args(Switch(S, lambda f: "r1").plan(fresh, {"unit"}))
+    args = switch_args(Switch(S, "r1").plan(fresh, {"unit"}))
     assert (args["slot"], args["old"], args["daemon_reload"]) == ("a", "", True)
     assert args["socket"] == "/run/provision/hello/a.sock" and args["upstream"] == S.layout.upstream_file
 
 
 def test_a_new_socket_unit_or_a_dead_instance_switch_too():
     # a changed unit or gunicorn config is a new release: the release step decides, not tags
-    assert Switch(S, lambda f: "r1").plan(host(), {"unit"}) is None
-    assert switch_args(Switch(S, lambda f: "r1").plan(host(), {"socket", "unit"}))["slot"] == "b"
-    assert switch_args(Switch(S, lambda f: "r1").plan(host(a_state=DOWN), set()))["slot"] == "b"
+    assert Switch(S, "r1").plan(host(), {"unit"}) is None
+    assert switch_args(Switch(S, "r1").plan(host(), {"socket", "unit"}))["slot"] == "b"
+    assert switch_args(Switch(S, "r1").plan(host(a_state=DOWN), set()))["slot"] == "b"
     # rollbacks do not restart on tags
-    assert Switch(S, lambda f: "r1", restart_on=()).plan(host(), {"socket"}) is None
+    assert Switch(S, "r1", restart_on=()).plan(host(), {"socket"}) is None
 
 
 def test_interrupted_switch_is_repaired_without_a_restart():
     # killed after nginx moved to b, before `current` moved and a stopped
     facts = host(live="b", a="r1", b="r2", a_state=UP, b_state=UP, current="r1")
-    change = Switch(S, lambda f: "r2").plan(facts, set())
+    change = Switch(S, "r2").plan(facts, set())
     assert change.summary == "repair"
     assert change.commands == ["ln -sfn releases/r2 /srv/hello/current.provision-tmp",
                                "mv -Tf /srv/hello/current.provision-tmp /srv/hello/current",
@@ -87,7 +87,7 @@ def test_an_idle_slot_that_systemd_still_thinks_enabled_needs_no_repair():
     # the switch removes the old slot's boot link without a daemon reload: systemd's own
     # "enabled" lags; the link on disk decides
     facts = host(live="b", a="r1", b="r2", a_state=dict(DOWN, enabled=True), b_state=UP, current="r2")
-    assert Switch(S, lambda f: "r2").plan(facts, set()) is None
+    assert Switch(S, "r2").plan(facts, set()) is None
 
 
 def log(*entries):
@@ -104,7 +104,7 @@ def test_prune_keeps_newest_and_never_the_live_or_previous():
                ("2026-01", "rollback"))
     facts = Facts({("ls", "/srv/hello/releases"): names, ("file", "/srv/hello/current"): link("releases/2026-01"),
                    LOG: went})
-    prune = Prune(s, lambda f: "2026-06")
+    prune = Prune(s, "2026-06")
     # keep: 2026-04 and the new 2026-06 (newest two), 2026-01 (previous, live before this deploy)
     assert prune.doomed(facts) == ["2026-05.provision-tmp", "2026-02", "2026-03"]
     cmds = prune.plan(facts, {"switched"}).commands
@@ -119,13 +119,13 @@ def test_prune_removes_releases_that_never_went_live_first(keep, doomed):
     names = ["r1", "r2-refused", "r3-interrupted", "r4"]
     facts = Facts({("ls", "/srv/hello/releases"): names, ("file", "/srv/hello/current"): link("releases/r4"),
                    LOG: log(("r1", "deploy"), ("r2-refused", "refused"), ("r4", "deploy"))})
-    assert Prune(s, lambda f: "r4").doomed(facts) == doomed
+    assert Prune(s, "r4").doomed(facts) == doomed
 
 
 def test_prune_copes_with_no_releases_and_no_current():
     facts = Facts({("ls", "/srv/hello/releases"): None, ("file", "/srv/hello/current"): None, LOG: None})
-    assert Prune(S, lambda f: "r1").doomed(facts) == []
-    assert Prune(S, lambda f: "r1").plan(facts, set()) is None
+    assert Prune(S, "r1").doomed(facts) == []
+    assert Prune(S, "r1").plan(facts, set()) is None
 
 
 def with_log(facts_obj, text):
@@ -136,19 +136,19 @@ def test_rollback_goes_to_the_release_live_before_the_live_one_never_to_one_that
     # r2 was refused and r3 interrupted (never live), between the live r4 and the r1 live before it
     facts = with_log(host(current="r4", releases=("r1", "r2", "r3", "r4", "r5.provision-tmp")),
                      log(("r1", "deploy"), ("r2", "refused"), ("r4", "deploy")))
-    assert rollback_target(S, None)(facts) == "r1"
-    assert rollback_target(S, "r1")(facts) == "r1"
+    assert rollback_target(S, facts, None) == "r1"
+    assert rollback_target(S, facts, "r1") == "r1"
     # after that rollback, the live one is r2 and the one live before it r3
     facts = with_log(host(current="r2", releases=("r1", "r2", "r3")),
                      log(("r1", "deploy"), ("r2", "deploy"), ("r3", "deploy"), ("r2", "rollback")))
-    assert rollback_target(S, None)(facts) == "r3"
+    assert rollback_target(S, facts, None) == "r3"
     # the release live before is gone (pruned): the one before that
     facts = with_log(host(current="r3", releases=("r1", "r3")), log(("r1", "deploy"), ("r2", "deploy"), ("r3", "deploy")))
-    assert rollback_target(S, None)(facts) == "r1"
+    assert rollback_target(S, facts, None) == "r1"
     with pytest.raises(ProvisionError, match="no release 'r9'"):
-        rollback_target(S, "r9")(facts)
+        rollback_target(S, facts, "r9")
     with pytest.raises(ProvisionError, match="no release that was live before"):
-        rollback_target(S, None)(with_log(host(current="r1", releases=("r1", "r0")), log(("r1", "deploy"))))
+        rollback_target(S, with_log(host(current="r1", releases=("r1", "r0")), log(("r1", "deploy"))), None)
 
 
 def test_history_marks_refused_and_never_live_releases():

@@ -1,17 +1,7 @@
 """Releases: upload, blue/green switch, pruning. Pure steps; the switch itself runs
 ``remote/switch.py`` on the host.
 
-Layout under ``/srv/<app>`` (root's, except the data dirs under shared/)::
-
-    releases/<id>/        code, .venv -> venvs/<key>, linked files/dirs -> shared/
-    releases/<id>/.provision/
-                          release.json (metadata), manifest.json (each file's sha256),
-                          unit, gunicorn.conf.py: what a slot runs
-    venvs/<key>/          one virtualenv per distinct requirements
-    shared/               .env (root's, app-readable), log/, uploads/ (the app's) ... kept across releases
-    slots/{a,b}           -> ../releases/<id>: what each gunicorn instance runs
-    current               -> releases/<id>: the release nginx sends traffic to
-    releases.log          who deployed or rolled back what, when
+Where each piece lives on the host: :mod:`provision.layout`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from fabric import Task, task as fabric_task
 from invoke import Collection
 
 from .cli import apply as applying, check as checking, info as showing, sandbox as sandboxes
+from .fleet import DEFAULT_PARALLEL
 from .hosts import DEFAULT_INVENTORY
 
 
@@ -28,7 +29,7 @@ def _flags(source=None):
     return {"source": source}
 
 
-FLEET_HELP = {"parallel": "hosts at once (default 10)", "serial": "rolling batches of N hosts",
+FLEET_HELP = {"parallel": f"hosts at once (default {DEFAULT_PARALLEL})", "serial": "rolling batches of N hosts",
               "max_fail": "failed hosts tolerated before later batches are skipped (default 0)",
               "accept_new_host_key": "record unknown host keys (like OpenSSH's accept-new); changed keys are "
                                      "always refused",

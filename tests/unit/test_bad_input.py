@@ -207,3 +207,13 @@ def test_error_messages_mask_known_secrets(project):
     app_yaml(project, "var_api_token: tok-123\nhealth_path: tok-123")
     line = one_line_error(fab(project, "-H", HOST, "deploy"), "app.health_path", "****")
     assert "tok-123" not in line
+
+
+def test_without_provisions_executor_the_fix_is_named(project):
+    yaml = (project / "fabric.yaml").read_text()
+    (project / "fabric.yaml").write_text(yaml.replace("tasks:\n  executor_class: provision.hosts.Executor\n", ""))
+    one_line_error(fab(project, "-H", HOST, "deploy"), "executor_class: provision.hosts.Executor", "init")
+
+
+def test_a_command_after_a_double_dash_is_refused_before_any_task(project):
+    one_line_error(fab(project, "-H", HOST, "deploy", "--", "id"), "-- COMMAND", "ssh")

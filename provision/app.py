@@ -158,7 +158,7 @@ def deploy_steps(s: Settings, source: Source, release_id: str, deployer: str = "
         # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
         Absent(f"{s.layout.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
         Site(s.layout, site),
-        Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile="/run/nginx.pid"),
+        Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile=s.layout.nginx_pid),
         health_check(s, proves_upstream(site)),
     ]
 

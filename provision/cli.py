@@ -31,7 +31,7 @@ from .errors import ProvisionError
 from .executor import HostResult, Printer, connect, gather, run_steps
 from .fleet import DEFAULT_PARALLEL, exit_code, run_fleet
 from .release import History, current_release, log_path, releases_on_host
-from .script import Lock
+from .lock import Lock
 from .hosts import SANDBOX_INVENTORY, Job, jobs, project, targets
 from .layout import SLOTS
 from .source import scan
@@ -138,7 +138,7 @@ def deployer() -> str:
 def lock_for(s: cfg.Settings, action: str, release: str, break_lock: bool) -> Lock:
     holder = {"user": getpass.getuser(), "machine": socket.gethostname(), "action": action, "release": release,
               "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    return Lock(s.name, holder, break_lock)
+    return Lock(s.layout, holder, break_lock)
 
 
 @guarded

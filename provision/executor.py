@@ -21,18 +21,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
-from importlib import resources
 
 import paramiko
 from fabric import Connection
 
 from . import secrets
 from .errors import ProvisionError, StepFailed, Unreachable
-from .script import Lock, build_script, parse_report
+from .remote import python
+from .lock import Lock, describe_holder
+from .script import build_script, parse_report
 from .steps import Facts, Planned, Step, collect_facts, plan
-
-FACTS_SCRIPT = resources.files("provision").joinpath("remote/facts.py").read_text()
-
 
 @dataclass
 class Remote:
@@ -169,8 +167,7 @@ def connect(host: str, user: str, port: int, key: str | None, known_hosts: str |
 
 
 def gather(remote: Remote, keys: list) -> Facts:
-    cmd = f"{remote.sudo}python3 -c {shlex.quote(FACTS_SCRIPT)} {shlex.quote(json.dumps(keys))}"
-    rc, out, err = remote.exec(cmd, timeout=120)
+    rc, out, err = remote.exec(remote.sudo + python("facts.py", keys), timeout=120)
     if rc != 0:
         if "a password is required" in err or "a terminal is required" in err:
             raise ProvisionError(f"{remote.label}: sudo needs a password for {remote.conn.user}; connect as root "
@@ -241,13 +238,6 @@ class Printer:
                 if len(lines) > 4:  # an inline script: its first and last lines say what it is
                     lines = [lines[0], f"… ({len(lines) - 2} more lines)", lines[-1]]
                 self.line("    $ " + "\n      ".join(lines))
-
-
-def describe_holder(h: dict) -> str:
-    if "raw" in h or not h:
-        return h.get("raw", "an unknown process")
-    return (f"{h.get('user', '?')} on {h.get('machine', '?')} since {h.get('time', '?')} "
-            f"({h.get('action', 'deploy')} of {h.get('release', '?')}, remote pid {h.get('pid', '?')})")
 
 
 def run_steps(remote: Remote, steps: list[Step], *, dry_run: bool = False, printer: Printer | None = None,

@@ -44,7 +44,10 @@ class Layout:
     """Where one app lives on a host."""
 
     name: str
-    nginx_dir: str = NGINX_DIR  # another only in tests
+    # the host's directories: others only in tests
+    nginx_dir: str = NGINX_DIR
+    nginx_pid: str = NGINX_PID
+    run_dir: str = RUN_DIR
 
     # -- /srv/<name>
     @property
@@ -117,7 +120,7 @@ class Layout:
     @property
     def socket_dir(self) -> str:
         """Root's: systemd creates the slots' sockets here (the app never writes a path nginx uses)."""
-        return f"{RUN_DIR}/{self.name}"
+        return f"{self.run_dir}/{self.name}"
 
     def socket(self, slot: str) -> str:
         return f"{self.socket_dir}/{slot}.sock"
@@ -164,11 +167,11 @@ class Layout:
     # -- the deploy lock
     @property
     def lock(self) -> str:
-        return f"{RUN_DIR}/{self.name}.lock"
+        return f"{self.run_dir}/{self.name}.lock"
 
     @property
     def lock_holder(self) -> str:
-        return f"{RUN_DIR}/{self.name}.deploy"
+        return f"{self.run_dir}/{self.name}.deploy"
 
     @property
     def deploy_scope_prefix(self) -> str:

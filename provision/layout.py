@@ -27,12 +27,16 @@ import re
 from dataclasses import dataclass
 
 SLOTS = ("a", "b")
+SRV_DIR = "/srv"
 TMP = ".provision-tmp"  # suffix of a path being written; renamed into place when complete
 RELEASE_DIR = ".provision"  # inside each release: its metadata and the configs its slot runs
+VENV = ".venv"  # inside each release: a link to its virtualenv
 RUN_DIR = "/run/provision"  # root's: locks, holder files, the apps' socket dirs
 SYSTEMD_DIR = "/etc/systemd/system"
-WANTS = f"{SYSTEMD_DIR}/multi-user.target.wants"  # enabled at boot = a link here, as `systemctl enable` makes
-SOCKETS_WANTS = f"{SYSTEMD_DIR}/sockets.target.wants"
+BOOT_WANTS = "multi-user.target.wants"  # enabled at boot = a link here, as `systemctl enable` makes
+SOCKETS_BOOT_WANTS = "sockets.target.wants"
+WANTS = f"{SYSTEMD_DIR}/{BOOT_WANTS}"
+SOCKETS_WANTS = f"{SYSTEMD_DIR}/{SOCKETS_BOOT_WANTS}"
 NGINX_DIR = "/etc/nginx"
 NGINX_PID = "/run/nginx.pid"
 NGINX_DEFAULT_SITE = "default"  # Debian's welcome site
@@ -44,15 +48,17 @@ class Layout:
     """Where one app lives on a host."""
 
     name: str
-    # the host's directories: others only in tests
+    # where the host keeps things: elsewhere only in tests
     nginx_dir: str = NGINX_DIR
     nginx_pid: str = NGINX_PID
     run_dir: str = RUN_DIR
+    srv_dir: str = SRV_DIR
+    systemd_dir: str = SYSTEMD_DIR
 
     # -- /srv/<name>
     @property
     def root(self) -> str:
-        return f"/srv/{self.name}"
+        return f"{self.srv_dir}/{self.name}"
 
     @property
     def releases(self) -> str:
@@ -60,6 +66,10 @@ class Layout:
 
     def release(self, release_id: str) -> str:
         return f"{self.releases}/{release_id}"
+
+    def release_venv(self, release_id: str) -> str:
+        """A release's link to its virtualenv."""
+        return f"{self.release(release_id)}/{VENV}"
 
     @property
     def venvs(self) -> str:
@@ -101,11 +111,11 @@ class Layout:
         return f"{self.name}@{slot}"
 
     def unit_file(self, slot: str) -> str:
-        return f"{SYSTEMD_DIR}/{self.unit(slot)}.service"
+        return f"{self.systemd_dir}/{self.unit(slot)}.service"
 
     @property
     def socket_unit_file(self) -> str:
-        return f"{SYSTEMD_DIR}/{self.name}@.socket"
+        return f"{self.systemd_dir}/{self.name}@.socket"
 
     @property
     def socket_unit(self) -> str:
@@ -115,7 +125,15 @@ class Layout:
     @property
     def legacy_unit_file(self) -> str:
         """Older layouts: one unit for both slots (now each release has its own)."""
-        return f"{SYSTEMD_DIR}/{self.name}@.service"
+        return f"{self.systemd_dir}/{self.name}@.service"
+
+    @property
+    def wants(self) -> str:
+        return f"{self.systemd_dir}/{BOOT_WANTS}"
+
+    @property
+    def sockets_wants(self) -> str:
+        return f"{self.systemd_dir}/{SOCKETS_BOOT_WANTS}"
 
     @property
     def socket_dir(self) -> str:

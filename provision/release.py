@@ -21,18 +21,17 @@ import hashlib
 import json
 import shlex
 from dataclasses import dataclass
-from importlib import resources
 from typing import Callable
 
 from . import secrets
 from .config import Settings
 from .layout import RELEASE_DIR, SLOTS, SOCKETS_WANTS, TMP, UPSTREAM_HEADER, WANTS
 from .errors import ProvisionError
+from .remote import switch_command
 from .source import Source
 from .steps import HIDDEN, Change, Facts, Step, below, symlink_commands, unified_diff
 
 q = shlex.quote
-SWITCH_PY = resources.files("provision").joinpath("remote/switch.py").read_text()
 SHOWN_LINES, SHOWN_IN_ALL = 200, 1000  # diff lines a dry run shows of one app file, and of all
 
 
@@ -284,14 +283,10 @@ class Switch(Step):
         running = bool(state and state["active"])
         if live is None or not running or slot_release(s, facts, live) != target or notified & set(self.restart_on):
             slot = "b" if live == "a" else "a"
-            args = {"app": s.name, "root": s.layout.root, "slot": slot, "old": live or "", "release": target,
-                    "health_path": s.health_path, "host": host_header(s), "timeout": s.health_timeout,
-                    "action": self.action, "by": self.by, "upstream": s.layout.upstream_file, "log": log_path(s),
-                    "socket": s.layout.socket(slot),
-                    "prove": [UPSTREAM_HEADER, f"unix:{s.layout.socket(slot)}"] if self.prove else None,
-                    "site": s.layout.site_enabled, "wants": WANTS, "sockets_wants": SOCKETS_WANTS,
-                    "daemon_reload": bool(notified & set(self.daemon_reload_on))}
-            return Change([f"python3 -c {q(SWITCH_PY)} {q(json.dumps(args, sort_keys=True))}"],
+            health = {"path": s.health_path, "host": host_header(s), "timeout": s.health_timeout,
+                      "header": UPSTREAM_HEADER if self.prove else None}
+            return Change([switch_command(s.layout, target, slot, live, self.action, self.by, health,
+                                          bool(notified & set(self.daemon_reload_on)))],
                           summary=f"{target} -> slot {slot}")
         cmds = []
         if current_release(s, facts) != target:

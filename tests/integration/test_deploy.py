@@ -133,7 +133,7 @@ def test_selection_errors_are_one_line(droplet, selection, code, message):
 
 
 def test_check_fails_on_a_broken_host_and_deploy_repairs_it(droplet):
-    droplet.sh("systemctl stop hello@$(cat /srv/hello/live-slot)")
+    droplet.sh(r"systemctl stop hello@$(sed -n 's|.*/\([ab]\)\.sock .*|\1|p' /etc/nginx/provision/hello.upstream)")
     check = droplet.fab("-H", droplet.name, "check")
     assert check.returncode != 0
     assert "test_app_service_enabled_running" in check.stdout and "FAILED" in check.stdout

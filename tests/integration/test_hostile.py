@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 ROOT_STATE = ("stat -c '%n %F %U %G %a' /etc /etc/systemd/system /etc/shadow /etc/passwd /root /usr/bin; "
               "sha256sum /etc/shadow /etc/passwd; find /etc /usr /root ! -user root -print")
 DATA = ("/srv/hello/shared/log", "/srv/hello/shared/uploads")
+LIVE_SLOT = r"$(sed -n 's|.*/\([ab]\)\.sock .*|\1|p' /etc/nginx/provision/hello.upstream)"  # the upstream file says
 
 
 def as_user(droplet, command: str, user: str = "hello") -> tuple[int, str]:
@@ -41,10 +42,10 @@ def test_the_app_user_writes_only_its_data(droplet):
         "touch /srv/hello/current/.venv/bin/gunicorn",  # its virtualenv
         "echo 'workers = 99' >> /srv/hello/current/.provision/gunicorn.conf.py",  # its config
         "echo forged >> /srv/hello/releases.log",
-        "echo b > /srv/hello/live-slot",
+        "echo 'server unix:/tmp/evil.sock;' > /etc/nginx/provision/hello.upstream",  # where traffic goes
         "echo PATH=/tmp >> /srv/hello/shared/.env",  # its environment, which root reads
         "mv /srv/hello/shared/log /srv/hello/shared/log.old",  # to plant a link in its place
-        "ln -s /etc/shadow /srv/hello/live-slot.provision-tmp",
+        "ln -s /etc/shadow /srv/hello/current.provision-tmp",
         "ln -s /etc/systemd/system /srv/hello/releases/evil",
         "mkdir /etc/systemd/system/hello@a.service.d",
     ):
@@ -55,7 +56,7 @@ def test_the_app_user_writes_only_its_data(droplet):
 
 
 def test_no_local_user_reaches_the_app_but_through_nginx(droplet):
-    slot = droplet.sh("cat /srv/hello/live-slot").strip()
+    slot = droplet.sh(f"echo {LIVE_SLOT}").strip()
     probe = ("python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
              "s.sendall(b\"GET / HTTP/1.0\\r\\n\\r\\n\"); print(s.recv(100))' /run/provision/hello/" + slot + ".sock")
     for user in ("nobody", "hello"):
@@ -67,8 +68,8 @@ def test_no_local_user_reaches_the_app_but_through_nginx(droplet):
 def test_planted_symlinks_change_nothing_outside_the_apps_data(droplet, tmp_path):
     # Where an older layout let the app write (it owned /srv/hello): links in root's places...
     droplet.sh("cd /srv/hello && rm -rf shared/log && ln -s /etc/systemd/system shared/log && "
-               "rm -f shared/.env && ln -s /etc/shadow shared/.env && ln -s /etc/shadow live-slot.provision-tmp && "
-               "chown -h hello:hello shared/log shared/.env live-slot.provision-tmp")
+               "rm -f shared/.env && ln -s /etc/shadow shared/.env && ln -s /etc/shadow current.provision-tmp && "
+               "chown -h hello:hello shared/log shared/.env current.provision-tmp")
     # ...and, as the app, in every directory it can still write.
     rc, out = as_user(droplet, "for d in $(find /srv/hello/shared -writable -type d); do "
                                "ln -s /etc/shadow $d/.env; ln -s /etc $d/log; ln -s /root $d/x; done")
@@ -83,9 +84,9 @@ def test_planted_symlinks_change_nothing_outside_the_apps_data(droplet, tmp_path
     assert droplet.sh(ROOT_STATE) == before
     assert droplet.sh("stat -c '%F %U' /srv/hello/shared/log /srv/hello/shared/.env").split("\n")[:2] == [
         "directory hello", "regular empty file root"]
-    assert not droplet.run("test -L /srv/hello/live-slot.provision-tmp")[0] == 0
+    assert not droplet.run("test -L /srv/hello/current.provision-tmp")[0] == 0
     # the app's environment holds nothing read through a link
-    env = droplet.sh("cat /proc/$(systemctl show -p MainPID --value hello@$(cat /srv/hello/live-slot))/environ")
+    env = droplet.sh(f"cat /proc/$(systemctl show -p MainPID --value hello@{LIVE_SLOT})/environ")
     assert "root:" not in env
     assert get(droplet.address) == "Hello from provision!"
 

@@ -13,7 +13,7 @@ import shlex
 
 from . import secrets
 from .config import Settings
-from .layout import NGINX_DEFAULT_SITE, NGINX_PID, UPSTREAM_HEADER
+from .layout import NGINX_DEFAULT_SITE, UPSTREAM_HEADER
 from .errors import ProvisionError
 from .nginx import Site
 from .source import Source
@@ -175,7 +175,7 @@ class Deploy(Recipe):
             # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
             Absent(f"{lay.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
             Site(lay, self.site),
-            Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile=NGINX_PID),
+            Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile=lay.nginx_pid),
             health_check(s, prove),
         ]
 

@@ -4,18 +4,16 @@ round trip by ``remote/facts.py`` (a stdlib python3 program run on the host)."""
 from __future__ import annotations
 
 import json
-import shlex
-from importlib import resources
 from typing import TYPE_CHECKING, Iterable
 
 from .errors import ProvisionError, StepFailed
+from .remote import python
 
 if TYPE_CHECKING:
     from .ssh import Remote
     from .steps import Step
 
 Fact = tuple  # (kind, arg)
-FACTS_SCRIPT = resources.files("provision").joinpath("remote/facts.py").read_text()
 
 
 class Facts:
@@ -76,8 +74,7 @@ def collect_facts(steps: Iterable["Step"]) -> list[Fact]:
 
 
 def gather(remote: Remote, keys: list) -> Facts:
-    cmd = f"{remote.sudo}python3 -c {shlex.quote(FACTS_SCRIPT)} {shlex.quote(json.dumps(keys))}"
-    rc, out, err = remote.exec(cmd, timeout=120)
+    rc, out, err = remote.exec(remote.sudo + python("facts.py", keys), timeout=120)
     if rc != 0:
         if "a password is required" in err or "a terminal is required" in err:
             raise ProvisionError(f"{remote.label}: sudo needs a password for {remote.conn.user}; connect as root "

@@ -27,12 +27,15 @@ import re
 from dataclasses import dataclass
 
 SLOTS = ("a", "b")
+SRV_DIR = "/srv"
 TMP = ".provision-tmp"  # suffix of a path being written; renamed into place when complete
 RELEASE_DIR = ".provision"  # inside each release: its metadata and the configs its slot runs
+VENV = ".venv"  # inside each release: a link to its virtualenv
+VENV_DIRNAME = "venvs"  # under the app's root: the virtualenvs
 RUN_DIR = "/run/provision"  # root's: locks, holder files, the apps' socket dirs
 SYSTEMD_DIR = "/etc/systemd/system"
-WANTS = f"{SYSTEMD_DIR}/multi-user.target.wants"  # enabled at boot = a link here, as `systemctl enable` makes
-SOCKETS_WANTS = f"{SYSTEMD_DIR}/sockets.target.wants"
+BOOT_WANTS = "multi-user.target.wants"  # enabled at boot = a link here, as `systemctl enable` makes
+SOCKETS_BOOT_WANTS = "sockets.target.wants"
 NGINX_DIR = "/etc/nginx"
 NGINX_PID = "/run/nginx.pid"
 NGINX_DEFAULT_SITE = "default"  # Debian's welcome site
@@ -44,12 +47,17 @@ class Layout:
     """Where one app lives on a host."""
 
     name: str
-    nginx_dir: str = NGINX_DIR  # another only in tests
+    # where the host keeps things: elsewhere only in tests
+    nginx_dir: str = NGINX_DIR
+    nginx_pid: str = NGINX_PID
+    run_dir: str = RUN_DIR
+    srv_dir: str = SRV_DIR
+    systemd_dir: str = SYSTEMD_DIR
 
     # -- /srv/<name>
     @property
     def root(self) -> str:
-        return f"/srv/{self.name}"
+        return f"{self.srv_dir}/{self.name}"
 
     @property
     def releases(self) -> str:
@@ -58,9 +66,17 @@ class Layout:
     def release(self, release_id: str) -> str:
         return f"{self.releases}/{release_id}"
 
+    def release_venv(self, release_id: str) -> str:
+        """A release's link to its virtualenv."""
+        return f"{self.release(release_id)}/{VENV}"
+
+    def venv_link(self, key: str) -> str:
+        """What a release's ``.venv`` link points at (relative: releases/<id>/.venv -> venvs/<key>)."""
+        return f"../../{VENV_DIRNAME}/{key}"
+
     @property
     def venvs(self) -> str:
-        return f"{self.root}/venvs"
+        return f"{self.root}/{VENV_DIRNAME}"
 
     def venv(self, key: str) -> str:
         return f"{self.venvs}/{key}"
@@ -98,11 +114,11 @@ class Layout:
         return f"{self.name}@{slot}"
 
     def unit_file(self, slot: str) -> str:
-        return f"{SYSTEMD_DIR}/{self.unit(slot)}.service"
+        return f"{self.systemd_dir}/{self.unit(slot)}.service"
 
     @property
     def socket_unit_file(self) -> str:
-        return f"{SYSTEMD_DIR}/{self.name}@.socket"
+        return f"{self.systemd_dir}/{self.name}@.socket"
 
     @property
     def socket_unit(self) -> str:
@@ -112,12 +128,20 @@ class Layout:
     @property
     def legacy_unit_file(self) -> str:
         """Older layouts: one unit for both slots (now each release has its own)."""
-        return f"{SYSTEMD_DIR}/{self.name}@.service"
+        return f"{self.systemd_dir}/{self.name}@.service"
+
+    @property
+    def wants(self) -> str:
+        return f"{self.systemd_dir}/{BOOT_WANTS}"
+
+    @property
+    def sockets_wants(self) -> str:
+        return f"{self.systemd_dir}/{SOCKETS_BOOT_WANTS}"
 
     @property
     def socket_dir(self) -> str:
         """Root's: systemd creates the slots' sockets here (the app never writes a path nginx uses)."""
-        return f"{RUN_DIR}/{self.name}"
+        return f"{self.run_dir}/{self.name}"
 
     def socket(self, slot: str) -> str:
         return f"{self.socket_dir}/{slot}.sock"
@@ -164,11 +188,11 @@ class Layout:
     # -- the deploy lock
     @property
     def lock(self) -> str:
-        return f"{RUN_DIR}/{self.name}.lock"
+        return f"{self.run_dir}/{self.name}.lock"
 
     @property
     def lock_holder(self) -> str:
-        return f"{RUN_DIR}/{self.name}.deploy"
+        return f"{self.run_dir}/{self.name}.deploy"
 
     @property
     def deploy_scope_prefix(self) -> str:
@@ -184,4 +208,4 @@ class Layout:
                 "upstream_var": self.upstream_var, "release_log": self.release_log,
                 "access_log": self.access_log, "error_log": self.error_log,
                 "sockets": {s: self.socket(s) for s in SLOTS}, "units": {s: self.unit(s) for s in SLOTS},
-                "unit_files": {s: self.unit_file(s) for s in SLOTS}}
+                "unit_files": {s: self.unit_file(s) for s in SLOTS}, "venv": VENV}

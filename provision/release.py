@@ -10,19 +10,18 @@ import base64
 import hashlib
 import json
 import shlex
-from importlib import resources
 
 from . import secrets
 from .config import Settings
-from .layout import RELEASE_DIR, SLOTS, SOCKETS_WANTS, TMP, UPSTREAM_HEADER, WANTS
+from .layout import RELEASE_DIR, SLOTS, TMP, UPSTREAM_HEADER, VENV
 from .errors import ProvisionError
 from .history import History
+from .remote import switch_command
 from .source import Source
 from .facts import Facts, below
 from .steps import HIDDEN, Change, Step, symlink_commands, unified_diff
 
 q = shlex.quote
-SWITCH_PY = resources.files("provision").joinpath("remote/switch.py").read_text()
 SHOWN_LINES, SHOWN_IN_ALL = 200, 1000  # diff lines a dry run shows of one app file, and of all
 
 
@@ -62,7 +61,7 @@ def live_files(s: Settings, facts: Facts) -> dict[str, str] | None:
 def release_files(s: Settings, source: Source) -> dict[str, str]:
     """The source files a release holds, each with its sha256: not those that its links (to
     shared/, the virtualenv) or its own directory take the place of."""
-    replaced = (*s.linked_files, *s.linked_dirs, ".venv", RELEASE_DIR)
+    replaced = (*s.linked_files, *s.linked_dirs, VENV, RELEASE_DIR)
     return {p: h for p, h in source.hashes.items() if not any(p == r or p.startswith(r + "/") for r in replaced)}
 
 
@@ -151,14 +150,14 @@ class Release(Step):
     def plan(self, facts, notified):
         if not self.needed(facts):
             return None
-        s, root = self.s, self.s.layout.root
-        rel = f"{root}/releases/{self.release_id}"
-        tmp = rel + ".provision-tmp"
+        s, lay = self.s, self.s.layout
+        rel = lay.release(self.release_id)
+        tmp = rel + TMP
         cmds = []
-        cur = facts.file(f"{root}/current")
+        cur = facts.file(lay.current)
         if cur is not None and cur["type"] == "dir":
-            legacy = f"{root}/releases/{self.release_id.split('-')[0]}-legacy"
-            cmds.append(f"mv -T {q(root + '/current')} {q(legacy)}")
+            legacy = lay.release(f"{self.release_id.split('-')[0]}-legacy")
+            cmds.append(f"mv -T {q(lay.current)} {q(legacy)}")
         meta = json.dumps({"id": self.release_id, "digest": self.source.digest, "revision": self.source.revision,
                            "dirty": self.source.dirty, "deployer": self.deployer, "venv": self.venv_key,
                            "config": self.config}, sort_keys=True)
@@ -168,7 +167,7 @@ class Release(Step):
             f"rm -rf {q(tmp)} && mkdir -p {q(tmp)}",
             f"base64 -d <<'__PROVISION_EOF__' | tar -xz --no-same-owner -C {q(tmp)}\n{b64}__PROVISION_EOF__",
             f"rm -rf {q(own)} && mkdir -m 755 {q(own)}",
-            f"ln -sfn ../../venvs/{self.venv_key} {q(tmp)}/.venv",
+            f"ln -sfn {q(lay.venv_link(self.venv_key))} {q(tmp + '/' + VENV)}",
         ]
         manifest = json.dumps(self.files, indent=0, sort_keys=True).encode() + b"\n"
         for name, data in sorted({**self.configs, "manifest.json": manifest}.items()):
@@ -178,7 +177,7 @@ class Release(Step):
         for path in s.linked_files + s.linked_dirs:
             inside = q(f"{tmp}/{path}")
             cmds += [f'mkdir -p "$(dirname {inside})"',
-                     f"rm -rf {inside} && ln -s {q(root + '/shared/' + path)} {inside}"]
+                     f"rm -rf {inside} && ln -s {q(lay.shared + '/' + path)} {inside}"]
         cmds += [
             f"printf '%s\\n' {q(meta)} > {q(own)}/release.json",
             f"chmod -R go-w {q(tmp)}",
@@ -257,13 +256,13 @@ class Switch(Step):
         return f"switch {self.s.name}"
 
     def units(self) -> dict[str, str]:
-        return {slot: f"{self.s.name}@{slot}" for slot in SLOTS}
+        return {slot: self.s.layout.unit(slot) for slot in SLOTS}
 
     def facts(self):
         s = self.s
         return [("content", s.layout.upstream_file), ("file", s.layout.current),
                 *[("file", s.layout.slot_link(slot)) for slot in SLOTS],
-                *[("file", f"{WANTS}/{u}.service") for u in self.units().values()],
+                *[("file", f"{s.layout.wants}/{u}.service") for u in self.units().values()],
                 *[("service", u) for u in self.units().values()]]
 
     def plan(self, facts, notified):
@@ -273,22 +272,19 @@ class Switch(Step):
         running = bool(state and state["active"])
         if live is None or not running or slot_release(s, facts, live) != target or notified & set(self.restart_on):
             slot = "b" if live == "a" else "a"
-            args = {"app": s.name, "root": s.layout.root, "slot": slot, "old": live or "", "release": target,
-                    "health_path": s.health_path, "host": host_header(s), "timeout": s.health_timeout,
-                    "action": self.action, "by": self.by, "upstream": s.layout.upstream_file, "log": log_path(s),
-                    "socket": s.layout.socket(slot),
-                    "prove": [UPSTREAM_HEADER, f"unix:{s.layout.socket(slot)}"] if self.prove else None,
-                    "site": s.layout.site_enabled, "wants": WANTS, "sockets_wants": SOCKETS_WANTS,
-                    "daemon_reload": bool(notified & set(self.daemon_reload_on))}
-            return Change([f"python3 -c {q(SWITCH_PY)} {q(json.dumps(args, sort_keys=True))}"],
+            health = {"path": s.health_path, "host": host_header(s), "timeout": s.health_timeout,
+                      "header": UPSTREAM_HEADER if self.prove else None}
+            return Change([switch_command(s.layout, target, slot, live, self.action, self.by, health,
+                                          bool(notified & set(self.daemon_reload_on)))],
                           summary=f"{target} -> slot {slot}")
         cmds = []
         if current_release(s, facts) != target:
             cmds += symlink_commands(s.layout.current, f"releases/{target}")
         other = self.units()["b" if live == "a" else "a"]
         other_state = facts.service(other)
-        if (other_state and other_state["active"]) or facts.file(f"{WANTS}/{other}.service"):
-            cmds += [f"rm -f {q(f'{WANTS}/{other}.service')} {q(f'{SOCKETS_WANTS}/{other}.socket')}",
+        wants, sockets_wants = s.layout.wants, s.layout.sockets_wants
+        if (other_state and other_state["active"]) or facts.file(f"{wants}/{other}.service"):
+            cmds += [f"rm -f {q(f'{wants}/{other}.service')} {q(f'{sockets_wants}/{other}.socket')}",
                      f"systemctl stop {q(other + '.socket')} {q(other + '.service')}"]
         return Change(cmds, summary="repair") if cmds else None
 
@@ -337,12 +333,13 @@ class Prune(Step):
         doomed = self.doomed(facts)
         if not doomed and "switched" not in notified:
             return None
-        root = self.s.layout.root
-        cmds = [f"rm -rf {' '.join(q(root + '/releases/' + d) for d in doomed)}"] if doomed else []
+        lay = self.s.layout
+        cmds = [f"rm -rf {' '.join(q(lay.release(d)) for d in doomed)}"] if doomed else []
         # A virtualenv stays while any release links to it (rollbacks need theirs).
         cmds.append(
-            f"for v in {q(root)}/venvs/*/; do [ -d \"$v\" ] || continue; k=$(basename \"$v\"); "
-            f"used=; for l in {q(root)}/releases/*/.venv; do [ \"$(readlink \"$l\")\" = \"../../venvs/$k\" ] "
+            f"for v in {q(lay.venvs)}/*/; do [ -d \"$v\" ] || continue; k=$(basename \"$v\"); "
+            f"used=; for l in {q(lay.releases)}/*/{VENV}; do "
+            f"[ \"$(readlink \"$l\")\" = {q(lay.venv_link(''))}\"$k\" ] "
             f"&& used=1 && break; done; [ -n \"$used\" ] || rm -rf \"$v\"; done"
         )
         return Change(cmds, summary=f"remove {len(doomed)}" if doomed else "unused virtualenvs")

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from .errors import ProvisionError
 from .facts import Facts, gather
 from .output import Printer
-from .script import Lock, build_script, parse_report
+from .lock import Lock, describe_holder
+from .script import build_script, parse_report
 from .ssh import Remote
 from .steps import Planned, Recipe, Step, Steps, plan
 
@@ -45,13 +46,6 @@ class HostResult:
 
     def changed_steps(self) -> list[str]:
         return [p.step.name for i, p in enumerate(self.planned) if p.status == "change" and i in self.done]
-
-
-def describe_holder(h: dict) -> str:
-    if "raw" in h or not h:
-        return h.get("raw", "an unknown process")
-    return (f"{h.get('user', '?')} on {h.get('machine', '?')} since {h.get('time', '?')} "
-            f"({h.get('action', 'deploy')} of {h.get('release', '?')}, remote pid {h.get('pid', '?')})")
 
 
 def run_steps(remote: Remote, recipe: Recipe | list[Step], *, dry_run: bool = False, printer: Printer | None = None,

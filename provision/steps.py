@@ -18,9 +18,10 @@ import shlex
 from dataclasses import dataclass
 from typing import Iterable
 
-from . import secrets
+from . import remote, secrets
 from .errors import ProvisionError
 from .facts import Fact, Facts, collect_facts, http_fact_arg
+from .layout import TMP
 
 q = shlex.quote
 
@@ -243,7 +244,7 @@ def _heredoc_write(path: str, data: bytes, owner: str = "root", group: str = "ro
     """Commands that write ``data`` to ``path`` atomically: a fresh temporary file only root can
     read (a secret is never readable while it is written), given its owner and mode, then
     renamed into place."""
-    tmp = f"{path}.provision-tmp"
+    tmp = path + TMP
     b64 = base64.encodebytes(data).decode()
     return [
         f"rm -f {q(tmp)} && (umask 077 && base64 -d > {q(tmp)}) <<'__PROVISION_EOF__'\n{b64}__PROVISION_EOF__",
@@ -363,7 +364,7 @@ class Symlink(Step):
 
 def symlink_commands(path: str, target: str) -> list[str]:
     """Switch ``path`` to point at ``target`` atomically (temp link + rename)."""
-    tmp = f"{path}.provision-tmp"
+    tmp = path + TMP
     return [f"ln -sfn {q(target)} {q(tmp)}", f"mv -Tf {q(tmp)} {q(path)}"]
 
 
@@ -494,7 +495,8 @@ class Service(Step):
             if self.check:
                 cmds.append(self.check)
             if self.pidfile and action != "start":
-                cmds += drain_workers(f"systemctl {action} {q(self.service)}", self.pidfile)
+                cmds.append(remote.python("nginx_reload.py", {"service": self.service, "action": action,
+                                                              "pid_file": self.pidfile}))
             else:
                 cmds.append(f"systemctl {action} {q(self.service)}")
             what.append(action)
@@ -503,15 +505,6 @@ class Service(Step):
         return Change(cmds, summary=", ".join(what))
 
 
-def drain_workers(command: str, pidfile: str, timeout: float = 30) -> list[str]:
-    """Run ``command`` (a reload), then wait until the workers the master had before are gone:
-    ``systemctl reload`` returns while old workers, with the old configuration, still accept."""
-    return [
-        f'__old=$(cat /proc/"$(cat {q(pidfile)} 2>/dev/null)"/task/*/children 2>/dev/null || true)',
-        command,
-        f"for __i in $(seq {int(timeout * 50)}); do __alive=; for __p in $__old; do "
-        '[ -d /proc/$__p ] && __alive=1 && break; done; [ -n "$__alive" ] || break; sleep 0.02; done',
-    ]
 
 
 @dataclass(repr=False)
@@ -536,34 +529,14 @@ class HttpCheck(Step):
         return [("http", http_fact_arg(self.url, self.host_header, self.expect))]
 
     def command(self) -> str:
-        return http_check_command(self.url, self.host_header, self.timeout, self.expect)
+        return remote.python("http_check.py", {"url": self.url, "host": self.host_header, "timeout": self.timeout,
+                                               "expect": list(self.expect) if self.expect else None})
 
     def plan(self, facts, notified):
         status = facts.http(self.url, self.host_header, self.expect)
         if notified or not (200 <= status < 300):
             return Change([self.command()], summary="answers", check=True)
         return None
-
-
-def http_check_command(url: str, host_header: str, timeout: int, expect: tuple[str, str] | None = None) -> str:
-    py = (
-        "import sys,time,urllib.request as u,urllib.error as e\n"
-        "url,host,limit,want=sys.argv[1],sys.argv[2],float(sys.argv[3]),sys.argv[4:]\n"
-        "o=u.build_opener(u.ProxyHandler({}))\n"
-        "end=time.time()+limit;last='no answer'\n"
-        "while True:\n"
-        "  try:\n"
-        "    r=o.open(u.Request(url,headers={'Host':host} if host else {}),timeout=5)\n"
-        "    got=r.headers.get(want[0],'') if want else ''\n"
-        "    if 200<=r.status<300 and got.startswith(want[1] if want else ''): sys.exit(0)\n"
-        "    last='HTTP %d'%r.status+(', %s: %r'%(want[0],got) if want else '')\n"
-        "  except e.HTTPError as x: last='HTTP %d'%x.code\n"
-        "  except Exception as x: last=str(x)\n"
-        "  if time.time()>end: sys.exit('health check: %s answered %s after %ss'%(url,last,limit))\n"
-        "  time.sleep(0.2)\n"
-    )
-    extra = f" {q(expect[0])} {q(expect[1])}" if expect else ""
-    return f"python3 -c {q(py)} {q(url)} {q(host_header)} {timeout}{extra}"
 
 
 class Recipe:

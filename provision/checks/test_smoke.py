@@ -64,7 +64,7 @@ def test_app_runs_nothing_it_can_write(host, app):
     assert current.is_symlink
     meta = json.loads(host.file(f"{app['current']}/{app['release_dir']}/release.json").content_string)
     assert meta["digest"]
-    for tree in (f"{app['root']}/", f"{app['current']}/", f"{app['current']}/.venv/"):
+    for tree in (f"{app['root']}/", f"{app['current']}/", f"{app['current']}/{app['venv']}/"):
         not_root = host.check_output("find %s -path %s -prune -o ! -user root -print -quit", tree, app["shared"])
         assert not_root == "", f"not owned by root: {not_root}"
         writable = host.check_output("find %s -perm /022 ! -type l -print -quit", tree)

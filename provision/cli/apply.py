@@ -16,7 +16,7 @@ from ..fleet import DEFAULT_PARALLEL, exit_code, run_fleet
 from ..hosts import jobs
 from ..output import Printer, summary_line, summary_table
 from ..runner import HostResult, run_steps
-from ..script import Lock
+from ..lock import Lock
 from ..source import scan
 from . import connect_job, guarded
 
@@ -28,7 +28,7 @@ def deployer() -> str:
 def lock_for(s: cfg.Settings, action: str, release: str, break_lock: bool) -> Lock:
     holder = {"user": getpass.getuser(), "machine": socket.gethostname(), "action": action, "release": release,
               "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    return Lock(s.name, holder, break_lock)
+    return Lock(s.layout, holder, break_lock)
 
 
 @guarded

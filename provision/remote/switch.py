@@ -1,34 +1,35 @@
-# Runs on the managed host as root (stdlib python3): moves traffic to a release without
-# dropping a request.  argv[1] is JSON: app, root, slot (the idle one), old (the live slot
-# or ""), release, health_path, host, timeout, action, by, upstream, log (the release log),
-# socket (the slot's), prove ([header, value] nginx must answer with, or null), site (the
-# enabled nginx site), wants, sockets_wants (boot link dirs), daemon_reload.
+# Runs on the managed host as root (stdlib python3, after lib_http and lib_nginx): moves traffic
+# to a release without dropping a request. argv[1] is JSON (built by switch_command in
+# provision/remote/__init__.py, every path from the layout): app, release, action, by,
+# daemon_reload, release_dir, release_own_dir (its name inside a release), venv (the release's
+# link), current, current_target, release_log, upstream_file, site_enabled, socket_unit_file,
+# wants, sockets_wants (boot link dirs), nginx_pid, nginx (host:port of nginx), tmp (the suffix
+# of a path being written), health {path, host, timeout, header (the one the site names the
+# socket that answered in, or null)}, new {slot, unit, unit_file, socket, slot_link,
+# slot_target, upstream (the upstream file's content)}, old ({slot, unit} or null).
 #
-#  1. point slots/<slot> at the release, install the release's unit as <app>@<slot>.service
-#     and (re)start it on its own socket (made by systemd: <app>@<slot>.socket);
+#  1. point the new slot's link at the release, install the release's unit as the slot's unit
+#     and (re)start it on its own socket (made by systemd: <unit>.socket);
 #  2. health gate: the new instance must answer the health path on its socket, or
 #     it is stopped, its log tail printed, and nothing else changes;
 #  3. write the nginx upstream to the new socket, `nginx -t`, reload, and wait for
-#     the old nginx workers to finish their requests;
-#  4. switch `current`, record the live slot and the release log, then stop the
-#     old instance gracefully (gunicorn finishes in-flight requests on TERM).
+#     the old nginx workers to finish their requests; then, when the site says which socket
+#     answered, prove that nginx answers from the new one (or put the upstream back);
+#  4. switch `current`, record the release log, then stop the old instance gracefully
+#     (gunicorn finishes in-flight requests on TERM).
 # Every intermediate state serves a complete release. Everything written here is in
 # directories only root can write, and written without following symlinks.
-import http.client
 import json
 import os
 import re
-import select
-import socket
 import subprocess
 import sys
 import time
 
 a = json.loads(sys.argv[1])
-app, root, slot, old, release = a["app"], a["root"], a["slot"], a["old"], a["release"]
-unit, old_unit = "%s@%s" % (app, slot), "%s@%s" % (app, old)
-sock_path, upstream = a["socket"], a["upstream"]
-unit_file = "/etc/systemd/system/%s.service" % unit
+release, new, old, health = a["release"], a["new"], a["old"], a["health"]
+unit, unit_file, upstream = new["unit"], new["unit_file"], a["upstream_file"]
+host = health["host"] or "localhost"
 
 
 def run(*cmd, check=True):
@@ -70,7 +71,7 @@ def fail(message, stop_new=False):
 
 
 def link(path, target):
-    tmp = path + ".provision-tmp"
+    tmp = path + a["tmp"]
     if os.path.lexists(tmp):
         os.unlink(tmp)  # never follows: removes a link itself
     os.symlink(target, tmp)
@@ -79,7 +80,7 @@ def link(path, target):
 
 def write(path, text, mode=0o644):
     """Atomically, through a fresh temporary file (O_EXCL|O_NOFOLLOW: never through a link)."""
-    tmp = path + ".provision-tmp"
+    tmp = path + a["tmp"]
     if os.path.lexists(tmp):
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
@@ -112,9 +113,9 @@ def append_log(path, line):
 
 def record(action):
     """A line in the release log: what went live (deploy, rollback) or was refused, by whom, when."""
-    append_log(a["log"], json.dumps({
+    append_log(a["release_log"], json.dumps({
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "release": release, "action": action,
-        "by": a["by"], "slot": slot}, sort_keys=True) + "\n")
+        "by": a["by"], "slot": new["slot"]}, sort_keys=True) + "\n")
 
 
 def exited():
@@ -127,43 +128,30 @@ def exited():
     return None
 
 
-def ask(deadline):
-    """The status line of GET health_path on the new socket. systemd accepts connections for the
-    instance even before it runs, so the answer is awaited while watching that it still starts."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.settimeout(5)
-        conn.connect(sock_path)
-        conn.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (a["health_path"], a["host"] or "localhost")).encode())
-        data = b""
-        while b"\r\n" not in data and time.time() < deadline:
-            if select.select([conn], [], [], 0.1)[0]:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            else:
-                why = exited()
-                if why:
-                    raise Exited(why)
-        return data.split(b"\r\n", 1)[0].decode("latin-1")
-    finally:
-        conn.close()
-
-
 class Exited(Exception):
     pass
 
 
+def still_starting():
+    """Raises Exited once the new instance stopped starting."""
+    why = exited()
+    if why:
+        raise Exited(why)
+
+
 def healthy():
-    deadline = time.time() + a["timeout"]
+    """None once the new instance answers the health path on its socket with a 2xx. systemd accepts
+    connections for the instance even before it runs, so the answer is awaited while watching
+    that it still starts."""
+    deadline = time.time() + health["timeout"]
     last = "no answer"
     while time.time() < deadline:
         try:
-            status = ask(deadline).split()
-            if len(status) > 1 and status[1].isdigit() and 200 <= int(status[1]) < 300:
+            status, _ = http_get(new["socket"], health["path"], host, timeout=max(0.1, deadline - time.time()),
+                                 waiting=still_starting)
+            if 200 <= status < 300:
                 return None
-            last = "HTTP %s" % status[1] if len(status) > 1 else "no answer"
+            last = "HTTP %s" % status if status else "no answer"
         except Exited as e:
             return str(e)
         except OSError as e:
@@ -172,26 +160,42 @@ def healthy():
         if why:
             return why
         time.sleep(0.03)
-    return "no healthy answer within %ss (last: %s)" % (a["timeout"], last)
+    return "no healthy answer within %ss (last: %s)" % (health["timeout"], last)
 
 
-def nginx_workers():
-    try:
-        master = int(open("/run/nginx.pid").read().strip())
-        return set(open("/proc/%d/task/%d/children" % (master, master)).read().split())
-    except (OSError, ValueError):
-        return set()
+def through_nginx():
+    """None once nginx answers the health path from the new socket (its site says which socket
+    answered a request from the host itself), else what it answered."""
+    want = "unix:" + new["socket"]
+    # nginx answers at once after a reload: no longer than 10 s, nor than the gate waits
+    deadline, last = time.time() + min(10, health["timeout"]), "no answer"
+    while time.time() < deadline:
+        try:
+            status, got = http_get(a["nginx"], health["path"], host, health["header"])
+            if 200 <= status < 300 and got == want:
+                return None
+            last = "HTTP %d from %s" % (status, got or "something else than %s (nginx's own page?)" % a["app"])
+        except OSError as e:
+            last = str(e) or type(e).__name__
+        time.sleep(0.05)
+    return last
 
 
-def alive(pid):
-    return os.path.exists("/proc/%s" % pid)
+def reload_nginx():
+    """Returns once the old workers, with the old configuration, are gone."""
+    res = reload_and_drain(a["nginx_pid"])
+    if res.returncode != 0:
+        fail("`systemctl reload-or-restart nginx` failed (exit %d): %s" % (res.returncode, res.stdout.strip()))
 
 
-release_dir = "%s/releases/%s" % (root, release)
-if not os.path.isdir(release_dir):
-    fail("release %s does not exist on this host (see `fab releases`)" % release)
-if not os.path.exists(release_dir + "/.venv/bin/gunicorn"):
-    fail("release %s has no complete virtualenv (it was pruned?); deploy it again instead" % release)
+def put_back(previous):
+    """The upstream file as it was before this switch."""
+    if previous is None:
+        os.unlink(upstream)
+    else:
+        write(upstream, previous)
+
+
 def roots(path):
     """Made by root and writable by root only (the app could not have changed it)."""
     try:
@@ -202,16 +206,22 @@ def roots(path):
     return st.st_uid == 0 and not st.st_mode & 0o022 and not acl
 
 
+release_dir = a["release_dir"]
+own_dir = os.path.join(release_dir, a["release_own_dir"])
+if not os.path.isdir(release_dir):
+    fail("release %s does not exist on this host (see `fab releases`)" % release)
+if not os.path.exists(os.path.join(a["venv"], "bin", "gunicorn")):
+    fail("release %s has no complete virtualenv (it was pruned?); deploy it again instead" % release)
 # What a slot runs must be root's: a release of an older layout (app-owned) may be tampered with.
-for path in (release_dir, release_dir + "/.provision", release_dir + "/.provision/unit",
-             release_dir + "/.provision/gunicorn.conf.py", os.path.realpath(release_dir + "/.venv")):
+for path in (release_dir, own_dir, os.path.join(own_dir, "unit"), os.path.join(own_dir, "gunicorn.conf.py"),
+             os.path.realpath(a["venv"])):
     if not roots(path):
         fail("release %s is not root's alone (%s): made by an older provision or tampered with; deploy "
              "again instead" % (release, path))
-own_unit = read(release_dir + "/.provision/unit")
+own_unit = read(os.path.join(own_dir, "unit"))
 
 # 1. the new instance, with the unit of its own release
-link("%s/slots/%s" % (root, slot), "../releases/" + release)
+link(new["slot_link"], new["slot_target"])
 daemon_reload = a["daemon_reload"]
 if read(unit_file) != own_unit:
     write(unit_file, own_unit)
@@ -233,69 +243,33 @@ if problem:
 # 3. nginx
 os.makedirs(os.path.dirname(upstream), exist_ok=True)
 previous = read(upstream)
-write(upstream, "server unix:%s fail_timeout=0;\n" % sock_path)
+write(upstream, new["upstream"])
 test = run("nginx", "-t", "-q", check=False)
 if test.returncode != 0:
-    if previous is None:
-        os.unlink(upstream)
-    else:
-        write(upstream, previous)
+    put_back(previous)
     fail("nginx -t failed, traffic not moved: %s" % test.stdout.strip(), stop_new=True)
-def reload_nginx():
-    """Returns once the old workers, with the old configuration, are gone."""
-    before = nginx_workers()
-    run("systemctl", "reload-or-restart", "nginx")
-    deadline = time.time() + 30
-    while time.time() < deadline and any(alive(p) for p in before):
-        time.sleep(0.02)
-
-
-def through_nginx():
-    """None once nginx answers the health path from the new socket (its site says which socket
-    answered a request from the host itself), else what it answered."""
-    header, want = a["prove"]
-    deadline, last = time.time() + 10, "no answer"
-    while time.time() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", 80, timeout=5)
-            conn.request("GET", a["health_path"], headers={"Host": a["host"] or "localhost"})
-            resp = conn.getresponse()
-            got = resp.getheader(header) or ""
-            conn.close()
-            if 200 <= resp.status < 300 and got == want:
-                return None
-            last = "HTTP %d from %s" % (resp.status, got or "something else than %s (nginx's own page?)" % app)
-        except OSError as e:
-            last = str(e) or type(e).__name__
-        time.sleep(0.05)
-    return last
-
-
 reload_nginx()
-if a["prove"] and os.path.lexists(a["site"]):
+if health["header"] and os.path.lexists(a["site_enabled"]):
     problem = through_nginx()
     if problem:
-        if previous is None:
-            os.unlink(upstream)
-        else:
-            write(upstream, previous)
+        put_back(previous)
         reload_nginx()
         fail("release %s answers on its socket, but not through nginx (%s); traffic stays on the previous "
              "release" % (release, problem), stop_new=True)
 
 # 4. record, then retire the old instance
-link(root + "/current", "releases/" + release)
+link(a["current"], a["current_target"])
 record(a["action"])
 # Enabled at boot = wants links, as `systemctl enable` makes them (without its daemon reload).
 for wants, name, target in ((a["wants"], unit + ".service", unit_file),
-                            (a["sockets_wants"], unit + ".socket", "/etc/systemd/system/%s@.socket" % app)):
+                            (a["sockets_wants"], unit + ".socket", a["socket_unit_file"])):
     os.makedirs(wants, exist_ok=True)
-    link("%s/%s" % (wants, name), target)
-if old and old != slot:
-    for wants, name in ((a["wants"], old_unit + ".service"), (a["sockets_wants"], old_unit + ".socket")):
-        if os.path.lexists("%s/%s" % (wants, name)):
-            os.unlink("%s/%s" % (wants, name))
+    link(os.path.join(wants, name), target)
+if old:
+    for wants, name in ((a["wants"], old["unit"] + ".service"), (a["sockets_wants"], old["unit"] + ".socket")):
+        if os.path.lexists(os.path.join(wants, name)):
+            os.unlink(os.path.join(wants, name))
     # No new request reaches it now; it finishes the ones it has (gunicorn's graceful
     # stop) without holding up the deploy.
-    run("systemctl", "stop", "--no-block", old_unit + ".service", old_unit + ".socket", check=False)
+    run("systemctl", "stop", "--no-block", old["unit"] + ".service", old["unit"] + ".socket", check=False)
 print("%s now serves %s" % (unit, release))

@@ -41,7 +41,7 @@ def test_the_app_user_writes_only_its_data(droplet):
         "touch /srv/hello/current/.venv/bin/gunicorn",  # its virtualenv
         "echo 'workers = 99' >> /srv/hello/current/.provision/gunicorn.conf.py",  # its config
         "echo forged >> /srv/hello/releases.log",
-        "echo 'server unix:/tmp/evil.sock;' > /etc/nginx/provision/hello.upstream",
+        "echo 'server unix:/tmp/evil.sock;' > /etc/nginx/provision/hello.upstream",  # where traffic goes
         "echo PATH=/tmp >> /srv/hello/shared/.env",  # its environment, which root reads
         "mv /srv/hello/shared/log /srv/hello/shared/log.old",  # to plant a link in its place
         "ln -s /etc/shadow /srv/hello/current.provision-tmp",

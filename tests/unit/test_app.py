@@ -59,10 +59,13 @@ def test_fresh_host_changes_everything_in_a_safe_order():
     second = by_name["packages python3-venv python3-pip-whl nginx"].change
     assert "apt-get update -qq" not in second.commands and second.summary == "install python3-venv nginx"
     switch = json.loads(shlex.split(by_name["switch hello"].change.commands[0])[-1])
-    assert switch == dict(switch, slot="a", old="", release=src.release_id(0), daemon_reload=True, action="deploy")
+    assert switch == dict(switch, old=None, release=src.release_id(0), daemon_reload=True, action="deploy")
+    assert switch["new"]["slot"] == "a"
     nginx = by_name["service nginx"].change.commands
-    assert nginx[-4] == "nginx -t -q" and nginx[-2] == "systemctl reload-or-restart nginx"
-    assert "/run/nginx.pid" in nginx[-3] and "sleep" in nginx[-1]  # then waits until the old workers are gone
+    assert nginx[-2] == "nginx -t -q" and shlex.split(nginx[-1])[:2] == ["python3", "-c"]
+    # nginx_reload.py: returns once the old workers are gone
+    assert json.loads(shlex.split(nginx[-1])[-1]) == {"service": "nginx", "action": "reload-or-restart",
+                                                      "pid_file": "/run/nginx.pid"}
     assert planned[-1].change.check
 
 

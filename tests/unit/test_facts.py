@@ -4,9 +4,10 @@ import hashlib
 import json
 import subprocess
 import sys
-from importlib import resources
 
-SCRIPT = resources.files("provision").joinpath("remote/facts.py").read_text()
+from provision import remote
+
+SCRIPT = remote.source("facts.py")
 
 
 def gather(keys):

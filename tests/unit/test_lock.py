@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from provision.script import Lock, build_script, parse_report
+from provision.layout import Layout
+from provision.lock import Lock
+from provision.script import build_script, parse_report
 from provision.steps import Change, Planned, Step
 
 BUSCTL = """#!/bin/bash
@@ -48,8 +50,8 @@ def run(fake, lock, commands=("true",)):
 
 
 def lock(fake, **kw):
-    return Lock("hello", {"user": "alice", "action": "deploy"}, run_dir=str(fake / "run"), cgroup=str(fake / "cg"),
-                **kw)
+    return Lock(Layout("hello", run_dir=str(fake / "run")), {"user": "alice", "action": "deploy"},
+                cgroup=str(fake / "cg"), **kw)
 
 
 def last_holder(fake, pid, procs=()):

@@ -5,12 +5,12 @@ import json
 import os
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from provision import config as cfg
+from provision import remote
 from provision.app import rendered
 from provision.errors import ProvisionError
 from provision.layout import Layout
@@ -20,7 +20,7 @@ from provision.facts import Facts
 from provision.steps import Planned
 
 ROOT = Path(__file__).resolve().parents[2]
-FACTS_PY = resources.files("provision").joinpath("remote/facts.py").read_text()
+FACTS_PY = remote.source("facts.py")
 UNMANAGED = """# written by hand
 server {
     listen 80 default_server;  # the old catch-all

@@ -9,7 +9,7 @@ import pytest
 from provision import config as cfg
 from provision.errors import ProvisionError
 from provision.history import History
-from provision.layout import WANTS
+WANTS = "/etc/systemd/system/multi-user.target.wants"  # as systemctl enable makes the links
 from provision.release import Prune, Switch, live_slot, rollback_target
 from provision.facts import Facts
 
@@ -51,23 +51,41 @@ def test_same_release_running_is_a_no_op():
 
 def test_new_release_goes_to_the_idle_slot():
     args = switch_args(Switch(S, "r2").plan(host(), set()))
-    assert (args["slot"], args["old"], args["release"]) == ("b", "a", "r2")
+    assert (args["new"]["slot"], args["old"], args["release"]) == ("b", {"slot": "a", "unit": "hello@a"}, "r2")
     args = switch_args(Switch(S, "r3").plan(host(live="b", b="r2", b_state=UP, a_state=DOWN), set()))
-    assert (args["slot"], args["old"]) == ("a", "b")
+    assert (args["new"]["slot"], args["old"]["slot"]) == ("a", "b")
+
+
+def test_the_switch_gets_every_path_from_the_layout():
+    args = switch_args(Switch(S, "r2", by="me@laptop", prove=True).plan(host(), set()))
+    assert args == {
+        "app": "hello", "release": "r2", "action": "deploy", "by": "me@laptop", "daemon_reload": False,
+        "release_dir": "/srv/hello/releases/r2", "release_own_dir": ".provision", "venv": "/srv/hello/releases/r2/.venv",
+        "current": "/srv/hello/current", "current_target": "releases/r2", "release_log": "/srv/hello/releases.log",
+        "upstream_file": "/etc/nginx/provision/hello.upstream", "site_enabled": "/etc/nginx/sites-enabled/hello",
+        "socket_unit_file": "/etc/systemd/system/hello@.socket", "wants": WANTS,
+        "sockets_wants": "/etc/systemd/system/sockets.target.wants", "nginx_pid": "/run/nginx.pid",
+        "nginx": "127.0.0.1:80", "tmp": ".provision-tmp",
+        "health": {"path": S.health_path, "host": "", "timeout": S.health_timeout, "header": "X-Provision-Upstream"},
+        "new": {"slot": "b", "unit": "hello@b", "unit_file": "/etc/systemd/system/hello@b.service",
+                "socket": "/run/provision/hello/b.sock", "slot_link": "/srv/hello/slots/b",
+                "slot_target": "../releases/r2", "upstream": "server unix:/run/provision/hello/b.sock fail_timeout=0;\n"},
+        "old": {"slot": "a", "unit": "hello@a"}}
+    assert switch_args(Switch(S, "r2").plan(host(), set()))["health"]["header"] is None
 
 
 def test_fresh_host_starts_slot_a_with_a_daemon_reload():
     fresh = host(live=None, a=None, current=None, a_state=None, b_state=None)
     args = switch_args(Switch(S, "r1").plan(fresh, {"unit"}))
-    assert (args["slot"], args["old"], args["daemon_reload"]) == ("a", "", True)
-    assert args["socket"] == "/run/provision/hello/a.sock" and args["upstream"] == S.layout.upstream_file
+    assert (args["new"]["slot"], args["old"], args["daemon_reload"]) == ("a", None, True)
+    assert args["new"]["socket"] == "/run/provision/hello/a.sock" and args["upstream_file"] == S.layout.upstream_file
 
 
 def test_a_new_socket_unit_or_a_dead_instance_switch_too():
     # a changed unit or gunicorn config is a new release: the release step decides, not tags
     assert Switch(S, "r1").plan(host(), {"unit"}) is None
-    assert switch_args(Switch(S, "r1").plan(host(), {"socket", "unit"}))["slot"] == "b"
-    assert switch_args(Switch(S, "r1").plan(host(a_state=DOWN), set()))["slot"] == "b"
+    assert switch_args(Switch(S, "r1").plan(host(), {"socket", "unit"}))["new"]["slot"] == "b"
+    assert switch_args(Switch(S, "r1").plan(host(a_state=DOWN), set()))["new"]["slot"] == "b"
     # rollbacks do not restart on tags
     assert Switch(S, "r1", restart_on=()).plan(host(), {"socket"}) is None
 

@@ -5,9 +5,11 @@ parsing here, what each task does in :mod:`provision.cli`.
 """
 
 from fabric import Task, task as fabric_task
-from invoke import Collection
+from invoke import Collection, Exit
 
 from . import cli
+from . import scaffold
+from .errors import ProvisionError
 from .hosts import DEFAULT_INVENTORY
 
 
@@ -102,6 +104,15 @@ def inventory(c):
     cli.show_inventory(c)
 
 
+@task(help={"name": f"one of {', '.join(scaffold.NAMES)} (default: list them)"})
+def template(c, name=None):
+    """Print one of the kit's templates, to start yours from: templates/NAME beside the fabfile."""
+    try:
+        print(scaffold.template_text(name), end="")
+    except ProvisionError as e:
+        raise Exit(f"error: {e}", code=e.code)
+
+
 @task(iterable=["name"], help={"name": "droplet name (repeatable; default sandbox1)"})
 def up(c, name=None):
     """Start local sandbox droplets (systemd-nspawn; needs root)."""
@@ -127,4 +138,5 @@ def info(c, name="sandbox1"):
 
 
 ns = Collection(deploy, plan, provision_, rollback, releases, status, logs, check, inventory, Collection("sandbox", up, down, list_, info))
+ns.add_task(template)
 ns.configure({"inventory": DEFAULT_INVENTORY})

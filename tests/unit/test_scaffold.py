@@ -175,6 +175,18 @@ def test_template_prints_the_kits_template_or_lists_them(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_fab_template_task(tmp_path):
+    root = project(tmp_path / "shop", {"app.py": FLASK})
+    provision(root, "init")
+    listed = subprocess.run([FAB, "--list"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert "  template " in listed.stdout
+    res = subprocess.run([FAB, "template", "--name", "gunicorn.conf.py.j2"], cwd=root, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == (KIT_TEMPLATES / "gunicorn.conf.py.j2").read_text()
+    res = subprocess.run([FAB, "template", "--name", "x"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("error: no template 'x'")
+
+
 def test_help_and_unknown_commands(tmp_path):
     res = provision(tmp_path, "--help")
     assert res.returncode == 0 and "init" in res.stdout and "template" in res.stdout

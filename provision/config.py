@@ -131,6 +131,15 @@ class Settings:
         return out
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an app (its user, directories and units), or None."""
+    if not NAME_RE.fullmatch(name):
+        return "use lowercase letters, digits, '-' or '_', starting with a letter (max 31)"
+    if name in RESERVED_NAMES or name.startswith("systemd-"):
+        return "that is a system account on Debian and Ubuntu hosts; choose another app name"
+    return None
+
+
 def _bad(key: str, value, why: str) -> ProvisionError:
     return ProvisionError(f"invalid setting app.{key}={value!r}: {why}")
 
@@ -178,10 +187,9 @@ def build(raw: dict, base_dir: Path) -> Settings:
     if v["name"] is None:
         raise ProvisionError("no app name; set app.name in fabric.yaml (`python -m provision init` writes one)")
     name = str(v["name"])
-    if not NAME_RE.fullmatch(name):
-        raise _bad("name", name, "use lowercase letters, digits, '-' or '_', starting with a letter (max 31)")
-    if name in RESERVED_NAMES or name.startswith("systemd-"):
-        raise _bad("name", name, "that is a system account on Debian and Ubuntu hosts; choose another app name")
+    why = name_problem(name)
+    if why:
+        raise _bad("name", name, why)
     source = (base_dir / str(v["source"])).resolve()
     if not source.is_dir():
         raise _bad("source", v["source"], f"no such directory {source}; point --source at your app")

@@ -7,7 +7,8 @@ parsing here, what each task does in :mod:`provision.cli`.
 from fabric import Task, task as fabric_task
 from invoke import Collection
 
-from .cli import apply as applying, check as checking, info as showing, sandbox as sandboxes
+from . import scaffold
+from .cli import apply as applying, check as checking, guarded, info as showing, sandbox as sandboxes
 from .fleet import DEFAULT_PARALLEL
 from .hosts import DEFAULT_INVENTORY
 
@@ -103,6 +104,12 @@ def inventory(c):
     showing.show_inventory(c)
 
 
+@task(help={"name": f"one of {', '.join(scaffold.NAMES)} (default: list them)"})
+def template(c, name=None):
+    """Print one of the kit's templates, to start yours from: templates/NAME beside the fabfile."""
+    guarded(lambda: print(scaffold.template_text(name), end=""))()
+
+
 @task(iterable=["name"], help={"name": "droplet name (repeatable; default sandbox1)"})
 def up(c, name=None):
     """Start local sandbox droplets (systemd-nspawn; needs root)."""
@@ -127,5 +134,6 @@ def info(c, name="sandbox1"):
     sandboxes.sandbox_info(name)
 
 
-ns = Collection(deploy, plan, provision_, rollback, releases, status, logs, check, inventory, Collection("sandbox", up, down, list_, info))
+ns = Collection(deploy, plan, provision_, rollback, releases, status, logs, check, inventory, template,
+                Collection("sandbox", up, down, list_, info))
 ns.configure({"inventory": DEFAULT_INVENTORY})

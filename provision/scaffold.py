@@ -19,8 +19,9 @@ from . import config as cfg
 from .errors import ProvisionError
 from .hosts import EXECUTOR
 from .render import NAMES, default_template
+from .source import PROJECT_FILES
 
-FILES = ("fabfile.py", "fabric.yaml", "inventory.ini")
+FILES = PROJECT_FILES
 
 FABFILE = "from provision.tasks import ns  # noqa: F401  (the tasks: `fab --list`)\n"
 

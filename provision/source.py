@@ -14,12 +14,25 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from .errors import ProvisionError
 
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "env", ".tox", ".mypy_cache",
              ".pytest_cache", "node_modules", ".sandbox"}
 SKIP_SUFFIXES = (".pyc", ".pyo")
+PROJECT_FILES = ("fabfile.py", "fabric.yaml", "inventory.ini")  # the deploy's own, beside the fabfile
+
+
+def deploy_files(source: Path, project: Path, templates: Path, template_names: Iterable[str]) -> tuple[str, ...]:
+    """The deploy's own files that lie inside the app's source (when the source is the project
+    directory, the default), relative to it: the fabfile, fabric.yaml (it may hold ``var_*``
+    secrets), the inventory and provision's template overrides. A release never holds them.
+    (A ``templates/`` folder may be the app's too, as Flask's is: only provision's names go.)"""
+    source = source.resolve()
+    paths = [project / f for f in PROJECT_FILES] + [templates / n for n in template_names]
+    return tuple(sorted(str(p.resolve().relative_to(source)) for p in paths
+                        if p.resolve().is_relative_to(source)))
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,8 @@ def _check_shippable(path: Path) -> None:
                              f"({os.readlink(path)!r}); remove it or point it at a file inside the app")
 
 
-def scan(root: Path) -> Source:
+def scan(root: Path, leave_out: Iterable[str] = ()) -> Source:
+    """The files of the app in ``root``, but those in ``leave_out`` (relative paths)."""
     root = root.resolve()
     if not root.is_dir():
         raise ProvisionError(f"app source {root} is not a directory; point --source at your app")
@@ -97,7 +111,8 @@ def scan(root: Path) -> Source:
             files = _walk(root)
     else:
         files = _walk(root)
-    files = sorted(f for f in files if not any(part in SKIP_DIRS for part in Path(f).parts))
+    left_out = set(leave_out)
+    files = sorted(f for f in files if not any(part in SKIP_DIRS for part in Path(f).parts) and f not in left_out)
     h, hashes = hashlib.sha256(), {}
     for rel in files:
         path = root / rel

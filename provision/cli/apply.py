@@ -13,11 +13,12 @@ from .. import config as cfg
 from ..app import Deploy, Rollback, provision_steps, proxy_env
 from ..errors import ProvisionError
 from ..fleet import DEFAULT_PARALLEL, exit_code, run_fleet
-from ..hosts import jobs
+from ..hosts import jobs, project
 from ..output import Printer, summary_line, summary_table
 from ..runner import HostResult, run_steps
 from ..lock import Lock
-from ..source import scan
+from ..render import NAMES as TEMPLATES
+from ..source import deploy_files, scan
 from . import connect_job, guarded
 
 
@@ -43,7 +44,9 @@ def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, ve
     for job in work:  # decide everything locally before touching any host
         s = job.settings
         if mode == "deploy":
-            source = sources.get(s.source) or sources.setdefault(s.source, scan(s.source))
+            leave_out = deploy_files(s.source, project(c), s.templates, TEMPLATES)
+            source = sources.get((s.source, leave_out)) or sources.setdefault((s.source, leave_out),
+                                                                              scan(s.source, leave_out))
             rid = source.release_id()
             steps = Deploy(s, source, rid, deployer())
         elif mode == "rollback":

@@ -29,8 +29,9 @@ def text(name: str) -> str:
 
 
 def source(name: str) -> str:
-    """A Python program's text, with the libraries it uses before it."""
-    return "".join(text(lib) + "\n" for lib in LIBS.get(name, ())) + text(name)
+    """A Python program's text, with the libraries it uses before it. Its first line names it, so
+    that ``ps`` on the host (and a test's ``pgrep``) tells which program runs."""
+    return f"# provision: {name}\n" + "".join(text(lib) + "\n" for lib in LIBS.get(name, ())) + text(name)
 
 
 def python(name: str, args) -> str:

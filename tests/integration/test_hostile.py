@@ -150,7 +150,7 @@ def kill_holder_mid_deploy(droplet, tmp_path) -> None:
         rc = 1
         while rc != 0 and time.monotonic() < deadline:  # until the switch runs
             time.sleep(0.1)
-            rc, out, _ = droplet.run("pgrep -f '^python3 -c # Runs on the managed host as root' >/dev/null && "
+            rc, out, _ = droplet.run("pgrep -f '^python3 -c # provision: switch.py' >/dev/null && "
                                      "cat /run/provision/hello.deploy")
         pid = json.loads(out)["pid"]
         droplet.sh(f"kill -KILL {pid}")

@@ -187,3 +187,8 @@ def test_a_users_project_deploys_with_the_installed_kit(droplet, venv, project):
         assert r.read().decode() == "Hello from a library user!\n"
         assert r.headers["X-Library-Test"] == "yes"
     assert droplet.sh(f"systemctl is-active {APP_NAME}@a {APP_NAME}@b || true").split().count("active") == 1
+    # the deploy's own files stay home: the release holds the app (and its checks), nothing else
+    shipped = droplet.sh(f"cd /srv/{APP_NAME}/current && find . -path ./.provision -prune -o -type f -print "
+                         "-o -type l -print | sort").split()
+    assert shipped == ["./.env", "./.venv", "./app.py", "./checks/test_library.py", "./log", "./requirements.txt",
+                       "./uploads"], shipped

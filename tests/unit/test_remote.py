@@ -24,7 +24,7 @@ def run(command, **env):
 def test_a_python_program_ships_with_its_libraries_and_its_arguments_as_json():
     command = remote.python("facts.py", [["os", ""]])
     src, args = shlex.split(command)[2:]
-    assert src.startswith(remote.text("lib_http.py")) and src.endswith(remote.text("facts.py"))
+    assert src.startswith("# provision: facts.py\n" + remote.text("lib_http.py")) and src.endswith(remote.text("facts.py"))
     assert json.loads(args) == [["os", ""]]
     assert json.loads(run(command).stdout)["facts"][0]["python"]
 

@@ -6,7 +6,7 @@ import tarfile
 import pytest
 
 from provision.errors import ProvisionError
-from provision.source import scan
+from provision.source import deploy_files, scan
 
 
 def make_app(d):
@@ -76,3 +76,18 @@ def test_file_name_not_utf8_is_one_clear_error(tmp_path):
     with pytest.raises(ProvisionError, match=r"caf\\xe9\.txt.*rename it") as e:
         scan(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_the_deploys_own_files_in_the_project_directory_are_never_shipped(tmp_path):
+    for rel in ("app.py", "fabfile.py", "fabric.yaml", "inventory.ini", "templates/nginx-site.conf.j2",
+                "templates/index.html", "checks/test_app.py"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text("x\n")
+    names = ("nginx-site.conf.j2", "app@.service.j2", "gunicorn.conf.py.j2")
+    leave_out = deploy_files(tmp_path, tmp_path, tmp_path / "templates", names)
+    assert leave_out == ("fabfile.py", "fabric.yaml", "inventory.ini", "templates/app@.service.j2",
+                         "templates/gunicorn.conf.py.j2", "templates/nginx-site.conf.j2")
+    # Flask's templates/ is the app's: only provision's template names stay home
+    assert scan(tmp_path, leave_out).files == ("app.py", "checks/test_app.py", "templates/index.html")
+    # a source beside the project (the kit's examples/hello) holds none of them
+    assert deploy_files(tmp_path / "templates", tmp_path, tmp_path / "templates", ()) == ()

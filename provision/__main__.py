@@ -48,9 +48,16 @@ def init(root: Path, name: str | None) -> None:
         raise ProvisionError(f"{', '.join(found)} already {'exists' if len(found) == 1 else 'exist'} in {root}; "
                              "run init in a directory without them, or move them away")
     plan = scaffold.plan(root, name)
-    for f, text in plan.files.items():
-        with open(root / f, "x") as out:  # never over a file that appeared meanwhile
-            out.write(text)
+    written = []
+    try:
+        for f, text in plan.files.items():
+            with open(root / f, "x") as out:  # never over a file that appeared meanwhile
+                written.append(root / f)
+                out.write(text)
+    except OSError as e:  # all or nothing: what was written goes again
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise ProvisionError(f"cannot write {e.filename or root}: {e.strerror or e}; nothing was written")
     print(f"wrote {', '.join(plan.files)} (app.name {plan.name}, app.wsgi {plan.wsgi or 'not set'})")
     for note in plan.notes:
         print(f"note: {note}")

@@ -13,7 +13,8 @@ import shlex
 
 from . import secrets
 from .config import Settings
-from .layout import NGINX_DEFAULT_SITE, UPSTREAM_HEADER
+from .layout import (APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, SYSTEM_CA_BUNDLE,
+                     UPSTREAM_HEADER)
 from .errors import ProvisionError
 from .nginx import Site
 from .source import Source
@@ -24,7 +25,6 @@ from .render import render
 
 q = shlex.quote
 BASE_PACKAGES = ("python3-venv", "python3-pip-whl", "nginx")
-CA_PATH = "/usr/local/share/ca-certificates/provision-ca.crt"
 GUNICORN = "gunicorn>=22"
 NO_PROXY = "localhost,127.0.0.1,::1"  # the health checks talk to nginx on the host itself
 
@@ -35,7 +35,7 @@ def proxy_env(s: Settings) -> dict[str, str]:
         env.update(http_proxy=s.proxy, https_proxy=s.proxy, HTTP_PROXY=s.proxy, HTTPS_PROXY=s.proxy,
                    no_proxy=NO_PROXY)
     if s.ca_bundle:
-        env.update(PIP_CERT="/etc/ssl/certs/ca-certificates.crt")
+        env.update(PIP_CERT=SYSTEM_CA_BUNDLE)
     return env
 
 
@@ -53,16 +53,16 @@ def trust_steps(s: Settings) -> list[Step]:
     steps: list[Step] = []
     if s.proxy:
         credentials = "@" in s.proxy  # then only root may read it: never in a world-readable file
-        steps.append(File("/etc/apt/apt.conf.d/80provision-proxy",
+        steps.append(File(APT_PROXY_CONF,
                           f'Acquire::http::Proxy "{s.proxy}";\nAcquire::https::Proxy "{s.proxy}";\n'.encode(),
                           mode=0o640 if credentials else 0o644, sensitive=True))
         # For logins on the host (provision's own commands get it from the script); with
         # credentials, taken out of there (where older versions wrote them).
         proxy = None if credentials else s.proxy
-        steps.append(Lines("/etc/environment", (("http_proxy", proxy), ("https_proxy", proxy), ("no_proxy", NO_PROXY)),
+        steps.append(Lines(ENVIRONMENT, (("http_proxy", proxy), ("https_proxy", proxy), ("no_proxy", NO_PROXY)),
                            sensitive=True))  # its old content may hold an old password
     if s.ca_bundle:
-        steps.append(File(CA_PATH, s.ca_bundle.read_bytes(), notify=("ca",)))
+        steps.append(File(EXTRA_CA, s.ca_bundle.read_bytes(), notify=("ca",)))
         # In the background: apt sources are plain http by default; the venv (pip, https) waits.
         steps.append(Command("update-ca-certificates", ("update-ca-certificates >/dev/null",), when=("ca",),
                              background=True))
@@ -108,9 +108,9 @@ def venv_step(s: Settings, requirements: bytes, key: str) -> Command:
         f"$pip install --quiet --disable-pip-version-check --no-input "
         f"-r {q(path)}/requirements.txt {q(GUNICORN)}",
         f"chmod -R go-w {q(path)}",
-        f"touch {q(path)}/.provision-complete",
+        f"touch {q(s.layout.venv_complete(key))}",
     )
-    return Command(f"virtualenv {key}", cmds, creates=f"{path}/.provision-complete", background=True,
+    return Command(f"virtualenv {key}", cmds, creates=s.layout.venv_complete(key), background=True,
                    barrier=True)
 
 
@@ -165,11 +165,9 @@ class Deploy(Recipe):
             Packages(packages(s)),
             self.release,
             File(lay.socket_unit_file, socket_unit(s), notify=("unit", "socket")),
-            # Older layouts: one unit and one gunicorn config shared by both slots (now per
-            # release), and a live-slot file (now the upstream file alone says which slot is live)
+            # what older layouts kept and this one does not
             Absent(lay.legacy_unit_file, notify=("unit",)),
-            Absent(f"{lay.root}/gunicorn.conf.py"),
-            Absent(f"{lay.root}/live-slot"),
+            *(Absent(path) for path in lay.legacy_files),
             Switch(s, target, action="deploy", by=self.deployer, prove=prove),
             Prune(s, target),
             # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
@@ -206,5 +204,5 @@ def proves_upstream(site: bytes) -> bool:
 def health_check(s: Settings, prove: bool) -> HttpCheck:
     """The end-to-end check: through nginx on the host, as a visitor would, answered by this
     app's gunicorn (not nginx's welcome page or another app's site)."""
-    return HttpCheck("http://127.0.0.1" + s.health_path, host_header=host_header(s), timeout=s.health_timeout,
+    return HttpCheck(f"http://{NGINX_LOCAL}{s.health_path}", host_header=host_header(s), timeout=s.health_timeout,
                      expect=(UPSTREAM_HEADER, f"unix:{s.layout.socket_dir}/") if prove else None)

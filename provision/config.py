@@ -235,6 +235,11 @@ def build(raw: dict, base_dir: Path) -> Settings:
     python = str(v["python"])
     if not PATH_RE.fullmatch(python):
         raise _bad("python", python, "expected an interpreter name or path, e.g. python3")
+    extra = {k[4:]: raw[k] for k in raw if k.startswith("var_")}
+    taken = sorted(set(extra) & (set(DEFAULTS) | set(Layout(name).variables()) | {"user"}))
+    if taken:
+        raise _bad(f"var_{taken[0]}", extra[taken[0]], f"templates already get {taken[0]!r} from provision; "
+                   "give your variable another name")
     return Settings(
         name=name,
         source=source,
@@ -255,7 +260,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
         linked_files=linked["linked_files"],
         linked_dirs=linked["linked_dirs"],
         graceful_timeout=_int("graceful_timeout", v["graceful_timeout"], 1, 3600),
-        extra={k[4:]: raw[k] for k in raw if k.startswith("var_")},
+        extra=extra,
     )
 
 

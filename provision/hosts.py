@@ -35,8 +35,9 @@ ENV_APP = cfg.take_env()
 class Selection(invoke.Context):
     """A task's context: invoke's (config, local commands) plus the hosts named with -H."""
 
+    # Declared on the class: invoke's Context sends an attribute it does not know into the config.
     hosts: tuple[str, ...] = ()
-    project: Path = Path.cwd()
+    project: Path | None = None
 
     def __init__(self, config=None, hosts: tuple[str, ...] = (), project: Path | None = None):
         super().__init__(config=config)
@@ -93,7 +94,7 @@ def selection(c) -> tuple[str, ...]:
 
 
 def project(c) -> Path:
-    return c.project if isinstance(c, Selection) else Path.cwd()
+    return c.project if isinstance(c, Selection) and c.project else Path.cwd()
 
 
 @dataclass

@@ -39,7 +39,14 @@ SOCKETS_BOOT_WANTS = "sockets.target.wants"
 NGINX_DIR = "/etc/nginx"
 NGINX_PID = "/run/nginx.pid"
 NGINX_DEFAULT_SITE = "default"  # Debian's welcome site
+NGINX_LOCAL = "127.0.0.1:80"  # where provision's checks on the host reach nginx, as a visitor would
 UPSTREAM_HEADER = "X-Provision-Upstream"  # the socket that answered, for requests from the host itself
+CGROUP = "/sys/fs/cgroup"  # where a deploy's scope lists its processes
+# The machine, shared by every app on it
+APT_PROXY_CONF = "/etc/apt/apt.conf.d/80provision-proxy"
+ENVIRONMENT = "/etc/environment"  # logins' environment (the proxy for people on the host)
+EXTRA_CA = "/usr/local/share/ca-certificates/provision-ca.crt"
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # update-ca-certificates makes it, with EXTRA_CA in it
 
 
 @dataclass(frozen=True)
@@ -81,12 +88,24 @@ class Layout:
     def venv(self, key: str) -> str:
         return f"{self.venvs}/{key}"
 
+    def venv_complete(self, key: str) -> str:
+        """Made last when a virtualenv is built: one without it is rebuilt."""
+        return f"{self.venv(key)}/.provision-complete"
+
     @property
     def slots(self) -> str:
         return f"{self.root}/slots"
 
     def slot_link(self, slot: str) -> str:
         return f"{self.slots}/{slot}"
+
+    def slot_target(self, release_id: str) -> str:
+        """What a slot's link holds (relative, so the tree can move)."""
+        return f"../releases/{release_id}"
+
+    def current_target(self, release_id: str) -> str:
+        """What ``current`` holds."""
+        return f"releases/{release_id}"
 
     @property
     def shared(self) -> str:
@@ -99,6 +118,17 @@ class Layout:
     @property
     def release_log(self) -> str:
         return f"{self.root}/releases.log"
+
+    @property
+    def env_file(self) -> str:
+        """The app's environment, which systemd reads for it (root's, readable by the app's group)."""
+        return f"{self.shared}/.env"
+
+    @property
+    def legacy_files(self) -> tuple[str, ...]:
+        """What older layouts kept here: one gunicorn config for both slots (now each release has
+        its own) and a live-slot file (now the upstream file alone says which slot is live)."""
+        return (f"{self.root}/gunicorn.conf.py", f"{self.root}/live-slot")
 
     @property
     def tree(self) -> tuple[str, ...]:
@@ -160,6 +190,11 @@ class Layout:
         return f"{self.sites_enabled}/{self.name}"
 
     @property
+    def site_backup(self) -> str:
+        """Where the previous site waits while nginx tests a new one (nginx includes nothing there)."""
+        return f"{self.nginx_dir}/sites-available/.{self.name}.provision-old"
+
+    @property
     def upstream_file(self) -> str:
         return f"{self.nginx_dir}/provision/{self.name}.upstream"
 
@@ -203,7 +238,7 @@ class Layout:
     def variables(self) -> dict:
         """For templates and checks: the paths they may use."""
         return {"root": self.root, "current": self.current, "shared": self.shared, "slots": self.slots,
-                "release_dir": RELEASE_DIR, "socket_dir": self.socket_dir, "socket_unit": self.socket_unit,
+                "own_dir": RELEASE_DIR, "env_file": self.env_file, "socket_dir": self.socket_dir, "socket_unit": self.socket_unit,
                 "upstream_file": self.upstream_file, "upstream_header": UPSTREAM_HEADER,
                 "upstream_var": self.upstream_var, "release_log": self.release_log,
                 "access_log": self.access_log, "error_log": self.error_log,

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 
 from . import remote
-from .layout import Layout
+from .layout import CGROUP, Layout
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Lock:
     layout: Layout
     holder: dict
     break_lock: bool = False
-    cgroup: str = "/sys/fs/cgroup"
+    cgroup: str = CGROUP
 
     def script(self) -> str:
         holder = json.dumps(dict(self.holder, pid=0, scope="@scope@"), sort_keys=True)

@@ -92,6 +92,7 @@ class Site(File):
     def __init__(self, layout: Layout, content: bytes):
         super().__init__(layout.site, content, notify=("nginx",))
         self.app, self.enabled, self.link = layout.name, layout.sites_enabled, layout.site_enabled
+        self.backup = layout.site_backup
 
     def facts(self):
         return super().facts() + [("file", self.link), ("files", self.enabled)]
@@ -116,8 +117,7 @@ class Site(File):
             return None
         commands = (write.commands if write else []) + (symlink_commands(self.link, self.path) if enable else [])
         summary = ", ".join(w for w in (write and write.summary, enable and "enable") if w)
-        backup = f"{self.path.rsplit('/', 1)[0]}/.{self.app}.provision-old"  # where nginx includes nothing
-        return Change(nginx_tested(commands, [self.path, self.link], backup), summary=summary)
+        return Change(nginx_tested(commands, [self.path, self.link], self.backup), summary=summary)
 
 
 def nginx_tested(commands: list[str], paths: list[str], backup: str) -> list[str]:

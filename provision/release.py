@@ -279,7 +279,7 @@ class Switch(Step):
                           summary=f"{target} -> slot {slot}")
         cmds = []
         if current_release(s, facts) != target:
-            cmds += symlink_commands(s.layout.current, f"releases/{target}")
+            cmds += symlink_commands(s.layout.current, s.layout.current_target(target))
         other = self.units()["b" if live == "a" else "a"]
         other_state = facts.service(other)
         wants, sockets_wants = s.layout.wants, s.layout.sockets_wants
@@ -292,9 +292,6 @@ class Switch(Step):
 def host_header(s: Settings) -> str:
     return "" if s.server_name == "_" else s.server_name.split()[0].replace("*", "www")
 
-
-def log_path(s: Settings) -> str:
-    return s.layout.release_log
 
 
 def releases_on_host(s: Settings, facts: Facts) -> list[str]:
@@ -314,12 +311,12 @@ class Prune(Step):
         return f"prune {self.s.layout.releases}"
 
     def facts(self):
-        return [("ls", self.s.layout.releases), ("file", self.s.layout.current), ("content", log_path(self.s))]
+        return [("ls", self.s.layout.releases), ("file", self.s.layout.current), ("content", self.s.layout.release_log)]
 
     def doomed(self, facts: Facts) -> list[str]:
         names = facts.ls(self.s.layout.releases) or []
         partial = [n for n in names if n.endswith(TMP)]
-        history = History.read(facts.content(log_path(self.s)))
+        history = History.read(facts.content(self.s.layout.release_log))
         releases = releases_on_host(self.s, facts)
         target, previous = self.target, current_release(self.s, facts)
         went_live = sorted({r for r in releases if history.state(r) == "went live"} | {target})
@@ -339,14 +336,14 @@ class Prune(Step):
         cmds.append(
             f"for v in {q(lay.venvs)}/*/; do [ -d \"$v\" ] || continue; k=$(basename \"$v\"); "
             f"used=; for l in {q(lay.releases)}/*/{VENV}; do "
-            f"[ \"$(readlink \"$l\")\" = {q(lay.venv_link(''))}\"$k\" ] "
+            '[ "$(basename "$(readlink "$l")")" = "$k" ] '
             f"&& used=1 && break; done; [ -n \"$used\" ] || rm -rf \"$v\"; done"
         )
         return Change(cmds, summary=f"remove {len(doomed)}" if doomed else "unused virtualenvs")
 
 
 def rollback_facts(s: Settings) -> list:
-    return [("ls", s.layout.releases), ("content", log_path(s)), ("file", s.layout.current)]
+    return [("ls", s.layout.releases), ("content", s.layout.release_log), ("file", s.layout.current)]
 
 
 def rollback_target(s: Settings, facts: Facts, to: str | None) -> str:
@@ -356,7 +353,7 @@ def rollback_target(s: Settings, facts: Facts, to: str | None) -> str:
         if to not in releases:
             raise ProvisionError(f"no release {to!r} on the host; `fab releases` lists them")
         return to
-    earlier = History.read(facts.content(log_path(s))).before(current_release(s, facts), releases)
+    earlier = History.read(facts.content(s.layout.release_log)).before(current_release(s, facts), releases)
     if not earlier:
         raise ProvisionError("no release that was live before the live one is left on the host; "
                              "`fab releases` lists them (roll back to one with --to ID)")

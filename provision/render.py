@@ -43,17 +43,20 @@ def _environment(templates_dir: Path) -> jinja2.Environment:
 def render(templates_dir: Path, name: str, variables: dict) -> str:
     env = _environment(Path(templates_dir))
     try:
-        return env.get_template(name).render(**variables)
+        template = env.get_template(name)  # the project's, else the kit's
     except jinja2.TemplateNotFound as e:
         raise ProvisionError(f"template {e.name} not found in {templates_dir} nor among the kit's ({', '.join(NAMES)}); "
                              "add it or fix the name")
     except jinja2.TemplateSyntaxError as e:
         raise ProvisionError(f"template {e.filename or name}:{e.lineno}: {e.message}; fix the template syntax")
+    path = Path(template.filename or Path(templates_dir) / name)
+    try:
+        return template.render(**variables)
     except jinja2.UndefinedError as e:
-        raise ProvisionError(f"template {_where(e, Path(templates_dir) / name)}: {e.message}; define it in "
+        raise ProvisionError(f"template {_where(e, path)}: {e.message}; define it in "
                              "fabric.yaml (app.var_NAME) or the inventory, or fix the template")
     except Exception as e:  # raised by the template's own code, e.g. a division by zero
-        raise ProvisionError(f"template {_where(e, Path(templates_dir) / name)}: {type(e).__name__}: "
+        raise ProvisionError(f"template {_where(e, path)}: {type(e).__name__}: "
                              f"{' '.join(str(e).split())}; fix the template")
 
 

@@ -19,9 +19,8 @@ from . import config as cfg
 from .errors import ProvisionError
 from .hosts import EXECUTOR
 from .render import NAMES, default_template
-from .source import PROJECT_FILES
 
-FILES = PROJECT_FILES
+FILES = ("fabfile.py", "fabric.yaml", "inventory.ini")  # what init writes
 
 FABFILE = "from provision.tasks import ns  # noqa: F401  (the tasks: `fab --list`)\n"
 
@@ -115,14 +114,17 @@ def _scalar(value: str) -> str:
 
 def fabric_yaml(name: str, wsgi: str | None) -> str:
     wsgi_line = (f"  wsgi: {_scalar(wsgi)}" if wsgi else
-                 f"  # wsgi: {WSGI_EXAMPLE}  # module:callable or module:factory(); not guessed (default app:app)")
+                 f"  # wsgi: {WSGI_EXAMPLE}  # module:callable or module:factory(); not guessed "
+                 f"(default {cfg.DEFAULTS['wsgi']})")
+    defaults = ", ".join(f"{k}: {cfg.DEFAULTS[k]}" for k in ("source", "requirements", "server_name", "workers",
+                                                          "health_path"))
     return f"""\
 # Settings for `fab` (Fabric's own config file), written by `python -m provision init`.
 # provision's tasks act on the whole -H selection at once: its executor calls each task once.
 tasks:
   executor_class: {EXECUTOR}
-# The app: only what differs from provision's defaults (source: this directory, requirements:
-# requirements.txt, server_name: _ (any), workers: 2, health_path: /, ...; see provision's README).
+# The app: only what differs from provision's defaults (see provision's README):
+# {defaults}, ...
 # Inventory vars, FABRIC_APP_<KEY> environment variables and task flags override these.
 app:
   name: {_scalar(name)}
@@ -142,7 +144,7 @@ def plan(root: Path, name: str | None = None) -> Scaffold:
     notes = []
     if why_not:
         notes.append(f"app.wsgi not guessed ({why_not}): set it in fabric.yaml, module:callable "
-                     f"like {WSGI_EXAMPLE} (default app:app)")
+                     f"like {WSGI_EXAMPLE} (default {cfg.DEFAULTS['wsgi']})")
     if not (root / "requirements.txt").is_file():
         notes.append("no requirements.txt here: list your app's packages in it (deploy installs them), "
                      "or set app.requirements in fabric.yaml")

@@ -21,18 +21,20 @@ from .errors import ProvisionError
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "env", ".tox", ".mypy_cache",
              ".pytest_cache", "node_modules", ".sandbox"}
 SKIP_SUFFIXES = (".pyc", ".pyo")
-PROJECT_FILES = ("fabfile.py", "fabric.yaml", "inventory.ini")  # the deploy's own, beside the fabfile
+# The deploy's own files beside the fabfile: Fabric's project config in each of its formats and
+# the fabfile (a module or a package). The inventories in use are added where they are.
+PROJECT_FILES = ("fabfile.py", "fabfile", "fabric.yaml", "fabric.yml", "fabric.json", "fabric.py")
 
 
-def deploy_files(source: Path, project: Path, templates: Path, template_names: Iterable[str]) -> tuple[str, ...]:
-    """The deploy's own files that lie inside the app's source (when the source is the project
-    directory, the default), relative to it: the fabfile, fabric.yaml (it may hold ``var_*``
-    secrets), the inventory and provision's template overrides. A release never holds them.
-    (A ``templates/`` folder may be the app's too, as Flask's is: only provision's names go.)"""
+def deploy_files(source: Path, paths: Iterable[Path]) -> tuple[str, ...]:
+    """Those of the deploy's own files and folders (``paths``: the fabfile, Fabric's config, which
+    may hold ``var_*`` secrets, the inventories, provision's template overrides) that lie inside
+    the app's source, relative to it: when the source is the project directory (the default). A
+    release never holds them. (A ``templates/`` folder may be the app's too, as Flask's is: pass
+    only provision's template files.)"""
     source = source.resolve()
-    paths = [project / f for f in PROJECT_FILES] + [templates / n for n in template_names]
-    return tuple(sorted(str(p.resolve().relative_to(source)) for p in paths
-                        if p.resolve().is_relative_to(source)))
+    inside = {str(p.resolve().relative_to(source)) for p in paths if p.resolve().is_relative_to(source)}
+    return tuple(sorted(inside - {"."}))
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,8 @@ def scan(root: Path, leave_out: Iterable[str] = ()) -> Source:
             files = _walk(root)
     else:
         files = _walk(root)
-    left_out = set(leave_out)
-    files = sorted(f for f in files if not any(part in SKIP_DIRS for part in Path(f).parts) and f not in left_out)
+    files = sorted(f for f in files if not any(part in SKIP_DIRS for part in Path(f).parts)
+                   and not any(f == x or f.startswith(x + "/") for x in leave_out))
     h, hashes = hashlib.sha256(), {}
     for rel in files:
         path = root / rel

@@ -22,6 +22,9 @@ class ProvisionTask(Task):
         return super().arg_opts(name, default, taken_names | set(name) if name in self.LONG_ONLY else taken_names)
 
 
+DROPLET = "sandbox1"  # the sandbox tasks' droplet when none is named
+
+
 def task(*args, **kwargs):
     return fabric_task(*args, klass=ProvisionTask, **kwargs)
 
@@ -110,16 +113,16 @@ def template(c, name=None):
     guarded(lambda: print(scaffold.template_text(name), end=""))()
 
 
-@task(iterable=["name"], help={"name": "droplet name (repeatable; default sandbox1)"})
+@task(iterable=["name"], help={"name": f"droplet name (repeatable; default {DROPLET})"})
 def up(c, name=None):
     """Start local sandbox droplets (systemd-nspawn; needs root)."""
-    sandboxes.sandbox_up(c, name or ["sandbox1"])
+    sandboxes.sandbox_up(c, name or [DROPLET])
 
 
 @task(iterable=["name"], name="down", help={"name": "droplet name (repeatable)", "all": "destroy all droplets and the proxy"})
 def down(c, name=None, all=False):
     """Destroy sandbox droplets."""
-    sandboxes.sandbox_down(c, name or ([] if all else ["sandbox1"]), everything=all)
+    sandboxes.sandbox_down(c, name or ([] if all else [DROPLET]), everything=all)
 
 
 @task(name="list")
@@ -128,8 +131,8 @@ def list_(c):
     sandboxes.sandbox_list(c)
 
 
-@task(help={"name": "droplet name (default sandbox1)"})
-def info(c, name="sandbox1"):
+@task(help={"name": f"droplet name (default {DROPLET})"})
+def info(c, name=DROPLET):
     """Print a droplet's URL and how to SSH in."""
     sandboxes.sandbox_info(name)
 

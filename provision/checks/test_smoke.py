@@ -62,7 +62,7 @@ def test_app_runs_nothing_it_can_write(host, app):
     """Root owns the code, the virtualenv, the configs and the links; the app writes only shared/ data."""
     current = host.file(app["current"])
     assert current.is_symlink
-    meta = json.loads(host.file(f"{app['current']}/{app['release_dir']}/release.json").content_string)
+    meta = json.loads(host.file(f"{app['current']}/{app['own_dir']}/release.json").content_string)
     assert meta["digest"]
     for tree in (f"{app['root']}/", f"{app['current']}/", f"{app['current']}/{app['venv']}/"):
         not_root = host.check_output("find %s -path %s -prune -o ! -user root -print -quit", tree, app["shared"])

@@ -13,12 +13,12 @@ from .. import config as cfg
 from ..app import Deploy, Rollback, provision_steps, proxy_env
 from ..errors import ProvisionError
 from ..fleet import DEFAULT_PARALLEL, exit_code, run_fleet
-from ..hosts import jobs, project
+from ..hosts import inventory_paths, jobs, project
 from ..output import Printer, summary_line, summary_table
 from ..runner import HostResult, run_steps
 from ..lock import Lock
 from ..render import NAMES as TEMPLATES
-from ..source import deploy_files, scan
+from ..source import PROJECT_FILES, deploy_files, scan
 from . import connect_job, guarded
 
 
@@ -44,7 +44,8 @@ def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, ve
     for job in work:  # decide everything locally before touching any host
         s = job.settings
         if mode == "deploy":
-            leave_out = deploy_files(s.source, project(c), s.templates, TEMPLATES)
+            leave_out = deploy_files(s.source, [*(project(c) / f for f in PROJECT_FILES), *inventory_paths(c),
+                                                *(s.templates / name for name in TEMPLATES)])
             source = sources.get((s.source, leave_out)) or sources.setdefault((s.source, leave_out),
                                                                               scan(s.source, leave_out))
             rid = source.release_id()
@@ -78,7 +79,7 @@ def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, ve
         return r
 
     results = run_fleet(plans, lambda p: p[0].target.alias, one, parallel=fleet.get("parallel") or DEFAULT_PARALLEL,
-                        serial=fleet.get("serial"), max_fail=fleet.get("max_fail") or 0,
+                        serial=fleet.get("serial"), max_fail=fleet.get("max_fail", 0),
                         on_skip=lambda h: printer.line(f"{h}: skipped (an earlier batch failed; see --max-fail)"))
     if verbose:
         printer.line(f"total {time.monotonic() - start:.2f}s")

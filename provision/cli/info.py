@@ -12,7 +12,7 @@ from ..history import DONE, History
 from ..hosts import Job, jobs, targets
 from ..layout import SLOTS
 from ..output import Printer
-from ..release import current_release, log_path, releases_on_host
+from ..release import current_release, releases_on_host
 from ..runner import HostResult
 from ..fleet import run_fleet
 from . import connect_job, exit_for_failures, guarded
@@ -35,11 +35,11 @@ def show_releases(c) -> None:
         s = job.settings
         remote = connect_job(job, c)
         try:
-            facts = gather(remote, [("ls", s.layout.releases), ("content", log_path(s)),
+            facts = gather(remote, [("ls", s.layout.releases), ("content", s.layout.release_log),
                                     ("file", s.layout.current)])
         finally:
             remote.conn.close()
-        live, history = current_release(s, facts), History.read(facts.content(log_path(s)))
+        live, history = current_release(s, facts), History.read(facts.content(s.layout.release_log))
         names = releases_on_host(s, facts)
         print(f"{job.target.alias}: {len(names)} release(s) in {s.layout.releases}")
         for n in names:
@@ -58,7 +58,7 @@ def show_status(c) -> None:
         units = [*(s.layout.unit(slot) for slot in SLOTS), "nginx"]
         remote = connect_job(job, c)
         try:
-            facts = gather(remote, [("file", s.layout.current), ("content", log_path(s)),
+            facts = gather(remote, [("file", s.layout.current), ("content", s.layout.release_log),
                                     ("content", s.layout.upstream_file), ("content", "/proc/uptime"), ("os", "")]
                            + [("service", u) for u in units])
         finally:
@@ -71,7 +71,7 @@ def show_status(c) -> None:
                 states.append(f"{u} {'running' if st.get('active') else 'STOPPED'}")
                 if not st.get("active"):
                     down.append(u)
-        log = (facts.content(log_path(s)) or "").strip().splitlines()
+        log = (facts.content(s.layout.release_log) or "").strip().splitlines()
         try:
             last = json.loads(log[-1]) if log else {}
         except ValueError:

@@ -13,7 +13,7 @@ from . import guarded
 
 
 def _sandbox():
-    from .sandbox import Sandbox, can_run
+    from ..sandbox import Sandbox, can_run
 
     reason = can_run()
     if reason:

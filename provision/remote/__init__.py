@@ -10,11 +10,10 @@ assignments followed by its text. Every path a program uses comes in its argumen
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from importlib import resources
 
-from ..layout import RELEASE_DIR, TMP, Layout
+from ..layout import NGINX_LOCAL, RELEASE_DIR, TMP, Layout
 
 LIBS = {  # the libraries each program uses, in the order they are put before it
     "facts.py": ("lib_http.py",),
@@ -48,20 +47,22 @@ def bash(name: str, variables: dict) -> str:
 
 
 def switch_command(layout: Layout, release: str, slot: str, old: str | None, action: str, by: str, health: dict,
-                   daemon_reload: bool, nginx: str = "127.0.0.1:80") -> str:
+                   daemon_reload: bool, nginx: str = NGINX_LOCAL) -> str:
     """The command that makes ``release`` live in ``slot`` (``old``: the live slot, or None), see switch.py.
     ``health``: {path, host, timeout, header}, header the one the site names the socket that answered
     in (None when the site does not); ``nginx``: where the proof through nginx connects to."""
+    if old == slot:
+        raise ValueError(f"the switch starts {release} in the idle slot, not in the live slot {slot}")
     release_dir = layout.release(release)
     return python("switch.py", {
         "app": layout.name, "release": release, "action": action, "by": by, "daemon_reload": daemon_reload,
         "release_dir": release_dir, "release_own_dir": RELEASE_DIR, "venv": layout.release_venv(release),
-        "current": layout.current, "current_target": os.path.relpath(release_dir, layout.root),
+        "current": layout.current, "current_target": layout.current_target(release),
         "release_log": layout.release_log, "upstream_file": layout.upstream_file, "site_enabled": layout.site_enabled,
         "socket_unit_file": layout.socket_unit_file, "wants": layout.wants, "sockets_wants": layout.sockets_wants,
         "nginx_pid": layout.nginx_pid, "nginx": nginx, "tmp": TMP, "health": health,
         "new": {"slot": slot, "unit": layout.unit(slot), "unit_file": layout.unit_file(slot),
                 "socket": layout.socket(slot), "slot_link": layout.slot_link(slot),
-                "slot_target": os.path.relpath(release_dir, layout.slots), "upstream": layout.upstream(slot)},
+                "slot_target": layout.slot_target(release), "upstream": layout.upstream(slot)},
         "old": {"slot": old, "unit": layout.unit(old)} if old else None,
     })

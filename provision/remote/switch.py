@@ -207,6 +207,8 @@ def roots(path):
 
 
 release_dir = a["release_dir"]
+if old and old["slot"] == new["slot"]:  # it would stop the instance it just made live
+    fail("the new slot %s is the live one; the switch starts a release in the idle slot only" % new["slot"])
 own_dir = os.path.join(release_dir, a["release_own_dir"])
 if not os.path.isdir(release_dir):
     fail("release %s does not exist on this host (see `fab releases`)" % release)

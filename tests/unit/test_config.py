@@ -146,3 +146,9 @@ def test_checks_belong_to_the_app_source(tmp_path):
 def test_nothing_is_linked_inside_a_linked_dir(over):
     with pytest.raises(ProvisionError, match="inside linked dir"):
         cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello", **over), ROOT)
+
+
+@pytest.mark.parametrize("var", ["var_shared", "var_workers", "var_user", "var_sockets"])
+def test_a_template_variable_that_provision_sets_is_refused_not_overwritten(var):
+    with pytest.raises(ProvisionError, match=rf"invalid setting app\.{var}=.*templates already get"):
+        build(**{var: "mine"})

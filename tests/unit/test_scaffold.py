@@ -197,3 +197,23 @@ def test_help_and_unknown_commands(tmp_path):
     res = provision(tmp_path, "init", "--force")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--force" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_init_that_cannot_write_says_so_in_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    from provision.__main__ import main
+
+    real_open = builtins.open
+
+    def open_(path, mode="r", *a, **kw):  # the third file fails, as a full disk would
+        if str(path).endswith("inventory.ini") and "x" in mode:
+            raise OSError(28, "No space left on device", str(path))
+        return real_open(path, mode, *a, **kw)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(builtins, "open", open_)
+    assert main(["init", "--name", "shop"]) == 2
+    assert list(tmp_path.iterdir()) == []
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.endswith("inventory.ini: No space left on device; nothing was written")

@@ -6,7 +6,7 @@ import tarfile
 import pytest
 
 from provision.errors import ProvisionError
-from provision.source import deploy_files, scan
+from provision.source import PROJECT_FILES, deploy_files, scan
 
 
 def make_app(d):
@@ -79,15 +79,20 @@ def test_file_name_not_utf8_is_one_clear_error(tmp_path):
 
 
 def test_the_deploys_own_files_in_the_project_directory_are_never_shipped(tmp_path):
-    for rel in ("app.py", "fabfile.py", "fabric.yaml", "inventory.ini", "templates/nginx-site.conf.j2",
+    for rel in ("app.py", "fabfile.py", "fabric.yml", "deploy/prod.ini", "templates/nginx-site.conf.j2",
                 "templates/index.html", "checks/test_app.py"):
         (tmp_path / rel).parent.mkdir(exist_ok=True)
         (tmp_path / rel).write_text("x\n")
     names = ("nginx-site.conf.j2", "app@.service.j2", "gunicorn.conf.py.j2")
-    leave_out = deploy_files(tmp_path, tmp_path, tmp_path / "templates", names)
-    assert leave_out == ("fabfile.py", "fabric.yaml", "inventory.ini", "templates/app@.service.j2",
-                         "templates/gunicorn.conf.py.j2", "templates/nginx-site.conf.j2")
+    own = [*(tmp_path / f for f in PROJECT_FILES), tmp_path / "deploy/prod.ini", tmp_path / "elsewhere.ini",
+           *(tmp_path / "templates" / n for n in names)]
+    leave_out = deploy_files(tmp_path, own)
+    assert {"fabfile.py", "fabric.yml", "deploy/prod.ini", "templates/nginx-site.conf.j2"} <= set(leave_out)
     # Flask's templates/ is the app's: only provision's template names stay home
     assert scan(tmp_path, leave_out).files == ("app.py", "checks/test_app.py", "templates/index.html")
+    # a fabfile package stays home too
+    (tmp_path / "fabfile").mkdir()
+    (tmp_path / "fabfile/__init__.py").write_text("x\n")
+    assert "fabfile/__init__.py" not in scan(tmp_path, deploy_files(tmp_path, own)).files
     # a source beside the project (the kit's examples/hello) holds none of them
-    assert deploy_files(tmp_path / "templates", tmp_path, tmp_path / "templates", ()) == ()
+    assert deploy_files(tmp_path / "checks", own) == ()

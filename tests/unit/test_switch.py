@@ -10,12 +10,14 @@ import os
 import socket
 import socketserver
 import subprocess
+import shlex
 import tempfile
 import threading
 
 import pytest
 
 from provision.layout import UPSTREAM_HEADER, Layout
+from provision import remote
 from provision.remote import switch_command
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the switch refuses a release that is not root's")
@@ -243,4 +245,17 @@ def test_a_release_that_is_not_roots_alone_is_refused_and_nothing_changes(host, 
     before = host.snapshot()
     res = host.switch()
     assert res.returncode == 1 and "release r2 is not root's alone" in res.stderr
+    assert host.snapshot() == before and host.calls() == []
+
+
+def test_the_switch_never_starts_a_release_in_the_live_slot(host):
+    health = {"path": "/health", "host": "", "timeout": 0.5, "header": None}
+    with pytest.raises(ValueError, match="idle slot"):
+        switch_command(host.layout, "r2", "a", "a", "deploy", "me", health, False)
+    args = json.loads(shlex.split(switch_command(host.layout, "r2", "b", "a", "deploy", "me", health, False))[-1])
+    args["old"]["slot"] = "b"  # as a caller's mistake would give it
+    before = host.snapshot()
+    res = subprocess.run(["bash", "-c", remote.python("switch.py", args)], text=True, capture_output=True, timeout=30,
+                         env=dict(os.environ, FAKE=host.base, PATH=f"{host.base}/bin:{os.environ['PATH']}"))
+    assert res.returncode == 1 and "the new slot b is the live one" in res.stderr
     assert host.snapshot() == before and host.calls() == []

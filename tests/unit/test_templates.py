@@ -63,3 +63,16 @@ def test_error_while_rendering_names_the_template_and_line(tmp_path):
     with pytest.raises(ProvisionError, match=r"t.j2:2: ZeroDivisionError: division by zero; fix the template") as e:
         render(tmp_path, "t.j2", {"workers": 2})
     assert "\n" not in str(e.value)
+
+
+def test_an_error_names_the_template_that_failed_the_kits_or_the_projects(tmp_path):
+    variables = dict(settings().template_vars())
+    del variables["graceful_timeout"]
+    with pytest.raises(ProvisionError, match=r"template .*/provision/templates/gunicorn.conf.py.j2:\d+: "
+                                             "'graceful_timeout' is undefined"):
+        render(tmp_path, "gunicorn.conf.py.j2", variables)  # the project overrides nothing: the kit's failed
+    own = tmp_path / "templates"
+    own.mkdir()
+    (own / "gunicorn.conf.py.j2").write_text("x = 1\n{{ nope }}\n")
+    with pytest.raises(ProvisionError, match=rf"template {own}/gunicorn.conf.py.j2:2: 'nope' is undefined"):
+        render(own, "gunicorn.conf.py.j2", variables)

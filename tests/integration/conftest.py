@@ -75,8 +75,9 @@ def sandbox() -> Sandbox:
 
 @pytest.fixture(scope="module")
 def droplet(sandbox, request, tmp_path_factory) -> Host:
-    """A fresh droplet per test module, destroyed afterwards."""
-    name = "it-" + request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")[:16]
+    """A fresh droplet per test module, destroyed afterwards. Its name comes from the module, after
+    PROVISION_TEST_PREFIX (default ``it-``): test runs side by side on one machine use distinct ones."""
+    name = os.environ.get("PROVISION_TEST_PREFIX", "it-") + request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")[:16]
     d = sandbox.up(name)
     inv = tmp_path_factory.mktemp("inv") / "inventory.ini"
     inv.write_text(sandbox.inventory())

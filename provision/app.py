@@ -204,5 +204,5 @@ def proves_upstream(site: bytes) -> bool:
 def health_check(s: Settings, prove: bool) -> HttpCheck:
     """The end-to-end check: through nginx on the host, as a visitor would, answered by this
     app's gunicorn (not nginx's welcome page or another app's site)."""
-    return HttpCheck(f"http://{NGINX_LOCAL}{s.health_path}", host_header=host_header(s), timeout=s.health_timeout,
+    return HttpCheck(NGINX_LOCAL + s.health_path, host_header=host_header(s), timeout=s.health_timeout,
                      expect=(UPSTREAM_HEADER, f"unix:{s.layout.socket_dir}/") if prove else None)

@@ -39,7 +39,7 @@ SOCKETS_BOOT_WANTS = "sockets.target.wants"
 NGINX_DIR = "/etc/nginx"
 NGINX_PID = "/run/nginx.pid"
 NGINX_DEFAULT_SITE = "default"  # Debian's welcome site
-NGINX_LOCAL = "127.0.0.1:80"  # where provision's checks on the host reach nginx, as a visitor would
+NGINX_LOCAL = "http://127.0.0.1"  # where provision's checks on the host reach nginx, as a visitor would
 UPSTREAM_HEADER = "X-Provision-Upstream"  # the socket that answered, for requests from the host itself
 CGROUP = "/sys/fs/cgroup"  # where a deploy's scope lists its processes
 # The machine, shared by every app on it

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from urllib.parse import urlsplit
 from importlib import resources
 
 from ..layout import NGINX_LOCAL, RELEASE_DIR, TMP, Layout
@@ -46,8 +47,14 @@ def bash(name: str, variables: dict) -> str:
     return "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in variables.items()) + text(name)
 
 
+def host_port(url: str) -> str:
+    """``host:port`` of an http URL."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 80}"
+
+
 def switch_command(layout: Layout, release: str, slot: str, old: str | None, action: str, by: str, health: dict,
-                   daemon_reload: bool, nginx: str = NGINX_LOCAL) -> str:
+                   daemon_reload: bool, nginx: str | None = None) -> str:
     """The command that makes ``release`` live in ``slot`` (``old``: the live slot, or None), see switch.py.
     ``health``: {path, host, timeout, header}, header the one the site names the socket that answered
     in (None when the site does not); ``nginx``: where the proof through nginx connects to."""
@@ -60,7 +67,7 @@ def switch_command(layout: Layout, release: str, slot: str, old: str | None, act
         "current": layout.current, "current_target": layout.current_target(release),
         "release_log": layout.release_log, "upstream_file": layout.upstream_file, "site_enabled": layout.site_enabled,
         "socket_unit_file": layout.socket_unit_file, "wants": layout.wants, "sockets_wants": layout.sockets_wants,
-        "nginx_pid": layout.nginx_pid, "nginx": nginx, "tmp": TMP, "health": health,
+        "nginx_pid": layout.nginx_pid, "nginx": nginx or host_port(NGINX_LOCAL), "tmp": TMP, "health": health,
         "new": {"slot": slot, "unit": layout.unit(slot), "unit_file": layout.unit_file(slot),
                 "socket": layout.socket(slot), "slot_link": layout.slot_link(slot),
                 "slot_target": layout.slot_target(release), "upstream": layout.upstream(slot)},

@@ -21,9 +21,10 @@ from .errors import ProvisionError
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "env", ".tox", ".mypy_cache",
              ".pytest_cache", "node_modules", ".sandbox"}
 SKIP_SUFFIXES = (".pyc", ".pyo")
-# The deploy's own files beside the fabfile: Fabric's project config in each of its formats and
-# the fabfile (a module or a package). The inventories in use are added where they are.
-PROJECT_FILES = ("fabfile.py", "fabfile", "fabric.yaml", "fabric.yml", "fabric.json", "fabric.py")
+# The deploy's own files beside the fabfile: Fabric's project config in each of its formats, the
+# fabfile (a module or a package) and the default inventory. The inventories in use are added
+# where they are.
+PROJECT_FILES = ("fabfile.py", "fabfile", "fabric.yaml", "fabric.yml", "fabric.json", "fabric.py", "inventory.ini")
 
 
 def deploy_files(source: Path, paths: Iterable[Path]) -> tuple[str, ...]:

@@ -63,6 +63,9 @@ class Host:
         return layout.live_slot(self.run(f"cat {layout.upstream_file}")[1])
 
 
+PREFIX = os.environ.get("PROVISION_TEST_PREFIX", "it-")  # of droplet names: see `droplet`
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Sandbox:
     reason = can_run()
@@ -77,7 +80,7 @@ def sandbox() -> Sandbox:
 def droplet(sandbox, request, tmp_path_factory) -> Host:
     """A fresh droplet per test module, destroyed afterwards. Its name comes from the module, after
     PROVISION_TEST_PREFIX (default ``it-``): test runs side by side on one machine use distinct ones."""
-    name = os.environ.get("PROVISION_TEST_PREFIX", "it-") + request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")[:16]
+    name = PREFIX + request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")[:16]
     d = sandbox.up(name)
     inv = tmp_path_factory.mktemp("inv") / "inventory.ini"
     inv.write_text(sandbox.inventory())

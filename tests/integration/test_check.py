@@ -11,14 +11,14 @@ import time
 
 import pytest
 
-from .conftest import Host
+from .conftest import PREFIX, Host
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def pair(sandbox, tmp_path_factory):
-    names = ["it-check-a", "it-check-b"]
+    names = [f"{PREFIX}check-a", f"{PREFIX}check-b"]
     try:
         droplets = [sandbox.up(n) for n in names]
         inv = tmp_path_factory.mktemp("inv") / "inventory.ini"

@@ -11,10 +11,12 @@ import pytest
 
 from provision.sandbox import NETWORK
 
-from .conftest import FAB, ROOT, Host
+from .conftest import FAB, PREFIX, ROOT, Host
 
 pytestmark = pytest.mark.integration
-NAMES = ["fl-1", "fl-2", "fl-3"]
+# droplet names; beside the default prefix (it-) another run uses its own (see conftest)
+F = "fl-" if PREFIX == "it-" else f"{PREFIX}fl-"
+NAMES = [f"{F}1", f"{F}2", f"{F}3"]
 CHECKSUM = "find /etc /srv -xdev -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum"
 UNUSED = str(NETWORK.network_address + 250)  # in the test range, never given to a droplet
 
@@ -62,14 +64,14 @@ def test_group_deploys_in_parallel(fleet, tmp_path):
 def test_serial_batches_stop_after_a_failed_batch(fleet, tmp_path):
     inv = tmp_path / "inv.ini"
     inv.write_text(fleet[0].inventory.read_text().replace(
-        f"fl-2 host={fleet[1].address}", f"fl-2 host={fleet[1].address} health_path=/missing health_timeout=2"))
+        f"{F}2 host={fleet[1].address}", f"{F}2 host={fleet[1].address} health_path=/missing health_timeout=2"))
     res = fab(fleet[0], "-H", "web", "deploy", "--serial", "1", "--json", str(tmp_path / "s.json"), inventory=inv)
     assert res.returncode == 1
     s = summary(tmp_path / "s.json")
-    assert not s["fl-1"]["failed"] and s["fl-2"]["failed"] and s["fl-3"]["failed"]
-    assert "fl-3: skipped" in res.stdout, res.stdout
-    assert "fl-2: FAILED  health http://127.0.0.1/missing" in res.stdout, res.stdout
-    assert re.search(r"^fl-3 .* skipped$", res.stdout, re.M)
+    assert not s[f"{F}1"]["failed"] and s[f"{F}2"]["failed"] and s[f"{F}3"]["failed"]
+    assert f"{F}3: skipped" in res.stdout, res.stdout
+    assert f"{F}2: FAILED  health http://127.0.0.1/missing" in res.stdout, res.stdout
+    assert re.search(rf"^{F}3 .* skipped$", res.stdout, re.M)
 
 
 def test_one_unreachable_host_does_not_stop_the_others(fleet, tmp_path):
@@ -90,25 +92,25 @@ def test_host_keys_unknown_refused_accept_new_recorded_changed_always_refused(fl
     inv = tmp_path / "inv.ini"
     inv.write_text(h.inventory.read_text().replace(f"known_hosts={h.sandbox.known_hosts}", f"known_hosts={known}"))
     before = h.sh(CHECKSUM)
-    res = fab(h, "-H", "fl-2", "deploy", inventory=inv)
+    res = fab(h, "-H", f"{F}2", "deploy", inventory=inv)
     assert res.returncode == 2
     [line] = res.stderr.strip().splitlines()
     assert "host key of" in line and "is unknown" in line and "SHA256:" in line and "--accept-new-host-key" in line
     assert h.sh(CHECKSUM) == before
-    ok = fab(h, "-H", "fl-2", "deploy", "--accept-new-host-key", inventory=inv)
+    ok = fab(h, "-H", f"{F}2", "deploy", "--accept-new-host-key", inventory=inv)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert known.read_text().startswith(h.address + " ")
-    assert fab(h, "-H", "fl-2", "deploy", inventory=inv).returncode == 0
-    assert fab(h, "-H", "fl-2", "check", inventory=inv).returncode == 0
+    assert fab(h, "-H", f"{F}2", "deploy", inventory=inv).returncode == 0
+    assert fab(h, "-H", f"{F}2", "check", inventory=inv).returncode == 0
     # the key changes (say, a man in the middle): refused, even with --accept-new-host-key
     other = fleet[0].droplet.rootfs / "etc/ssh/ssh_host_ed25519_key.pub"
     kind, blob = other.read_text().split()[:2]
     known.write_text(f"{h.address} {kind} {blob}\n")
-    bad = fab(h, "-H", "fl-2", "deploy", "--accept-new-host-key", inventory=inv)
+    bad = fab(h, "-H", f"{F}2", "deploy", "--accept-new-host-key", inventory=inv)
     assert bad.returncode == 2
     [line] = bad.stderr.strip().splitlines()
     assert "CHANGED" in line and "ssh-keygen -R" in line
-    check = fab(h, "-H", "fl-2", "check", inventory=inv)  # fab check verifies keys too
+    check = fab(h, "-H", f"{F}2", "check", inventory=inv)  # fab check verifies keys too
     assert check.returncode == 2 and "CHANGED" in check.stderr
 
 
@@ -147,15 +149,15 @@ def bad_inventory(tmp_path, fleet, extra):
 ])
 def test_bad_input_is_one_line_with_the_fix_and_changes_nothing(fleet, accounts, tmp_path, unchanged, case):
     h = fleet[0]
-    args, inv, env, code, message = ["-H", "fl-1", "deploy"], None, {}, 2, ""
+    args, inv, env, code, message = ["-H", f"{F}1", "deploy"], None, {}, 2, ""
     if case == "malformed inventory":
         inv, message = bad_inventory(tmp_path, fleet, "[web\n"), "malformed section header"
     elif case == "unknown alias":
-        args[1], message = "fl-9", "unknown host or group 'fl-9'"
+        args[1], message = f"{F}9", f"unknown host or group '{F}9'"
     elif case == "empty selection":
         args, message = ["deploy"], "no hosts selected"
     elif case == "duplicate host":
-        args[1], message = "web,fl-1", "selected twice"
+        args[1], message = f"web,{F}1", "selected twice"
     elif case == "port out of range":
         args[1], message = f"root@{h.address}:70000", "out of range"
     elif case == "missing source":
@@ -171,13 +173,13 @@ def test_bad_input_is_one_line_with_the_fix_and_changes_nothing(fleet, accounts,
         env, message = {"FABRIC_APP_TEMPLATES": str(tmp_path)}, "'app_user' is undefined"
     elif case == "wrong key":
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
-        inv = bad_inventory(tmp_path, fleet, f"\n[other]\nfl-1b host={h.address} key={tmp_path / 'k'} known_hosts={h.sandbox.known_hosts}\n")
-        args[1], message = "fl-1b", "authentication failed"
+        inv = bad_inventory(tmp_path, fleet, f"\n[other]\n{F}1b host={h.address} key={tmp_path / 'k'} known_hosts={h.sandbox.known_hosts}\n")
+        args[1], message = f"{F}1b", "authentication failed"
     elif case == "connection refused":
         args[1], code, message = f"root@{h.address}:2222", 3, "connection refused by"
     elif case == "sudo password":
-        inv = bad_inventory(tmp_path, fleet, f"\n[other]\nfl-1d host={h.address} user=deployer key={h.sandbox.key} known_hosts={h.sandbox.known_hosts}\n")
-        args[1], message = "fl-1d", "sudo needs a password"
+        inv = bad_inventory(tmp_path, fleet, f"\n[other]\n{F}1d host={h.address} user=deployer key={h.sandbox.key} known_hosts={h.sandbox.known_hosts}\n")
+        args[1], message = f"{F}1d", "sudo needs a password"
     res = fab(h, *args, inventory=inv, env=env)
     assert res.returncode == code, res.stdout + res.stderr
     lines = res.stderr.strip().splitlines()
@@ -189,7 +191,7 @@ def test_unsupported_os_is_refused(fleet):
     h = fleet[2]
     h.sh("chmod -x /usr/bin/apt-get")
     try:
-        res = h.fab("-H", "fl-3", "deploy")
+        res = h.fab("-H", f"{F}3", "deploy")
     finally:
         h.sh("chmod +x /usr/bin/apt-get")
     assert res.returncode == 2
@@ -213,8 +215,8 @@ def test_deploy_as_a_sudo_user_status_and_logs(fleet, accounts, tmp_path):
     app = tmp_path / "hello"
     shutil.copytree(ROOT / "examples/hello", app)
     (app / "app.py").write_text((app / "app.py").read_text().replace("Hello from provision!", "Hello from ops"))
-    inv = bad_inventory(tmp_path, fleet, f"\n[ops]\nfl-3o host={h.address} user=ops key={h.sandbox.key} known_hosts={h.sandbox.known_hosts}\n")
-    res = fab(h, "-H", "fl-3o", "deploy", "--source", str(app), inventory=inv)
+    inv = bad_inventory(tmp_path, fleet, f"\n[ops]\n{F}3o host={h.address} user=ops key={h.sandbox.key} known_hosts={h.sandbox.known_hosts}\n")
+    res = fab(h, "-H", f"{F}3o", "deploy", "--source", str(app), inventory=inv)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "changed switch hello" in res.stdout
     status = h.fab("-H", "web", "status")
@@ -222,5 +224,5 @@ def test_deploy_as_a_sudo_user_status_and_logs(fleet, accounts, tmp_path):
     for n in NAMES:
         assert re.search(rf"^{n}: release \S+; hello@[ab] running, nginx running", status.stdout, re.M)
     assert "by ops@" in status.stdout or "by root@" in status.stdout
-    logs = h.fab("-H", "fl-3", "logs", "--lines", "5")
-    assert logs.returncode == 0 and re.search(r"^fl-3 \| ", logs.stdout, re.M)
+    logs = h.fab("-H", f"{F}3", "logs", "--lines", "5")
+    assert logs.returncode == 0 and re.search(rf"^{F}3 \| ", logs.stdout, re.M)

@@ -189,13 +189,13 @@ class Release(Step):
         return Change(cmds, summary=f"{self.release_id} ({len(self.source.files)} files), {compared}")
 
     def _new(self, path: str) -> bytes:
-        return (self.source.root / path).read_bytes()
+        return self.source.path(path).read_bytes()
 
     def diff_facts(self, facts):
         changes = self.changes(facts)
         if changes is None:
             return []
-        return [below(self.live, p) for p in changes[0] if not no_content(p, self._new(p))]
+        return [below(self.live, p) for p in changes[0] if p not in self.source.links and not no_content(p, self._new(p))]
 
     def show_diff(self, facts, more):
         """Each changed, added and removed file on a line; below a changed or added text file its
@@ -207,8 +207,9 @@ class Release(Step):
         out, room = [], SHOWN_IN_ALL
         for status, paths in (("changed", changed), ("added", added)):
             for path in paths:
-                new, old = self._new(path), None
-                note = no_content(path, new)
+                link = self.source.links.get(path)
+                new, old = (b"", None) if link else (self._new(path), None)
+                note = f"(a link to {link})" if link else no_content(path, new)
                 if not note and status == "changed":
                     old = more.content_below(self.live, path)
                     if old is None:

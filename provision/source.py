@@ -153,6 +153,8 @@ def _listing(root: Path, leave_out: Iterable[str]) -> tuple[list[str], list[str]
         if files:
             others = _git(root, "ls-files", "-z", "--others", "--exclude-standard", "--", ".", text=False)
             untracked = [os.fsdecode(f) for f in others.stdout.split(b"\0") if f]
+            venvs = tuple(f.removesuffix("pyvenv.cfg") for f in untracked if f.endswith("/pyvenv.cfg"))
+            untracked = [f for f in untracked if not f.startswith(venvs)]  # a virtualenv is not the app's
         else:  # untracked app inside some repository: ship the directory
             files = _walk(root)
     else:

@@ -121,7 +121,8 @@ def test_untracked_files_are_counted_in_one_line_ignored_ones_are_not(repo):
     web = repo / "apps/web"
     assert untracked_note(scan(web)) is None
     write(repo, {"apps/web/new.py": "", "apps/web/.gitignore": "*.log\n", "apps/web/debug.log": "",
-                 "apps/web/__pycache__/x.pyc": "", "libs/common/extra.py": ""})
+                 "apps/web/__pycache__/x.pyc": "", "libs/common/extra.py": "", "apps/web/env3/pyvenv.cfg": "",
+                 "apps/web/env3/bin/python": ""})
     assert untracked_note(scan(web, ["fabfile.py"])) == (
         "2 untracked files not shipped: .gitignore, new.py (git add them to ship them)")
     both = scan(web, include=[(repo / "libs/common", ())])

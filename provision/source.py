@@ -24,9 +24,9 @@ from .errors import ProvisionError
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "env", ".tox", ".mypy_cache",
              ".pytest_cache", "node_modules", ".sandbox"}
 SKIP_SUFFIXES = (".pyc", ".pyo")
+LINK_TAG = b"symlink\0"  # a link's hash is of this and its target: never a text file's
 # The deploy's own files beside the fabfile: Fabric's project config in each of its formats and
 # the fabfile (a module or a package). The inventories in use are added where they are.
-LINK_TAG = b"symlink\0"  # a link's hash is of this and its target: never a text file's
 PROJECT_FILES = ("fabfile.py", "fabfile", "fabric.yaml", "fabric.yml", "fabric.json", "fabric.py")
 
 

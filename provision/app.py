@@ -16,6 +16,7 @@ from .config import Settings
 from .layout import (APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, SYSTEM_CA_BUNDLE,
                      UPSTREAM_HEADER)
 from .errors import ProvisionError
+from .leftovers import data_fact, data_warning
 from .nginx import Site
 from .source import Source
 from .release import Prune, Release, Switch, host_header, rollback_facts, rollback_target
@@ -151,10 +152,13 @@ class Deploy(Recipe):
         self.release = Release(s, source, release_id, key, configs, deployer)
 
     def target_facts(self):
-        return self.release.facts()
+        return [*self.release.facts(), data_fact(self.s)]
 
     def target(self, facts):
         return self.release.target(facts)
+
+    def notes(self, facts):
+        return [w for w in (data_warning(self.s, facts),) if w]
 
     def steps(self, target):
         s, lay, prove = self.s, self.s.layout, proves_upstream(self.site)

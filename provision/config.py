@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import secrets
 from .errors import ProvisionError
-from .layout import Layout
+from .layout import RELEASE_DIR, VENV, Layout
 
 # The one place defaults are: the kit's fabric.yaml and `python -m provision init` set only what
 # differs. ``name`` has none (it names the app's user, directories and units).
@@ -39,6 +39,7 @@ DEFAULTS: dict = {
     "linked_files": [".env"],
     "linked_dirs": ["log", "uploads"],
     "graceful_timeout": 30,
+    "include": [],  # paths outside source (a monorepo's sibling packages), relative to it
 }
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
@@ -108,6 +109,7 @@ class Settings:
     linked_dirs: tuple[str, ...]
     graceful_timeout: int
     extra: dict = field(default_factory=dict)  # other vars, available to templates
+    include: tuple[Path, ...] = ()  # each shipped in the release under its own name
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -261,7 +263,40 @@ def build(raw: dict, base_dir: Path) -> Settings:
         linked_dirs=linked["linked_dirs"],
         graceful_timeout=_int("graceful_timeout", v["graceful_timeout"], 1, 3600),
         extra=extra,
+        include=_include(_list("include", v["include"]), source, base_dir, (*linked["linked_files"], *linked["linked_dirs"])),
     )
+
+
+# Folders that hold keys and credentials: never shipped as part of an app.include
+SECRET_DIRS = frozenset({".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".password-store", ".gcloud"})
+
+
+def _include(items: list[str], source: Path, base_dir: Path, linked: tuple[str, ...]) -> tuple[Path, ...]:
+    """app.include: folders or files outside the source, relative to it, each shipped in the release
+    under its own name beside the app's files (``../libs/common`` lands as ``common/``)."""
+    out: dict[str, Path] = {}
+    for item in items:
+        path = (source / item).resolve()
+        name = path.name
+        if not path.exists():
+            raise _bad("include", item, f"no such file or folder {path}; give paths relative to app.source, "
+                       "e.g. ../libs/common")
+        if path.is_relative_to(source):
+            raise _bad("include", item, "it is inside app.source, which is shipped already; list only paths outside it")
+        if source.is_relative_to(path) or base_dir.resolve().is_relative_to(path) or Path.home().is_relative_to(path):
+            raise _bad("include", item, "it holds the app, the fabfile's folder or your home folder; list the "
+                       "sibling folders the app imports, e.g. ../libs/common")
+        if SECRET_DIRS & set(path.parts) or secrets.looks_secret(name):
+            raise _bad("include", item, "it looks like a folder of keys or secrets; ship code only")
+        if not PATH_RE.fullmatch(name) or name in (RELEASE_DIR, VENV) or name in out or name in linked:
+            raise _bad("include", item, f"its name {name!r} is taken in the release (by provision, app.linked_*, "
+                       "or another app.include); rename it")
+        own = source / name
+        if (own.exists() or own.is_symlink()) and not (own.is_symlink() and own.resolve() == path):
+            raise _bad("include", item, f"it would land as {name!r} in the release, where app.source has its own "
+                       f"{name!r}; rename one of them")
+        out[name] = path
+    return tuple(out.values())
 
 
 ENV_PREFIX = "FABRIC_APP_"

@@ -118,6 +118,7 @@ class Release(Step):
         self.config = config_digest(configs)
         self.files = release_files(s, source)
         self.live = s.layout.current
+        self.linked = {"files": list(s.linked_files), "dirs": list(s.linked_dirs)}  # what links to shared/
 
     @property
     def name(self):
@@ -129,8 +130,9 @@ class Release(Step):
 
     def needed(self, facts: Facts) -> bool:
         meta = live_meta(self.s, facts)
-        return (meta.get("digest"), meta.get("venv"), meta.get("config")) != (
-            self.source.digest, self.venv_key, self.config)
+        # (a release made before releases recorded their links is taken to have these)
+        return (meta.get("digest"), meta.get("venv"), meta.get("config"), meta.get("linked", self.linked)) != (
+            self.source.digest, self.venv_key, self.config, self.linked)
 
     def target(self, facts: Facts) -> str:
         """The release that should be live after this deploy."""
@@ -160,7 +162,7 @@ class Release(Step):
             cmds.append(f"mv -T {q(lay.current)} {q(legacy)}")
         meta = json.dumps({"id": self.release_id, "digest": self.source.digest, "revision": self.source.revision,
                            "dirty": self.source.dirty, "deployer": self.deployer, "venv": self.venv_key,
-                           "config": self.config}, sort_keys=True)
+                           "config": self.config, "linked": self.linked}, sort_keys=True)
         b64 = base64.encodebytes(self.source.tarball()).decode()
         own = f"{tmp}/{RELEASE_DIR}"
         cmds += [
@@ -189,13 +191,13 @@ class Release(Step):
         return Change(cmds, summary=f"{self.release_id} ({len(self.source.files)} files), {compared}")
 
     def _new(self, path: str) -> bytes:
-        return (self.source.root / path).read_bytes()
+        return self.source.path(path).read_bytes()
 
     def diff_facts(self, facts):
         changes = self.changes(facts)
         if changes is None:
             return []
-        return [below(self.live, p) for p in changes[0] if not no_content(p, self._new(p))]
+        return [below(self.live, p) for p in changes[0] if p not in self.source.links and not no_content(p, self._new(p))]
 
     def show_diff(self, facts, more):
         """Each changed, added and removed file on a line; below a changed or added text file its
@@ -207,8 +209,9 @@ class Release(Step):
         out, room = [], SHOWN_IN_ALL
         for status, paths in (("changed", changed), ("added", added)):
             for path in paths:
-                new, old = self._new(path), None
-                note = no_content(path, new)
+                link = self.source.links.get(path)
+                new, old = (b"", None) if link else (self._new(path), None)
+                note = f"(a link to {link})" if link else no_content(path, new)
                 if not note and status == "changed":
                     old = more.content_below(self.live, path)
                     if old is None:

@@ -67,6 +67,8 @@ def run_steps(remote: Remote, recipe: Recipe | list[Step], *, dry_run: bool = Fa
         result.planned = planned = plan(recipe.steps(recipe.target(facts)), facts)
     except ProvisionError as e:  # found while planning, before anything was applied
         raise ProvisionError(f"{remote.label}: {e}", e.code) from None
+    for note in recipe.notes(facts) if _retry else ():
+        printer.line(f"{remote.label}: {note}")
     if dry_run:
         # What the diffs need beyond the plan's facts (old contents): one more round trip at most
         changing = [p for p in planned if p.status == "change"]

@@ -2,6 +2,9 @@
 
 In a git checkout the tracked files are shipped (as they are in the working
 tree); elsewhere the whole directory minus VCS, caches and virtualenvs.
+Symlinks are shipped as symlinks, only when they point inside their tree at
+something shipped. Folders and files outside the source (``app.include``: a
+monorepo's sibling packages) land in the release under their own name.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import subprocess
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -21,6 +24,7 @@ from .errors import ProvisionError
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".venv", "venv", "env", ".tox", ".mypy_cache",
              ".pytest_cache", "node_modules", ".sandbox"}
 SKIP_SUFFIXES = (".pyc", ".pyo")
+LINK_TAG = b"symlink\0"  # a link's hash is of this and its target: never a text file's
 # The deploy's own files beside the fabfile: Fabric's project config in each of its formats, the
 # fabfile (a module or a package) and the default inventory. The inventories in use are added
 # where they are.
@@ -42,10 +46,20 @@ def deploy_files(source: Path, paths: Iterable[Path]) -> tuple[str, ...]:
 class Source:
     root: Path
     files: tuple[str, ...]  # relative paths, sorted
-    digest: str  # sha256 over paths, modes and contents
-    hashes: dict[str, str]  # relative path -> sha256 (hex) of its content
+    digest: str  # sha256 over paths, modes and contents (a link's: its target)
+    hashes: dict[str, str]  # relative path -> sha256 (hex) of its content (a link's: of LINK_TAG + its target)
     revision: str  # git short sha, or "" outside git
     dirty: bool
+    links: dict[str, str] = field(default_factory=dict)  # relative path -> target, of the symlinks shipped
+    untracked: tuple[str, ...] = ()  # files git does not track (nor ignore), so not shipped
+    included: dict[str, Path] = field(default_factory=dict)  # name in the release -> local path (app.include)
+
+    def path(self, rel: str) -> Path:
+        """The local file shipped as ``rel``."""
+        top, _, rest = rel.partition("/")
+        if top in self.included:
+            return self.included[top] / rest if rest else self.included[top]
+        return self.root / rel
 
     def release_id(self, now: float | None = None) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now if now is not None else time.time()))
@@ -56,11 +70,14 @@ class Source:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
             for rel in self.files:
-                path = self.root / rel
-                info = tar.gettarinfo(str(path), arcname=rel)
-                info.uid = info.gid = 0
+                info = tarfile.TarInfo(rel)
                 info.uname = info.gname = "root"
-                info.mtime = 0
+                if rel in self.links:
+                    info.type, info.linkname, info.mode = tarfile.SYMTYPE, self.links[rel], 0o777
+                    tar.addfile(info)
+                    continue
+                path = self.path(rel)
+                info.size = path.stat().st_size
                 info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
                 with open(path, "rb") as fh:
                     tar.addfile(info, fh)
@@ -76,52 +93,125 @@ def _walk(root: Path) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS
                              and not (Path(dirpath, d, "pyvenv.cfg")).exists())
-        for f in filenames:
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]  # shipped, never walked
+        for f in filenames + links:
             if not f.endswith(SKIP_SUFFIXES):
                 out.append(os.path.relpath(os.path.join(dirpath, f), root))
     return out
 
 
-def _check_shippable(path: Path) -> None:
-    """Stop at a file that cannot be shipped, naming it and the fix."""
+def _check_name(path: Path) -> None:
+    """Stop at a file name that cannot be shipped, naming it and the fix."""
     try:
         str(path).encode()
     except UnicodeEncodeError:
         raise ProvisionError(f"app source: the file name {ascii(os.fsencode(path))} (shown as bytes) is not "
                              "valid UTF-8; rename it")
-    if not path.exists():
-        raise ProvisionError(f"app source: {str(path)!r} is a symlink to a missing file "
-                             f"({os.readlink(path)!r}); remove it or point it at a file inside the app")
 
 
-def scan(root: Path, leave_out: Iterable[str] = ()) -> Source:
-    """The files of the app in ``root``, but those in ``leave_out`` (relative paths)."""
-    root = root.resolve()
-    if not root.is_dir():
-        raise ProvisionError(f"app source {root} is not a directory; point --source at your app")
-    revision, dirty = "", False
+def _check_link(root: Path, rel: str, shipped: set[str]) -> str:
+    """A symlink's target, when it may be shipped as a link: relative, pointing inside ``root`` at
+    something shipped (on the host the release is its tree). Else one line naming the fix."""
+    path = root / rel
+    target = os.readlink(path)
+    where = f"app source: {str(path)!r} is a symlink to {target!r}"
+    inside = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+    real = Path(os.path.realpath(path))
+    if os.path.isabs(target) or inside == ".." or inside.startswith("../") or not real.is_relative_to(root):
+        raise ProvisionError(f"{where}, outside {root}: a release holds links within the app only; point it "
+                             "inside with a relative path, or ship that folder with app.include")
+    if not real.exists():
+        raise ProvisionError(f"app source: {str(path)!r} is a symlink to a missing file ({target!r}); remove it "
+                             "or point it at a file inside the app")
+    at = str(real.relative_to(root))
+    if at != "." and at not in shipped and not any(f.startswith(at + "/") for f in shipped):
+        raise ProvisionError(f"{where}, which is not shipped (git does not track it, or provision leaves it "
+                             "out); git add it, or point the link at a shipped file")
+    return target
+
+
+def _entry(path: Path, link: str | None) -> tuple[bytes, str]:
+    """What the digest records of a shipped file (its kind: link, executable or not) and its hash."""
+    if link is not None:
+        return b"l", hashlib.sha256(LINK_TAG + os.fsencode(link)).hexdigest()
+    return (b"x" if os.access(path, os.X_OK) else b"-"), hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _listing(root: Path, leave_out: Iterable[str]) -> tuple[list[str], list[str], str, bool]:
+    """The files of ``root`` to ship, those git does not track (nor ignore), the git revision and
+    whether the checkout has uncommitted changes."""
+    revision, dirty, untracked = "", False, []
     inside = _git(root, "rev-parse", "--is-inside-work-tree")
     if inside.returncode == 0 and inside.stdout.strip() == "true":
         listed = _git(root, "ls-files", "-z", "--cached", "--", ".", text=False).stdout.split(b"\0")
         # Named as os.walk names them (bytes that are not UTF-8 as surrogates); deleted files and
-        # directories (submodules, links to directories) are left out, dangling links are not.
+        # directories (submodules) are left out, symlinks (to directories too) are not.
         files = [os.fsdecode(f) for f in listed if f]
-        files = [f for f in files if os.path.lexists(root / f) and not (root / f).is_dir()]
+        files = [f for f in files if (root / f).is_symlink() or (root / f).is_file()]
         head = _git(root, "rev-parse", "--short", "HEAD")
         revision = head.stdout.strip() if head.returncode == 0 else ""
         dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip())
-        if not files:  # untracked app inside some repository: ship the directory
+        if files:
+            others = _git(root, "ls-files", "-z", "--others", "--exclude-standard", "--", ".", text=False)
+            untracked = [os.fsdecode(f) for f in others.stdout.split(b"\0") if f]
+            venvs = tuple(f.removesuffix("pyvenv.cfg") for f in untracked if f.endswith("/pyvenv.cfg"))
+            untracked = [f for f in untracked if not f.startswith(venvs)]  # a virtualenv is not the app's
+        else:  # untracked app inside some repository: ship the directory
             files = _walk(root)
     else:
         files = _walk(root)
-    files = sorted(f for f in files if not any(part in SKIP_DIRS for part in Path(f).parts)
-                   and not any(f == x or f.startswith(x + "/") for x in leave_out))
+    leave_out = tuple(leave_out)
+
+    def shipped(f: str) -> bool:
+        return (not any(part in SKIP_DIRS for part in Path(f).parts) and not f.endswith(SKIP_SUFFIXES)
+                and not any(f == x or f.startswith(x + "/") for x in leave_out))
+    return sorted(filter(shipped, files)), sorted(filter(shipped, untracked)), revision, dirty
+
+
+def scan(root: Path, leave_out: Iterable[str] = (), include: Iterable[tuple[Path, Iterable[str]]] = ()) -> Source:
+    """The files of the app in ``root``, but those in ``leave_out`` (relative paths); with those of
+    each ``include`` (a folder or file outside it, and what to leave out of it) under its name."""
+    root = root.resolve()
+    if not root.is_dir():
+        raise ProvisionError(f"app source {root} is not a directory; point --source at your app")
+    include = [(Path(p).resolve(), tuple(out)) for p, out in include]
+    # a link of the app's standing for an included folder (a monorepo's `common -> ../libs/common`):
+    # the folder itself takes its place
+    leave_out = [*leave_out, *(p.name for p, _ in include if (root / p.name).is_symlink())]
+    files, untracked, revision, dirty = _listing(root, leave_out)
+    trees = [("", root, files, untracked)]
+    for path, out in include:
+        if path.is_dir():
+            inc_files, inc_untracked, _, inc_dirty = _listing(path, out)
+            dirty = dirty or inc_dirty
+            trees.append((path.name + "/", path, inc_files, inc_untracked))
+        else:
+            trees.append(("", path.parent, [path.name], []))
+    local, links, untracked = {}, {}, []
+    for prefix, top, names, others in trees:
+        shipped = set(names)
+        for rel in names:
+            path = local[prefix + rel] = top / rel
+            _check_name(path)
+            if path.is_symlink():
+                links[prefix + rel] = _check_link(top, rel, shipped)
+            elif not path.is_file():
+                raise ProvisionError(f"app source: {str(path)!r} is not a regular file; remove it")
+        untracked += [prefix + rel for rel in others]
     h, hashes = hashlib.sha256(), {}
-    for rel in files:
-        path = root / rel
-        _check_shippable(path)
-        content = hashlib.sha256(path.read_bytes())
-        hashes[rel] = content.hexdigest()
-        h.update(rel.encode() + b"\0" + (b"x" if os.access(path, os.X_OK) else b"-") + b"\0")
-        h.update(content.digest())
-    return Source(root=root, files=tuple(files), digest=h.hexdigest(), hashes=hashes, revision=revision, dirty=dirty)
+    for rel in sorted(local):
+        kind, hashes[rel] = _entry(local[rel], links.get(rel))
+        h.update(rel.encode() + b"\0" + kind + b"\0")
+        h.update(bytes.fromhex(hashes[rel]))
+    return Source(root=root, files=tuple(sorted(local)), digest=h.hexdigest(), hashes=hashes, revision=revision,
+                  dirty=dirty, links=links, untracked=tuple(untracked), included={p.name: p for p, _ in include})
+
+
+def untracked_note(source: Source, shown: int = 3) -> str | None:
+    """One line counting the files git does not track (nor ignore), which a release does not hold."""
+    n = len(source.untracked)
+    if not n:
+        return None
+    names = ", ".join(source.untracked[:shown]) + (", ..." if n > shown else "")
+    them = "them" if n > 1 else "it"
+    return f"{n} untracked file{'s' if n > 1 else ''} not shipped: {names} (git add {them} to ship {them})"

@@ -559,6 +559,10 @@ class Recipe:
     def facts(self) -> list[Fact]:
         return list(dict.fromkeys([*map(tuple, self.target_facts()), *collect_facts(self.steps(None))]))
 
+    def notes(self, facts: Facts) -> list[str]:
+        """Lines worth the user's attention that the facts tell, printed once per host, dry run or not."""
+        return []
+
 
 class Steps(Recipe):
     """Steps that need no target."""

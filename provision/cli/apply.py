@@ -18,7 +18,7 @@ from ..output import Printer, summary_line, summary_table
 from ..runner import HostResult, run_steps
 from ..lock import Lock
 from ..render import NAMES as TEMPLATES
-from ..source import PROJECT_FILES, deploy_files, scan
+from ..source import PROJECT_FILES, deploy_files, scan, untracked_note
 from . import connect_job, guarded
 
 
@@ -40,14 +40,14 @@ def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, ve
     fleet = fleet or {}
     start = time.monotonic()
     work = jobs(c, flags)
-    plans, sources = [], {}
+    plans, sources, readers = [], {}, {}
     for job in work:  # decide everything locally before touching any host
         s = job.settings
         if mode == "deploy":
-            leave_out = deploy_files(s.source, [*(project(c) / f for f in PROJECT_FILES), *inventory_paths(c),
-                                                *(s.templates / name for name in TEMPLATES)])
-            source = sources.get((s.source, leave_out)) or sources.setdefault((s.source, leave_out),
-                                                                              scan(s.source, leave_out))
+            own = [*(project(c) / f for f in PROJECT_FILES), *inventory_paths(c), *(s.templates / n for n in TEMPLATES)]
+            key = (s.source, deploy_files(s.source, own), tuple((p, deploy_files(p, own)) for p in s.include))
+            source = sources[key] = sources.get(key) or scan(*key)
+            readers.setdefault(key, []).append(job.target.alias)
             rid = source.release_id()
             steps = Deploy(s, source, rid, deployer())
         elif mode == "rollback":
@@ -57,6 +57,10 @@ def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, ve
             rid, steps = "-", provision_steps(s)
         plans.append((job, steps, lock_for(s, mode, rid, break_lock)))
     printer = Printer(verbose=verbose)
+    for key, hosts in readers.items():  # once per source, before any host is touched
+        note = untracked_note(sources[key])
+        if note:
+            printer.line(f"{', '.join(hosts[:3])}{f' and {len(hosts) - 3} more' if len(hosts) > 3 else ''}: {note}")
 
     def one(plan) -> HostResult:
         job, steps, lock = plan

@@ -2,6 +2,7 @@
 # Reads a JSON list of [kind, arg] requests from argv[1], prints one JSON
 # list of answers in the same order.  Gathering every fact of a run in this
 # single process is what keeps a no-op deploy to one SSH round trip.
+import fnmatch
 import grp
 import hashlib
 import json
@@ -109,6 +110,55 @@ def content_below_fact(arg):
         return None
 
 
+MAX_VISITED = 100000  # entries an unlisted fact looks at, at most
+
+
+def unlisted_fact(arg):
+    """Regular files below a directory (DIR itself may be a link; nothing below it is followed)
+    that its manifest does not list and whose path matches one of the globs, sorted: at most MAX.
+    arg: {"dir", "manifest" (relative to DIR, read like content_below), "skip" (top-level names),
+    "match", "max"}. None when there is no readable manifest. "more": some were left out."""
+    a = json.loads(arg)
+    manifest = content_below_fact(a["dir"] + "\0" + a["manifest"])
+    try:
+        listed = set(json.loads(manifest))
+        top = os.open(a["dir"], os.O_RDONLY | os.O_DIRECTORY)
+    except (OSError, ValueError, TypeError):  # TypeError: no manifest, or not a JSON object
+        return None
+    found, budget = [], [MAX_VISITED]
+
+    def walk(fd, prefix):
+        with os.scandir(fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            budget[0] -= 1
+            if budget[0] < 0:
+                return
+            rel = prefix + e.name
+            if not prefix and e.name in a["skip"]:
+                continue
+            if e.is_dir(follow_symlinks=False):
+                try:
+                    inner = os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError:
+                    continue
+                try:
+                    walk(inner, rel + "/")
+                finally:
+                    os.close(inner)
+            elif (e.is_file(follow_symlinks=False) and rel not in listed
+                  and any(fnmatch.fnmatchcase(rel.lower(), g) for g in a["match"])):
+                found.append(rel)
+
+    try:
+        walk(top, "")
+    except OSError:
+        pass
+    finally:
+        os.close(top)
+    return {"paths": found[:a["max"]], "more": len(found) > a["max"] or budget[0] < 0}
+
+
 def ls_fact(path):
     try:
         return sorted(os.listdir(path))
@@ -208,7 +258,7 @@ def main():
     pkgs = packages_facts([a for k, a in req if k == "package"])
     svcs = services_facts([a for k, a in req if k == "service"])
     simple = {"file": file_fact, "content": content_fact, "content_below": content_below_fact, "files": files_fact,
-              "user": user_fact, "ls": ls_fact, "command": command_fact, "http": http_fact, "os": os_fact}
+              "user": user_fact, "ls": ls_fact, "unlisted": unlisted_fact, "command": command_fact, "http": http_fact, "os": os_fact}
     out = []
     for kind, arg in req:
         if kind == "package":

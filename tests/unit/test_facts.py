@@ -109,3 +109,37 @@ def test_a_fifo_or_device_is_never_opened(tmp_path):
     os.mkfifo(fifo)  # opening it for reading would hang the facts until a writer came
     assert gather([["file", str(fifo)], ["content", str(fifo)], ["content", "/dev/null"]]) == [
         dict(gather([["file", str(fifo)]])[0], type="other"), None, None]
+
+
+def test_unlisted_lists_data_files_the_manifest_does_not_name_and_follows_no_link(tmp_path):
+    import os
+    release = tmp_path / "releases/r1"
+    for rel in ("app.py", "shipped.db", "instance/.keep", "pkg/mod.py", ".provision/unit", "pkg/__pycache__/m.pyc"):
+        (release / rel).parent.mkdir(parents=True, exist_ok=True)
+        (release / rel).write_text("x")
+    (release / ".provision/manifest.json").write_text(json.dumps(
+        {p: "0" for p in ("app.py", "shipped.db", "instance/.keep", "pkg/mod.py")}))
+    (release / "instance/data.sqlite").write_text("new")  # written since the release went live
+    (release / "pkg/cache.DB").write_text("new")
+    (release / ".provision/old.db").write_text("provision's own")
+    elsewhere = tmp_path / "shared/uploads"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "kept.sqlite3").write_text("kept")
+    (release / "uploads").symlink_to(elsewhere)  # a linked dir: never walked
+    (release / "link.db").symlink_to(elsewhere / "kept.sqlite3")  # a link: never reported
+    os.mkfifo(release / "pipe.db")  # never opened
+    (tmp_path / "current").symlink_to("releases/r1")
+
+    def unlisted(base, max_=50, manifest=".provision/manifest.json"):
+        return gather([["unlisted", json.dumps({"dir": str(base), "manifest": manifest, "skip": [".provision"],
+                                                "match": ["*.sqlite", "*.sqlite3", "*.db", "instance/*"],
+                                                "max": max_})]])[0]
+
+    assert unlisted(tmp_path / "current") == {"paths": ["instance/data.sqlite", "pkg/cache.DB"], "more": False}
+    assert unlisted(tmp_path / "current", max_=1) == {"paths": ["instance/data.sqlite"], "more": True}
+    assert unlisted(tmp_path / "missing") is None
+    assert unlisted(tmp_path / "current", manifest=".provision/unit") is None  # not a manifest
+    (release / ".provision/manifest.json").unlink()
+    (release / ".provision/manifest.json").symlink_to(tmp_path / "forged.json")
+    (tmp_path / "forged.json").write_text("{}")
+    assert unlisted(tmp_path / "current") is None  # a manifest is read through no link

@@ -75,6 +75,7 @@ def test_a_lone_requirements_file_keeps_the_key_it_always_had(tmp_path):
     assert venv_key(settings(src)) == old
 
 
+@pytest.mark.filterwarnings("ignore:pkg_resources is deprecated:DeprecationWarning")  # pip's own import
 def test_venv_step_writes_the_files_where_pip_finds_the_includes(tmp_path):
     src = app(tmp_path, {"requirements.txt": "-r reqs/base.txt\nflask\n", "reqs/base.txt": "-c ../c.txt\nsix\n",
                          "c.txt": "six<2\n"})

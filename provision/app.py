@@ -8,7 +8,6 @@ check; :class:`Rollback` switches back.  Pure: settings, source and facts in, st
 from __future__ import annotations
 
 import base64
-import hashlib
 import shlex
 
 from . import secrets
@@ -26,7 +25,6 @@ from .render import render
 
 q = shlex.quote
 BASE_PACKAGES = ("python3-venv", "python3-pip-whl", "nginx")
-GUNICORN = "gunicorn>=22"
 NO_PROXY = "localhost,127.0.0.1,::1"  # the health checks talk to nginx on the host itself
 
 
@@ -87,31 +85,37 @@ def layout_steps(s: Settings) -> list[Step]:
     return steps
 
 
-def venv_key(s: Settings, requirements: bytes) -> str:
-    h = hashlib.sha256()
-    h.update(requirements + b"\0" + s.python.encode() + b"\0" + GUNICORN.encode())
-    return h.hexdigest()[:16]
+def venv_key(s: Settings) -> str:
+    return s.dependencies.key(s.python)
 
 
-def venv_step(s: Settings, requirements: bytes, key: str) -> Command:
-    """Built by root, owned by root: the app runs it, cannot change it."""
-    path = s.layout.venv(key)
-    b64 = base64.encodebytes(requirements).decode()
+def venv_step(s: Settings, key: str) -> Command:
+    """Built by root, owned by root: the app runs it, cannot change it. The requirements files go
+    along at their paths in the source (pip finds -r/-c includes relative to the including file),
+    in a folder only root can read (an index URL in them may hold a password)."""
+    path, deps = s.layout.venv(key), s.dependencies
+    reqs = s.layout.venv_requirements(key)
     # Debian ships pip as a wheel (python3-pip-whl); running it from there into a --without-pip
     # venv skips ensurepip (about 3 s of a fresh deploy) and needs no other package.
-    cmds = (
+    cmds = [
         f"rm -rf {q(path)}",
         "pip_whl=$(ls /usr/share/python-wheels/pip-*.whl 2>/dev/null | tail -n 1)",
         f'if [ -n "$pip_whl" ]; then {q(s.python)} -m venv --without-pip {q(path)}; '
         f'pip="{q(path)}/bin/python $pip_whl/pip"; '
         f'else {q(s.python)} -m venv {q(path)}; pip="{q(path)}/bin/pip"; fi',
-        f"base64 -d > {q(path)}/requirements.txt <<'__PROVISION_EOF__'\n{b64}__PROVISION_EOF__",
+        f"mkdir -m 700 {q(reqs)}",
+    ]
+    for rel, data in deps.files:
+        target = q(f"{reqs}/{rel}")
+        cmds.append(f'mkdir -p "$(dirname {target})" && base64 -d > {target} <<\'__PROVISION_EOF__\'\n'
+                    f"{base64.encodebytes(data).decode()}__PROVISION_EOF__")
+    cmds += [
         f"$pip install --quiet --disable-pip-version-check --no-input "
-        f"-r {q(path)}/requirements.txt {q(GUNICORN)}",
+        f"-r {q(reqs + '/' + deps.main)}" + "".join(f" {q(a)}" for a in deps.added),
         f"chmod -R go-w {q(path)}",
         f"touch {q(s.layout.venv_complete(key))}",
-    )
-    return Command(f"virtualenv {key}", cmds, creates=s.layout.venv_complete(key), background=True,
+    ]
+    return Command(f"virtualenv {key}", tuple(cmds), creates=s.layout.venv_complete(key), background=True,
                    barrier=True)
 
 
@@ -144,9 +148,8 @@ class Deploy(Recipe):
 
     def __init__(self, s: Settings, source: Source, release_id: str, deployer: str = ""):
         self.s, self.deployer = s, deployer
-        requirements = s.requirements.read_bytes()
-        key = venv_key(s, requirements)
-        self.venv = venv_step(s, requirements, key)
+        key = venv_key(s)
+        self.venv = venv_step(s, key)
         configs = {"unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
         self.site = rendered(s, "nginx-site.conf.j2")
         self.release = Release(s, source, release_id, key, configs, deployer)

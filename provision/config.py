@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from . import requirements as deps
 from . import secrets
 from .errors import ProvisionError
 from .layout import RELEASE_DIR, VENV, Layout
@@ -40,6 +41,7 @@ DEFAULTS: dict = {
     "linked_dirs": ["log", "uploads"],
     "graceful_timeout": 30,
     "include": [],  # paths outside source (a monorepo's sibling packages), relative to it
+    "asgi": False,
 }
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
@@ -108,8 +110,11 @@ class Settings:
     linked_files: tuple[str, ...]
     linked_dirs: tuple[str, ...]
     graceful_timeout: int
-    extra: dict = field(default_factory=dict)  # other vars, available to templates
-    include: tuple[Path, ...] = ()  # each shipped in the release under its own name
+    include: tuple[Path, ...]  # each shipped in the release under its own name
+    asgi: bool
+    dependencies: deps.Dependencies  # what the virtualenv installs (provision.requirements)
+    pythonpath: str  # "src" for a src/ layout: where the app's module is, inside the release
+    extra: dict  # other vars (var_*), available to templates
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -158,6 +163,18 @@ def _int(key: str, value, lo: int, hi: int) -> int:
     return n
 
 
+def _bool(key: str, value) -> bool:
+    """true or false; from the inventory or the environment, also yes/no, on/off, 1/0."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in ("true", "yes", "on", "1"):
+        return True
+    if word in ("false", "no", "off", "0", ""):
+        return False
+    raise _bad(key, value, "expected true or false")
+
+
 def _list(key: str, value) -> list[str]:
     """A list of strings; from the inventory or the environment, one string of items
     separated by commas or spaces."""
@@ -195,9 +212,8 @@ def build(raw: dict, base_dir: Path) -> Settings:
     source = (base_dir / str(v["source"])).resolve()
     if not source.is_dir():
         raise _bad("source", v["source"], f"no such directory {source}; point --source at your app")
-    req = source / str(v["requirements"])
-    if not req.is_file():
-        raise _bad("requirements", v["requirements"], f"no such file {req}; create it or set app.requirements")
+    asgi = _bool("asgi", v["asgi"])
+    dependencies = deps.load(source, str(v["requirements"]), asgi)
     wsgi = str(v["wsgi"])
     if not WSGI_RE.fullmatch(wsgi):
         raise _bad("wsgi", wsgi, "expected module:callable or module:factory(), e.g. app:app, "
@@ -238,7 +254,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
     if not PATH_RE.fullmatch(python):
         raise _bad("python", python, "expected an interpreter name or path, e.g. python3")
     extra = {k[4:]: raw[k] for k in raw if k.startswith("var_")}
-    taken = sorted(set(extra) & (set(DEFAULTS) | set(Layout(name).variables()) | {"user"}))
+    taken = sorted(set(extra) & ({f.name for f in fields(Settings)} | set(Layout(name).variables()) | {"user"}))
     if taken:
         raise _bad(f"var_{taken[0]}", extra[taken[0]], f"templates already get {taken[0]!r} from provision; "
                    "give your variable another name")
@@ -246,7 +262,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
         name=name,
         source=source,
         wsgi=wsgi,
-        requirements=req,
+        requirements=dependencies.origin,
         server_name=server_name,
         health_path=health,
         health_timeout=_int("health_timeout", v["health_timeout"], 1, 3600),
@@ -264,6 +280,9 @@ def build(raw: dict, base_dir: Path) -> Settings:
         graceful_timeout=_int("graceful_timeout", v["graceful_timeout"], 1, 3600),
         extra=extra,
         include=_include(_list("include", v["include"]), source, base_dir, (*linked["linked_files"], *linked["linked_dirs"])),
+        asgi=asgi,
+        dependencies=dependencies,
+        pythonpath=deps.pythonpath(source, wsgi),
     )
 
 

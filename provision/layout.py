@@ -88,6 +88,10 @@ class Layout:
     def venv(self, key: str) -> str:
         return f"{self.venvs}/{key}"
 
+    def venv_requirements(self, key: str) -> str:
+        """Root's alone: the requirements files a virtualenv was built from, at their paths in the source."""
+        return f"{self.venv(key)}/requirements"
+
     def venv_complete(self, key: str) -> str:
         """Made last when a virtualenv is built: one without it is rebuilt."""
         return f"{self.venv(key)}/.provision-complete"
@@ -216,6 +220,12 @@ class Layout:
         return f"/var/log/nginx/{self.name}.error.log"
 
     @property
+    def connection_var(self) -> str:
+        """The nginx variable of the site's map that passes WebSocket upgrades on (one per app: two
+        sites defining one variable would stop nginx)."""
+        return f"provision_connection_{self.name.replace('-', '_')}"
+
+    @property
     def upstream_var(self) -> str:
         """The nginx variable of the site's map that tells the host which socket answered."""
         return f"provision_upstream_{self.name.replace('-', '_')}"
@@ -240,7 +250,7 @@ class Layout:
         return {"root": self.root, "current": self.current, "shared": self.shared, "slots": self.slots,
                 "own_dir": RELEASE_DIR, "env_file": self.env_file, "socket_dir": self.socket_dir, "socket_unit": self.socket_unit,
                 "upstream_file": self.upstream_file, "upstream_header": UPSTREAM_HEADER,
-                "upstream_var": self.upstream_var, "release_log": self.release_log,
+                "upstream_var": self.upstream_var, "connection_var": self.connection_var, "release_log": self.release_log,
                 "access_log": self.access_log, "error_log": self.error_log,
                 "sockets": {s: self.socket(s) for s in SLOTS}, "units": {s: self.unit(s) for s in SLOTS},
                 "unit_files": {s: self.unit_file(s) for s in SLOTS}, "venv": VENV}

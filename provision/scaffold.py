@@ -145,9 +145,9 @@ def plan(root: Path, name: str | None = None) -> Scaffold:
     if why_not:
         notes.append(f"app.wsgi not guessed ({why_not}): set it in fabric.yaml, module:callable "
                      f"like {WSGI_EXAMPLE} (default {cfg.DEFAULTS['wsgi']})")
-    if not (root / "requirements.txt").is_file():
-        notes.append("no requirements.txt here: list your app's packages in it (deploy installs them), "
-                     "or set app.requirements in fabric.yaml")
+    if not (root / "requirements.txt").is_file() and not (root / "pyproject.toml").is_file():
+        notes.append("no requirements.txt or pyproject.toml here: list your app's packages in requirements.txt "
+                     "(deploy installs them), or set app.requirements in fabric.yaml")
     texts = {"fabfile.py": FABFILE, "fabric.yaml": fabric_yaml(name, wsgi), "inventory.ini": INVENTORY}
     return Scaffold(name, wsgi, {f: texts[f] for f in FILES}, notes)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import secrets
 from .errors import ProvisionError
 from .layout import Layout
+from .processes import procfile, processes_setting, static_setting, timers_setting
 
 # The one place defaults are: the kit's fabric.yaml and `python -m provision init` set only what
 # differs. ``name`` has none (it names the app's user, directories and units).
@@ -39,6 +40,10 @@ DEFAULTS: dict = {
     "linked_files": [".env"],
     "linked_dirs": ["log", "uploads"],
     "graceful_timeout": 30,
+    "static": {},  # URL prefix -> directory in the release, served by nginx (provision/processes.py)
+    "processes": {},  # name -> command: services of the app, with a Procfile's lines other than web and release
+    "timers": {},  # name -> {schedule: systemd OnCalendar, command}
+    "release_command": None,  # a Procfile's release: line when not set
 }
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
@@ -108,6 +113,10 @@ class Settings:
     linked_dirs: tuple[str, ...]
     graceful_timeout: int
     extra: dict = field(default_factory=dict)  # other vars, available to templates
+    static: tuple[tuple[str, str], ...] = ()  # (URL prefix, directory in the release)
+    processes: dict[str, str] = field(default_factory=dict)
+    timers: dict[str, dict[str, str]] = field(default_factory=dict)
+    release_command: str | None = None
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -235,6 +244,8 @@ def build(raw: dict, base_dir: Path) -> Settings:
     python = str(v["python"])
     if not PATH_RE.fullmatch(python):
         raise _bad("python", python, "expected an interpreter name or path, e.g. python3")
+    from_procfile = procfile(source)
+    processes = processes_setting(v["processes"], from_procfile)
     extra = {k[4:]: raw[k] for k in raw if k.startswith("var_")}
     taken = sorted(set(extra) & (set(DEFAULTS) | set(Layout(name).variables()) | {"user"}))
     if taken:
@@ -261,6 +272,10 @@ def build(raw: dict, base_dir: Path) -> Settings:
         linked_dirs=linked["linked_dirs"],
         graceful_timeout=_int("graceful_timeout", v["graceful_timeout"], 1, 3600),
         extra=extra,
+        static=static_setting(v["static"], linked["linked_files"] + linked["linked_dirs"]),
+        processes=processes,
+        timers=timers_setting(v["timers"], processes),
+        release_command=v["release_command"] or from_procfile.get("release"),
     )
 
 

@@ -253,7 +253,8 @@ class AppUnits(Step):
         lay, cmds, what = self.lay, [], []
         stale = self.stale(facts)
         if stale:
-            cmds.append(f"systemctl stop {' '.join(q(u) for u in stale)}")
+            # a unit systemd never loaded (a file put there by hand) has nothing to stop
+            cmds.append(f"systemctl stop {' '.join(q(u) for u in stale)} 2>/dev/null || true")
             cmds.append("rm -f " + " ".join(q(p) for u in stale for p in (
                 lay.app_unit_file(u), f"{lay.wants}/{u}", f"{lay.timers_wants}/{u}")))
             what.append("remove " + " ".join(stale))

@@ -3,6 +3,7 @@
 Two droplets: A (the real host) and B (an impostor with other host keys, reached through a
 forwarder that sends the first connection to A and every later one to B)."""
 
+import os
 import re
 import select
 import socket
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def pair(sandbox, tmp_path_factory):
-    names = ["it-check-a", "it-check-b"]
+    prefix = os.environ.get("PROVISION_TEST_PREFIX", "it-")  # as the droplet fixture: runs side by side
+    names = [f"{prefix}check-a", f"{prefix}check-b"]
     try:
         droplets = [sandbox.up(n) for n in names]
         inv = tmp_path_factory.mktemp("inv") / "inventory.ini"

@@ -17,7 +17,7 @@ from .layout import (APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, 
                      UPSTREAM_HEADER)
 from .errors import ProvisionError
 from .nginx import Site
-from .processes import unit_steps
+from .processes import unit_steps, unserved_static
 from .source import Source
 from .release import Prune, Release, Switch, host_header, rollback_facts, rollback_target
 from .steps import (Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Recipe, RootsOnly,
@@ -149,6 +149,7 @@ class Deploy(Recipe):
         self.venv = venv_step(s, requirements, key)
         configs = {"unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
         self.site = rendered(s, "nginx-site.conf.j2")
+        unserved_static(s, self.site.decode())
         self.app_unit = configs["unit"].decode()
         self.release = Release(s, source, release_id, key, configs, deployer)
 

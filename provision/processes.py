@@ -161,6 +161,16 @@ def static_setting(value, linked: tuple[str, ...]) -> tuple[tuple[str, str], ...
     return tuple(sorted(out))
 
 
+def unserved_static(s, site: str) -> None:
+    """Stops a deploy whose nginx site (a template of the user's, say) serves no location for a ``static``
+    prefix: the app would get those requests, and nothing would say why."""
+    for prefix, directory in s.static:
+        if f"location {prefix} " not in site:
+            raise ProvisionError(f"app.static has {prefix}: {directory}, but your nginx-site.conf.j2 has no "
+                                 f"`location {prefix}` for it; add the kit's static block (`python -m provision "
+                                 "template nginx-site.conf.j2` shows it) or drop the setting")
+
+
 def systemd_quote(command: str) -> str:
     """``command`` as one double-quoted word of an Exec= line: systemd then hands it to the shell as it is
     (no specifier or variable of systemd's own expanded)."""

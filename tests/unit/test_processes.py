@@ -250,6 +250,15 @@ def test_the_site_serves_static_directories_from_the_live_release_and_knows_main
     assert "alias" not in plain and "static_cache" not in plain and "hello.maintenance.html" in plain
 
 
+def test_a_site_of_your_own_that_does_not_serve_a_static_prefix_stops_the_deploy(tmp_path):
+    (tmp_path / "nginx-site.conf.j2").write_text("server { location / { proxy_pass http://{{ name }}_app; } }\n")
+    s = settings(templates=str(tmp_path), static={"/static/": "staticfiles"})
+    with pytest.raises(ProvisionError, match=r"^app.static has /static/: staticfiles, but your nginx-site.conf.j2 "
+                                             r"has no `location /static/` for it; "):
+        Deploy(s, scan(s.source), "r1")
+    Deploy(settings(templates=str(tmp_path)), scan(s.source), "r1")  # no static: nothing to serve
+
+
 def test_maintenance_writes_an_escaped_page_where_the_site_looks_and_off_removes_it():
     page = maintenance_page("<script>alert(1)</script> & more").decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in page and "<script>" not in page

@@ -69,7 +69,8 @@ def show_status(c) -> None:
         for u in units:
             st = facts.service(u) or {}
             if st.get("active") or u == "nginx" or (slot and u == s.layout.unit(slot)) or u in app_units(s):
-                states.append(f"{u} {'running' if st.get('active') else 'STOPPED'}")
+                up = "waiting" if u.endswith(".timer") else "running"  # an active timer waits for its time
+                states.append(f"{u} {up if st.get('active') else 'STOPPED'}")
                 if not st.get("active"):
                     down.append(u)
         log = (facts.content(s.layout.release_log) or "").strip().splitlines()

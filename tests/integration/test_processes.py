@@ -134,7 +134,7 @@ def test_fresh_deploy_runs_the_worker_and_the_timer_and_serves_static_files(drop
     assert tick
     res = droplet.fab("-H", droplet.name, "status", env=settings(app))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "hello.worker.service running" in res.stdout and "hello.tick.timer running" in res.stdout
+    assert "hello.worker.service running" in res.stdout and "hello.tick.timer waiting" in res.stdout
     res = droplet.fab("-H", droplet.name, "logs", "--process", "worker", env=settings(app))
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"worker started in {release}" in res.stdout

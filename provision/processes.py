@@ -229,6 +229,11 @@ def timer_units(lay: Layout, user: str, name: str, timer: dict[str, str], releas
 CHANGED = "app-units"  # notified by the step of any process or timer unit file that changed
 
 
+def changed(unit: str) -> str:
+    """The tag the step of ``unit``'s file notifies when it changed."""
+    return f"unit:{unit}"
+
+
 def calendar_check(schedule: str) -> str:
     """The command (a fact) that tells whether systemd on the host accepts a schedule."""
     return f"systemd-analyze calendar {q(schedule)}"
@@ -239,8 +244,8 @@ class AppUnits(Step):
     unit changed (a new live release), a timer re-armed when its schedule did; units of dropped
     processes and timers stopped and removed. Schedules are checked by the host's systemd."""
 
-    def __init__(self, lay: Layout, running: dict[str, str], files: tuple[str, ...], schedules: dict[str, str]):
-        # running: unit -> the tag its file's step notifies when it changed
+    def __init__(self, lay: Layout, running: tuple[str, ...], files: tuple[str, ...], schedules: dict[str, str]):
+        # running: the units kept running (processes, timers); files: every unit file of the app
         self.lay, self.running, self.files, self.schedules = lay, running, files, schedules
 
     @property
@@ -275,7 +280,7 @@ class AppUnits(Step):
         elif stale or CHANGED in notified or not all(st["loaded"] for st in states.values()):
             cmds.append("systemctl daemon-reload")
         start = [u for u in self.running if not states[u]["active"]]
-        restart = [u for u in self.running if states[u]["active"] and self.running[u] in notified]
+        restart = [u for u in self.running if states[u]["active"] and changed(u) in notified]
         for action, units in (("start", start), ("restart", restart)):
             if units:
                 cmds.append(f"systemctl {action} {' '.join(q(u) for u in units)}")
@@ -289,20 +294,14 @@ def unit_steps(s, release: str | None, app_unit: str) -> list[Step]:
     """The app's processes and timers running in ``release`` (placed after the switch), as steps:
     their unit files, then :class:`AppUnits`. ``s``: the app's settings."""
     lay, release = s.layout, release or "(none)"
-    files: dict[str, tuple[bytes, str]] = {}  # unit -> (content, tag notified when it changes)
-    running: dict[str, str] = {}
+    files: dict[str, bytes] = {}
     for name, command in s.processes.items():
-        unit = lay.process_unit(name)
-        files[unit] = (process_unit(lay, s.user, name, command, release, app_unit, s.graceful_timeout), f"unit:{unit}")
-        running[unit] = f"unit:{unit}"
+        files[lay.process_unit(name)] = process_unit(lay, s.user, name, command, release, app_unit, s.graceful_timeout)
     for name, timer in s.timers.items():
-        units = timer_units(lay, s.user, name, timer, release, app_unit)
-        timer_unit = lay.timer_unit(name)
-        for unit, content in units.items():
-            files[unit] = (content, f"unit:{unit}")
-        running[timer_unit] = f"unit:{timer_unit}"
+        files.update(timer_units(lay, s.user, name, timer, release, app_unit))
+    running = (*map(lay.process_unit, s.processes), *map(lay.timer_unit, s.timers))
     # AppUnits even with none: the units of dropped processes and timers go
-    return [*(File(lay.app_unit_file(u), content, notify=(tag, CHANGED)) for u, (content, tag) in files.items()),
+    return [*(File(lay.app_unit_file(u), content, notify=(changed(u), CHANGED)) for u, content in files.items()),
             AppUnits(lay, running, tuple(files), {n: t["schedule"] for n, t in s.timers.items()})]
 
 

@@ -17,6 +17,7 @@ from .layout import (APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, 
 from .errors import ProvisionError
 from .leftovers import data_fact, data_warning
 from .nginx import Site
+from .processes import unit_steps, unserved_static
 from .source import Source
 from .release import Prune, Release, Switch, host_header, rollback_facts, rollback_target
 from .steps import (Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Recipe, RootsOnly,
@@ -152,6 +153,8 @@ class Deploy(Recipe):
         self.venv = venv_step(s, key)
         configs = {"unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
         self.site = rendered(s, "nginx-site.conf.j2")
+        unserved_static(s, self.site.decode())
+        self.app_unit = configs["unit"].decode()
         self.release = Release(s, source, release_id, key, configs, deployer)
 
     def target_facts(self):
@@ -176,6 +179,8 @@ class Deploy(Recipe):
             Absent(lay.legacy_unit_file, notify=("unit",)),
             *(Absent(path) for path in lay.legacy_files),
             Switch(s, target, action="deploy", by=self.deployer, prove=prove),
+            # processes and timers move to the new release once traffic has
+            *unit_steps(s, target, self.app_unit),
             Prune(s, target),
             # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
             Absent(f"{lay.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
@@ -191,6 +196,7 @@ class Rollback(Recipe):
     def __init__(self, s: Settings, to: str | None, by: str = ""):
         self.s, self.to, self.by = s, to, by
         self.prove = proves_upstream(rendered(s, "nginx-site.conf.j2"))
+        self.app_unit = rendered(s, "app@.service.j2").decode()
 
     def target_facts(self):
         return rollback_facts(self.s)
@@ -200,7 +206,7 @@ class Rollback(Recipe):
 
     def steps(self, target):
         return [Switch(self.s, target, action="rollback", by=self.by, restart_on=(), prove=self.prove),
-                health_check(self.s, self.prove)]
+                *unit_steps(self.s, target, self.app_unit), health_check(self.s, self.prove)]
 
 
 def proves_upstream(site: bytes) -> bool:

@@ -17,6 +17,7 @@ from . import requirements as deps
 from . import secrets
 from .errors import ProvisionError
 from .layout import RELEASE_DIR, VENV, Layout
+from .processes import procfile, processes_setting, static_setting, timers_setting
 
 # The one place defaults are: the kit's fabric.yaml and `python -m provision init` set only what
 # differs. ``name`` has none (it names the app's user, directories and units).
@@ -42,6 +43,10 @@ DEFAULTS: dict = {
     "graceful_timeout": 30,
     "include": [],  # paths outside source (a monorepo's sibling packages), relative to it
     "asgi": False,
+    "static": {},  # URL prefix -> directory in the release, served by nginx (provision/processes.py)
+    "processes": {},  # name -> command: services of the app, with a Procfile's lines other than web and release
+    "timers": {},  # name -> {schedule: systemd OnCalendar, command}
+    "release_command": None,  # a Procfile's release: line when not set
 }
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
@@ -114,6 +119,10 @@ class Settings:
     asgi: bool
     dependencies: deps.Dependencies  # what the virtualenv installs (provision.requirements)
     pythonpath: str  # "src" for a src/ layout: where the app's module is, inside the release
+    static: tuple[tuple[str, str], ...]  # (URL prefix, directory in the release)
+    processes: dict[str, str]
+    timers: dict[str, dict[str, str]]
+    release_command: str | None
     extra: dict  # other vars (var_*), available to templates
 
     @property
@@ -253,6 +262,8 @@ def build(raw: dict, base_dir: Path) -> Settings:
     python = str(v["python"])
     if not PATH_RE.fullmatch(python):
         raise _bad("python", python, "expected an interpreter name or path, e.g. python3")
+    from_procfile = procfile(source)
+    processes = processes_setting(v["processes"], from_procfile)
     extra = {k[4:]: raw[k] for k in raw if k.startswith("var_")}
     taken = sorted(set(extra) & ({f.name for f in fields(Settings)} | set(Layout(name).variables()) | {"user"}))
     if taken:
@@ -283,6 +294,10 @@ def build(raw: dict, base_dir: Path) -> Settings:
         asgi=asgi,
         dependencies=dependencies,
         pythonpath=deps.pythonpath(source, wsgi),
+        static=static_setting(v["static"], linked["linked_files"] + linked["linked_dirs"]),
+        processes=processes,
+        timers=timers_setting(v["timers"], processes),
+        release_command=v["release_command"] or from_procfile.get("release"),
     )
 
 

@@ -36,6 +36,7 @@ RUN_DIR = "/run/provision"  # root's: locks, holder files, the apps' socket dirs
 SYSTEMD_DIR = "/etc/systemd/system"
 BOOT_WANTS = "multi-user.target.wants"  # enabled at boot = a link here, as `systemctl enable` makes
 SOCKETS_BOOT_WANTS = "sockets.target.wants"
+TIMERS_BOOT_WANTS = "timers.target.wants"
 NGINX_DIR = "/etc/nginx"
 NGINX_PID = "/run/nginx.pid"
 NGINX_DEFAULT_SITE = "default"  # Debian's welcome site
@@ -180,6 +181,27 @@ class Layout:
     def socket(self, slot: str) -> str:
         return f"{self.socket_dir}/{slot}.sock"
 
+    # -- systemd: the app's processes and timers (names have no '.': a unit name tells its app)
+    def process_unit(self, process: str) -> str:
+        """A process's service (``<name>.<process>.service``); a timer's service and timer share its stem."""
+        return f"{self.name}.{process}.service"
+
+    def timer_unit(self, timer: str) -> str:
+        return f"{self.name}.{timer}.timer"
+
+    def app_unit_file(self, unit: str) -> str:
+        """Where one of the app's process or timer units lives."""
+        return f"{self.systemd_dir}/{unit}"
+
+    @property
+    def app_units_re(self) -> str:
+        """What names every process and timer unit of this app (and of no other app) in systemd's directory."""
+        return re.escape(self.name) + r"\.[a-z][a-z0-9_-]*\.(service|timer)"
+
+    @property
+    def timers_wants(self) -> str:
+        return f"{self.systemd_dir}/{TIMERS_BOOT_WANTS}"
+
     # -- nginx
     @property
     def site(self) -> str:
@@ -199,8 +221,23 @@ class Layout:
         return f"{self.nginx_dir}/sites-available/.{self.name}.provision-old"
 
     @property
+    def nginx_own_dir(self) -> str:
+        """Root's: the upstream files and maintenance pages of provision's apps."""
+        return f"{self.nginx_dir}/provision"
+
+    @property
     def upstream_file(self) -> str:
-        return f"{self.nginx_dir}/provision/{self.name}.upstream"
+        return f"{self.nginx_own_dir}/{self.name}.upstream"
+
+    @property
+    def maintenance_file(self) -> str:
+        """Root's, present while the app is in maintenance (fab maintenance.on): the flag nginx tests, and
+        the page it shows visitors when the live release has no maintenance.html."""
+        return f"{self.nginx_own_dir}/{self.name}.maintenance.html"
+
+    def nginx_var(self, kind: str) -> str:
+        """An nginx variable of this app's site (nginx variables are global: each app has its own)."""
+        return f"provision_{kind}_{self.name.replace('-', '_')}"
 
     def upstream(self, slot: str) -> str:
         """The upstream file's content that sends traffic to ``slot``."""
@@ -228,7 +265,7 @@ class Layout:
     @property
     def upstream_var(self) -> str:
         """The nginx variable of the site's map that tells the host which socket answered."""
-        return f"provision_upstream_{self.name.replace('-', '_')}"
+        return self.nginx_var("upstream")
 
     # -- the deploy lock
     @property
@@ -253,4 +290,8 @@ class Layout:
                 "upstream_var": self.upstream_var, "connection_var": self.connection_var, "release_log": self.release_log,
                 "access_log": self.access_log, "error_log": self.error_log,
                 "sockets": {s: self.socket(s) for s in SLOTS}, "units": {s: self.unit(s) for s in SLOTS},
-                "unit_files": {s: self.unit_file(s) for s in SLOTS}, "venv": VENV}
+                "unit_files": {s: self.unit_file(s) for s in SLOTS}, "venv": VENV,
+                "maintenance_file": self.maintenance_file, "maintenance_dir": self.nginx_own_dir,
+                "maintenance_uri": self.maintenance_file[len(self.nginx_own_dir):],
+                "maintenance_var": self.nginx_var("maintenance"), "local_var": self.nginx_var("local"),
+                "static_cache_var": self.nginx_var("static_cache")}

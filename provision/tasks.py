@@ -9,6 +9,7 @@ from invoke import Collection
 
 from . import scaffold
 from .cli import apply as applying, check as checking, guarded, info as showing, sandbox as sandboxes
+from .cli.maintenance import set_maintenance
 from .fleet import DEFAULT_PARALLEL
 from .hosts import DEFAULT_INVENTORY
 
@@ -83,10 +84,11 @@ def status(c):
     showing.show_status(c)
 
 
-@task(help={"follow": "keep printing new lines (Ctrl-C to stop)", "lines": "lines of history per host (default 20)"})
-def logs(c, follow=False, lines=20):
+@task(help={"follow": "keep printing new lines (Ctrl-C to stop)", "lines": "lines of history per host (default 20)",
+            "process": "only this process's (or timer's) log"})
+def logs(c, follow=False, lines=20, process=None):
     """App and nginx logs of the selected hosts, each line prefixed by its host."""
-    showing.show_logs(c, follow=follow, lines=int(lines))
+    showing.show_logs(c, follow=follow, lines=int(lines), process=process)
 
 
 @task
@@ -111,6 +113,18 @@ def inventory(c):
 def template(c, name=None):
     """Print one of the kit's templates, to start yours from: templates/NAME beside the fabfile."""
     guarded(lambda: print(scaffold.template_text(name), end=""))()
+
+
+@task(name="on", help={"message": "what the default maintenance page says (HTML-escaped)"})
+def maintenance_on(c, message=None):
+    """nginx answers visitors 503 with the live release's maintenance.html, else a page with the message."""
+    set_maintenance(c, True, message)
+
+
+@task(name="off")
+def maintenance_off(c):
+    """Visitors reach the app again."""
+    set_maintenance(c, False)
 
 
 @task(iterable=["name"], help={"name": f"droplet name (repeatable; default {DROPLET})"})
@@ -138,5 +152,5 @@ def info(c, name=DROPLET):
 
 
 ns = Collection(deploy, plan, provision_, rollback, releases, status, logs, check, inventory, template,
-                Collection("sandbox", up, down, list_, info))
+                Collection("sandbox", up, down, list_, info), Collection("maintenance", maintenance_on, maintenance_off))
 ns.configure({"inventory": DEFAULT_INVENTORY})

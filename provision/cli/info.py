@@ -8,6 +8,7 @@ import shlex
 from .. import config as cfg
 from .. import secrets
 from ..facts import gather
+from ..errors import ProvisionError
 from ..history import DONE, History
 from ..hosts import Job, jobs, targets
 from ..layout import SLOTS
@@ -55,7 +56,7 @@ def show_status(c) -> None:
 
     def one(job: Job) -> HostResult:
         s = job.settings
-        units = [*(s.layout.unit(slot) for slot in SLOTS), "nginx"]
+        units = [*(s.layout.unit(slot) for slot in SLOTS), "nginx", *app_units(s)]
         remote = connect_job(job, c)
         try:
             facts = gather(remote, [("file", s.layout.current), ("content", s.layout.release_log),
@@ -67,8 +68,9 @@ def show_status(c) -> None:
         states, down = [], []
         for u in units:
             st = facts.service(u) or {}
-            if st.get("active") or u == "nginx" or (slot and u == s.layout.unit(slot)):
-                states.append(f"{u} {'running' if st.get('active') else 'STOPPED'}")
+            if st.get("active") or u == "nginx" or (slot and u == s.layout.unit(slot)) or u in app_units(s):
+                up = "waiting" if u.endswith(".timer") else "running"  # an active timer waits for its time
+                states.append(f"{u} {up if st.get('active') else 'STOPPED'}")
                 if not st.get("active"):
                     down.append(u)
         log = (facts.content(s.layout.release_log) or "").strip().splitlines()
@@ -92,17 +94,33 @@ def show_status(c) -> None:
     exit_for_failures(results, printer)
 
 
+def app_units(s: cfg.Settings) -> list[str]:
+    """The app's process services and timers, as `fab status` shows them."""
+    return [*map(s.layout.process_unit, s.processes), *map(s.layout.timer_unit, s.timers)]
+
+
+def process_unit(s: cfg.Settings, process: str) -> str:
+    """The service of a process or timer named in the settings."""
+    if process not in s.processes and process not in s.timers:
+        known = ", ".join([*s.processes, *s.timers]) or "none (app.processes, app.timers, a Procfile)"
+        raise ProvisionError(f"app {s.name} has no process or timer {process!r}; it has {known}")
+    return s.layout.process_unit(process)
+
+
 @guarded
-def show_logs(c, follow: bool = False, lines: int = 20) -> None:
+def show_logs(c, follow: bool = False, lines: int = 20, process: str | None = None) -> None:
     printer = Printer()
+    work = jobs(c, {})
+    only = {job.target.alias: process_unit(job.settings, process) for job in work} if process else {}
 
     def one(job: Job) -> HostResult:
         s, label = job.settings, job.target.alias
         f = " -f" if follow else ""
-        units = " ".join(f"-u {u}" for u in (*(s.layout.unit(slot) for slot in SLOTS), "nginx"))
-        cmd = (f"journalctl {units} -n {lines} --no-pager -o short-iso{f} & "
-               f"tail -q -n {lines}{' -F' if follow else ''} {s.layout.access_log} {s.layout.error_log} "
-               "2>/dev/null & wait")
+        units = " ".join(f"-u {shlex.quote(u)}" for u in ([only[label]] if only else
+                                               (*(s.layout.unit(slot) for slot in SLOTS), "nginx", *app_units(s))))
+        cmd = f"journalctl {units} -n {lines} --no-pager -o short-iso{f}" + (" & " + (
+            f"tail -q -n {lines}{' -F' if follow else ''} {s.layout.access_log} {s.layout.error_log} "
+            "2>/dev/null & wait") if not only else "")
         remote = connect_job(job, c)
         try:
             remote.exec(f"{remote.sudo}bash -c {shlex.quote(cmd)}", on_line=lambda l: printer.line(f"{label} | {l}"))
@@ -110,6 +128,5 @@ def show_logs(c, follow: bool = False, lines: int = 20) -> None:
             remote.conn.close()
         return HostResult(label)
 
-    work = jobs(c, {})
     results = run_fleet(work, lambda j: j.target.alias, one, parallel=max(1, len(work)))
     exit_for_failures(results, printer)

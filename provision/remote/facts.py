@@ -201,7 +201,8 @@ def services_facts(names):
         return {n: None for n in names}
     props = "Id,LoadState,ActiveState,SubState,UnitFileState,MainPID"
     res = subprocess.run(
-        ["systemctl", "show", "-p", props] + [n + ".service" for n in names],
+        ["systemctl", "show", "-p", props] + [n if n.endswith((".service", ".timer")) else n + ".service"
+                                              for n in names],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True,
     )
     blocks = [b for b in res.stdout.split("\n\n") if b.strip()]

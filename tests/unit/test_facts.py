@@ -143,3 +143,20 @@ def test_unlisted_lists_data_files_the_manifest_does_not_name_and_follows_no_lin
     (release / ".provision/manifest.json").symlink_to(tmp_path / "forged.json")
     (tmp_path / "forged.json").write_text("{}")
     assert unlisted(tmp_path / "current") is None  # a manifest is read through no link
+
+
+def test_services_are_named_as_units_a_timer_too(tmp_path):
+    """``systemctl show`` gets ``<name>.service`` for a bare name, a unit name with its type as it is."""
+    import os
+    fake = tmp_path / "systemctl"
+    fake.write_text("#!/bin/sh\nshift 3\nfor u in \"$@\"; do\n  case $u in *.timer) s=active;; *) s=inactive;; esac\n"
+                    "  printf 'Id=%s\\nLoadState=loaded\\nActiveState=%s\\nUnitFileState=enabled\\nMainPID=0\\n\\n' "
+                    "\"$u\" \"$s\"\ndone\n")
+    fake.chmod(0o755)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([["service", "nginx"], ["service", "hello.tick.timer"],
+                                                                     ["service", "hello.worker.service"]])],
+                         capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}"))
+    nginx, timer, worker = json.loads(out.stdout)["facts"]
+    assert timer == {"loaded": True, "active": True, "enabled": True, "pid": 0}  # not hello.tick.timer.service
+    assert nginx["active"] is False and worker["active"] is False and worker["loaded"]

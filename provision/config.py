@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import secrets
+from . import appenv, secrets
 from .errors import ProvisionError
 from .layout import Layout
 
@@ -39,6 +39,8 @@ DEFAULTS: dict = {
     "linked_files": [".env"],
     "linked_dirs": ["log", "uploads"],
     "graceful_timeout": 30,
+    "env": {},  # plain environment variables of every process of the app (visible in plans)
+    "release_command": "",  # shell command run in each new release before it takes traffic
 }
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
@@ -107,6 +109,8 @@ class Settings:
     linked_files: tuple[str, ...]
     linked_dirs: tuple[str, ...]
     graceful_timeout: int
+    env: dict = field(default_factory=dict)
+    release_command: str = ""
     extra: dict = field(default_factory=dict)  # other vars, available to templates
 
     @property
@@ -235,6 +239,13 @@ def build(raw: dict, base_dir: Path) -> Settings:
     python = str(v["python"])
     if not PATH_RE.fullmatch(python):
         raise _bad("python", python, "expected an interpreter name or path, e.g. python3")
+    try:
+        env = appenv.env_setting(v["env"])
+    except ValueError as e:
+        raise _bad("env", v["env"], str(e))
+    release_command = str(v["release_command"] or "").strip()
+    if "\0" in release_command:
+        raise _bad("release_command", release_command, "a shell command cannot hold a NUL")
     extra = {k[4:]: raw[k] for k in raw if k.startswith("var_")}
     taken = sorted(set(extra) & (set(DEFAULTS) | set(Layout(name).variables()) | {"user"}))
     if taken:
@@ -260,6 +271,8 @@ def build(raw: dict, base_dir: Path) -> Settings:
         linked_files=linked["linked_files"],
         linked_dirs=linked["linked_dirs"],
         graceful_timeout=_int("graceful_timeout", v["graceful_timeout"], 1, 3600),
+        env=env,
+        release_command=release_command,
         extra=extra,
     )
 

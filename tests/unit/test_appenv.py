@@ -180,3 +180,26 @@ def test_env_set_arguments():
     assert appenv.names(["A", "B_2"]) == ("A", "B_2")
     with pytest.raises(ProvisionError, match="invalid env.unset argument 'A=1'"):
         appenv.names(["A=1"])
+
+
+def test_a_dry_run_shows_the_plain_environment_and_release_command_changes(tmp_path):
+    from provision.facts import Facts
+    from provision.release import Release
+
+    from .test_release_diff import host
+
+    (tmp_path / "app.py").write_text("x = 1\n")
+    (tmp_path / "requirements.txt").write_text("")
+    s = settings(env={"GREETING": "new"}, var_api_token="tok-77", release_command="true")
+    step = Release(s, scan(tmp_path), "r1", "venvkey", {"unit": b"", "env": b'GREETING="new"\nT="tok-77"\n',
+                                                        "release_command": b"true\n"})
+    facts = host({"app.py": b"x = 1\n"})
+    asked = step.diff_facts(facts)
+    assert ("content", "/srv/hello/current/.provision/env") in asked
+    shown = step.show_diff(facts, Facts({f: 'GREETING="old"\n' if f[1].endswith("/env") else None for f in asked}))
+    # the environment holds a known secret (a var_*_token): no content shown; the command is
+    assert "--- .provision/env" in shown and "(content hidden: sensitive)" in shown and "tok-77" not in shown
+    assert "+true" in shown
+    plain = Release(s, scan(tmp_path), "r1", "venvkey", {"unit": b"", "env": b'GREETING="new"\n'})
+    shown = plain.show_diff(facts, Facts({f: 'GREETING="old"\n' for f in plain.diff_facts(facts)}))
+    assert '-GREETING="old"' in shown and '+GREETING="new"' in shown

@@ -57,16 +57,17 @@ def _apply(c, change) -> None:
     printer = Printer()
 
     def one(job: Job) -> HostResult:
-        s = job.settings
-        remote = connect_job(job, c)
+        s, remote = job.settings, None
         try:
+            remote = connect_job(job, c)
             r = run_steps(remote, EnvChange(s, change(s), deployer()), printer=printer,
                           lock=lock_for(s, "env", "-", False))
         except ProvisionError as e:
             printer.error(str(e))
             return HostResult(job.target.alias, error=str(e), code=e.code)
         finally:
-            remote.conn.close()
+            if remote is not None:
+                remote.conn.close()
         printer.line(summary_line(r, False))
         return r
 

@@ -3,12 +3,20 @@ the host, never printed), the release command (migrations into SQLite in a linke
 release when it fails) and `fab run -- CMD`. One droplet, in order; a small WSGI app of its own.
 """
 
+import fcntl
 import hashlib
 import json
+import os
+import pty
 import secrets as random
+import select
+import subprocess
+import termios
+import time
 
 import pytest
 
+from .conftest import FAB, ROOT
 from .test_releases import Load, get
 
 pytestmark = pytest.mark.integration
@@ -147,3 +155,33 @@ def test_unset_removes_a_secret(droplet, fab):
     assert get(droplet.address) == "greeting=hi-plain token=none migrations=2 v=2"
     listed = fab("env.list")
     assert "API_TOKEN" not in listed.stdout and f"{droplet.name}: OTHER=**** (secret)" in listed.stdout
+
+
+def test_run_is_interactive_on_a_tty(droplet, app):
+    """fab in a terminal of its own, as in a user's shell: the command gets a TTY and reads what is typed."""
+    main, child = pty.openpty()
+
+    def own_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([FAB, "-H", droplet.name, "run", "--", "python", "-i", "-q"], cwd=ROOT,
+                            env=droplet.env(FABRIC_APP_NAME="envapp", FABRIC_APP_SOURCE=str(app)),
+                            stdin=child, stdout=child, stderr=child, preexec_fn=own_terminal)
+    os.close(child)
+    out, typed, deadline = b"", [b"import sys; print('tty', sys.stdin.isatty(), 6 * 7)\n", b"raise SystemExit(5)\n"], \
+        time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if select.select([main], [], [], 0.2)[0]:
+                try:
+                    out += os.read(main, 4096)
+                except OSError:  # fab exited: its side of the terminal is closed
+                    break
+            if typed and out.endswith(b">>> "):
+                os.write(main, typed.pop(0))
+        assert proc.wait(timeout=30) == 5, out
+    finally:
+        proc.kill()
+        os.close(main)
+    assert b"tty True 42" in out, out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -126,6 +127,14 @@ def run_line(s: Settings, argv: list[str] | tuple[str, ...]) -> str:
             f"exec {shlex.join(process)}")
 
 
+def terminal() -> bool:
+    """fab runs in the foreground of a terminal (stdin and stdout): then the command gets one too."""
+    try:
+        return sys.stdin.isatty() and sys.stdout.isatty() and os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except OSError:  # a terminal that is not this process's controlling one
+        return False
+
+
 @guarded
 def run_command(c, argv) -> None:
     if not argv:
@@ -136,11 +145,12 @@ def run_command(c, argv) -> None:
                              f"({', '.join(j.target.alias for j in work[:5])}): name one")
     job = work[0]
     remote = connect_job(job, c)
-    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    tty = terminal()
     try:
         command = run_line(job.settings, argv)
+        # a terminal fab does not own (a background job) is not read: invoke would fail on it
         result = remote.conn.run(f"{remote.sudo}bash -c {shlex.quote(command)}", pty=tty, warn=True, hide=False,
-                                 echo=False)
+                                 echo=False, in_stream=None if tty or not sys.stdin.isatty() else False)
     finally:
         remote.conn.close()
     if result.exited:

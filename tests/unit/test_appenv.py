@@ -203,3 +203,18 @@ def test_a_dry_run_shows_the_plain_environment_and_release_command_changes(tmp_p
     plain = Release(s, scan(tmp_path), "r1", "venvkey", {"unit": b"", "env": b'GREETING="new"\n'})
     shown = plain.show_diff(facts, Facts({f: 'GREETING="old"\n' for f in plain.diff_facts(facts)}))
     assert '-GREETING="old"' in shown and '+GREETING="new"' in shown
+
+
+def test_run_runs_the_command_word_for_word_in_the_live_release_or_says_there_is_none():
+    from provision.cli.env import run_line
+
+    line = run_line(settings(), ["python", "-c", "print('a b'); import os"])
+    guard, run = line.split("; then ", 1)[0], line.split("; fi; exec ", 1)[1]
+    assert guard == "if [ ! -d /srv/hello/current/ ]"
+    argv = shlex.split(run)
+    assert argv[0] == "systemd-run" and argv[argv.index("--") + 1:] == [
+        "/usr/bin/env", "python", "-c", "print('a b'); import os"]
+    assert "--working-directory=/srv/hello/current" in argv
+    missing = subprocess.run(["bash", "-c", line.replace("/srv/hello/current/", "/nonexistent/")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr == "error: no live release of hello on this host; deploy first\n"

@@ -10,10 +10,10 @@ from __future__ import annotations
 import base64
 import shlex
 
-from . import secrets
+from . import appenv, secrets
 from .config import Settings
-from .layout import (APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, SYSTEM_CA_BUNDLE,
-                     UPSTREAM_HEADER)
+from .layout import (APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, RELEASE_ENV,
+                     SYSTEM_CA_BUNDLE, UPSTREAM_HEADER)
 from .errors import ProvisionError
 from .leftovers import data_fact, data_warning
 from .nginx import Site
@@ -152,6 +152,7 @@ class Deploy(Recipe):
         key = venv_key(s)
         self.venv = venv_step(s, key)
         configs = {"unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
+        configs.update(release_configs(s))
         self.site = rendered(s, "nginx-site.conf.j2")
         unserved_static(s, self.site.decode())
         self.app_unit = configs["unit"].decode()
@@ -178,6 +179,7 @@ class Deploy(Recipe):
             # what older layouts kept and this one does not
             Absent(lay.legacy_unit_file, notify=("unit",)),
             *(Absent(path) for path in lay.legacy_files),
+            *release_phase(s, target, self.deployer),
             Switch(s, target, action="deploy", by=self.deployer, prove=prove),
             # processes and timers move to the new release once traffic has
             *unit_steps(s, target, self.app_unit),
@@ -188,6 +190,20 @@ class Deploy(Recipe):
             Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile=lay.nginx_pid),
             health_check(s, prove),
         ]
+
+
+def release_configs(s: Settings) -> dict[str, bytes]:
+    """What a release keeps besides its unit and gunicorn config: its plain environment and its
+    release command (a change to either makes a new release)."""
+    out = {RELEASE_ENV: appenv.env_file(s.env)}
+    if s.release_command:
+        out["release_command"] = s.release_command.encode() + b"\n"
+    return out
+
+
+def release_phase(s: Settings, target: str | None, by: str) -> list[Step]:
+    """The release command, in a new release before it takes traffic."""
+    return [appenv.ReleaseCommand(s.layout, s.user, s.release_command, target, by)] if s.release_command else []
 
 
 class Rollback(Recipe):

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from . import appenv, secrets
 from . import requirements as deps
-from . import secrets
 from .errors import ProvisionError
 from .layout import RELEASE_DIR, VENV, Layout
 from .processes import procfile, processes_setting, static_setting, timers_setting
@@ -46,7 +46,8 @@ DEFAULTS: dict = {
     "static": {},  # URL prefix -> directory in the release, served by nginx (provision/processes.py)
     "processes": {},  # name -> command: services of the app, with a Procfile's lines other than web and release
     "timers": {},  # name -> {schedule: systemd OnCalendar, command}
-    "release_command": None,  # a Procfile's release: line when not set
+    "env": {},  # plain environment variables of every process of the app (visible in plans)
+    "release_command": "",  # shell command run in each new release before it takes traffic (or a Procfile's release: line)
 }
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
@@ -122,7 +123,8 @@ class Settings:
     static: tuple[tuple[str, str], ...]  # (URL prefix, directory in the release)
     processes: dict[str, str]
     timers: dict[str, dict[str, str]]
-    release_command: str | None
+    env: dict
+    release_command: str
     extra: dict  # other vars (var_*), available to templates
 
     @property
@@ -264,6 +266,13 @@ def build(raw: dict, base_dir: Path) -> Settings:
         raise _bad("python", python, "expected an interpreter name or path, e.g. python3")
     from_procfile = procfile(source)
     processes = processes_setting(v["processes"], from_procfile)
+    try:
+        env = appenv.env_setting(v["env"])
+    except ValueError as e:
+        raise _bad("env", v["env"], str(e))
+    release_command = str(v["release_command"] or from_procfile.get("release") or "").strip()
+    if "\0" in release_command:
+        raise _bad("release_command", release_command, "a shell command cannot hold a NUL")
     extra = {k[4:]: raw[k] for k in raw if k.startswith("var_")}
     taken = sorted(set(extra) & ({f.name for f in fields(Settings)} | set(Layout(name).variables()) | {"user"}))
     if taken:
@@ -289,6 +298,8 @@ def build(raw: dict, base_dir: Path) -> Settings:
         linked_files=linked["linked_files"],
         linked_dirs=linked["linked_dirs"],
         graceful_timeout=_int("graceful_timeout", v["graceful_timeout"], 1, 3600),
+        env=env,
+        release_command=release_command,
         extra=extra,
         include=_include(_list("include", v["include"]), source, base_dir, (*linked["linked_files"], *linked["linked_dirs"])),
         asgi=asgi,
@@ -297,7 +308,6 @@ def build(raw: dict, base_dir: Path) -> Settings:
         static=static_setting(v["static"], linked["linked_files"] + linked["linked_dirs"]),
         processes=processes,
         timers=timers_setting(v["timers"], processes),
-        release_command=v["release_command"] or from_procfile.get("release"),
     )
 
 

@@ -13,6 +13,7 @@ context holding every ``-H`` item and the project directory (where the fabfile i
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,25 +39,29 @@ class Selection(invoke.Context):
     # Declared on the class: invoke's Context sends an attribute it does not know into the config.
     hosts: tuple[str, ...] = ()
     project: Path | None = None
+    remainder: tuple[str, ...] = ()  # what follows `--` on the command line (the run task's command)
 
-    def __init__(self, config=None, hosts: tuple[str, ...] = (), project: Path | None = None):
+    def __init__(self, config=None, hosts: tuple[str, ...] = (), project: Path | None = None,
+                 remainder: tuple[str, ...] = ()):
         super().__init__(config=config)
         self.hosts = tuple(hosts)
         self.project = project or Path.cwd()
+        self.remainder = tuple(remainder)
 
 
 class SelectionCall(Call):
     """A task call for a whole selection (Fabric's ConnectionCall is one per host)."""
 
-    def __init__(self, *args, hosts: tuple[str, ...] = (), project: Path | None = None, **kwargs):
+    def __init__(self, *args, hosts: tuple[str, ...] = (), project: Path | None = None,
+                 remainder: tuple[str, ...] = (), **kwargs):
         super().__init__(*args, **kwargs)
-        self.hosts, self.project = tuple(hosts), project
+        self.hosts, self.project, self.remainder = tuple(hosts), project, tuple(remainder)
 
     def clone_data(self):
-        return dict(super().clone_data(), hosts=self.hosts, project=self.project)
+        return dict(super().clone_data(), hosts=self.hosts, project=self.project, remainder=self.remainder)
 
     def make_context(self, config) -> Selection:
-        return Selection(config=config, hosts=self.hosts, project=self.project)
+        return Selection(config=config, hosts=self.hosts, project=self.project, remainder=self.remainder)
 
 
 class Executor(FabricExecutor):
@@ -76,11 +81,29 @@ class Executor(FabricExecutor):
         return Path(loaded_from).resolve() if loaded_from else Path.cwd()
 
     def expand_calls(self, calls, apply_hosts=True):
-        if self.core is not None and self.core.remainder:
-            raise Exit("error: `fab -H HOST -- COMMAND` is not a provision task; use ssh to run a command on a "
-                       "host", code=2)
-        return [c if isinstance(c, SelectionCall) else self.parameterize(c, {}) for c in
-                super().expand_calls(calls, apply_hosts)]
+        rest = remainder(self.core.remainder if self.core is not None else "")
+        if rest and not (calls and all(getattr(c.task, "takes_remainder", False) for c in calls)):
+            raise Exit("error: `fab -H HOST -- COMMAND` is not a provision task; `fab -H HOST run -- COMMAND` runs "
+                       "COMMAND in the app's live release (use ssh for anything else)", code=2)
+        core, joined = self.core, self.core.remainder if self.core is not None else ""
+        if joined:
+            core.remainder = ""  # else Fabric adds a call that runs it itself, as the SSH user
+        try:
+            expanded = super().expand_calls(calls, apply_hosts)
+        finally:
+            if joined:
+                core.remainder = joined
+        return [c.clone(with_={"remainder": rest}) for c in
+                (c if isinstance(c, SelectionCall) else self.parameterize(c, {}) for c in expanded)]
+
+
+def remainder(joined: str, argv: list[str] | None = None) -> tuple[str, ...]:
+    """What follows ``--`` on the command line, word for word (invoke joins it with spaces, which
+    loses the quoting of `fab run -- python -c 'print(1)'`)."""
+    argv = sys.argv if argv is None else argv
+    if not joined or "--" not in argv:
+        return ()
+    return tuple(argv[argv.index("--") + 1:])
 
 
 def selection(c) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ Under ``/srv/<app>`` (root's, except the data dirs under ``shared/``)::
                           unit, gunicorn.conf.py: what a slot runs
     venvs/<key>/          one virtualenv per distinct requirements
     shared/               .env (root's, app-readable), log/, uploads/ (the app's): kept across releases
+    secrets.env           the app's secret environment (env.set): root's alone, systemd reads it for the app
     slots/{a,b}           -> ../releases/<id>: what each gunicorn instance runs
     current               -> releases/<id>: the live release
     releases.log          who deployed or rolled back what, when (one JSON object a line)
@@ -30,6 +31,7 @@ SLOTS = ("a", "b")
 SRV_DIR = "/srv"
 TMP = ".provision-tmp"  # suffix of a path being written; renamed into place when complete
 RELEASE_DIR = ".provision"  # inside each release: its metadata and the configs its slot runs
+RELEASE_ENV = "env"  # in a release's own directory: the app's plain environment (app.env)
 VENV = ".venv"  # inside each release: a link to its virtualenv
 VENV_DIRNAME = "venvs"  # under the app's root: the virtualenvs
 RUN_DIR = "/run/provision"  # root's: locks, holder files, the apps' socket dirs
@@ -128,6 +130,15 @@ class Layout:
     def env_file(self) -> str:
         """The app's environment, which systemd reads for it (root's, readable by the app's group)."""
         return f"{self.shared}/.env"
+
+    @property
+    def secrets_file(self) -> str:
+        """The app's secret environment (env.set): root's alone (0600); systemd reads it for the app."""
+        return f"{self.root}/secrets.env"
+
+    def release_env(self, release_dir: str) -> str:
+        """The plain environment (app.env) of the release in ``release_dir`` (a release or a slot)."""
+        return f"{release_dir}/{RELEASE_DIR}/{RELEASE_ENV}"
 
     @property
     def legacy_files(self) -> tuple[str, ...]:
@@ -285,7 +296,8 @@ class Layout:
     def variables(self) -> dict:
         """For templates and checks: the paths they may use."""
         return {"root": self.root, "current": self.current, "shared": self.shared, "slots": self.slots,
-                "own_dir": RELEASE_DIR, "env_file": self.env_file, "socket_dir": self.socket_dir, "socket_unit": self.socket_unit,
+                "own_dir": RELEASE_DIR, "env_file": self.env_file,
+                "release_env": RELEASE_ENV, "secrets_file": self.secrets_file, "socket_dir": self.socket_dir, "socket_unit": self.socket_unit,
                 "upstream_file": self.upstream_file, "upstream_header": UPSTREAM_HEADER,
                 "upstream_var": self.upstream_var, "connection_var": self.connection_var, "release_log": self.release_log,
                 "access_log": self.access_log, "error_log": self.error_log,

@@ -13,16 +13,17 @@ import shlex
 
 from . import secrets
 from .config import Settings
-from .layout import RELEASE_DIR, SLOTS, TMP, UPSTREAM_HEADER, VENV
+from .layout import RELEASE_DIR, RELEASE_ENV, SLOTS, TMP, UPSTREAM_HEADER, VENV
 from .errors import ProvisionError
 from .history import History
 from .remote import switch_command
 from .source import Source
 from .facts import Facts, below
-from .steps import HIDDEN, Change, Step, symlink_commands, unified_diff
+from .steps import HIDDEN, Change, Step, shown_diff, symlink_commands, unified_diff
 
 q = shlex.quote
 SHOWN_LINES, SHOWN_IN_ALL = 200, 1000  # diff lines a dry run shows of one app file, and of all
+SHOWN_CONFIGS = (RELEASE_ENV, "release_command")  # a release's own files whose changes a dry run shows
 
 
 def meta_path(s: Settings) -> str:
@@ -195,16 +196,17 @@ class Release(Step):
 
     def diff_facts(self, facts):
         changes = self.changes(facts)
+        own = [("content", self.s.layout.live(name)) for name in SHOWN_CONFIGS if name in self.configs]
         if changes is None:
-            return []
-        return [below(self.live, p) for p in changes[0] if p not in self.source.links and not no_content(p, self._new(p))]
+            return own
+        return [below(self.live, p) for p in changes[0] if p not in self.source.links and not no_content(p, self._new(p))] + own
 
     def show_diff(self, facts, more):
         """Each changed, added and removed file on a line; below a changed or added text file its
         unified diff, cut at SHOWN_LINES lines, and at SHOWN_IN_ALL for all files together."""
         changes = self.changes(facts)
         if changes is None:
-            return ""
+            return "\n".join(self.config_diffs(more))
         changed, added, removed = changes
         out, room = [], SHOWN_IN_ALL
         for status, paths in (("changed", changed), ("added", added)):
@@ -224,7 +226,18 @@ class Release(Step):
                 room -= shown
                 out += diff[:shown] + ([f"... {len(diff) - shown} more lines"] if shown < len(diff) else [])
         out += [f"removed {p}" for p in removed]
-        return "\n".join(out)
+        return "\n".join(out + self.config_diffs(more))
+
+    def config_diffs(self, more) -> list[str]:
+        """The diff of each of SHOWN_CONFIGS (the plain environment, the release command) against the
+        live release's."""
+        out = []
+        for name in SHOWN_CONFIGS:
+            if name in self.configs:
+                old, new = more.content(self.s.layout.live(name)), self.configs[name].decode("utf-8", "replace")
+                if (old or "") != new:
+                    out += shown_diff(f"{RELEASE_DIR}/{name}", old, new, False).rstrip("\n").split("\n")
+        return out
 
 
 def live_slot(s: Settings, facts: Facts) -> str | None:

@@ -14,7 +14,7 @@ from .errors import ProvisionError
 from .facts import Facts, gather
 from .output import Printer
 from .lock import Lock, describe_holder
-from .script import build_script, parse_report
+from .script import SHOW, build_script, parse_report
 from .ssh import Remote
 from .steps import Planned, Recipe, Step, Steps, plan
 
@@ -89,7 +89,9 @@ def run_steps(remote: Remote, recipe: Recipe | list[Step], *, dry_run: bool = Fa
         script = build_script(planned, env, lock)
 
         def progress(line: str) -> None:  # a line per step as it completes: every done step passes here
-            if line.startswith("@@ok "):
+            if line.startswith(SHOW):
+                printer.line(f"{remote.label} | {line[len(SHOW):]}")
+            elif line.startswith("@@ok "):
                 i = int(line.split()[1])
                 p = planned[i]
                 printer.step(remote.label, "ok" if p.change.check else "changed", p, parse_report(line).seconds.get(i))

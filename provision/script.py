@@ -1,7 +1,8 @@
 """Turn a plan into one remote bash script, and read its report back.
 
 Each change becomes a function run in a ``set -e`` subshell with its output
-captured; the script prints ``@@ok N`` per change and stops at the first
+captured; the script prints ``@@ok N`` per change (after the lines of its output that start
+with ``@@show ``: what a step shows even when it succeeds) and stops at the first
 failure with ``@@fail N RC``, the failing command and the tail of the output.
 The body is wrapped in ``main`` so bash has read all of it before anything
 runs (commands cannot swallow the script from stdin).
@@ -19,6 +20,8 @@ from .steps import Planned
 if TYPE_CHECKING:
     from .lock import Lock
 
+SHOW = "@@show "  # a line of a step's output shown as it is, once the step is done
+
 PRELUDE = """\
 set -u -o pipefail
 export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -30,7 +33,8 @@ __run() { ( exec 9>&-; set -eE; trap 'echo "@@command: ${BASH_COMMAND%%$'"'"'\n'
 # finish, so the host is left with complete states only, then stop.
 trap 'wait; exit 141' PIPE HUP TERM
 __done() {  # step, rc, start time, log
-  if [ "$2" -eq 0 ]; then echo "@@ok $1 $3 ${EPOCHREALTIME:-0}"; return; fi
+  # a step's own lines to show (the release command's output), then its report
+  if [ "$2" -eq 0 ]; then grep -a '^@@show ' "$4"; echo "@@ok $1 $3 ${EPOCHREALTIME:-0}"; return; fi
   echo "@@fail $1 $2"; grep -a '^@@command: ' "$4" | tail -n 1
   grep -av '^@@command: ' "$4" | tail -n 60 | sed 's/^/@@out /'
   wait; exit "$2"  # let background steps finish: nothing left running behind the report

@@ -4,23 +4,71 @@ A user's fabfile is one line, ``from provision.tasks import ns``. Thin by design
 parsing here, what each task does in :mod:`provision.cli`.
 """
 
+import sys
+
 from fabric import Task, task as fabric_task
 from invoke import Collection
+from invoke.parser import Argument
 
 from . import scaffold
-from .cli import apply as applying, check as checking, guarded, info as showing, sandbox as sandboxes
+from .cli import apply as applying, check as checking, env as environment, guarded, info as showing, sandbox as sandboxes
 from .cli.maintenance import set_maintenance
 from .fleet import DEFAULT_PARALLEL
 from .hosts import DEFAULT_INVENTORY
 
 
+class Words(Argument):
+    """A task's positional words, as many as follow the task's name on the command line (invoke
+    has no `*args`): the words up to the next flag or task name."""
+
+    def __init__(self, count: int, **kwargs):
+        super().__init__(**kwargs)
+        self.count = count
+
+    @property
+    def value(self):
+        return None if len(self._value) < self.count else self._value  # None: the parser gives it the next word
+
+    @value.setter
+    def value(self, arg):
+        self._value = [*self._value, arg]
+
+
+def words_after(name: str, argv: list[str], stop: set[str]) -> int:
+    """How many words follow the first ``name`` in ``argv`` before a flag, ``--`` or a name in ``stop``."""
+    if name not in argv:
+        return 0
+    n = 0
+    for word in argv[argv.index(name) + 1:]:
+        if word.startswith("-") or word in stop:
+            break
+        n += 1
+    return n
+
+
 class ProvisionTask(Task):
-    """Short flags mean the same in every task: -s is --source; --serial has none."""
+    """Short flags mean the same in every task: -s is --source; --serial has none. ``words``: the
+    parameter that takes the words after ``fab ... <invoked_as>`` (env.set A=1 B=2);
+    ``takes_remainder``: what follows ``--`` reaches the task (``c.remainder``)."""
 
     LONG_ONLY = {"serial"}
 
+    def __init__(self, *args, words: str | None = None, invoked_as: str = "", takes_remainder: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.words, self.invoked_as, self.takes_remainder = words, invoked_as, takes_remainder
+
     def arg_opts(self, name, default, taken_names):
         return super().arg_opts(name, default, taken_names | set(name) if name in self.LONG_ONLY else taken_names)
+
+    def get_arguments(self, ignore_unknown_help=None):
+        args = super().get_arguments(ignore_unknown_help)
+        if self.words:
+            count = words_after(self.invoked_as, sys.argv, set(task_names(ns)))
+            args = [Words(count, name=self.words, kind=list, positional=True, help=a.help) if a.name == self.words
+                    else a for a in args]
+            args.sort(key=lambda a: a.name != self.words)  # positionals first, as invoke wants them
+        return args
 
 
 DROPLET = "sandbox1"  # the sandbox tasks' droplet when none is named
@@ -151,6 +199,35 @@ def info(c, name=DROPLET):
     sandboxes.sandbox_info(name)
 
 
-ns = Collection(deploy, plan, provision_, rollback, releases, status, logs, check, inventory, template,
-                Collection("sandbox", up, down, list_, info), Collection("maintenance", maintenance_on, maintenance_off))
+@task(name="set", words="pairs", invoked_as="env.set", help={"pairs": "NAME=VALUE (several: NAME=VALUE NAME=VALUE)"})
+def env_set(c, pairs=None):
+    """Set secret environment variables of the app (root-only on the host); restarts it with no downtime."""
+    environment.env_set(c, pairs or [])
+
+
+@task(name="unset", words="names", invoked_as="env.unset", help={"names": "NAME (several: NAME NAME)"})
+def env_unset(c, names=None):
+    """Remove secret environment variables of the app; restarts it with no downtime."""
+    environment.env_unset(c, names or [])
+
+
+@task(name="list")
+def env_list(c):
+    """The names of the app's secret environment variables (values masked)."""
+    environment.env_list(c)
+
+
+@task(name="run", takes_remainder=True)
+def run_(c):
+    """fab -H HOST run -- CMD [ARGS]: CMD in the live release, as the app, with its environment."""
+    environment.run_command(c, c.remainder if hasattr(c, "remainder") else ())
+
+
+def task_names(collection: Collection) -> list[str]:
+    return [*collection.task_names, *(a for names in collection.task_names.values() for a in names)]
+
+
+ns = Collection(deploy, plan, provision_, rollback, releases, status, logs, check, inventory, template, run_,
+                Collection("sandbox", up, down, list_, info), Collection("env", env_set, env_unset, env_list),
+                Collection("maintenance", maintenance_on, maintenance_off))
 ns.configure({"inventory": DEFAULT_INVENTORY})

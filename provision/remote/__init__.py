@@ -20,7 +20,9 @@ LIBS = {  # the libraries each program uses, in the order they are put before it
     "facts.py": ("lib_http.py",),
     "http_check.py": ("lib_http.py",),
     "nginx_reload.py": ("lib_nginx.py",),
-    "switch.py": ("lib_http.py", "lib_nginx.py"),
+    "switch.py": ("lib_http.py", "lib_nginx.py", "lib_releaselog.py"),
+    "app_env.py": ("lib_envfile.py",),
+    "release_command.py": ("lib_envfile.py", "lib_releaselog.py"),
 }
 
 

@@ -98,19 +98,6 @@ def read(path):
         return fh.read()
 
 
-def append_log(path, line):
-    """The release log is root's: anything else found there (a link, another owner) is replaced."""
-    try:
-        st = os.lstat(path)
-        if not os.path.isfile(path) or os.path.islink(path) or st.st_uid != 0:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "a") as fh:
-        fh.write(line)
-
-
 def record(action):
     """A line in the release log: what went live (deploy, rollback) or was refused, by whom, when."""
     append_log(a["release_log"], json.dumps({

@@ -39,9 +39,10 @@ class Host:
     def env(self, **extra: str) -> dict:
         return {**os.environ, "FABRIC_INVENTORY": str(self.inventory), **extra}
 
-    def fab(self, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    def fab(self, *args: str, env: dict | None = None, timeout: int = 600,
+            input: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([FAB, *args], cwd=ROOT, env=self.env(**(env or {})), capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, input=input)
 
     def run(self, command: str) -> tuple[int, str, str]:
         """Run a command on the droplet as root over SSH: (rc, stdout, stderr)."""

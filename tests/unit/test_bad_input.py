@@ -217,3 +217,19 @@ def test_without_provisions_executor_the_fix_is_named(project):
 
 def test_a_command_after_a_double_dash_is_refused_before_any_task(project):
     one_line_error(fab(project, "-H", HOST, "deploy", "--", "id"), "-- COMMAND", "ssh")
+
+
+def test_run_takes_one_host_and_a_command(project):
+    one_line_error(fab(project, "-H", f"{HOST},root@192.0.2.2", "run", "--", "id"), "run takes one host", "name one")
+    one_line_error(fab(project, "-H", HOST, "run"), "nothing to run", "run -- COMMAND")
+    one_line_error(fab(project, "-H", HOST, "deploy", "check", "--", "id"), "-- COMMAND")
+
+
+def test_env_set_words_are_checked_before_any_connection_and_never_shown(project):
+    line = one_line_error(fab(project, "-H", HOST, "env.set", "GOOD=hunter22", "1BAD=hunter22"),
+                          "invalid env.set argument '1BAD=…'")
+    assert "hunter22" not in line
+    one_line_error(fab(project, "-H", HOST, "env.set"), "env.set needs NAME=VALUE")
+    one_line_error(fab(project, "-H", HOST, "env.unset", "A=1"), "invalid env.unset argument")
+    app_yaml(project, "env:\n  GREETING: [1, 2]")
+    one_line_error(fab(project, "-H", HOST, "deploy"), "invalid setting app.env=", "not text")

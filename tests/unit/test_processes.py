@@ -65,7 +65,7 @@ def test_the_procfile_gives_processes_and_the_release_command(app):
     s = settings(app, processes={"worker": "python other.py", "mail": "python mail.py"}, release_command="true")
     assert s.processes == {"clock": "python clock.py", "mail": "python mail.py", "worker": "python other.py"}
     assert s.release_command == "true"  # the setting wins
-    assert settings().processes == {} and settings().release_command is None  # no Procfile
+    assert settings().processes == {} and settings().release_command == ""  # no Procfile
 
 
 def test_mappings_come_from_fabric_yaml_or_as_json_from_the_inventory_and_environment():

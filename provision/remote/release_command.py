@@ -1,0 +1,35 @@
+# The release command (app.release_command): run once in a new release before it takes traffic,
+# as the app user with the app's environment (systemd-run, the command line in argv: see
+# provision/appenv.py). Its output is shown, any value of the app's secret environment masked.
+# A non-zero exit refuses the release: the release log records `refused` and this exits with the
+# command's status, its output on stderr (where the apply script's failure report takes it).
+import json
+import subprocess
+import sys
+import time
+
+a = json.loads(sys.argv[1])
+
+
+def secret_values():
+    return sorted((v for v in env_read(a["secrets_file"]).values() if v), key=len, reverse=True)
+
+
+def masked(text):
+    for value in secret_values():
+        text = text.replace(value, "****")
+    return text
+
+
+res = subprocess.run(a["argv"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+out = masked(res.stdout.decode("utf-8", "replace")).rstrip("\n")
+if res.returncode == 0:
+    # lines the apply script shows as they are, once the step is done
+    print("".join("@@show %s\n" % line for line in out.splitlines()), end="")
+    sys.exit(0)
+append_log(a["release_log"], json.dumps({
+    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "release": a["release"], "action": "refused",
+    "by": a["by"], "reason": "release command"}, sort_keys=True) + "\n")
+sys.stderr.write("%s\nrelease command failed (exit %d): release %s refused, traffic stays on the previous release\n"
+                 % (out, res.returncode, a["release"]))
+sys.exit(res.returncode if 0 < res.returncode < 256 else 1)

@@ -179,7 +179,7 @@ class Deploy(Recipe):
             # what older layouts kept and this one does not
             Absent(lay.legacy_unit_file, notify=("unit",)),
             *(Absent(path) for path in lay.legacy_files),
-            *release_phase(s, target, self.deployer),
+            *release_phase(s, target, self.deployer, self.release.source),
             Switch(s, target, action="deploy", by=self.deployer, prove=prove),
             # processes and timers move to the new release once traffic has
             *unit_steps(s, target, self.app_unit),
@@ -201,9 +201,14 @@ def release_configs(s: Settings) -> dict[str, bytes]:
     return out
 
 
-def release_phase(s: Settings, target: str | None, by: str) -> list[Step]:
-    """The release command, in a new release before it takes traffic."""
-    return [appenv.ReleaseCommand(s.layout, s.user, s.release_command, target, by)] if s.release_command else []
+def release_phase(s: Settings, target: str | None, by: str, source: Source) -> list[Step]:
+    """The release command, in a new release before it takes traffic. It may fill the ``static``
+    directories the source does not ship (Django's collectstatic): only those are the app's to
+    write while it runs."""
+    if not s.release_command:
+        return []
+    fills = tuple(d for _, d in s.static if not any(f == d or f.startswith(d + "/") for f in source.files))
+    return [appenv.ReleaseCommand(s.layout, s.user, s.release_command, target, by, fills)]
 
 
 class Rollback(Recipe):

@@ -13,12 +13,15 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shlex
 
 from . import remote
 from .errors import ProvisionError
 from .layout import TMP, VENV, Layout
 from .remote.lib_envfile import env_text
-from .steps import Change, Directory, Recipe, RootsOnly, Step
+from .steps import Change, Step
+
+q = shlex.quote
 
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -84,8 +87,10 @@ class ReleaseCommand(Step):
 
     barrier = True
 
-    def __init__(self, lay: Layout, user: str, command: str, release: str | None, by: str = ""):
+    def __init__(self, lay: Layout, user: str, command: str, release: str | None, by: str = "",
+                 fills: tuple[str, ...] = ()):
         self.lay, self.user, self.command, self.release, self.by = lay, user, command, release, by
+        self.fills = fills  # directories of the release the command may write (made for it, then root's)
 
     @property
     def name(self):
@@ -94,10 +99,24 @@ class ReleaseCommand(Step):
     def plan(self, facts, notified):
         if "code" not in notified or not self.release:
             return None
-        argv = app_process(self.lay, self.user, self.lay.release(self.release), ["/bin/sh", "-c", self.command])
-        return Change([remote.python("release_command.py", {
+        release = self.lay.release(self.release)
+        argv = app_process(self.lay, self.user, release, ["/bin/sh", "-c", self.command])
+        run = remote.python("release_command.py", {
             "argv": argv, "secrets_file": self.lay.secrets_file, "release_log": self.lay.release_log,
-            "release": self.release, "by": self.by})], summary=self.command)
+            "release": self.release, "by": self.by})
+        fills = [q(f"{release}/{d}") for d in self.fills]
+        if not fills:
+            return Change([run], summary=self.command)
+        # The release is root's; the command writes only these, made empty for it. Once it has
+        # ended (and with it every process of its unit), they become root's like the rest: chown
+        # and chmod -R never follow a link the app made (-P, -h), and the setuid bits go.
+        dirs = " ".join(fills)
+        return Change([
+            f"for d in {dirs}; do mkdir -p \"$(dirname \"$d\")\" && install -d -m 755 -o {q(self.user)} -g {q(self.user)} \"$d\"; done",
+            f"__rc=0; {run} || __rc=$?",
+            f"chown -R -P -h root:root {dirs} && chmod -R go-w,a+rX,ug-s {dirs}",
+            '[ "$__rc" -eq 0 ] || exit "$__rc"',
+        ], summary=self.command)
 
 
 class Secrets(Step):

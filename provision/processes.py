@@ -198,7 +198,9 @@ def _service(lay: Layout, user: str, what: str, release: str, command: str, app_
         "[Unit]", f"Description={lay.name} {what}", "After=network.target", "",
         "[Service]", f"User={user}", f"Group={user}", f"WorkingDirectory={rel}",
         f"Environment=PATH={rel}/{VENV}/bin:{PATH}", f"Environment=VIRTUAL_ENV={rel}/{VENV}",
-        "Environment=PYTHONUNBUFFERED=1", *hardening(app_unit),
+        "Environment=PYTHONUNBUFFERED=1",
+        f"EnvironmentFile=-{lay.release_env(rel)}",  # app.env, as the web unit has it from its slot
+        *hardening(app_unit),
         f"ExecStart=/bin/sh -c {systemd_quote(command)}", *extra,
     ]
     return ("\n".join(lines) + "\n").encode()

@@ -280,3 +280,13 @@ def test_logs_of_one_process_name_one_the_settings_have():
     assert logs_unit(s, "worker") == "hello.worker.service" and logs_unit(s, "sessions") == "hello.sessions.service"
     with pytest.raises(ProvisionError, match=r"^app hello has no process or timer 'mail'; it has worker, sessions$"):
         logs_unit(s, "mail")
+
+
+def test_processes_get_the_apps_whole_environment_in_the_units_order():
+    """app.env (the release's), then the secrets, then shared/.env: later ones win, as for the web unit."""
+    s = settings(processes={"worker": "python worker.py"}, env={"MODE": "worker"})
+    files = {st.path: st.content.decode() for st in unit_steps(s, "r1", rendered(s, "app@.service.j2").decode())
+             if isinstance(st, File)}
+    envs = [l for l in files["/etc/systemd/system/hello.worker.service"].splitlines() if l.startswith("EnvironmentFile")]
+    assert envs == ["EnvironmentFile=-/srv/hello/releases/r1/.provision/env", "EnvironmentFile=-/srv/hello/secrets.env",
+                    "EnvironmentFile=-/srv/hello/shared/.env"]

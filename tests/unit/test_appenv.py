@@ -15,6 +15,7 @@ from provision.app import Deploy
 from provision.errors import ProvisionError
 from provision.hosts import remainder
 from provision.layout import Layout
+from provision.layout import Layout
 from provision.remote.lib_envfile import env_parse, env_text
 from provision.script import build_script, parse_report
 from provision.source import scan
@@ -218,3 +219,18 @@ def test_run_runs_the_command_word_for_word_in_the_live_release_or_says_there_is
     missing = subprocess.run(["bash", "-c", line.replace("/srv/hello/current/", "/nonexistent/")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr == "error: no live release of hello on this host; deploy first\n"
+
+
+def test_the_release_command_fills_only_unshipped_static_dirs_which_are_roots_again_after(tmp_path):
+    """collectstatic writes STATIC_ROOT inside the root-owned release: that one directory is made
+    the app's while the command runs, then root's, whatever the command's exit."""
+    step = appenv.ReleaseCommand(Layout("hello"), "hello", "python manage.py collectstatic", "r2", "me", ("staticfiles",))
+    cmds = step.plan(None, {"code"}).commands
+    assert cmds[0].startswith("for d in /srv/hello/releases/r2/staticfiles; do") and "-o hello -g hello" in cmds[0]
+    assert cmds[1].startswith("__rc=0; python3 -c ") and cmds[1].endswith("|| __rc=$?")
+    assert cmds[2] == ("chown -R -P -h root:root /srv/hello/releases/r2/staticfiles && "
+                       "chmod -R go-w,a+rX,ug-s /srv/hello/releases/r2/staticfiles")
+    assert cmds[3] == '[ "$__rc" -eq 0 ] || exit "$__rc"'
+    plain = appenv.ReleaseCommand(Layout("hello"), "hello", "true", "r2").plan(None, {"code"}).commands
+    assert len(plain) == 1 and plain[0].startswith("python3 -c ")
+    assert appenv.ReleaseCommand(Layout("hello"), "hello", "true", "r2").plan(None, set()) is None  # no new release

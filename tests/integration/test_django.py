@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FAB = str(Path(sys.executable).with_name("fab"))
 SETTINGS = """\
+  health_path: /admin/login/
   linked_dirs: [data]
   release_command: python manage.py migrate --noinput && python manage.py collectstatic --noinput
   static:

@@ -56,10 +56,20 @@ async def echo(ws: WebSocket):
     async for text in ws.iter_text():
         await ws.send_text(f"{VERSION}: {text}")
 '''
+WORKER = """import time
+
+import app
+
+while True:  # which release this worker runs, where the test can read it (log/ is a linked dir)
+    with open("log/worker", "w") as fh:
+        fh.write(app.VERSION)
+    time.sleep(0.5)
+"""
 APPS = {  # name: (files, settings)
     "hashed": (HASHED, {"SERVER_NAME": "hashed.test"}),
     "shop": (SRC_LAYOUT, {"SERVER_NAME": "shop.test", "WSGI": "shop:create_app()"}),
-    "ws": ({"requirements.txt": "fastapi>=0.100\n", "app.py": ASGI_APP},
+    "ws": ({"requirements.txt": "fastapi>=0.100\n", "app.py": ASGI_APP, "worker.py": WORKER,
+            "Procfile": "worker: python worker.py\n"},
            {"SERVER_NAME": "ws.test", "ASGI": "true", "GRACEFUL_TIMEOUT": "5"}),
 }
 DISTRIBUTIONS = ("python3 -c \"import importlib.metadata as m; "
@@ -194,12 +204,23 @@ def test_pyproject_only_src_layout_app_is_importable_without_being_installed(dro
     assert "pythonpath = 'src'" in droplet.sh("cat /srv/shop/current/.provision/gunicorn.conf.py")
 
 
+def worker_runs(droplet, version: str) -> bool:
+    """The ws app's worker process writes the version of the release it runs, within 10 s."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if droplet.run("cat /srv/ws/shared/log/worker")[1] == version:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_asgi_app_answers_http_and_websockets_through_nginx(droplet, apps):
     t0 = time.monotonic()
     res = deploy(droplet, apps, "ws")
     assert res.returncode == 0, res.stdout + res.stderr
     print(f"fresh deploy of the FastAPI app: {time.monotonic() - t0:.1f} s")
     assert json.loads(get(droplet.address, "ws.test"))["version"] == "v1"
+    assert worker_runs(droplet, "v1")  # the Procfile's worker, beside the ASGI app
     ws = WebSocket(droplet.address, "ws.test")
     try:
         assert ws.echo("hello") == "v1: hello"
@@ -258,6 +279,7 @@ def test_websockets_keep_answering_across_a_redeploy(droplet, apps):
         assert ws.echo("after") == "v2: after"
     finally:
         ws.close()
+    assert worker_runs(droplet, "v2")  # the worker runs the new release after the deploy
     again = deploy(droplet, apps, "ws")
     assert again.returncode == 0 and f"{droplet.name}: no changes, nothing restarted" in again.stdout, again.stdout
     # for comparison: the same code change with no WebSocket open while it deploys

@@ -195,7 +195,10 @@ class Deploy(Recipe):
 def release_configs(s: Settings) -> dict[str, bytes]:
     """What a release keeps besides its unit and gunicorn config: its plain environment and its
     release command (a change to either makes a new release)."""
-    out = {RELEASE_ENV: appenv.env_file(s.env)}
+    env = dict(s.env)
+    if s.pythonpath:  # a src/ layout: importable in run, the release command and processes too (their
+        env.setdefault("PYTHONPATH", s.pythonpath)  # working directory is the release)
+    out = {RELEASE_ENV: appenv.env_file(env)}
     if s.release_command:
         out["release_command"] = s.release_command.encode() + b"\n"
     return out

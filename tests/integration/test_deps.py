@@ -202,6 +202,11 @@ def test_pyproject_only_src_layout_app_is_importable_without_being_installed(dro
     installed = droplet.sh(f"/srv/shop/current/.venv/bin/{DISTRIBUTIONS}").split()
     assert "six" in installed and "gunicorn" in installed and "shop" not in installed
     assert "pythonpath = 'src'" in droplet.sh("cat /srv/shop/current/.provision/gunicorn.conf.py")
+    # fab run (and the release command, processes) import it too: PYTHONPATH=src in the release's env
+    env = {f"FABRIC_APP_{k}": v for k, v in APPS["shop"][1].items()}
+    ran = droplet.fab("-H", droplet.name, "run", "--", "python", "-c", "import shop; print(shop.__file__)",
+                      env={"FABRIC_APP_NAME": "shop", "FABRIC_APP_SOURCE": str(apps / "shop"), **env})
+    assert ran.returncode == 0 and ran.stdout.strip().endswith("/src/shop/__init__.py"), ran.stdout + ran.stderr
 
 
 def worker_runs(droplet, version: str) -> bool:

@@ -11,7 +11,7 @@ from pip._internal.req.req_file import parse_requirements
 
 from provision import config as cfg
 from provision import requirements as deps
-from provision.app import venv_key, venv_step
+from provision.app import venv_key, venv_step, release_configs
 from provision.errors import ProvisionError
 from provision.render import render
 
@@ -185,6 +185,9 @@ def test_pyproject_dependencies_without_requirements_txt(tmp_path):
     assert s.dependencies.added == ("gunicorn>=22",) and s.pythonpath == "src"
     conf = render(ROOT / "provision/templates", "gunicorn.conf.py.j2", s.template_vars())
     assert "pythonpath = 'src'\n" in conf
+    # fab run, the release command and processes import it too: their working directory is the release
+    assert release_configs(s)["env"] == b'PYTHONPATH="src"\n'
+    assert release_configs(settings(src, wsgi="shop:app", env={"PYTHONPATH": "lib"}))["env"] == b'PYTHONPATH="lib"\n'
     # requirements.txt, when there is one, is what counts
     (src / "requirements.txt").write_text("django\n")
     assert settings(src, wsgi="shop:app").dependencies.files == (("requirements.txt", b"django\n"),)

@@ -18,6 +18,13 @@ __stop_scope() {  # TERM, then KILL, whatever is left of a deploy's scope
     for i in $(seq 100); do [ -z "$(__procs "$1")" ] && return 0; sleep 0.05; done
   done
 }
+__orphan() {  # a holder whose client is gone: sshd has gone too, init adopted it (give sshd a moment)
+  local i; for i in $(seq 20); do
+    [ "$(cut -d' ' -f4 "/proc/$1/stat" 2>/dev/null)" = 1 ] && return 0
+    [ -d "/proc/$1" ] || return 1
+    sleep 0.05
+  done; return 1
+}
 umask 077; mkdir -p "$__run_dir"; chmod 755 "$__run_dir"
 exec 9>>"$__lock_file"
 if ! flock -n 9; then
@@ -29,7 +36,7 @@ if ! flock -n 9; then
     __stop_scope "$(__scope_of "$__h")"
     flock -w 10 9 || { echo "@@locked $__h"; exit 75; }
     echo "@@broken $__h"
-  elif [ -n "$__hpid" ] && [ "$(cut -d' ' -f4 /proc/$__hpid/stat 2>/dev/null)" = 1 ]; then
+  elif [ -n "$__hpid" ] && __orphan "$__hpid"; then
     # its client is gone: it stops after its current step
     flock -w 300 9 || { echo "@@locked $__h"; exit 75; }
     echo "@@waited $__h"; exit 76  # the host changed meanwhile: gather facts again

@@ -157,6 +157,7 @@ class Deploy(Recipe):
         unserved_static(s, self.site.decode())
         self.app_unit = configs["unit"].decode()
         self.release = Release(s, source, release_id, key, configs, deployer)
+        self.fills = static_fills(s, source)
 
     def target_facts(self):
         return [*self.release.facts(), data_fact(self.s)]
@@ -179,7 +180,7 @@ class Deploy(Recipe):
             # what older layouts kept and this one does not
             Absent(lay.legacy_unit_file, notify=("unit",)),
             *(Absent(path) for path in lay.legacy_files),
-            *release_phase(s, target, self.deployer, self.release.source),
+            *release_phase(s, target, self.deployer, self.fills),
             Switch(s, target, action="deploy", by=self.deployer, prove=prove),
             # processes and timers move to the new release once traffic has
             *unit_steps(s, target, self.app_unit),
@@ -204,13 +205,25 @@ def release_configs(s: Settings) -> dict[str, bytes]:
     return out
 
 
-def release_phase(s: Settings, target: str | None, by: str, source: Source) -> list[Step]:
-    """The release command, in a new release before it takes traffic. It may fill the ``static``
-    directories the source does not ship (Django's collectstatic): only those are the app's to
-    write while it runs."""
+def static_fills(s: Settings, source: Source) -> tuple[str, ...]:
+    """The ``static`` directories the source does not ship: the release command may fill them
+    (Django's collectstatic). Root makes them, so never through a link of the app (one could lead
+    into a linked dir, the app's): refused in one line, before any host is touched."""
+    fills = tuple(d for _, d in s.static if not any(f == d or f.startswith(d + "/") for f in source.files))
+    for d in fills:
+        parts = d.split("/")
+        link = next(("/".join(parts[:i]) for i in range(1, len(parts) + 1) if "/".join(parts[:i]) in source.links),
+                    None)
+        if link:
+            raise ProvisionError(f"app.static directory {d} lies behind the symlink {link} of the app; "
+                                 "point app.static at the real directory")
+    return fills
+
+
+def release_phase(s: Settings, target: str | None, by: str, fills: tuple[str, ...]) -> list[Step]:
+    """The release command, in a new release before it takes traffic; it may write only ``fills``."""
     if not s.release_command:
         return []
-    fills = tuple(d for _, d in s.static if not any(f == d or f.startswith(d + "/") for f in source.files))
     return [appenv.ReleaseCommand(s.layout, s.user, s.release_command, target, by, fills)]
 
 

@@ -108,13 +108,14 @@ class ReleaseCommand(Step):
         if not fills:
             return Change([run], summary=self.command)
         # The release is root's; the command writes only these, made empty for it. Once it has
-        # ended (and with it every process of its unit), they become root's like the rest: chown
-        # and chmod -R never follow a link the app made (-P, -h), and the setuid bits go.
+        # ended they become root's like the rest (remote/seal.py: each directory made root's
+        # through its own descriptor before it is listed, never through a path the app can still
+        # change; links and special files removed), whatever the command's exit.
         dirs = " ".join(fills)
         return Change([
             f"for d in {dirs}; do mkdir -p \"$(dirname \"$d\")\" && install -d -m 755 -o {q(self.user)} -g {q(self.user)} \"$d\"; done",
             f"__rc=0; {run} || __rc=$?",
-            f"chown -R -P -h root:root {dirs} && chmod -R go-w,a+rX,ug-s {dirs}",
+            remote.python("seal.py", {"base": release, "dirs": list(self.fills)}),
             '[ "$__rc" -eq 0 ] || exit "$__rc"',
         ], summary=self.command)
 

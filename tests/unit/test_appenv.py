@@ -228,9 +228,46 @@ def test_the_release_command_fills_only_unshipped_static_dirs_which_are_roots_ag
     cmds = step.plan(None, {"code"}).commands
     assert cmds[0].startswith("for d in /srv/hello/releases/r2/staticfiles; do") and "-o hello -g hello" in cmds[0]
     assert cmds[1].startswith("__rc=0; python3 -c ") and cmds[1].endswith("|| __rc=$?")
-    assert cmds[2] == ("chown -R -P -h root:root /srv/hello/releases/r2/staticfiles && "
-                       "chmod -R go-w,a+rX,ug-s /srv/hello/releases/r2/staticfiles")
+    assert cmds[2].startswith("python3 -c '# provision: seal.py") and "staticfiles" in cmds[2]
     assert cmds[3] == '[ "$__rc" -eq 0 ] || exit "$__rc"'
     plain = appenv.ReleaseCommand(Layout("hello"), "hello", "true", "r2").plan(None, {"code"}).commands
     assert len(plain) == 1 and plain[0].startswith("python3 -c ")
     assert appenv.ReleaseCommand(Layout("hello"), "hello", "true", "r2").plan(None, set()) is None  # no new release
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="seal.py makes files root's: run as root")
+def test_seal_makes_what_the_app_wrote_roots_and_removes_links_and_special_files(tmp_path):
+    """remote/seal.py, run as on the host: the static folder the release command filled."""
+    release = tmp_path / "r2"
+    d = release / "staticfiles"
+    (d / "css").mkdir(parents=True)
+    (d / "css/site.abc12345.css").write_text("body{}")
+    (d / "run.sh").write_text("#!/bin/sh\n")
+    (d / "run.sh").chmod(0o4770)  # set-uid, group-writable
+    (d / "shadow").symlink_to("/etc/shadow")
+    os.mkfifo(d / "pipe")
+    (d / "css/up").symlink_to("..")
+    for p in (d, d / "css", d / "css/site.abc12345.css", d / "run.sh"):
+        os.chown(p, 65534, 65534, follow_symlinks=False)  # the app's (nobody here)
+    (d / "css").chmod(0o777)
+    res = subprocess.run(["bash", "-c", remote.python("seal.py", {"base": str(release), "dirs": ["staticfiles"]})],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    found = {}
+    for root, dirs, files in os.walk(d):
+        for n in dirs + files + [""]:
+            p = os.path.join(root, n)
+            st = os.lstat(p)
+            found[os.path.relpath(p, d)] = (st.st_uid, stat.S_IMODE(st.st_mode), stat.S_IFMT(st.st_mode))
+    assert found == {".": (0, 0o755, stat.S_IFDIR), "css": (0, 0o755, stat.S_IFDIR),
+                     "css/site.abc12345.css": (0, 0o644, stat.S_IFREG), "run.sh": (0, 0o754, stat.S_IFREG)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="seal.py makes files root's: run as root")
+def test_seal_refuses_a_tree_planted_too_deep(tmp_path):
+    d = tmp_path / "r2/staticfiles"
+    deep = d.joinpath(*["x"] * 70)
+    deep.mkdir(parents=True)
+    res = subprocess.run(["bash", "-c", remote.python("seal.py", {"base": str(tmp_path / "r2"), "dirs": ["staticfiles"]})],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "over 64 levels deep" in res.stderr

@@ -160,3 +160,24 @@ def test_services_are_named_as_units_a_timer_too(tmp_path):
     nginx, timer, worker = json.loads(out.stdout)["facts"]
     assert timer == {"loaded": True, "active": True, "enabled": True, "pid": 0}  # not hello.tick.timer.service
     assert nginx["active"] is False and worker["active"] is False and worker["loaded"]
+
+
+def test_unlisted_survives_a_tree_planted_to_exhaust_it(tmp_path):
+    """A release holding a tree deeper than the walk goes (planted 1,000 deep, it raised
+    RecursionError, which killed the whole gatherer): the fact says more was left out, and every
+    other fact of the run is still gathered."""
+    import os
+    release = tmp_path / "r1"
+    (release / ".provision").mkdir(parents=True)
+    (release / ".provision/manifest.json").write_text("{}")
+    here = os.open(release, os.O_RDONLY)
+    for _ in range(100):  # deeper than MAX_DEPTH (64), shallow enough for pytest to clean up
+        os.mkdir("d", dir_fd=here)
+        inner = os.open("d", os.O_RDONLY, dir_fd=here)
+        os.close(here)
+        here = inner
+    os.close(here)
+    arg = json.dumps({"dir": str(release), "manifest": ".provision/manifest.json", "skip": [".provision"],
+                      "match": ["*.db"], "max": 50})
+    unlisted, listing = gather([["unlisted", arg], ["ls", str(release)]])
+    assert unlisted == {"paths": [], "more": True} and listing == [".provision", "d"]

@@ -290,3 +290,17 @@ def test_processes_get_the_apps_whole_environment_in_the_units_order():
     envs = [l for l in files["/etc/systemd/system/hello.worker.service"].splitlines() if l.startswith("EnvironmentFile")]
     assert envs == ["EnvironmentFile=-/srv/hello/releases/r1/.provision/env", "EnvironmentFile=-/srv/hello/secrets.env",
                     "EnvironmentFile=-/srv/hello/shared/.env"]
+
+
+def test_a_static_folder_behind_a_symlink_of_the_app_is_refused_before_any_host(app):
+    """Root makes the folders the release command fills: never through a link (this one leads into
+    uploads/, a linked dir the app writes, where it could point build at /etc/systemd/system)."""
+    (app / "uploads/x").mkdir(parents=True)
+    (app / "uploads/x/.keep").write_text("")
+    (app / "assets").symlink_to("uploads/x")
+    s = settings(app, static={"/static/": "assets/build"}, release_command="python manage.py collectstatic",
+                 linked_dirs=["log"])
+    with pytest.raises(ProvisionError, match="app.static directory assets/build lies behind the symlink assets"):
+        Deploy(s, scan(s.source), "r1")
+    s = settings(app, static={"/static/": "uploads/x/build"}, release_command="true", linked_dirs=["log"])
+    assert Deploy(s, scan(s.source), "r1").fills == ("uploads/x/build",)  # a real folder: fine

@@ -102,7 +102,8 @@ class ReleaseCommand(Step):
         release = self.lay.release(self.release)
         argv = app_process(self.lay, self.user, release, ["/bin/sh", "-c", self.command])
         run = remote.python("release_command.py", {
-            "argv": argv, "secrets_file": self.lay.secrets_file, "release_log": self.lay.release_log,
+            "argv": argv, "secrets_file": self.lay.secrets_file, "env_file": self.lay.env_file,
+            "release_log": self.lay.release_log,
             "release": self.release, "by": self.by})
         fills = [q(f"{release}/{d}") for d in self.fills]
         if not fills:

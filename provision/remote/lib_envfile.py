@@ -34,15 +34,16 @@ def env_parse(text):
     return out
 
 
-def env_read(path):
-    """The variables of a file only root can read or write; a link, or anything else found there,
-    counts as none (never followed)."""
+def env_read(path, group_may_read=False):
+    """The variables of a file only root can write, and only root (or, ``group_may_read``, its
+    group: shared/.env is root:app 0640) can read; a link, or anything else found there, counts as
+    none (never followed)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:  # none, or a link (ELOOP)
         return {}
     with os.fdopen(fd) as fh:
         st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & (0o037 if group_may_read else 0o077):
             return {}
         return env_parse(fh.read())

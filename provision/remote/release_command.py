@@ -1,6 +1,7 @@
 # The release command (app.release_command): run once in a new release before it takes traffic,
 # as the app user with the app's environment (systemd-run, the command line in argv: see
-# provision/appenv.py). Its output is shown, any value of the app's secret environment masked.
+# provision/appenv.py). Its output is shown, any value of the app's secret environment (the
+# secrets file, and shared/.env's longer values) masked.
 # A non-zero exit refuses the release: the release log records `refused` and this exits with the
 # command's status, its output on stderr (where the apply script's failure report takes it).
 import json
@@ -11,8 +12,15 @@ import time
 a = json.loads(sys.argv[1])
 
 
+SHORTEST = 6  # of shared/.env's values masked (DEBUG=1 must not make every 1 in the output ****)
+
+
 def secret_values():
-    return sorted((v for v in env_read(a["secrets_file"]).values() if v), key=len, reverse=True)
+    """The secrets' values, and those of shared/.env (where apps keep theirs too) of SHORTEST
+    characters or more."""
+    values = [v for v in env_read(a["secrets_file"]).values() if v]
+    values += [v for v in env_read(a["env_file"], group_may_read=True).values() if len(v) >= SHORTEST]
+    return sorted(set(values), key=len, reverse=True)
 
 
 def masked(text):

@@ -141,9 +141,15 @@ def test_the_release_command_shows_its_output_with_secrets_masked_and_refuses_on
     fd = os.open(lay.secrets_file, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, env_text({"TOKEN": "tok-42"}).encode())
     os.close(fd)
+    os.makedirs(lay.shared)  # the app's own .env (root:app 0640) holds secrets too: its longer values
+    fd = os.open(lay.env_file, os.O_WRONLY | os.O_CREAT, 0o640)
+    os.write(fd, env_text({"DATABASE_URL": "postgres://u:pw-77@db/x", "DEBUG": "1"}).encode())
+    os.close(fd)
     step = appenv.ReleaseCommand(lay, "hello", "python migrate.py", "r1", "me@laptop")
     [command] = step.plan(None, {"code"}).commands
     env = {"PATH": f"{fake}:{os.environ['PATH']}", "FAKE": str(fake), "SAY": "tok-42 ok"}
+    res = run(command, RC="0", **dict(env, SAY="postgres://u:pw-77@db/x with DEBUG 1"))
+    assert res.returncode == 0 and res.stdout == "@@show the app says **** with DEBUG 1\n", res
     res = run(command, RC="0", **env)
     assert res.returncode == 0 and res.stdout == "@@show the app says **** ok\n", res
     assert (fake / "argv").read_text().endswith(" -- /bin/sh -c python migrate.py\n")

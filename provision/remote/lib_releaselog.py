@@ -1,5 +1,7 @@
 # lib_releaselog: appending to the release log (releases.log), root's: one JSON object a line.
+import json
 import os
+import time
 
 
 def append_log(path, line):
@@ -13,3 +15,10 @@ def append_log(path, line):
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "a") as fh:
         fh.write(line)
+
+
+def log_release(path, release, action, by, **more):
+    """A line in the release log: what went live (deploy, rollback, restart) or was refused, by
+    whom, when."""
+    append_log(path, json.dumps(dict(more, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                     release=release, action=action, by=by), sort_keys=True) + "\n")

@@ -7,7 +7,6 @@
 import json
 import subprocess
 import sys
-import time
 
 a = json.loads(sys.argv[1])
 
@@ -35,9 +34,7 @@ if res.returncode == 0:
     # lines the apply script shows as they are, once the step is done
     print("".join("@@show %s\n" % line for line in out.splitlines()), end="")
     sys.exit(0)
-append_log(a["release_log"], json.dumps({
-    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "release": a["release"], "action": "refused",
-    "by": a["by"], "reason": "release command"}, sort_keys=True) + "\n")
+log_release(a["release_log"], a["release"], "refused", a["by"], reason="release command")
 sys.stderr.write("%s\nrelease command failed (exit %d): release %s refused, traffic stays on the previous release\n"
                  % (out, res.returncode, a["release"]))
 sys.exit(res.returncode if 0 < res.returncode < 256 else 1)

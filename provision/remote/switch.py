@@ -100,9 +100,7 @@ def read(path):
 
 def record(action):
     """A line in the release log: what went live (deploy, rollback) or was refused, by whom, when."""
-    append_log(a["release_log"], json.dumps({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "release": release, "action": action,
-        "by": a["by"], "slot": new["slot"]}, sort_keys=True) + "\n")
+    log_release(a["release_log"], release, action, a["by"], slot=new["slot"])
 
 
 def exited():

@@ -293,11 +293,23 @@ def firewall_file(steps: list[Step]) -> File:
     return next(st for st in steps if isinstance(st, File) and st.path == FIREWALL_RULES)
 
 
+def _own_rule(matches: list[dict]) -> bool:
+    """One of the accept rules every provision firewall has besides its ports (see firewall_rules)."""
+    def key(m):
+        left = m.get("left", {})
+        if "payload" in left:
+            return f"{left['payload'].get('protocol')}.{left['payload'].get('field')}"
+        return (left.get("ct") or left.get("meta") or {}).get("key")
+    shape = sorted((key(m), json.dumps(m.get("right"), sort_keys=True)) for m in matches)
+    return shape in ([("state", '["established", "related"]')], [("iifname", '"lo"')],
+                     [("l4proto", '{"set": [1, 58]}')],
+                     [("ip6.saddr", '{"prefix": {"addr": "fe80::", "len": 10}}'), ("udp.dport", "546")])
+
+
 def open_ports_of(nft_json: dict) -> tuple[str | None, set[str]]:
-    """From ``nft -j list table ...``: the input chain's policy, and the ports its rules accept
-    (``PORT/PROTO``; a rule that accepts a whole protocol or everything gives ``*/PROTO`` or ``*``).
-    Rules on connection state, loopback, ICMP and DHCPv6 replies from link-local addresses are the
-    firewall's own and not counted."""
+    """From ``nft -j list table ...``: the input chain's policy, and what its other accept rules
+    let in: ``PORT/PROTO`` (``A-B/PROTO`` for a range; ``*`` for a rule on no port at all). A port
+    accepted only from some addresses counts as open."""
     policy, ports = None, set()
     for item in nft_json.get("nftables", []):
         if "chain" in item and item["chain"].get("hook") == "input":
@@ -306,24 +318,16 @@ def open_ports_of(nft_json: dict) -> tuple[str | None, set[str]]:
         if not rule or not any("accept" in e for e in rule.get("expr", [])):
             continue
         matches = [e["match"] for e in rule["expr"] if "match" in e]
-        lefts = [json.dumps(m.get("left"), sort_keys=True) for m in matches]
-        if any(k in l for l in lefts for k in ('"ct"', '"iifname"', '"l4proto"', '"saddr"')):
+        if _own_rule(matches):
             continue
-        found = False
-        for m in matches:
-            pay = m.get("left", {}).get("payload", {})
-            if pay.get("field") != "dport":
-                continue
-            found = True
-            right = m.get("right")
-            items = right["set"] if isinstance(right, dict) and "set" in right else [right]
-            for v in items:
-                if isinstance(v, dict) and "range" in v:
-                    ports.add(f"{v['range'][0]}-{v['range'][1]}/{pay.get('protocol')}")
-                else:
-                    ports.add(f"{v}/{pay.get('protocol')}")
-        if not found:
+        dports = [m for m in matches if m.get("left", {}).get("payload", {}).get("field") == "dport"]
+        if not dports:
             ports.add("*")
+        for m in dports:
+            proto, right = m["left"]["payload"].get("protocol"), m.get("right")
+            for v in right["set"] if isinstance(right, dict) and "set" in right else [right]:
+                ports.add(f"{v['range'][0]}-{v['range'][1]}/{proto}" if isinstance(v, dict) and "range" in v
+                          else f"{v}/{proto}")
     return policy, ports
 
 

@@ -352,8 +352,8 @@ def _public_keys(files: list[str], base_dir: Path) -> tuple[str, ...]:
         if not lines or not all(PUBLIC_KEY_RE.fullmatch(l) for l in lines):
             raise _bad("deploy_keys", name, "not an SSH public key file (expected lines like `ssh-ed25519 AAAA... "
                        "you@laptop`); list the .pub files, never private keys")
-        out += [l for l in lines if l not in out]
-    return tuple(out)
+        out += lines
+    return tuple(dict.fromkeys(out))
 
 
 def _ports(value) -> tuple[str, ...]:

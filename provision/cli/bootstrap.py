@@ -18,7 +18,7 @@ from invoke import Exit
 
 from .. import bootstrap as boot
 from ..app import proxy_env
-from ..errors import AuthFailed, ProvisionError, StepFailed
+from ..errors import AuthFailed, ProvisionError, StepFailed, Unreachable
 from ..facts import gather
 from ..fleet import exit_code, run_fleet
 from ..hosts import Job, jobs
@@ -52,6 +52,9 @@ def operator_keys(job: Job) -> tuple[str, ...]:
         raise ProvisionError(f"{t.alias}: cannot read the public key of {t.key} (protected by a passphrase, and no "
                              f"{t.key}.pub beside it); list public key files in app.deploy_keys")
     return (" ".join(line.split()[:2]),)
+
+
+RELOAD_GRACE = 5  # seconds a fresh login waits for sshd's socket, which a reload closes for a moment
 
 
 class Bootstrap:
@@ -89,10 +92,17 @@ class Bootstrap:
 
     def fresh_login(self, user: str, command: str = "id -u") -> str | None:
         """A new connection as ``user`` runs ``command`` through sudo (prints 0 for `id -u`): None, or why not."""
-        try:
-            r = self.connect(user)
-        except ProvisionError as e:
-            return str(e).removeprefix(f"{self.label}: ")
+        deadline = time.monotonic() + RELOAD_GRACE
+        while True:
+            try:
+                r = self.connect(user)
+                break
+            except Unreachable as e:  # sshd re-executes itself on reload: its socket is closed for a moment
+                if "connection refused" not in str(e) or time.monotonic() > deadline:
+                    return str(e).removeprefix(f"{self.label}: ")
+                time.sleep(0.2)
+            except ProvisionError as e:
+                return str(e).removeprefix(f"{self.label}: ")
         try:
             rc, out, err = r.exec(f"{r.sudo}{command}", timeout=30)
         except ProvisionError as e:

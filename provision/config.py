@@ -48,6 +48,11 @@ DEFAULTS: dict = {
     "timers": {},  # name -> {schedule: systemd OnCalendar, command}
     "env": {},  # plain environment variables of every process of the app (visible in plans)
     "release_command": "",  # shell command run in each new release before it takes traffic (or a Procfile's release: line)
+    # fab bootstrap (provision/bootstrap.py)
+    "deploy_user": "deploy",  # the login user with passwordless sudo that replaces root's login
+    "deploy_keys": [],  # local public key files given to deploy_user (default: the connection's key, -i / key=)
+    "open_ports": [],  # more ports the firewall lets in, beside SSH, 80 and 443: 8443 or 51820/udp
+    "unattended_upgrades": True,  # security upgrades installed every day (false: provision leaves them as they are)
 }
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
@@ -125,6 +130,10 @@ class Settings:
     timers: dict[str, dict[str, str]]
     env: dict
     release_command: str
+    deploy_user: str
+    deploy_keys: tuple[str, ...]  # public key lines
+    open_ports: tuple[str, ...]  # "PORT/tcp" or "PORT/udp"
+    unattended_upgrades: bool
     extra: dict  # other vars (var_*), available to templates
 
     @property
@@ -308,7 +317,58 @@ def build(raw: dict, base_dir: Path) -> Settings:
         static=static_setting(v["static"], linked["linked_files"] + linked["linked_dirs"]),
         processes=processes,
         timers=timers_setting(v["timers"], processes),
+        deploy_user=_deploy_user(v["deploy_user"], name),
+        deploy_keys=_public_keys(_list("deploy_keys", v["deploy_keys"]), base_dir),
+        open_ports=_ports(v["open_ports"]),
+        unattended_upgrades=_bool("unattended_upgrades", v["unattended_upgrades"]),
     )
+
+
+def _deploy_user(value, app: str) -> str:
+    user = str(value)
+    if not NAME_RE.fullmatch(user):
+        raise _bad("deploy_user", user, "use lowercase letters, digits, '-' or '_', starting with a letter (max 31)")
+    if user in RESERVED_NAMES or user.startswith("systemd-"):
+        raise _bad("deploy_user", user, "that is a system account; choose another login name, e.g. deploy")
+    if user == app:
+        raise _bad("deploy_user", user, "the app's own user runs the app and must never have sudo; choose another "
+                   "login name, e.g. deploy")
+    return user
+
+
+PUBLIC_KEY_RE = re.compile(r"(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp\d+|sk-[\w.@-]+) [A-Za-z0-9+/=]+( [^\n]*)?")
+
+
+def _public_keys(files: list[str], base_dir: Path) -> tuple[str, ...]:
+    """The public key lines of ``deploy_keys`` files (relative to the fabfile's folder)."""
+    out: list[str] = []
+    for name in files:
+        path = (base_dir / os.path.expanduser(name)).resolve()
+        try:
+            lines = [l.strip() for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise _bad("deploy_keys", name, f"cannot read {path} ({getattr(e, 'strerror', None) or e}); list public "
+                       "key files, e.g. ~/.ssh/id_ed25519.pub")
+        if not lines or not all(PUBLIC_KEY_RE.fullmatch(l) for l in lines):
+            raise _bad("deploy_keys", name, "not an SSH public key file (expected lines like `ssh-ed25519 AAAA... "
+                       "you@laptop`); list the .pub files, never private keys")
+        out += lines
+    return tuple(dict.fromkeys(out))
+
+
+def _ports(value) -> tuple[str, ...]:
+    """``open_ports``: PORT or PORT/tcp or PORT/udp, each as PORT/PROTO (YAML may give numbers)."""
+    def text(v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    out: list[str] = []
+    for item in _list("open_ports", [text(v) for v in value] if isinstance(value, (list, tuple)) else text(value)):
+        port, _, proto = str(item).strip().lower().partition("/")
+        proto = proto or "tcp"
+        if not (port.isdigit() and 1 <= int(port) <= 65535 and proto in ("tcp", "udp")):
+            raise _bad("open_ports", item, "expected a port from 1 to 65535, optionally /tcp or /udp (8443, 51820/udp)")
+        if f"{int(port)}/{proto}" not in out:
+            out.append(f"{int(port)}/{proto}")
+    return tuple(out)
 
 
 # Folders that hold keys and credentials: never shipped as part of an app.include

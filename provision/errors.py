@@ -21,3 +21,7 @@ class Unreachable(ProvisionError):
 class StepFailed(ProvisionError):
     def __init__(self, message: str):
         super().__init__(message, code=1)
+
+
+class AuthFailed(ProvisionError):
+    """The host refused the login (user or key)."""

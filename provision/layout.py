@@ -50,6 +50,20 @@ APT_PROXY_CONF = "/etc/apt/apt.conf.d/80provision-proxy"
 ENVIRONMENT = "/etc/environment"  # logins' environment (the proxy for people on the host)
 EXTRA_CA = "/usr/local/share/ca-certificates/provision-ca.crt"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # update-ca-certificates makes it, with EXTRA_CA in it
+# The machine made safe (fab bootstrap): provision/bootstrap.py
+PROVISION_ETC = "/etc/provision"  # root's: what bootstrap keeps of its own
+BOOTSTRAP_MARKER = f"{PROVISION_ETC}/bootstrap.json"  # written last by a bootstrap that succeeded; `fab check` reads it
+SUDOERS_FILE = "/etc/sudoers.d/provision-deploy"  # the deploy user's passwordless sudo (no '.': sudo skips such names)
+SSH_DIR = "/etc/ssh"
+SSHD_DROPIN = f"{SSH_DIR}/sshd_config.d/00-provision.conf"  # sshd takes the first value it reads: sorts first
+SSH_SERVICE = "ssh.service"  # Debian's and Ubuntu's sshd (Ubuntu 22.10+ may start it from ssh.socket)
+FIREWALL_RULES = f"{PROVISION_ETC}/firewall.nft"
+FIREWALL_PREVIOUS = f"{FIREWALL_RULES}.previous"  # the rules a pending revert puts back
+FIREWALL_TABLE = "inet provision"  # provision's own nftables table: nothing else's rules are touched
+FIREWALL_UNIT = "provision-firewall.service"  # loads FIREWALL_RULES at boot (enabled) and on restart
+FIREWALL_REVERT = "provision-firewall-revert"  # the transient timer (and service) that undoes an unconfirmed change
+UPGRADES_CONF = "/etc/apt/apt.conf.d/80provision-upgrades"  # read after Debian's 20auto-upgrades: ours wins
+UPGRADES_TIMER = "apt-daily-upgrade.timer"
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 Each droplet is a copy of a cached debootstrap base, with its own SSH host
 keys, its own network namespace (a veth pair on the ``pvbr0`` bridge, an
 address in 10.231.0.0/24) and nothing but sshd and python3 on it, like a fresh
-VPS.  Droplets reach apt and PyPI only through a tinyproxy listening on the
-bridge address; the settings they need for that (``proxy``, ``ca_bundle``)
+VPS. Like a VPS's root, a droplet's root may manage its own firewall (CAP_NET_ADMIN, which
+systemd-nspawn drops by default): its rules live in its own network namespace. Droplets reach
+apt and PyPI only through a tinyproxy listening on the bridge address; the settings they need for that (``proxy``, ``ca_bundle``)
 are written into the sandbox inventory, as a user behind a corporate proxy
 would write them into theirs.
 
@@ -335,7 +336,8 @@ class Sandbox:
         # The launching shell joins the droplet's own cgroups, then becomes systemd-nspawn.
         join = 'for g in $PV_CGROUPS; do echo $$ > "$g/cgroup.procs" || exit 1; done; exec "$@"'
         nspawn = ["systemd-nspawn", "-q", "-D", str(rootfs), "-b", "--register=no", "--keep-unit",
-                  f"--machine={name}", f"--network-namespace-path=/run/netns/{netns}", "--console=read-only"]
+                  f"--machine={name}", f"--network-namespace-path=/run/netns/{netns}", "--console=read-only",
+                  "--capability=CAP_NET_ADMIN"]
         proc = subprocess.Popen(
             ["/bin/sh", "-c", join, "sh", *nspawn], env={**os.environ, "PV_CGROUPS": " ".join(map(str, cgroups))},
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,

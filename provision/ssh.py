@@ -18,7 +18,7 @@ from typing import Callable
 import paramiko
 from fabric import Connection
 
-from .errors import ProvisionError, StepFailed, Unreachable
+from .errors import AuthFailed, ProvisionError, StepFailed, Unreachable
 
 
 @dataclass
@@ -139,7 +139,7 @@ def connect(host: str, user: str, port: int, key: str | None, known_hosts: str |
         raise ProvisionError(f"{label}: host key of {host} is unknown ({fingerprint(e.key)}); check that "
                              f"fingerprint, then retry with --accept-new-host-key to record it in {record_to}")
     except paramiko.AuthenticationException:
-        raise ProvisionError(f"{label}: SSH authentication failed for {where}; check the user and the key "
+        raise AuthFailed(f"{label}: SSH authentication failed for {where}; check the user and the key "
                              "(-i KEY or `key=` in the inventory)")
     except paramiko.SSHException as e:
         raise Unreachable(f"{label}: SSH to {where} failed: {e}; check the address and that sshd runs")

@@ -11,7 +11,7 @@ from invoke import Collection
 from invoke.parser import Argument
 
 from . import scaffold
-from .cli import apply as applying, check as checking, env as environment, guarded, info as showing, sandbox as sandboxes
+from .cli import apply as applying, bootstrap as booting, check as checking, env as environment, guarded, info as showing, sandbox as sandboxes
 from .cli.maintenance import set_maintenance
 from .fleet import DEFAULT_PARALLEL
 from .hosts import DEFAULT_INVENTORY
@@ -126,6 +126,13 @@ def rollback(c, to=None, verbose=False, break_lock=False, parallel=None, serial=
                   fleet=_fleet(parallel, serial, max_fail, accept_new_host_key))
 
 
+@task(help={"dry_run": "show each phase's plan and diffs, touch nothing", "json": "write the per-host summary to this file",
+            "verbose": FLEET_HELP["verbose"], "accept_new_host_key": FLEET_HELP["accept_new_host_key"]})
+def bootstrap(c, dry_run=False, verbose=False, json=None, accept_new_host_key=False):
+    """Make a fresh host safe: a deploy user with sudo, root and password logins off, a firewall, security upgrades."""
+    booting.run_bootstrap(c, dry_run=dry_run, verbose=verbose, json_file=json, accept_new_host_key=accept_new_host_key)
+
+
 @task
 def status(c):
     """Per host: live release, service states, uptime, last deploy."""
@@ -227,7 +234,7 @@ def task_names(collection: Collection) -> list[str]:
     return [*collection.task_names, *(a for names in collection.task_names.values() for a in names)]
 
 
-ns = Collection(deploy, plan, provision_, rollback, releases, status, logs, check, inventory, template, run_,
+ns = Collection(bootstrap, deploy, plan, provision_, rollback, releases, status, logs, check, inventory, template, run_,
                 Collection("sandbox", up, down, list_, info), Collection("env", env_set, env_unset, env_list),
                 Collection("maintenance", maintenance_on, maintenance_off))
 ns.configure({"inventory": DEFAULT_INVENTORY})

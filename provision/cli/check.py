@@ -29,7 +29,8 @@ def check_hosts(work: list[Job], connector) -> list["CheckHost"]:
     for job in work:
         t, s = job.target, job.settings
         settings = {"name": s.name, "user": s.user, "server_name": s.server_name, "health_path": s.health_path,
-                    **s.layout.variables()}
+                    "deploy_user": s.deploy_user, "open_ports": list(s.open_ports),
+                    "unattended_upgrades": s.unattended_upgrades, **s.layout.variables()}
         out.append(CheckHost(t.alias, settings, functools.partial(connector, job), sudo=t.user != "root"))
     return out
 

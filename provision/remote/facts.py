@@ -240,6 +240,24 @@ def http_fact(arg):
     return 0 if expect and not got.startswith(expect[1]) else status
 
 
+def sshd_fact(_):
+    """sshd's effective configuration as its files say now (`sshd -T`): {"ok": true, "config": {key: [values]}},
+    or {"ok": false, "error": what sshd said}."""
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    try:
+        res = subprocess.run([sshd, "-T"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True)
+    except OSError as e:
+        return {"ok": False, "error": str(e)}
+    if res.returncode != 0:
+        return {"ok": False, "error": res.stderr.strip()[-500:]}
+    config = {}
+    for line in res.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        config.setdefault(key.lower(), []).append(value)
+    return {"ok": True, "config": config}
+
+
 def os_fact(_):
     info = {}
     try:
@@ -263,7 +281,8 @@ def main():
     pkgs = packages_facts([a for k, a in req if k == "package"])
     svcs = services_facts([a for k, a in req if k == "service"])
     simple = {"file": file_fact, "content": content_fact, "content_below": content_below_fact, "files": files_fact,
-              "user": user_fact, "ls": ls_fact, "unlisted": unlisted_fact, "command": command_fact, "http": http_fact, "os": os_fact}
+              "user": user_fact, "ls": ls_fact, "unlisted": unlisted_fact, "command": command_fact, "http": http_fact, "os": os_fact,
+              "sshd": sshd_fact}
     out = []
     for kind, arg in req:
         if kind == "package":

@@ -2,12 +2,13 @@
 
 Each droplet is a copy of a cached debootstrap base, with its own SSH host
 keys, its own network namespace (a veth pair on the ``pvbr0`` bridge, an
-address in 10.231.0.0/24) and nothing but sshd and python3 on it, like a fresh
-VPS. Like a VPS's root, a droplet's root may manage its own firewall (CAP_NET_ADMIN, which
-systemd-nspawn drops by default): its rules live in its own network namespace. Droplets reach
-apt and PyPI only through a tinyproxy listening on the bridge address; the settings they need for that (``proxy``, ``ca_bundle``)
-are written into the sandbox inventory, as a user behind a corporate proxy
-would write them into theirs.
+address in 10.231.0.0/24), cgroups of its own, and nothing but sshd and python3
+on it, like a fresh VPS. Like a VPS's root, a droplet's root may manage its own
+firewall (CAP_NET_ADMIN, which systemd-nspawn drops by default): its rules live
+in its own network namespace. Droplets reach apt and PyPI only through a
+tinyproxy listening on the bridge address; the settings they need for that
+(``proxy``, ``ca_bundle``) are written into the sandbox inventory, as a user
+behind a corporate proxy would write them into theirs.
 
 Everything started here is recorded in a state directory and torn down by
 PID; set-up is idempotent and clears leftovers of earlier runs.

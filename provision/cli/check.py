@@ -29,7 +29,9 @@ def check_hosts(work: list[Job], connector) -> list["CheckHost"]:
     for job in work:
         t, s = job.target, job.settings
         settings = {"name": s.name, "user": s.user, "server_name": s.server_name, "health_path": s.health_path,
-                    **s.layout.variables()}
+                    **s.layout.variables(),
+                    # the services of its processes and timers (a timer's service shares its name)
+                    "process_units": [s.layout.process_unit(n) for n in (*s.processes, *s.timers)]}
         out.append(CheckHost(t.alias, settings, functools.partial(connector, job), sudo=t.user != "root"))
     return out
 

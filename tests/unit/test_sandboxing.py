@@ -46,11 +46,11 @@ def test_the_web_unit_is_sandboxed_and_may_write_only_the_apps_data_dirs():
     lines = service_lines(web_unit())
     assert set(SANDBOX) <= set(lines)
     assert [l for l in lines if l.startswith("ReadWritePaths")] == [
-        "ReadWritePaths=/srv/hello/shared/log /srv/hello/shared/uploads"]
+        "ReadWritePaths=-/srv/hello/shared/log -/srv/hello/shared/uploads"]
     assert not [l for l in lines if l.startswith("MemoryDenyWriteExecute")]  # cffi's callbacks need it off
     # no data dir: nothing writable (an empty ReadWritePaths= would only reset the list)
     assert not [l for l in service_lines(web_unit(linked_dirs=[])) if l.startswith("ReadWritePaths")]
-    assert "ReadWritePaths=/srv/hello/shared/data /srv/hello/shared/media/up" in web_unit(
+    assert "ReadWritePaths=-/srv/hello/shared/data -/srv/hello/shared/media/up" in web_unit(
         linked_dirs=["data", "media/up"])
 
 
@@ -67,7 +67,7 @@ def test_processes_and_timers_take_the_web_units_sandbox_line_for_line():
     for path in ("/etc/systemd/system/hello.worker.service", "/etc/systemd/system/hello.tick.service"):
         lines = service_lines(files[path])
         assert set(SANDBOX) <= set(lines), path
-        assert "ReadWritePaths=/srv/hello/shared/log /srv/hello/shared/uploads" in lines
+        assert "ReadWritePaths=-/srv/hello/shared/log -/srv/hello/shared/uploads" in lines
     # the sandbox is the web unit's: a unit of yours without one gives the processes none either
     assert "ProtectSystem" not in "".join(
         st.content.decode() for st in unit_steps(s, "r1", "[Service]\nUser=hello\n") if isinstance(st, File))
@@ -93,7 +93,7 @@ def test_fab_run_and_the_release_command_run_in_the_sandbox(tmp_path):
     [step] = [st for st in deploy.steps("r2") if isinstance(st, appenv.ReleaseCommand)]
     assert step.app_unit == deploy.app_unit
     run = step.plan(None, {"code"}).commands[1]
-    for prop in ("ProtectSystem=strict", "ReadWritePaths=/srv/hello/shared/log /srv/hello/shared/uploads",
+    for prop in ("ProtectSystem=strict", "ReadWritePaths=-/srv/hello/shared/log -/srv/hello/shared/uploads",
                  "ReadWritePaths=/srv/hello/releases/r2/staticfiles"):  # collectstatic fills its folder
         assert f'"{prop}"' in run, prop
 

@@ -80,7 +80,7 @@ def layout_steps(s: Settings) -> list[Step]:
         User(s.user, home=lay.root)]
     steps += [Directory(d, owner="root", group="root", mode=0o755) for d in lay.tree]
     for d in s.linked_dirs:
-        steps.append(Directory(f"{lay.shared}/{d}", owner=s.user, group=s.user, mode=0o755, keep_root_links=True))
+        steps.append(Directory(lay.data_dir(d), owner=s.user, group=s.user, mode=0o755, keep_root_links=True))
     for f in s.linked_files:
         steps.append(Placeholder(f"{lay.shared}/{f}", owner="root", group=s.user, mode=0o640))
     return steps
@@ -180,7 +180,7 @@ class Deploy(Recipe):
             # what older layouts kept and this one does not
             Absent(lay.legacy_unit_file, notify=("unit",)),
             *(Absent(path) for path in lay.legacy_files),
-            *release_phase(s, target, self.deployer, self.fills),
+            *release_phase(s, target, self.deployer, self.fills, self.app_unit),
             Switch(s, target, action="deploy", by=self.deployer, prove=prove),
             # processes and timers move to the new release once traffic has
             *unit_steps(s, target, self.app_unit),
@@ -220,11 +220,12 @@ def static_fills(s: Settings, source: Source) -> tuple[str, ...]:
     return fills
 
 
-def release_phase(s: Settings, target: str | None, by: str, fills: tuple[str, ...]) -> list[Step]:
-    """The release command, in a new release before it takes traffic; it may write only ``fills``."""
+def release_phase(s: Settings, target: str | None, by: str, fills: tuple[str, ...], app_unit: str) -> list[Step]:
+    """The release command, in a new release before it takes traffic, in the sandbox of ``app_unit``
+    (the rendered web unit); it may write only ``fills`` and the app's data dirs."""
     if not s.release_command:
         return []
-    return [appenv.ReleaseCommand(s.layout, s.user, s.release_command, target, by, fills)]
+    return [appenv.ReleaseCommand(s.layout, s.user, s.release_command, target, app_unit, by, fills)]
 
 
 class Rollback(Recipe):

@@ -4,8 +4,9 @@ service: the release command (``app.release_command``, before a release takes tr
 ``fab run -- CMD``.
 
 Every such process runs as a transient systemd service (``systemd-run``) with the same
-``EnvironmentFile=`` lines as the app's unit: systemd reads them as root, so the secrets file stays
-root's alone, and no value ever appears in a command line.
+``EnvironmentFile=`` lines and sandbox as the app's unit (:mod:`provision.sandboxing`): systemd
+reads the files as root, so the secrets file stays root's alone, and no value ever appears in a
+command line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from . import remote
 from .errors import ProvisionError
 from .layout import TMP, VENV, Layout
 from .remote.lib_envfile import env_text
+from .sandboxing import run_properties
 from .steps import Change, Step
 
 q = shlex.quote
@@ -66,17 +68,18 @@ def env_file(variables: dict[str, str]) -> bytes:
     return env_text(variables).encode()
 
 
-def app_process(lay: Layout, user: str, release_dir: str, argv: list[str]) -> list[str]:
+def app_process(lay: Layout, user: str, release_dir: str, argv: list[str], app_unit: str,
+                writable: tuple[str, ...] = ()) -> list[str]:
     """The command line that runs ``argv`` in ``release_dir`` as the app does: its user, its
-    environment (plain, secrets, shared/.env: later ones win, as in the unit) and virtualenv, hardened
-    like the web service. stdin, stdout and stderr are systemd-run's own, a TTY when they all are
-    one (--pipe --pty); it waits and exits with the command's status."""
+    environment (plain, then the unit's: secrets, shared/.env; later ones win, as in the unit) and
+    virtualenv, in the web unit's sandbox (``app_unit``, the rendered app@.service.j2: its data dirs
+    writable, and ``writable`` too). stdin, stdout and stderr are systemd-run's own, a TTY when they
+    all are one (--pipe --pty); it waits and exits with the command's status."""
     venv = f"{release_dir}/{VENV}"
     return ["systemd-run", "--quiet", "--collect", "--pipe", "--pty", "--service-type=exec",
             f"--uid={user}", f"--gid={user}", f"--working-directory={release_dir}",
             f"--setenv=PATH={venv}/bin:{SYSTEM_PATH}", f"--setenv=VIRTUAL_ENV={venv}",
-            "-p", f"EnvironmentFile=-{lay.release_env(release_dir)}", "-p", f"EnvironmentFile=-{lay.secrets_file}",
-            "-p", f"EnvironmentFile=-{lay.env_file}", "-p", "NoNewPrivileges=yes", "-p", "PrivateTmp=yes",
+            "-p", f"EnvironmentFile=-{lay.release_env(release_dir)}", *run_properties(app_unit, writable),
             "--", *argv]
 
 
@@ -87,9 +90,10 @@ class ReleaseCommand(Step):
 
     barrier = True
 
-    def __init__(self, lay: Layout, user: str, command: str, release: str | None, by: str = "",
+    def __init__(self, lay: Layout, user: str, command: str, release: str | None, app_unit: str, by: str = "",
                  fills: tuple[str, ...] = ()):
         self.lay, self.user, self.command, self.release, self.by = lay, user, command, release, by
+        self.app_unit = app_unit  # the rendered web unit: the command runs in its sandbox
         self.fills = fills  # directories of the release the command may write (made for it, then root's)
 
     @property
@@ -100,7 +104,8 @@ class ReleaseCommand(Step):
         if "code" not in notified or not self.release:
             return None
         release = self.lay.release(self.release)
-        argv = app_process(self.lay, self.user, release, ["/bin/sh", "-c", self.command])
+        argv = app_process(self.lay, self.user, release, ["/bin/sh", "-c", self.command], self.app_unit,
+                           tuple(f"{release}/{d}" for d in self.fills))
         run = remote.python("release_command.py", {
             "argv": argv, "secrets_file": self.lay.secrets_file, "env_file": self.lay.env_file,
             "release_log": self.lay.release_log,

@@ -150,11 +150,12 @@ class Settings:
         return self.name
 
     def template_vars(self) -> dict:
-        """What templates see: the settings (``var_*`` ones without the prefix), the app's user
-        and the host layout's paths."""
+        """What templates see: the settings (``var_*`` ones without the prefix), the app's user,
+        the host layout's paths and the app's data dirs (``data_dirs``)."""
         out = dict(self.extra)
         out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
-        out.update(self.layout.variables(), user=self.user)
+        out.update(self.layout.variables(), user=self.user,
+                   data_dirs=[self.layout.data_dir(d) for d in self.linked_dirs])  # what its sandbox lets it write
         return out
 
 

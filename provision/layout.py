@@ -132,6 +132,10 @@ class Layout:
     def shared(self) -> str:
         return f"{self.root}/shared"
 
+    def data_dir(self, linked_dir: str) -> str:
+        """One of the app's data dirs (``app.linked_dirs``): the app's own, and all its sandbox lets it write."""
+        return f"{self.shared}/{linked_dir}"
+
     @property
     def current(self) -> str:
         return f"{self.root}/current"

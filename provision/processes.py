@@ -7,8 +7,9 @@ than ``web`` and ``release``), ``timers`` (name -> {schedule, command}).
 Each process is a systemd service, each timer a timer and its oneshot service, of the app's
 user, running in the live release (its directory is written into the unit, so a new live release
 changes the unit, and only then is the process restarted: after the switch moved traffic), with
-the app's environment and virtualenv and the web unit's hardening. Units of processes and timers
-dropped from the settings are stopped and removed. Pure: settings and facts in, commands out.
+the app's environment and virtualenv and the web unit's sandbox (:mod:`provision.sandboxing`).
+Units of processes and timers dropped from the settings are stopped and removed. Pure: settings
+and facts in, commands out.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from . import secrets
 from .errors import ProvisionError
 from .facts import Facts
 from .layout import RELEASE_DIR, VENV, Layout
+from .sandboxing import hardening
 from .steps import Absent, Change, File, Step
 
 q = shlex.quote
@@ -35,13 +37,6 @@ DIR_RE = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 SCHEDULE_RE = re.compile(r"[A-Za-z0-9*:/.,~ +-]{1,200}")
 MAX_COMMAND = 4096
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# The web unit's lines a process and a timer take over: its environment and its sandboxing.
-HARDENING_RE = re.compile(
-    r"(Environment|EnvironmentFile|UnsetEnvironment|PassEnvironment|LoadCredential\w*|SetCredential\w*|"
-    r"NoNewPrivileges|Private\w+|Protect\w+|Restrict\w+|ReadOnly\w*|ReadWrite\w*|Inaccessible\w*|\w*ExecPaths|"
-    r"TemporaryFileSystem|Bind\w*Paths|CapabilityBoundingSet|AmbientCapabilities|SystemCall\w+|LockPersonality|"
-    r"MemoryDenyWriteExecute|UMask|Limit\w+|RemoveIPC|KeyringMode|Device\w+|IPAddress\w+|SecureBits|ProcSubset|"
-    r"Personality)=")
 DEFAULT_MESSAGE = "This site is down for maintenance and will be back soon."
 
 
@@ -176,18 +171,6 @@ def systemd_quote(command: str) -> str:
     (no specifier or variable of systemd's own expanded)."""
     escaped = command.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
     return f'"{escaped}"'
-
-
-def hardening(app_unit: str) -> list[str]:
-    """The web unit's environment and sandboxing lines (those that are not about its slot: no %i)."""
-    out, section = [], ""
-    for line in app_unit.splitlines():
-        line = line.strip()
-        if line.startswith("["):
-            section = line
-        elif section == "[Service]" and HARDENING_RE.match(line) and "%i" not in line and "%I" not in line:
-            out.append(line)
-    return out
 
 
 def _service(lay: Layout, user: str, what: str, release: str, command: str, app_unit: str, extra: list[str]) -> bytes:

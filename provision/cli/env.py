@@ -119,9 +119,10 @@ def env_list(c) -> None:
 
 def run_line(s: Settings, argv: list[str] | tuple[str, ...]) -> str:
     """The host's command line for `fab run -- argv`: in the live release (``current``), as the app;
-    one line on stderr and exit 2 when there is none."""
+    one line on stderr and exit 2 when there is none. It runs in the web unit's sandbox."""
     lay = s.layout
-    process = appenv.app_process(lay, s.user, lay.current, ["/usr/bin/env", *argv])
+    process = appenv.app_process(lay, s.user, lay.current, ["/usr/bin/env", *argv],
+                                 rendered(s, "app@.service.j2").decode())
     missing = f"error: no live release of {s.name} on this host; deploy first"
     return (f"if [ ! -d {shlex.quote(lay.current + '/')} ]; then echo {shlex.quote(missing)} >&2; exit 2; fi; "
             f"exec {shlex.join(process)}")

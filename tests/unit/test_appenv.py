@@ -10,11 +10,10 @@ import subprocess
 
 import pytest
 
-from provision import appenv, config as cfg, remote
-from provision.app import Deploy
+from provision import appenv, remote
+from provision.app import Deploy, rendered
 from provision.errors import ProvisionError
 from provision.hosts import remainder
-from provision.layout import Layout
 from provision.layout import Layout
 from provision.remote.lib_envfile import env_parse, env_text
 from provision.script import build_script, parse_report
@@ -23,6 +22,11 @@ from provision.steps import Change, Planned, Step, plan
 from provision.tasks import words_after
 
 from .test_app import fresh_facts, settings
+
+def web_unit(**over) -> str:
+    """The web unit the kit renders for the test app: the sandbox its other processes take over."""
+    return rendered(settings(**over), "app@.service.j2").decode()
+
 
 TRICKY = {"A": 'say "hi" to $HOME `now` \\ back', "B": "", "C": "x=y # not a comment", "D": "ünï"}
 
@@ -51,7 +55,7 @@ def test_env_setting_takes_mappings_and_comma_strings():
 
 def test_the_app_process_gets_the_units_environment_files_in_order_and_no_value():
     lay = Layout("hello")
-    argv = appenv.app_process(lay, "hello", "/srv/hello/current", ["/usr/bin/env", "python", "-V"])
+    argv = appenv.app_process(lay, "hello", "/srv/hello/current", ["/usr/bin/env", "python", "-V"], web_unit())
     files = [argv[i + 1] for i, a in enumerate(argv) if a == "-p" and argv[i + 1].startswith("EnvironmentFile")]
     assert files == ["EnvironmentFile=-/srv/hello/current/.provision/env", "EnvironmentFile=-/srv/hello/secrets.env",
                      "EnvironmentFile=-/srv/hello/shared/.env"]
@@ -145,7 +149,7 @@ def test_the_release_command_shows_its_output_with_secrets_masked_and_refuses_on
     fd = os.open(lay.env_file, os.O_WRONLY | os.O_CREAT, 0o640)
     os.write(fd, env_text({"DATABASE_URL": "postgres://u:pw-77@db/x", "DEBUG": "1"}).encode())
     os.close(fd)
-    step = appenv.ReleaseCommand(lay, "hello", "python migrate.py", "r1", "me@laptop")
+    step = appenv.ReleaseCommand(lay, "hello", "python migrate.py", "r1", web_unit(), "me@laptop")
     [command] = step.plan(None, {"code"}).commands
     env = {"PATH": f"{fake}:{os.environ['PATH']}", "FAKE": str(fake), "SAY": "tok-42 ok"}
     res = run(command, RC="0", **dict(env, SAY="postgres://u:pw-77@db/x with DEBUG 1"))
@@ -230,15 +234,17 @@ def test_run_runs_the_command_word_for_word_in_the_live_release_or_says_there_is
 def test_the_release_command_fills_only_unshipped_static_dirs_which_are_roots_again_after(tmp_path):
     """collectstatic writes STATIC_ROOT inside the root-owned release: that one directory is made
     the app's while the command runs, then root's, whatever the command's exit."""
-    step = appenv.ReleaseCommand(Layout("hello"), "hello", "python manage.py collectstatic", "r2", "me", ("staticfiles",))
+    step = appenv.ReleaseCommand(Layout("hello"), "hello", "python manage.py collectstatic", "r2", web_unit(), "me",
+                                  ("staticfiles",))
     cmds = step.plan(None, {"code"}).commands
     assert cmds[0].startswith("for d in /srv/hello/releases/r2/staticfiles; do") and "-o hello -g hello" in cmds[0]
     assert cmds[1].startswith("__rc=0; python3 -c ") and cmds[1].endswith("|| __rc=$?")
     assert cmds[2].startswith("python3 -c '# provision: seal.py") and "staticfiles" in cmds[2]
     assert cmds[3] == '[ "$__rc" -eq 0 ] || exit "$__rc"'
-    plain = appenv.ReleaseCommand(Layout("hello"), "hello", "true", "r2").plan(None, {"code"}).commands
+    plain = appenv.ReleaseCommand(Layout("hello"), "hello", "true", "r2", web_unit()).plan(None, {"code"}).commands
     assert len(plain) == 1 and plain[0].startswith("python3 -c ")
-    assert appenv.ReleaseCommand(Layout("hello"), "hello", "true", "r2").plan(None, set()) is None  # no new release
+    # no new release: nothing to run
+    assert appenv.ReleaseCommand(Layout("hello"), "hello", "true", "r2", web_unit()).plan(None, set()) is None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="seal.py makes files root's: run as root")

@@ -7,6 +7,7 @@ Skipped, with one line saying why, only where this machine cannot run droplets.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -62,6 +63,14 @@ class Host:
         """The slot nginx sends the app's traffic to, as the layout reads it from the upstream file."""
         layout = Layout(app)
         return layout.live_slot(self.run(f"cat {layout.upstream_file}")[1])
+
+
+def check_outcomes(stdout: str) -> dict[str, set[str]]:
+    """What `fab check` (pytest -v) printed of each check: {"PASSED": {"test_x", ...}, "SKIPPED": ...}."""
+    out: dict[str, set[str]] = {}
+    for name, outcome in re.findall(r"::(test_\w+)(?:\[[^\]]*\])? (PASSED|FAILED|SKIPPED|ERROR)", stdout):
+        out.setdefault(outcome, set()).add(name)
+    return out
 
 
 PREFIX = os.environ.get("PROVISION_TEST_PREFIX", "it-")  # of droplet names: see `droplet`

@@ -40,6 +40,9 @@ FIRST_HOST = 10
 PROXY_PORT = 8888
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 BASE_PACKAGES = "systemd,systemd-sysv,dbus,openssh-server,python3,sudo,iproute2,ca-certificates"
+# cgroup hierarchies a droplet gets a group of its own in: the hybrid layout's name=systemd and
+# unified ones, or the one cgroup2 tree of a pure v2 host (whichever of them this machine has).
+CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
 HOST_TOOLS = {  # command -> Debian package providing it
     "debootstrap": "debootstrap",
     "systemd-nspawn": "systemd-container",
@@ -113,6 +116,41 @@ def _stop_pid(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 15.0)
         pass
 
 
+def _own_cgroups(name: str) -> list[Path]:
+    """A new cgroup for droplet ``name`` in each hierarchy, beside this process's own. Without one,
+    every droplet's systemd shares this machine's groups: two droplets' ``hello.worker.service``
+    are then one group, and stopping it in one droplet fails (EIO) or kills the other's processes."""
+    own = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hid, controllers, path = line.split(":", 2)
+        own["" if hid == "0" else controllers] = path
+    out = []
+    for root in CGROUP_HIERARCHIES:
+        if not (root / "cgroup.procs").exists():
+            continue
+        key = "" if root.name in ("unified", "cgroup") else f"name={root.name}"
+        if key not in own:
+            continue
+        group = root / own[key].lstrip("/") / f"pv-{name}"
+        _remove_cgroup(group)
+        group.mkdir(parents=True, exist_ok=True)
+        out.append(group)
+    return out
+
+
+def _remove_cgroup(group: Path) -> None:
+    """Remove a droplet's cgroup and the groups its systemd made inside (deepest first); a group
+    that still holds a process stays."""
+    if not group.is_dir():
+        return
+    for top, dirs, _ in os.walk(group, topdown=False):
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(top, d))
+    with contextlib.suppress(OSError):
+        group.rmdir()
+
+
 def _pem_blocks(text: str) -> list[str]:
     """The certificates of a PEM bundle, each normalised to BEGIN..END plus a newline."""
     begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
@@ -137,6 +175,7 @@ class Droplet:
     pid: int
     netns: str
     veth: str
+    cgroups: tuple[str, ...] = ()  # the droplet's own cgroup in each hierarchy (see _own_cgroups)
 
     @property
     def rootfs(self) -> Path:
@@ -383,15 +422,17 @@ class Sandbox:
         # host keeps sending to the old one (or answers "no route") until the entry expires.
         _run("ip", "neigh", "flush", "to", address, "dev", BRIDGE, check=False)
         log = open(mdir / "console.log", "ab")
+        cgroups = _own_cgroups(name)
+        # The launching shell joins the droplet's own cgroups, then becomes systemd-nspawn.
+        join = 'for g in $PV_CGROUPS; do echo $$ > "$g/cgroup.procs" || exit 1; done; exec "$@"'
+        nspawn = ["systemd-nspawn", "-q", "-D", str(rootfs), "-b", "--register=no", "--keep-unit",
+                  f"--machine={name}", f"--network-namespace-path=/run/netns/{netns}", "--console=read-only"]
         proc = subprocess.Popen(
-            [
-                "systemd-nspawn", "-q", "-D", str(rootfs), "-b", "--register=no", "--keep-unit",
-                f"--machine={name}", f"--network-namespace-path=/run/netns/{netns}",
-                "--console=read-only",
-            ],
+            ["/bin/sh", "-c", join, "sh", *nspawn], env={**os.environ, "PV_CGROUPS": " ".join(map(str, cgroups))},
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
-        droplet = Droplet(name=name, address=address, pid=proc.pid, netns=netns, veth=veth)
+        droplet = Droplet(name=name, address=address, pid=proc.pid, netns=netns, veth=veth,
+                          cgroups=tuple(map(str, cgroups)))
         self._state_file(name).write_text(json.dumps(asdict(droplet)))
         deadline = time.monotonic() + 60
         while not self._ssh_banner(address, timeout=1):
@@ -407,6 +448,8 @@ class Sandbox:
         if d is None:
             return False
         _stop_pid(d.pid)
+        for group in d.cgroups:
+            _remove_cgroup(Path(group))
         self._drop_netns(d.netns, d.veth)
         self._release_rootfs(self.machines / name)
         self._forget_host_keys(d.address)

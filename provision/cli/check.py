@@ -29,7 +29,7 @@ def check_hosts(work: list[Job], connector) -> list["CheckHost"]:
     for job in work:
         t, s = job.target, job.settings
         settings = {"name": s.name, "user": s.user, "server_name": s.server_name, "health_path": s.health_path,
-                    **s.layout.variables()}
+                    "tls": s.tls, **s.layout.variables()}
         out.append(CheckHost(t.alias, settings, functools.partial(connector, job), sudo=t.user != "root"))
     return out
 

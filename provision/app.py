@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import shlex
 
-from . import appenv, secrets
+from . import appenv, secrets, tls
 from .config import Settings
 from .layout import (APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, RELEASE_ENV,
                      SYSTEM_CA_BUNDLE, UPSTREAM_HEADER)
@@ -29,11 +29,15 @@ BASE_PACKAGES = ("python3-venv", "python3-pip-whl", "nginx")
 NO_PROXY = "localhost,127.0.0.1,::1"  # the health checks talk to nginx on the host itself
 
 
+def proxy_vars(s: Settings) -> dict[str, str]:
+    """The environment that sends downloads (apt, pip, certbot) through app.proxy, none without one."""
+    if not s.proxy:
+        return {}
+    return dict(http_proxy=s.proxy, https_proxy=s.proxy, HTTP_PROXY=s.proxy, HTTPS_PROXY=s.proxy, no_proxy=NO_PROXY)
+
+
 def proxy_env(s: Settings) -> dict[str, str]:
-    env = {}
-    if s.proxy:
-        env.update(http_proxy=s.proxy, https_proxy=s.proxy, HTTP_PROXY=s.proxy, HTTPS_PROXY=s.proxy,
-                   no_proxy=NO_PROXY)
+    env = proxy_vars(s)
     if s.ca_bundle:
         env.update(PIP_CERT=SYSTEM_CA_BUNDLE)
     return env
@@ -45,7 +49,7 @@ def provision_steps(s: Settings) -> list[Step]:
 
 
 def packages(s: Settings) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(BASE_PACKAGES + s.packages))
+    return tuple(dict.fromkeys(BASE_PACKAGES + (tls.PACKAGES if s.tls else ()) + s.packages))
 
 
 def trust_steps(s: Settings) -> list[Step]:
@@ -128,10 +132,11 @@ def socket_unit(s: Settings) -> bytes:
             f"DirectoryMode=0755\n\n[Install]\nWantedBy=sockets.target\n").encode()
 
 
-def rendered(s: Settings, template: str) -> bytes:
+def rendered(s: Settings, template: str, https: bool | None = None) -> bytes:
     """A template rendered for the host. What it renders is readable by every local user (units,
-    the nginx site, the release's configs), so no secret may end up in it."""
-    text = render(s.templates, template, s.template_vars())
+    the nginx site, the release's configs), so no secret may end up in it. ``https``: whether the
+    site serves HTTPS (app.tls and its certificate on the host: see provision.tls)."""
+    text = render(s.templates, template, {**s.template_vars(), **({} if https is None else {"https": https})})
     if secrets.holds_secret(text):
         raise ProvisionError(f"template {template} renders a secret (a var_* setting named like a password, "
                              "token or key) into a file every user on the host can read; give the app secrets "
@@ -153,7 +158,9 @@ class Deploy(Recipe):
         self.venv = venv_step(s, key)
         configs = {"unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
         configs.update(release_configs(s))
+        # with app.tls, the site serves HTTPS once the certificate exists; before, it serves the CA's challenges
         self.site = rendered(s, "nginx-site.conf.j2")
+        self.bootstrap = rendered(s, "nginx-site.conf.j2", https=False) if s.tls else b""
         unserved_static(s, self.site.decode())
         self.app_unit = configs["unit"].decode()
         self.release = Release(s, source, release_id, key, configs, deployer)
@@ -170,11 +177,13 @@ class Deploy(Recipe):
 
     def steps(self, target):
         s, lay, prove = self.s, self.s.layout, proves_upstream(self.site)
+        site_steps, after_reload = ([Site(lay, self.site)], []) if not s.tls else tls.site_steps(s, self.site, self.bootstrap)
         # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
         # the other packages install and the release and configs are written; the switch waits.
         return trust_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
             self.venv,
             Packages(packages(s)),
+            *(tls.machine_steps(s, proxy_vars(s)) if s.tls else ()),
             self.release,
             File(lay.socket_unit_file, socket_unit(s), notify=("unit", "socket")),
             # what older layouts kept and this one does not
@@ -187,8 +196,9 @@ class Deploy(Recipe):
             Prune(s, target),
             # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
             Absent(f"{lay.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
-            Site(lay, self.site),
+            *site_steps,
             Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile=lay.nginx_pid),
+            *after_reload,
             health_check(s, prove),
         ]
 

@@ -8,6 +8,7 @@ Layers, lowest first: built-in defaults (:data:`DEFAULTS`), the project's
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, fields
@@ -53,6 +54,10 @@ DEFAULTS: dict = {
     "deploy_keys": [],  # local public key files given to deploy_user (default: the connection's key, -i / key=)
     "open_ports": [],  # more ports the firewall lets in, beside SSH, 80 and 443: 8443 or 51820/udp
     "unattended_upgrades": True,  # security upgrades installed every day (false: provision leaves them as they are)
+    "client_max_body_size": "10m",  # nginx: the largest request body (uploads) the site accepts
+    "tls": False,  # HTTPS with a certificate from an ACME CA (certbot, HTTP-01), HTTP redirected to it
+    "acme_directory": "https://acme-v02.api.letsencrypt.org/directory",  # the ACME CA (Let's Encrypt)
+    "acme_email": "",  # the CA's contact for expiry notices (optional)
 }
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
@@ -63,6 +68,9 @@ SERVER_NAME_RE = re.compile(r"_|[A-Za-z0-9*.-]+( [A-Za-z0-9*.-]+)*")
 PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]*")
 PATH_RE = re.compile(r"[\w./-]+")
 PROXY_RE = re.compile(r"https?://([^\s/:@]+(:[^\s/@]*)?@)?[^\s/@:]+(:\d+)?/?")  # [user[:password]@]host[:port]
+SIZE_RE = re.compile(r"\d{1,9}[kKmMgG]?")  # an nginx size: 10m, 512k, 0 (no limit)
+URL_RE = re.compile(r"https://[^\s/@]+(/[^\s]*)?")
+EMAIL_RE = re.compile(r"[^\s@,;]+@[^\s@,;]+\.[^\s@,;]+")
 SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
 # The app's system user is named after it: never one of these accounts or groups of Debian and
 # Ubuntu systems and common services, nor systemd-*. (On the host, an account provision did not
@@ -134,6 +142,10 @@ class Settings:
     deploy_keys: tuple[str, ...]  # public key lines
     open_ports: tuple[str, ...]  # "PORT/tcp" or "PORT/udp"
     unattended_upgrades: bool
+    client_max_body_size: str
+    tls: bool
+    acme_directory: str
+    acme_email: str
     extra: dict  # other vars (var_*), available to templates
 
     @property
@@ -154,7 +166,8 @@ class Settings:
         the host layout's paths and the app's data dirs (``data_dirs``)."""
         out = dict(self.extra)
         out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
-        out.update(self.layout.variables(), user=self.user,
+        # https: the site serves HTTPS (app.tls, once its certificate exists: the deploy renders both)
+        out.update(self.layout.variables(), user=self.user, https=self.tls,
                    data_dirs=[self.layout.data_dir(d) for d in self.linked_dirs])  # what its sandbox lets it write
         return out
 
@@ -283,8 +296,21 @@ def build(raw: dict, base_dir: Path) -> Settings:
     release_command = str(v["release_command"] or from_procfile.get("release") or "").strip()
     if "\0" in release_command:
         raise _bad("release_command", release_command, "a shell command cannot hold a NUL")
+    size = str(v["client_max_body_size"]).strip()
+    if not SIZE_RE.fullmatch(size):
+        raise _bad("client_max_body_size", size, "expected an nginx size: a number with k, m or g (10m), or 0 for no limit")
+    tls = _bool("tls", v["tls"])
+    if tls:
+        _tls_names(server_name)
+    directory = str(v["acme_directory"] or "").strip()
+    if not URL_RE.fullmatch(directory):
+        raise _bad("acme_directory", directory, "expected the https:// URL of an ACME CA's directory "
+                   f"(Let's Encrypt's: {DEFAULTS['acme_directory']})")
+    email = str(v["acme_email"] or "").strip()
+    if email and not EMAIL_RE.fullmatch(email):
+        raise _bad("acme_email", email, "expected one e-mail address, or nothing")
     extra = {k[4:]: raw[k] for k in raw if k.startswith("var_")}
-    taken = sorted(set(extra) & ({f.name for f in fields(Settings)} | set(Layout(name).variables()) | {"user"}))
+    taken = sorted(set(extra) & ({f.name for f in fields(Settings)} | set(Layout(name).variables()) | {"user", "https"}))
     if taken:
         raise _bad(f"var_{taken[0]}", extra[taken[0]], f"templates already get {taken[0]!r} from provision; "
                    "give your variable another name")
@@ -310,6 +336,10 @@ def build(raw: dict, base_dir: Path) -> Settings:
         graceful_timeout=_int("graceful_timeout", v["graceful_timeout"], 1, 3600),
         env=env,
         release_command=release_command,
+        client_max_body_size=size,
+        tls=tls,
+        acme_directory=directory,
+        acme_email=email,
         extra=extra,
         include=_include(_list("include", v["include"]), source, base_dir, (*linked["linked_files"], *linked["linked_dirs"])),
         asgi=asgi,
@@ -370,6 +400,29 @@ def _ports(value) -> tuple[str, ...]:
         if f"{int(port)}/{proto}" not in out:
             out.append(f"{int(port)}/{proto}")
     return tuple(out)
+
+
+def _tls_names(server_name: str) -> None:
+    """With app.tls, every name of server_name goes on the certificate: each must be a host name an
+    ACME CA can check over HTTP (HTTP-01), the first naming the site."""
+    for name in server_name.split():
+        if name == "_":
+            why = "tls needs the site's host names (its certificate names them), not _ (any name)"
+        elif "*" in name or name.startswith("."):
+            why = f"{name} is a wildcard, which only a DNS-01 challenge proves; list each name instead"
+        elif _is_ip(name):
+            why = f"{name} is an IP address, which an ACME CA does not certify; use the host name that points at it"
+        else:
+            continue
+        raise _bad("server_name", server_name, why + " (e.g. server_name: example.com www.example.com)")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 # Folders that hold keys and credentials: never shipped as part of an app.include

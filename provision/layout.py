@@ -64,6 +64,16 @@ FIREWALL_UNIT = "provision-firewall.service"  # loads FIREWALL_RULES at boot (en
 FIREWALL_REVERT = "provision-firewall-revert"  # the transient timer (and service) that undoes an unconfirmed change
 UPGRADES_CONF = "/etc/apt/apt.conf.d/80provision-upgrades"  # read after Debian's 20auto-upgrades: ours wins
 UPGRADES_TIMER = "apt-daily-upgrade.timer"
+# HTTPS (app.tls): certbot's certificates, ACME's HTTP-01 challenges, renewals
+PROVISION_VAR = "/var/lib/provision"  # root's: what provision keeps for the machine
+ACME_WEBROOT = f"{PROVISION_VAR}/acme"  # root's: certbot writes the challenges here, nginx serves them (never the app's)
+ACME_CHALLENGE_PATH = "/.well-known/acme-challenge/"  # the URL path of HTTP-01 challenges (RFC 8555)
+LETSENCRYPT_DIR = "/etc/letsencrypt"  # certbot's: live/<name>/ (root's alone), renewal/<name>.conf
+CERTBOT_HOOKS = f"{LETSENCRYPT_DIR}/renewal-hooks/deploy"  # certbot renew runs each after renewing
+CERTBOT_RELOAD_HOOK = f"{CERTBOT_HOOKS}/provision-nginx-reload"  # nginx -t, then a graceful reload
+CERTBOT_UNIT = "certbot.service"  # Debian's: certbot.timer starts it twice a day
+CERTBOT_DROPIN = f"{SYSTEMD_DIR}/{CERTBOT_UNIT}.d/provision-proxy.conf"  # the proxy for renewals
+CERTBOT_PROXY_ENV = f"{LETSENCRYPT_DIR}/provision-proxy.env"  # root's alone: the proxy URL may hold a password
 
 
 @dataclass(frozen=True)
@@ -296,6 +306,23 @@ class Layout:
         """The nginx variable of the site's map that tells the host which socket answered."""
         return self.nginx_var("upstream")
 
+    # -- HTTPS: the app's certificate (certbot's lineage, named after the app)
+    @property
+    def cert_name(self) -> str:
+        return self.name
+
+    @property
+    def certificate(self) -> str:
+        return f"{LETSENCRYPT_DIR}/live/{self.cert_name}/fullchain.pem"
+
+    @property
+    def certificate_key(self) -> str:
+        return f"{LETSENCRYPT_DIR}/live/{self.cert_name}/privkey.pem"
+
+    @property
+    def renewal_conf(self) -> str:
+        return f"{LETSENCRYPT_DIR}/renewal/{self.cert_name}.conf"
+
     # -- the deploy lock
     @property
     def lock(self) -> str:
@@ -324,4 +351,7 @@ class Layout:
                 "maintenance_file": self.maintenance_file, "maintenance_dir": self.nginx_own_dir,
                 "maintenance_uri": self.maintenance_file[len(self.nginx_own_dir):],
                 "maintenance_var": self.nginx_var("maintenance"), "local_var": self.nginx_var("local"),
-                "static_cache_var": self.nginx_var("static_cache")}
+                "static_cache_var": self.nginx_var("static_cache"), "redirect_var": self.nginx_var("redirect"),
+                "header_vars": {h: self.nginx_var(h) for h in ("nosniff", "referrer", "frame", "hsts")},
+                "acme_webroot": ACME_WEBROOT, "acme_challenge_path": ACME_CHALLENGE_PATH,
+                "certificate": self.certificate, "certificate_key": self.certificate_key}

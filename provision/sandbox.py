@@ -54,6 +54,26 @@ HOST_TOOLS = {  # command -> Debian package providing it
 }
 
 
+# A real ACME CA for TLS tests: Debian's pebble on the bridge address, with pebble-challtestsrv as its
+# DNS (each test names its droplet there). Its directory listens on 443: the droplets reach it through
+# their proxy, like any CA, and tinyproxy tunnels only to ports 443 and 80.
+ACME_PACKAGE = "pebble"
+ACME_PORT = 443
+ACME_MANAGEMENT_PORT = 15000  # pebble's roots (this machine only)
+ACME_DNS_PORT = 8053
+ACME_DNS_MANAGEMENT_PORT = 8055  # challtestsrv's: add an A record
+
+
+@dataclass(frozen=True)
+class Acme:
+    """The sandbox's ACME CA: its directory URL and its listener's certificate (a droplet trusts it
+    through ca_bundle, this machine to fetch the root certificates issue chain to)."""
+
+    directory: str
+    listener_cert: Path
+    roots: str  # the URL of the root that issued certificates chain to (new at each start of pebble)
+
+
 def _run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     res = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if check and res.returncode != 0:
@@ -272,6 +292,77 @@ class Sandbox:
         self.ensure_network()
         self.ensure_proxy()
 
+    # -- the ACME CA (TLS tests) ----------------------------------------------
+    @property
+    def acme_dir(self) -> Path:
+        return self.dir / "acme"
+
+    def ensure_acme(self) -> Acme:
+        """pebble and pebble-challtestsrv running on the bridge address (the Debian package installed
+        first when missing); idempotent: what runs is kept. Their PIDs are in the state directory."""
+        if shutil.which("pebble") is None or shutil.which("pebble-challtestsrv") is None:
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            _run("apt-get", "update", "-qq", env=env)
+            _run("apt-get", "install", "-y", "-qq", "--no-install-recommends", ACME_PACKAGE, env=env)
+        self.ensure_network()
+        d = self.acme_dir
+        d.mkdir(parents=True, exist_ok=True)
+        cert, key = d / "listener.pem", d / "listener.key"
+        if not cert.exists() or not key.exists():
+            _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj",
+                 f"/CN={GATEWAY}", "-addext", f"subjectAltName=IP:{GATEWAY}", "-keyout", str(key), "-out", str(cert))
+        config = d / "pebble.json"
+        config.write_text(json.dumps({"pebble": {
+            "listenAddress": f"{GATEWAY}:{ACME_PORT}", "managementListenAddress": f"{GATEWAY}:{ACME_MANAGEMENT_PORT}",
+            "certificate": str(cert), "privateKey": str(key), "httpPort": 80, "tlsPort": 443,
+            "ocspResponderURL": "", "externalAccountBindingRequired": False}}))
+        clean = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}  # no proxy: all of it is on the bridge
+        self._daemon("challtestsrv", ACME_DNS_MANAGEMENT_PORT, [
+            "pebble-challtestsrv", "-defaultIPv4", "", "-defaultIPv6", "", "-dns01", f"{GATEWAY}:{ACME_DNS_PORT}",
+            "-http01", "", "-https01", "", "-tlsalpn01", "", "-management", f"{GATEWAY}:{ACME_DNS_MANAGEMENT_PORT}"],
+            clean)
+        self._daemon("pebble", ACME_PORT, ["pebble", "-config", str(config), "-dnsserver", f"{GATEWAY}:{ACME_DNS_PORT}"],
+                     dict(clean, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0"))
+        return Acme(f"https://{GATEWAY}:{ACME_PORT}/dir", cert, f"https://{GATEWAY}:{ACME_MANAGEMENT_PORT}/roots/0")
+
+    def _daemon(self, name: str, port: int, argv: list[str], env: dict) -> int:
+        """A program of the ACME CA running (started, its PID in ``acme/<name>.pid``, unless it runs),
+        listening on ``port`` of the bridge address."""
+        pidfile = self.acme_dir / f"{name}.pid"
+        pid = int(pidfile.read_text()) if pidfile.exists() else None
+        if _alive(pid) and self._listening(str(GATEWAY), port):
+            return pid
+        _stop_pid(pid)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(self.acme_dir / f"{name}.log", "ab"),
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        pidfile.write_text(str(proc.pid))
+        deadline = time.monotonic() + 10
+        while not self._listening(str(GATEWAY), port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ProvisionError(f"sandbox: {name} did not start; see {self.acme_dir / (name + '.log')}")
+            time.sleep(0.05)
+        return proc.pid
+
+    def acme_name(self, name: str, address: str) -> None:
+        """The CA's DNS answers ``name`` with ``address`` (a droplet's)."""
+        if ipaddress.ip_address(address) not in NETWORK:
+            raise ProvisionError(f"sandbox: {address} is not a droplet's address")
+        body = json.dumps({"host": name, "addresses": [address]}).encode()
+        with socket.create_connection((str(GATEWAY), ACME_DNS_MANAGEMENT_PORT), timeout=5) as conn:
+            conn.sendall(b"POST /add-a HTTP/1.0\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            answer = conn.recv(1024)
+        if b" 200 " not in answer.split(b"\r\n", 1)[0]:
+            raise ProvisionError(f"sandbox: challtestsrv refused the name {name}: {answer[:200]!r}")
+
+    def stop_acme(self) -> None:
+        """Stop the ACME CA's programs, by the PIDs ensure_acme recorded."""
+        for name in ("pebble", "challtestsrv"):
+            pidfile = self.acme_dir / f"{name}.pid"
+            if pidfile.exists():
+                _stop_pid(int(pidfile.read_text()))
+                pidfile.unlink()
+
     # -- droplets ------------------------------------------------------------
     def _state_file(self, name: str) -> Path:
         return self.machines / name / "state.json"
@@ -375,6 +466,7 @@ class Sandbox:
         if pidfile.exists():
             _stop_pid(int(pidfile.read_text()))
             pidfile.unlink()
+        self.stop_acme()
         return names
 
     # -- helpers -------------------------------------------------------------

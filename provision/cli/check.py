@@ -30,7 +30,7 @@ def check_hosts(work: list[Job], connector) -> list["CheckHost"]:
         t, s = job.target, job.settings
         settings = {"name": s.name, "user": s.user, "server_name": s.server_name, "health_path": s.health_path,
                     "deploy_user": s.deploy_user, "open_ports": list(s.open_ports),
-                    "unattended_upgrades": s.unattended_upgrades, **s.layout.variables(),
+                    "unattended_upgrades": s.unattended_upgrades, "tls": s.tls, **s.layout.variables(),
                     # the services of its processes and timers (a timer's service shares its name)
                     "process_units": [s.layout.process_unit(n) for n in (*s.processes, *s.timers)]}
         out.append(CheckHost(t.alias, settings, functools.partial(connector, job), sudo=t.user != "root"))

@@ -258,6 +258,25 @@ def sshd_fact(_):
     return {"ok": True, "config": config}
 
 
+def certificate_fact(arg):
+    """The certificate of a certbot lineage ([fullchain path, renewal conf path]): {names (its DNS
+    names, sorted), not_after (epoch), server (the CA's directory its renewal conf names)}, or None."""
+    cert, conf = json.loads(arg)
+    try:
+        import ssl
+        decoded = ssl._ssl._test_decode_cert(cert)  # stdlib's own PEM decoder: the first certificate
+    except (OSError, ValueError, AttributeError, ImportError):
+        return None
+    server = None
+    text = content_fact(conf) or ""
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "server":
+            server = value.strip()
+    return {"names": sorted(v.lower() for k, v in decoded.get("subjectAltName", ()) if k == "DNS"),
+            "not_after": ssl.cert_time_to_seconds(decoded["notAfter"]), "server": server}
+
+
 def os_fact(_):
     info = {}
     try:
@@ -282,7 +301,7 @@ def main():
     svcs = services_facts([a for k, a in req if k == "service"])
     simple = {"file": file_fact, "content": content_fact, "content_below": content_below_fact, "files": files_fact,
               "user": user_fact, "ls": ls_fact, "unlisted": unlisted_fact, "command": command_fact, "http": http_fact, "os": os_fact,
-              "sshd": sshd_fact}
+              "sshd": sshd_fact, "certificate": certificate_fact}
     out = []
     for kind, arg in req:
         if kind == "package":

@@ -46,7 +46,9 @@ def bad_templates(tmp_path):
     for t in (ROOT / "provision/templates").iterdir():
         shutil.copy(t, tmp_path / t.name)
     site = tmp_path / "nginx-site.conf.j2"
-    site.write_text(site.read_text().replace("client_max_body_size 10m;", "no_such_directive on;"))
+    text = site.read_text()
+    assert "client_max_body_size {{ client_max_body_size }};" in text
+    site.write_text(text.replace("client_max_body_size {{ client_max_body_size }};", "no_such_directive on;"))
     return tmp_path
 
 

@@ -293,6 +293,18 @@ def firewall_file(steps: list[Step]) -> File:
     return next(st for st in steps if isinstance(st, File) and st.path == FIREWALL_RULES)
 
 
+# how `nft -j` names the protocols of `meta l4proto { 1, 58 }` when /etc/protocols is there (Debian's
+# netbase, on every real host); without it, it prints the numbers
+PROTOCOL_NUMBERS = {"icmp": 1, "ipv6-icmp": 58, "icmpv6": 58}
+
+
+def _numeric_protocols(right):
+    if isinstance(right, dict) and isinstance(right.get("set"), list):
+        return {"set": sorted((PROTOCOL_NUMBERS.get(v, v) if isinstance(v, str) else v for v in right["set"]),
+                              key=lambda v: (isinstance(v, str), str(v).zfill(3)))}
+    return right
+
+
 def _own_rule(matches: list[dict]) -> bool:
     """One of the accept rules every provision firewall has besides its ports (see firewall_rules)."""
     def key(m):
@@ -300,7 +312,10 @@ def _own_rule(matches: list[dict]) -> bool:
         if "payload" in left:
             return f"{left['payload'].get('protocol')}.{left['payload'].get('field')}"
         return (left.get("ct") or left.get("meta") or {}).get("key")
-    shape = sorted((key(m), json.dumps(m.get("right"), sort_keys=True)) for m in matches)
+
+    def right(m):
+        return _numeric_protocols(m.get("right")) if key(m) == "l4proto" else m.get("right")
+    shape = sorted((key(m), json.dumps(right(m), sort_keys=True)) for m in matches)
     return shape in ([("state", '["established", "related"]')], [("iifname", '"lo"')],
                      [("l4proto", '{"set": [1, 58]}')],
                      [("ip6.saddr", '{"prefix": {"addr": "fe80::", "len": 10}}'), ("udp.dport", "546")])

@@ -5,6 +5,7 @@ firewall change nobody confirms undone by the timer on the host. Order matters: 
 
 Traffic goes to the droplet's own address only; every wait is bounded."""
 
+import base64
 import re
 import socket
 import time
@@ -158,7 +159,20 @@ def write_inventory(droplet, tmp_path, **extra: str):
     return {"FABRIC_INVENTORY": str(inv)}
 
 
+PROTOCOLS = "/etc/protocols"
+
+
+def like_a_real_host(droplet) -> None:
+    """Debian's /etc/protocols (netbase, on every real host; not on a minbase droplet, and this
+    machine's is netbase's): with it, `nft -j` names the protocols it prints by number without."""
+    with open(PROTOCOLS, "rb") as fh:
+        data = base64.b64encode(fh.read()).decode()
+    as_deploy(droplet, f"sh -c 'test -s {PROTOCOLS} || echo {data} | base64 -d > {PROTOCOLS}'")
+    assert '"ipv6-icmp"' in as_deploy(droplet, f"nft -j list table {boot.FIREWALL_TABLE}")
+
+
 def test_deploy_and_check_as_the_deploy_user(droplet, tmp_path):
+    like_a_real_host(droplet)
     env = write_inventory(droplet, tmp_path)
     res = droplet.fab("-H", droplet.name, "deploy", env=env)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -220,6 +220,15 @@ def test_open_ports_of_reads_what_the_table_lets_in_beside_its_own_rules():
     assert boot.open_ports_of(more) == ("accept", {"22/tcp", "80/tcp", "443/tcp", "5000-5010/tcp", "*"})
 
 
+def test_open_ports_of_reads_icmp_by_name_as_nft_prints_it_where_etc_protocols_is():
+    """Debian's netbase (on every real host) makes `nft -j` print `meta l4proto { 1, 58 }` by name."""
+    named = json.loads(json.dumps(NFT).replace('{"set": [1, 58]}', '{"set": ["icmp", "ipv6-icmp"]}'))
+    assert named != NFT
+    assert boot.open_ports_of(named) == ("drop", {"22/tcp", "80/tcp", "443/tcp"})
+    other = json.loads(json.dumps(NFT).replace('{"set": [1, 58]}', '{"set": ["icmp", "tcp"]}'))
+    assert "*" in boot.open_ports_of(other)[1]  # any other protocol let in is still counted
+
+
 # -- phases put back what they changed
 
 def test_undo_restores_files_as_they_were_and_removes_a_user_the_phase_made():

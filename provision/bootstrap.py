@@ -27,8 +27,8 @@ from .app import trust_steps
 from .config import Settings
 from .facts import Facts
 from .layout import (BOOTSTRAP_MARKER, FIREWALL_PREVIOUS, FIREWALL_REVERT, FIREWALL_RULES, FIREWALL_TABLE,
-                     FIREWALL_UNIT, PROVISION_ETC, SSH_SERVICE, SSHD_DROPIN, SUDOERS_FILE, SYSTEMD_DIR, UPGRADES_CONF,
-                     UPGRADES_TIMER)
+                     FIREWALL_UNIT, PROVISION_ETC, SRV_DIR, SSH_SERVICE, SSHD_DROPIN, SUDOERS_FILE, SYSTEMD_DIR,
+                     UPGRADES_CONF, UPGRADES_TIMER)
 from .steps import Absent, Change, Command, Directory, File, Packages, Recipe, Service, Step
 
 q = shlex.quote
@@ -67,6 +67,37 @@ class LoginUser(Step):
         if u["shell"].endswith(("/nologin", "/false")):
             return Change([f"usermod --shell /bin/bash {q(self.user)}"], summary="allow logins")
         return None
+
+
+UID_MIN = 1000  # Debian's first uid for people (login.defs); below it: system accounts
+
+
+def made_by_bootstrap(user: str, marker_text: str | None, sudoers_text: str | None) -> bool:
+    """The deploy user an earlier bootstrap made: its marker names it, or its sudoers file is ours for it."""
+    try:
+        if json.loads(marker_text or "null").get("deploy_user") == user:
+            return True
+    except (ValueError, AttributeError):
+        pass
+    return (sudoers_text or "").encode() == sudoers(user)
+
+
+def unfit_deploy_user(user: str, fact: dict | None, marker_text: str | None, sudoers_text: str | None) -> str | None:
+    """Why an existing account must not become the deploy user (keys, a login shell, NOPASSWD sudo
+    would make it root), else None: a system account (uid below UID_MIN, or a shell refusing
+    logins) or a provision app's user (home under /srv); unless bootstrap made it."""
+    if fact is None or made_by_bootstrap(user, marker_text, sudoers_text):
+        return None
+    if fact["uid"] < UID_MIN:
+        what = f"a system account (uid {fact['uid']} below {UID_MIN})"
+    elif fact["shell"].endswith(("/nologin", "/false")):
+        what = f"an account that refuses logins (shell {fact['shell']})"
+    elif fact["home"] == SRV_DIR or fact["home"].startswith(SRV_DIR + "/"):
+        what = f"a provision app's user (home {fact['home']})"
+    else:
+        return None
+    return (f"app.deploy_user={user!r} is {what}: giving it keys and passwordless sudo would make it root; "
+            "set app.deploy_user to a new name (bootstrap creates it) or to a person's login account")
 
 
 def home_of(user: str, fact: dict | None) -> str:

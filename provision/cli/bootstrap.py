@@ -153,10 +153,14 @@ class Bootstrap:
         deploy = s.deploy_user
         self.remote = remote = self.login()
         # One round trip before the phases: who the deploy user is, and which port this connection came in on
-        pre = gather(remote, [("user", deploy)])
+        pre = gather(remote, [("user", deploy), ("content", boot.BOOTSTRAP_MARKER), ("content", boot.SUDOERS_FILE)])
+        user_fact = pre.user(deploy)
+        unfit = boot.unfit_deploy_user(deploy, user_fact, pre.content(boot.BOOTSTRAP_MARKER),
+                                       pre.content(boot.SUDOERS_FILE))
+        if unfit:  # before anything changes
+            raise ProvisionError(f"{self.label}: {unfit}")
         conn = remote.exec('printf %s "$SSH_CONNECTION"', timeout=30)[1].split()
         conn_port = int(conn[3]) if len(conn) == 4 and conn[3].isdigit() else None
-        user_fact = pre.user(deploy)
         state: dict = {}
 
         def firewall(facts):

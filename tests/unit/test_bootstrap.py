@@ -111,6 +111,45 @@ def test_login_user_lets_an_existing_account_log_in(shell, expected):
     assert (change and change.commands) == expected
 
 
+@pytest.mark.parametrize("fact,why", [
+    ({"uid": 1001, "home": "/srv/shop", "shell": "/bin/sh", "group": "shop"}, "a provision app's user (home /srv/shop)"),
+    ({"uid": 998, "home": "/var/lib/ops", "shell": "/bin/bash", "group": "ops"}, "a system account (uid 998 below 1000)"),
+    ({"uid": 1002, "home": "/home/x", "shell": "/usr/sbin/nologin", "group": "x"}, "refuses logins (shell /usr/sbin/nologin)"),
+])
+def test_an_existing_system_or_app_account_is_refused_as_the_deploy_user_unless_bootstrap_made_it(fact, why):
+    line = boot.unfit_deploy_user("shop", fact, None, None)
+    assert line.startswith("app.deploy_user='shop' is ") and why in line and "\n" not in line
+    assert "set app.deploy_user to a new name" in line
+    marker = boot.marker(settings(deploy_user="shop"), (22,)).decode()
+    assert boot.unfit_deploy_user("shop", fact, marker, None) is None
+    assert boot.unfit_deploy_user("shop", fact, None, boot.sudoers("shop").decode()) is None
+    assert boot.unfit_deploy_user("shop", fact, marker.replace("shop", "other"), "shop ALL=(ALL) ALL\n") == line
+    person = {"uid": 1000, "home": "/home/ops", "shell": "/bin/bash", "group": "ops"}
+    assert boot.unfit_deploy_user("ops", person, None, None) is None and boot.unfit_deploy_user("new", None, None, None) is None
+
+
+class FakeRemote:
+    sudo, label = "", "web1"
+
+    def exec(self, command, timeout=None):
+        return 0, "", ""
+
+
+def test_bootstrap_refuses_an_unfit_deploy_user_before_changing_anything(monkeypatch):
+    from provision.cli import bootstrap as cli
+    b = Bootstrap(Job(Target("web1", "10.0.0.1"), settings(deploy_user="shop")), None, Printer(), (KEY,))
+    b.login = lambda: FakeRemote()
+    shop = {"uid": 1001, "home": "/srv/shop", "shell": "/bin/bash", "group": "shop"}
+    monkeypatch.setattr(cli, "gather", lambda remote, keys: Facts({**{tuple(k): None for k in keys},
+                                                                  ("user", "shop"): shop}))
+    applied = []
+    b.apply = lambda phase, dry_run=False: applied.append(phase.title)
+    for dry_run in (False, True):
+        with pytest.raises(ProvisionError, match=r"^web1: app.deploy_user='shop' is a provision app's user"):
+            b.run(dry_run=dry_run)
+    assert applied == []
+
+
 # -- 2. sshd
 
 def test_the_sshd_dropin_sorts_first_and_turns_root_and_passwords_off():

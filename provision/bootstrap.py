@@ -26,7 +26,7 @@ from typing import Callable
 from .app import trust_steps
 from .config import Settings
 from .facts import Facts
-from .layout import (BOOTSTRAP_MARKER, FIREWALL_PREVIOUS, FIREWALL_REVERT, FIREWALL_RULES, FIREWALL_TABLE,
+from .layout import (BOOTSTRAP_MARKER, FIREWALL_PENDING, FIREWALL_PREVIOUS, FIREWALL_REVERT, FIREWALL_RULES, FIREWALL_TABLE,
                      FIREWALL_UNIT, PROVISION_ETC, SRV_DIR, SSH_SERVICE, SSHD_DROPIN, SUDOERS_FILE, SYSTEMD_DIR,
                      UPGRADES_CONF, UPGRADES_TIMER)
 from .steps import Absent, Change, Command, Directory, File, Packages, Recipe, Service, Step
@@ -252,12 +252,15 @@ FIREWALL_UNIT_FILE = f"{SYSTEMD_DIR}/{FIREWALL_UNIT}"
 
 
 def revert_script() -> str:
-    """What the pending revert does: the rules confirmed before come back, or without any the
-    firewall goes."""
-    return (f"if [ -f {FIREWALL_PREVIOUS} ]; then mv -f {FIREWALL_PREVIOUS} {FIREWALL_RULES}; "
+    """What the pending revert does, once: the rules confirmed before come back (copied: they stay
+    until a confirm), or without any the firewall goes. The pending marker is consumed first (`rm`
+    fails when it is gone), so a second revert (the timer fired, then the open connection reverts)
+    does nothing."""
+    return (f"if rm {FIREWALL_PENDING} 2>/dev/null; then "
+            f"if [ -f {FIREWALL_PREVIOUS} ]; then cp -p {FIREWALL_PREVIOUS} {FIREWALL_RULES}; "
             f"systemctl reload-or-restart {FIREWALL_UNIT}; "
             f"else systemctl disable --now {FIREWALL_UNIT}; {NFT} delete table {FIREWALL_TABLE}; "
-            f"rm -f {FIREWALL_RULES}; fi 2>/dev/null; true")
+            f"rm -f {FIREWALL_RULES}; fi; fi 2>/dev/null; true")
 
 
 def stop_revert() -> str:
@@ -269,7 +272,7 @@ def arm_commands(seconds: int) -> list[str]:
     """A transient timer on the host that undoes the change in ``seconds`` unless confirmed."""
     return [stop_revert(),
             f"if [ -f {FIREWALL_RULES} ]; then cp -p {FIREWALL_RULES} {FIREWALL_PREVIOUS}; "
-            f"else rm -f {FIREWALL_PREVIOUS}; fi",
+            f"else rm -f {FIREWALL_PREVIOUS}; fi; touch {FIREWALL_PENDING}",
             f"systemd-run --quiet --collect --unit={FIREWALL_REVERT} --on-active={int(seconds)} "
             f"--timer-property=AccuracySec=1s /bin/sh -c {q(revert_script())}"]
 
@@ -279,7 +282,7 @@ def confirm_command(rules: bytes) -> str:
     new one (a revert that already fired makes this fail)."""
     sha = hashlib.sha256(rules).hexdigest()
     return (f"systemctl stop {FIREWALL_REVERT}.timer && systemctl is-active --quiet {FIREWALL_UNIT} && "
-            f"echo {q(f'{sha}  {FIREWALL_RULES}')} | sha256sum -c --status && rm -f {FIREWALL_PREVIOUS}")
+            f"echo {q(f'{sha}  {FIREWALL_RULES}')} | sha256sum -c --status && rm -f {FIREWALL_PENDING} {FIREWALL_PREVIOUS}")
 
 
 def revert_now() -> str:

@@ -222,8 +222,54 @@ def test_the_revert_is_armed_before_the_rules_change_and_only_then():
 def test_confirming_needs_the_new_rules_still_loaded():
     cmd = boot.confirm_command(b"rules")
     assert cmd.startswith("systemctl stop provision-firewall-revert.timer && systemctl is-active --quiet ")
-    assert "sha256sum -c --status" in cmd and cmd.endswith(f"rm -f {FIREWALL_RULES}.previous")
-    assert "mv -f /etc/provision/firewall.nft.previous /etc/provision/firewall.nft" in boot.revert_script()
+    assert "sha256sum -c --status" in cmd and cmd.endswith(f"rm -f {FIREWALL_RULES}.pending {FIREWALL_RULES}.previous")
+    assert "cp -p /etc/provision/firewall.nft.previous /etc/provision/firewall.nft" in boot.revert_script()
+
+
+@pytest.fixture
+def fake_host(tmp_path, monkeypatch):
+    """The firewall's files under tmp_path; systemctl and nft only log what they are asked."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    log = tmp_path / "log"
+    for tool in ("systemctl", "nft"):
+        (bin_ / tool).write_text(f"#!/bin/sh\necho {tool} \"$*\" >> {log}\n")
+        (bin_ / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:/usr/bin:/bin")
+    rules = tmp_path / "firewall.nft"
+    monkeypatch.setattr(boot, "FIREWALL_RULES", str(rules))
+    monkeypatch.setattr(boot, "FIREWALL_PREVIOUS", f"{rules}.previous")
+    monkeypatch.setattr(boot, "FIREWALL_PENDING", f"{rules}.pending")
+    monkeypatch.setattr(boot, "NFT", str(bin_ / "nft"))
+
+    def sh(cmd):
+        subprocess.run(["/bin/sh", "-c", cmd], check=True)
+        return log.read_text() if log.exists() else ""
+    return rules, log, sh
+
+
+def test_a_second_revert_after_the_timer_fired_changes_nothing(fake_host):
+    """The timer fires, then the fresh login's confirm fails and the open connection reverts again:
+    the rules confirmed before stay (the second revert must not delete the whole table)."""
+    rules, log, sh = fake_host
+    rules.write_text("old\n")
+    sh(boot.arm_commands(60)[1])  # armed: the previous rules kept
+    rules.write_text("new\n")
+    assert "reload-or-restart" in sh(boot.revert_script())  # the timer fires
+    assert rules.read_text() == "old\n"
+    log.unlink()
+    assert sh(boot.revert_now()) == f"systemctl stop {boot.FIREWALL_REVERT}.timer\n" \
+        f"systemctl reset-failed {boot.FIREWALL_REVERT}.service {boot.FIREWALL_REVERT}.timer\n"
+    assert rules.read_text() == "old\n"
+
+
+def test_a_second_revert_of_a_first_firewall_changes_nothing_either(fake_host):
+    rules, log, sh = fake_host
+    sh(boot.arm_commands(60)[1])  # no firewall before
+    rules.write_text("new\n")
+    assert "delete table inet provision" in sh(boot.revert_script()) and not rules.exists()
+    log.unlink()
+    assert "delete" not in sh(boot.revert_now()) and "disable" not in log.read_text()
 
 
 NFT = {"nftables": [

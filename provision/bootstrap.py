@@ -156,35 +156,48 @@ def ssh_reload() -> str:
 PRIVSEP = "mkdir -p -m 0755 /run/sshd"
 
 
+def sshd_match(user: str) -> str:
+    """``sshd -T``'s connection spec for a login as ``user``: its Match blocks applied."""
+    return f"user={user},host=localhost,addr=127.0.0.1"
+
+
 @dataclass(repr=False)
 class SshdHardened(Step):
-    """sshd's effective config (``sshd -T``) has the hardened values. When it has not, or the
-    drop-in just changed: ``sshd -t``, the values checked as sshd would read them, then reload."""
+    """sshd's effective config (``sshd -T -C``, for a login as root and as ``users``: a ``Match``
+    block may set them again) has the hardened values. When it has not, or the drop-in just
+    changed: ``sshd -t``, the values checked as sshd would read them, then reload."""
 
+    users: tuple[str, ...] = ()
     notify: tuple[str, ...] = ()
 
     @property
     def name(self):
         return "sshd config"
 
+    def logins(self) -> tuple[str, ...]:
+        return ("root", *(u for u in self.users if u != "root"))
+
     def facts(self):
-        return [("sshd", "")]
+        return [("sshd", u) for u in self.logins()]
 
     def plan(self, facts, notified):
-        if sshd_hardened(facts[("sshd", "")]) and "sshd" not in notified:
+        if all(sshd_hardened(facts[("sshd", u)]) for u in self.logins()) and "sshd" not in notified:
             return None
-        cmds = [PRIVSEP, "sshd -t", "effective=$(sshd -T)"]
-        for k, v in HARDENED:
-            want = f"{k.lower()} {v}"
-            cmds.append(f"grep -qx {q(want)} <<<\"$effective\" || {{ echo \"sshd would still use "
-                        f"$(grep '^{k.lower()} ' <<<\"$effective\") with {SSHD_DROPIN} in place: a file sshd reads "
-                        f"first sets it; make /etc/ssh/sshd_config include sshd_config.d/*.conf at its top\"; exit 1; }}")
+        cmds = [PRIVSEP, "sshd -t"]
+        for user in self.logins():
+            cmds.append(f"effective=$(sshd -T -C {sshd_match(user)})")
+            for k, v in HARDENED:
+                want = f"{k.lower()} {v}"
+                cmds.append(f"grep -qx {q(want)} <<<\"$effective\" || {{ echo \"sshd would still use "
+                            f"$(grep '^{k.lower()} ' <<<\"$effective\") for {user} with {SSHD_DROPIN} in place: a "
+                            f"Match block or a file sshd reads first sets it; take it out, and make "
+                            f"/etc/ssh/sshd_config include sshd_config.d/*.conf at its top\"; exit 1; }}")
         return Change(cmds + [ssh_reload()], summary="test, reload")
 
 
-def sshd_steps() -> list[Step]:
+def sshd_steps(deploy_user: str) -> list[Step]:
     return [Directory(SSHD_DROPIN.rsplit("/", 1)[0], owner="root", group="root", mode=0o755),
-            File(SSHD_DROPIN, sshd_dropin(), notify=("sshd",)), SshdHardened()]
+            File(SSHD_DROPIN, sshd_dropin(), notify=("sshd",)), SshdHardened((deploy_user,))]
 
 
 def sshd_undo() -> list[Step]:

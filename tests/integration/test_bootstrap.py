@@ -93,12 +93,28 @@ def test_a_login_refused_after_sshd_reloads_puts_everything_back(droplet):
     untouched(droplet)
 
 
+def test_a_match_block_letting_root_in_is_seen_and_everything_put_back(droplet):
+    """`sshd -T` without -C does not apply Match blocks: this one would undo the drop-in for root."""
+    droplet.sh("cp /etc/ssh/sshd_config /etc/ssh/sshd_config.bt && printf 'Match User root\\n    PermitRootLogin yes\\n'"
+               " >> /etc/ssh/sshd_config")
+    try:
+        res, _ = bootstrap(droplet)
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "sshd would still use permitrootlogin yes for root" in res.stdout, res.stdout
+        [line] = res.stderr.strip().splitlines()
+        assert "sshd's config did not pass" in line and "the host is as it was before" in line, line
+    finally:
+        droplet.sh("mv -f /etc/ssh/sshd_config.bt /etc/ssh/sshd_config")
+    untouched(droplet)
+
+
 def test_bootstrap_turns_root_and_passwords_off_and_lets_deploy_in(droplet):
     res, TIMES["fresh"] = bootstrap(droplet)
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
     assert "ok      a fresh login as deploy has sudo" in out
     assert "ok      after sshd reloaded, a fresh login as deploy has sudo" in out
+    assert "ok      after sshd reloaded, a fresh login as root is refused" in out
     assert "ok      a fresh login through the firewall confirmed it" in out
     assert f"host={droplet.address} user=deploy key=" in out  # the inventory line to use
     with pytest.raises(AuthFailed):

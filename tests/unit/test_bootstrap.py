@@ -160,14 +160,49 @@ def test_the_sshd_dropin_sorts_first_and_turns_root_and_passwords_off():
         assert f"\n{line}\n" in text
 
 
+def sshd_facts(root=HARDENED, deploy=HARDENED):
+    return Facts({("sshd", "root"): root, ("sshd", "deploy"): deploy})
+
+
 def test_sshd_is_tested_checked_and_reloaded_only_when_its_effective_config_differs_or_the_dropin_changed():
-    step = boot.SshdHardened()
-    assert step.plan(Facts({("sshd", ""): HARDENED}), set()) is None
-    for fact, notified in ((HARDENED, {"sshd"}), ({"ok": False, "error": "Bad configuration option"}, set()),
-                           (dict(HARDENED, config=dict(HARDENED["config"], passwordauthentication=["yes"])), set())):
-        cmds = step.plan(Facts({("sshd", ""): fact}), notified).commands
+    step = boot.SshdHardened(("deploy",))
+    assert step.facts() == [("sshd", "root"), ("sshd", "deploy")]
+    assert step.plan(sshd_facts(), set()) is None
+    password = dict(HARDENED, config=dict(HARDENED["config"], passwordauthentication=["yes"]))
+    for facts, notified in ((sshd_facts(), {"sshd"}), (sshd_facts({"ok": False, "error": "Bad configuration option"}), set()),
+                            (sshd_facts(deploy=password), set())):
+        cmds = step.plan(facts, notified).commands
         assert cmds.index("sshd -t") < cmds.index(boot.ssh_reload()) == len(cmds) - 1
         assert any("grep -qx 'passwordauthentication no'" in c and "include sshd_config.d/*.conf" in c for c in cmds)
+
+
+def test_sshd_is_checked_as_root_and_the_deploy_user_log_in_so_a_match_block_cannot_undo_it():
+    """`Match User root` / `Match all` with PermitRootLogin yes: plain `sshd -T` does not show it."""
+    step = boot.SshdHardened(("deploy",))
+    match_root = dict(HARDENED, config=dict(HARDENED["config"], permitrootlogin=["yes"]))
+    cmds = step.plan(sshd_facts(root=match_root), set()).commands
+    for user in ("root", "deploy"):
+        assert f"effective=$(sshd -T -C user={user},host=localhost,addr=127.0.0.1)" in cmds
+    assert "effective=$(sshd -T)" not in cmds and any("a Match block" in c for c in cmds)
+    assert [st for st in boot.sshd_steps("ops") if isinstance(st, boot.SshdHardened)][0].logins() == ("root", "ops")
+
+
+def test_after_sshd_reloads_a_fresh_login_as_root_must_be_refused():
+    b = Bootstrap(Job(Target("web1", "10.0.0.1"), settings()), None, Printer(), (KEY,))
+    b.connect = Connections({"root"})
+    assert b.root_still_logs_in() is None and b.connect.tried == ["root"]
+
+    class Conn:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    class Root:
+        conn = Conn()
+    b.connect = lambda user: Root()
+    why = b.root_still_logs_in()
+    assert why.startswith("after sshd reloaded, root still logs in (a Match block") and Root.conn.closed
 
 
 def test_sshd_reloads_only_where_ssh_service_runs_as_ubuntu_with_ssh_socket_may_not():
@@ -175,7 +210,8 @@ def test_sshd_reloads_only_where_ssh_service_runs_as_ubuntu_with_ssh_socket_may_
     running there is nothing to reload (the next connection starts it with the new config); a
     reload of a stopped unit would fail. Debian and Ubuntu both name it ssh.service."""
     assert boot.ssh_reload() == "if systemctl is-active --quiet ssh.service; then systemctl reload ssh.service; fi"
-    assert boot.PRIVSEP in boot.SshdHardened().plan(Facts({("sshd", ""): {"ok": False, "error": "x"}}), set()).commands
+    broken = {"ok": False, "error": "x"}
+    assert boot.PRIVSEP in boot.SshdHardened(("deploy",)).plan(sshd_facts(broken, broken), set()).commands
 
 
 # -- 3. firewall

@@ -239,15 +239,20 @@ def test_a_firewall_change_nobody_confirms_is_undone_by_the_timer(droplet):
     client went away): SSH comes back by itself, with the rules confirmed before."""
     remote = login(droplet, "deploy")
     try:
-        steps = boot.firewall_steps(job_for(droplet).settings, (22,), seconds=8, ports={"tcp": [80], "udp": []})
+        steps = boot.firewall_steps(job_for(droplet).settings, (22,), seconds=20, ports={"tcp": [80], "udp": []})
         r = run_steps(remote, steps, printer=Printer())
         assert not r.error, r.error
+        # the connection still open (established) sees the revert pending
+        rc, timers, err = remote.exec("sudo -n systemctl list-timers --all --no-legend", timeout=30)
+        assert rc == 0 and f"{boot.FIREWALL_REVERT}.timer" in timers, timers + err
+        rc, table, _ = remote.exec(f"sudo -n nft list table {boot.FIREWALL_TABLE}", timeout=30)
+        assert "tcp dport 80 accept" in table, table
     finally:
         remote.conn.close()
     t0 = time.monotonic()
-    assert not reachable(droplet.address, 22, timeout=2)  # shut out
-    while not reachable(droplet.address, 22, timeout=1):
-        assert time.monotonic() - t0 < 30, "the revert timer did not fire"
+    while not reachable(droplet.address, 22, timeout=1):  # shut out until the timer fires
+        assert time.monotonic() - t0 < 60, "the revert timer did not fire"
         time.sleep(0.5)
-    assert as_deploy(droplet, f"nft list table {boot.FIREWALL_TABLE}").count("dport { 22, 80, 443 }") == 1
+    table = as_deploy(droplet, f"nft list table {boot.FIREWALL_TABLE}")
+    assert "tcp dport 80 accept" not in table and table.count("dport { 22, 80, 443 }") == 1, table
     assert re.search(r"no changes", droplet.fab("-H", f"root@{droplet.address}", "bootstrap").stdout)

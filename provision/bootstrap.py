@@ -26,9 +26,9 @@ from typing import Callable
 from .app import trust_steps
 from .config import Settings
 from .facts import Facts
-from .layout import (BOOTSTRAP_MARKER, FIREWALL_PREVIOUS, FIREWALL_REVERT, FIREWALL_RULES, FIREWALL_TABLE,
-                     FIREWALL_UNIT, PROVISION_ETC, SSH_SERVICE, SSHD_DROPIN, SUDOERS_FILE, SYSTEMD_DIR, UPGRADES_CONF,
-                     UPGRADES_TIMER)
+from .layout import (BOOTSTRAP_MARKER, FIREWALL_PENDING, FIREWALL_PREVIOUS, FIREWALL_REVERT, FIREWALL_RULES, FIREWALL_TABLE,
+                     FIREWALL_UNIT, PROVISION_ETC, SRV_DIR, SSH_SERVICE, SSHD_DROPIN, SUDOERS_FILE, SYSTEMD_DIR,
+                     UPGRADES_CONF, UPGRADES_TIMER)
 from .steps import Absent, Change, Command, Directory, File, Packages, Recipe, Service, Step
 
 q = shlex.quote
@@ -67,6 +67,37 @@ class LoginUser(Step):
         if u["shell"].endswith(("/nologin", "/false")):
             return Change([f"usermod --shell /bin/bash {q(self.user)}"], summary="allow logins")
         return None
+
+
+UID_MIN = 1000  # Debian's first uid for people (login.defs); below it: system accounts
+
+
+def made_by_bootstrap(user: str, marker_text: str | None, sudoers_text: str | None) -> bool:
+    """The deploy user an earlier bootstrap made: its marker names it, or its sudoers file is ours for it."""
+    try:
+        if json.loads(marker_text or "null").get("deploy_user") == user:
+            return True
+    except (ValueError, AttributeError):
+        pass
+    return (sudoers_text or "").encode() == sudoers(user)
+
+
+def unfit_deploy_user(user: str, fact: dict | None, marker_text: str | None, sudoers_text: str | None) -> str | None:
+    """Why an existing account must not become the deploy user (keys, a login shell, NOPASSWD sudo
+    would make it root), else None: a system account (uid below UID_MIN, or a shell refusing
+    logins) or a provision app's user (home under /srv); unless bootstrap made it."""
+    if fact is None or made_by_bootstrap(user, marker_text, sudoers_text):
+        return None
+    if fact["uid"] < UID_MIN:
+        what = f"a system account (uid {fact['uid']} below {UID_MIN})"
+    elif fact["shell"].endswith(("/nologin", "/false")):
+        what = f"an account that refuses logins (shell {fact['shell']})"
+    elif fact["home"] == SRV_DIR or fact["home"].startswith(SRV_DIR + "/"):
+        what = f"a provision app's user (home {fact['home']})"
+    else:
+        return None
+    return (f"app.deploy_user={user!r} is {what}: giving it keys and passwordless sudo would make it root; "
+            "set app.deploy_user to a new name (bootstrap creates it) or to a person's login account")
 
 
 def home_of(user: str, fact: dict | None) -> str:
@@ -125,35 +156,48 @@ def ssh_reload() -> str:
 PRIVSEP = "mkdir -p -m 0755 /run/sshd"
 
 
+def sshd_match(user: str) -> str:
+    """``sshd -T``'s connection spec for a login as ``user``: its Match blocks applied."""
+    return f"user={user},host=localhost,addr=127.0.0.1"
+
+
 @dataclass(repr=False)
 class SshdHardened(Step):
-    """sshd's effective config (``sshd -T``) has the hardened values. When it has not, or the
-    drop-in just changed: ``sshd -t``, the values checked as sshd would read them, then reload."""
+    """sshd's effective config (``sshd -T -C``, for a login as root and as ``users``: a ``Match``
+    block may set them again) has the hardened values. When it has not, or the drop-in just
+    changed: ``sshd -t``, the values checked as sshd would read them, then reload."""
 
+    users: tuple[str, ...] = ()
     notify: tuple[str, ...] = ()
 
     @property
     def name(self):
         return "sshd config"
 
+    def logins(self) -> tuple[str, ...]:
+        return ("root", *(u for u in self.users if u != "root"))
+
     def facts(self):
-        return [("sshd", "")]
+        return [("sshd", u) for u in self.logins()]
 
     def plan(self, facts, notified):
-        if sshd_hardened(facts[("sshd", "")]) and "sshd" not in notified:
+        if all(sshd_hardened(facts[("sshd", u)]) for u in self.logins()) and "sshd" not in notified:
             return None
-        cmds = [PRIVSEP, "sshd -t", "effective=$(sshd -T)"]
-        for k, v in HARDENED:
-            want = f"{k.lower()} {v}"
-            cmds.append(f"grep -qx {q(want)} <<<\"$effective\" || {{ echo \"sshd would still use "
-                        f"$(grep '^{k.lower()} ' <<<\"$effective\") with {SSHD_DROPIN} in place: a file sshd reads "
-                        f"first sets it; make /etc/ssh/sshd_config include sshd_config.d/*.conf at its top\"; exit 1; }}")
+        cmds = [PRIVSEP, "sshd -t"]
+        for user in self.logins():
+            cmds.append(f"effective=$(sshd -T -C {sshd_match(user)})")
+            for k, v in HARDENED:
+                want = f"{k.lower()} {v}"
+                cmds.append(f"grep -qx {q(want)} <<<\"$effective\" || {{ echo \"sshd would still use "
+                            f"$(grep '^{k.lower()} ' <<<\"$effective\") for {user} with {SSHD_DROPIN} in place: a "
+                            f"Match block or a file sshd reads first sets it; take it out, and make "
+                            f"/etc/ssh/sshd_config include sshd_config.d/*.conf at its top\"; exit 1; }}")
         return Change(cmds + [ssh_reload()], summary="test, reload")
 
 
-def sshd_steps() -> list[Step]:
+def sshd_steps(deploy_user: str) -> list[Step]:
     return [Directory(SSHD_DROPIN.rsplit("/", 1)[0], owner="root", group="root", mode=0o755),
-            File(SSHD_DROPIN, sshd_dropin(), notify=("sshd",)), SshdHardened()]
+            File(SSHD_DROPIN, sshd_dropin(), notify=("sshd",)), SshdHardened((deploy_user,))]
 
 
 def sshd_undo() -> list[Step]:
@@ -221,12 +265,15 @@ FIREWALL_UNIT_FILE = f"{SYSTEMD_DIR}/{FIREWALL_UNIT}"
 
 
 def revert_script() -> str:
-    """What the pending revert does: the rules confirmed before come back, or without any the
-    firewall goes."""
-    return (f"if [ -f {FIREWALL_PREVIOUS} ]; then mv -f {FIREWALL_PREVIOUS} {FIREWALL_RULES}; "
+    """What the pending revert does, once: the rules confirmed before come back (copied: they stay
+    until a confirm), or without any the firewall goes. The pending marker is consumed first (`rm`
+    fails when it is gone), so a second revert (the timer fired, then the open connection reverts)
+    does nothing."""
+    return (f"if rm {FIREWALL_PENDING} 2>/dev/null; then "
+            f"if [ -f {FIREWALL_PREVIOUS} ]; then cp -p {FIREWALL_PREVIOUS} {FIREWALL_RULES}; "
             f"systemctl reload-or-restart {FIREWALL_UNIT}; "
             f"else systemctl disable --now {FIREWALL_UNIT}; {NFT} delete table {FIREWALL_TABLE}; "
-            f"rm -f {FIREWALL_RULES}; fi 2>/dev/null; true")
+            f"rm -f {FIREWALL_RULES}; fi; fi 2>/dev/null; true")
 
 
 def stop_revert() -> str:
@@ -238,7 +285,7 @@ def arm_commands(seconds: int) -> list[str]:
     """A transient timer on the host that undoes the change in ``seconds`` unless confirmed."""
     return [stop_revert(),
             f"if [ -f {FIREWALL_RULES} ]; then cp -p {FIREWALL_RULES} {FIREWALL_PREVIOUS}; "
-            f"else rm -f {FIREWALL_PREVIOUS}; fi",
+            f"else rm -f {FIREWALL_PREVIOUS}; fi; touch {FIREWALL_PENDING}",
             f"systemd-run --quiet --collect --unit={FIREWALL_REVERT} --on-active={int(seconds)} "
             f"--timer-property=AccuracySec=1s /bin/sh -c {q(revert_script())}"]
 
@@ -248,7 +295,7 @@ def confirm_command(rules: bytes) -> str:
     new one (a revert that already fired makes this fail)."""
     sha = hashlib.sha256(rules).hexdigest()
     return (f"systemctl stop {FIREWALL_REVERT}.timer && systemctl is-active --quiet {FIREWALL_UNIT} && "
-            f"echo {q(f'{sha}  {FIREWALL_RULES}')} | sha256sum -c --status && rm -f {FIREWALL_PREVIOUS}")
+            f"echo {q(f'{sha}  {FIREWALL_RULES}')} | sha256sum -c --status && rm -f {FIREWALL_PENDING} {FIREWALL_PREVIOUS}")
 
 
 def revert_now() -> str:
@@ -293,6 +340,18 @@ def firewall_file(steps: list[Step]) -> File:
     return next(st for st in steps if isinstance(st, File) and st.path == FIREWALL_RULES)
 
 
+# how `nft -j` names the protocols of `meta l4proto { 1, 58 }` when /etc/protocols is there (Debian's
+# netbase, on every real host); without it, it prints the numbers
+PROTOCOL_NUMBERS = {"icmp": 1, "ipv6-icmp": 58, "icmpv6": 58}
+
+
+def _numeric_protocols(right):
+    if isinstance(right, dict) and isinstance(right.get("set"), list):
+        return {"set": sorted((PROTOCOL_NUMBERS.get(v, v) if isinstance(v, str) else v for v in right["set"]),
+                              key=lambda v: (isinstance(v, str), str(v).zfill(3)))}
+    return right
+
+
 def _own_rule(matches: list[dict]) -> bool:
     """One of the accept rules every provision firewall has besides its ports (see firewall_rules)."""
     def key(m):
@@ -300,7 +359,10 @@ def _own_rule(matches: list[dict]) -> bool:
         if "payload" in left:
             return f"{left['payload'].get('protocol')}.{left['payload'].get('field')}"
         return (left.get("ct") or left.get("meta") or {}).get("key")
-    shape = sorted((key(m), json.dumps(m.get("right"), sort_keys=True)) for m in matches)
+
+    def right(m):
+        return _numeric_protocols(m.get("right")) if key(m) == "l4proto" else m.get("right")
+    shape = sorted((key(m), json.dumps(right(m), sort_keys=True)) for m in matches)
     return shape in ([("state", '["established", "related"]')], [("iifname", '"lo"')],
                      [("l4proto", '{"set": [1, 58]}')],
                      [("ip6.saddr", '{"prefix": {"addr": "fe80::", "len": 10}}'), ("udp.dport", "546")])

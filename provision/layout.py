@@ -59,6 +59,7 @@ SSHD_DROPIN = f"{SSH_DIR}/sshd_config.d/00-provision.conf"  # sshd takes the fir
 SSH_SERVICE = "ssh.service"  # Debian's and Ubuntu's sshd (Ubuntu 22.10+ may start it from ssh.socket)
 FIREWALL_RULES = f"{PROVISION_ETC}/firewall.nft"
 FIREWALL_PREVIOUS = f"{FIREWALL_RULES}.previous"  # the rules a pending revert puts back
+FIREWALL_PENDING = f"{FIREWALL_RULES}.pending"  # a revert is pending: the first revert consumes it, a second does nothing
 FIREWALL_TABLE = "inet provision"  # provision's own nftables table: nothing else's rules are touched
 FIREWALL_UNIT = "provision-firewall.service"  # loads FIREWALL_RULES at boot (enabled) and on restart
 FIREWALL_REVERT = "provision-firewall-revert"  # the transient timer (and service) that undoes an unconfirmed change

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from provision.bootstrap import HARDENED, WEB_PORTS, open_ports_of
+from provision.bootstrap import HARDENED, WEB_PORTS, open_ports_of, sshd_match
 from provision.layout import BOOTSTRAP_MARKER, FIREWALL_TABLE, FIREWALL_UNIT, UPGRADES_TIMER
 
 
@@ -17,19 +17,21 @@ def bootstrapped(host) -> dict:
     return json.loads(marker.content_string)
 
 
-def sshd_config(host) -> dict[str, list[str]]:
-    """sshd's effective config (`sshd -T`): each key's values."""
+def sshd_config(host, user: str = "") -> dict[str, list[str]]:
+    """sshd's effective config (`sshd -T`; with ``user``, for a login as that user: its Match blocks
+    applied): each key's values."""
     out: dict[str, list[str]] = {}
-    for line in host.check_output("sshd -T").splitlines():
+    for line in host.check_output("sshd -T" + (f" -C {sshd_match(user)}" if user else "")).splitlines():
         key, _, value = line.partition(" ")
         out.setdefault(key.lower(), []).append(value)
     return out
 
 
 def test_sshd_refuses_root_and_password_logins(host, bootstrapped):
-    config = sshd_config(host)
-    wrong = {k: config.get(k.lower()) for k, v in HARDENED if config.get(k.lower()) != [v]}
-    assert not wrong, f"sshd -T has {wrong}"
+    for user in ("root", bootstrapped["deploy_user"]):  # a Match block may set them again
+        config = sshd_config(host, user)
+        wrong = {k: config.get(k.lower()) for k, v in HARDENED if config.get(k.lower()) != [v]}
+        assert not wrong, f"sshd -T -C {sshd_match(user)} has {wrong}: fab bootstrap again"
 
 
 def test_firewall_active_letting_in_only_the_expected_ports(host, app, bootstrapped):

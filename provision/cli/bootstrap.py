@@ -113,6 +113,24 @@ class Bootstrap:
             return f"`{r.sudo}{command}` as {user} failed (exit {rc}): {(err or out).strip()[-300:]}"
         return None
 
+    def root_still_logs_in(self) -> str | None:
+        """A fresh connection as root with the operator's key, which must be refused: None, or why not."""
+        deadline = time.monotonic() + RELOAD_GRACE
+        while True:
+            try:
+                r = self.connect("root")
+            except AuthFailed:
+                return None
+            except Unreachable as e:  # sshd re-executes itself on reload
+                if "connection refused" not in str(e) or time.monotonic() > deadline:
+                    why = str(e).removeprefix(f"{self.label}: ")
+                    return f"after sshd reloaded, a fresh login as root could not be tried ({why})"
+                time.sleep(0.2)
+                continue
+            r.conn.close()
+            return ("after sshd reloaded, root still logs in (a Match block or an sshd_config file read before "
+                    f"{boot.SSHD_DROPIN} lets it: take that out)")
+
     # -- phases
     def apply(self, phase: boot.Phase, dry_run: bool = False) -> HostResult:
         r = run_steps(self.remote, phase, dry_run=dry_run, printer=self.printer, env=proxy_env(self.job.settings))
@@ -153,10 +171,14 @@ class Bootstrap:
         deploy = s.deploy_user
         self.remote = remote = self.login()
         # One round trip before the phases: who the deploy user is, and which port this connection came in on
-        pre = gather(remote, [("user", deploy)])
+        pre = gather(remote, [("user", deploy), ("content", boot.BOOTSTRAP_MARKER), ("content", boot.SUDOERS_FILE)])
+        user_fact = pre.user(deploy)
+        unfit = boot.unfit_deploy_user(deploy, user_fact, pre.content(boot.BOOTSTRAP_MARKER),
+                                       pre.content(boot.SUDOERS_FILE))
+        if unfit:  # before anything changes
+            raise ProvisionError(f"{self.label}: {unfit}")
         conn = remote.exec('printf %s "$SSH_CONNECTION"', timeout=30)[1].split()
         conn_port = int(conn[3]) if len(conn) == 4 and conn[3].isdigit() else None
-        user_fact = pre.user(deploy)
         state: dict = {}
 
         def firewall(facts):
@@ -164,7 +186,7 @@ class Bootstrap:
             return boot.firewall_steps(s, state["ssh"], self.seconds, ports)
 
         account = boot.Phase("account", lambda f: boot.account_steps(s, self.keys, f, user_fact))
-        sshd = boot.Phase("sshd", lambda f: boot.sshd_steps(), undo_after=boot.sshd_undo())
+        sshd = boot.Phase("sshd", lambda f: boot.sshd_steps(deploy), undo_after=boot.sshd_undo())
         wall = boot.Phase("firewall", firewall, facts=[("sshd", "")])
         upgrades = boot.Phase("upgrades", lambda f: boot.upgrades_steps(s, state.get("ssh", (t.port,))))
         if dry_run:
@@ -191,6 +213,10 @@ class Bootstrap:
             if why:
                 self.fail(f"after sshd reloaded, a fresh login as {deploy} with sudo failed ({why})", sshd, account)
             self.verified(f"after sshd reloaded, a fresh login as {deploy} has sudo")
+            why = self.root_still_logs_in()
+            if why:
+                self.fail(why, sshd, account)
+            self.verified("after sshd reloaded, a fresh login as root is refused")
 
         r = self.apply(wall)
         rules = boot.firewall_file(wall.steps(None))

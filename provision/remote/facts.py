@@ -240,12 +240,14 @@ def http_fact(arg):
     return 0 if expect and not got.startswith(expect[1]) else status
 
 
-def sshd_fact(_):
-    """sshd's effective configuration as its files say now (`sshd -T`): {"ok": true, "config": {key: [values]}},
-    or {"ok": false, "error": what sshd said}."""
+def sshd_fact(user):
+    """sshd's effective configuration as its files say now (`sshd -T`; for a login as ``user``, its
+    Match blocks applied, when one is named): {"ok": true, "config": {key: [values]}}, or
+    {"ok": false, "error": what sshd said}."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    match = ["-C", f"user={user},host=localhost,addr=127.0.0.1"] if user else []
     try:
-        res = subprocess.run([sshd, "-T"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        res = subprocess.run([sshd, "-T", *match], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              universal_newlines=True)
     except OSError as e:
         return {"ok": False, "error": str(e)}

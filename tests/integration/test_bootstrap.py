@@ -5,6 +5,7 @@ firewall change nobody confirms undone by the timer on the host. Order matters: 
 
 Traffic goes to the droplet's own address only; every wait is bounded."""
 
+import base64
 import re
 import socket
 import time
@@ -92,12 +93,28 @@ def test_a_login_refused_after_sshd_reloads_puts_everything_back(droplet):
     untouched(droplet)
 
 
+def test_a_match_block_letting_root_in_is_seen_and_everything_put_back(droplet):
+    """`sshd -T` without -C does not apply Match blocks: this one would undo the drop-in for root."""
+    droplet.sh("cp /etc/ssh/sshd_config /etc/ssh/sshd_config.bt && printf 'Match User root\\n    PermitRootLogin yes\\n'"
+               " >> /etc/ssh/sshd_config")
+    try:
+        res, _ = bootstrap(droplet)
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "sshd would still use permitrootlogin yes for root" in res.stdout, res.stdout
+        [line] = res.stderr.strip().splitlines()
+        assert "sshd's config did not pass" in line and "the host is as it was before" in line, line
+    finally:
+        droplet.sh("mv -f /etc/ssh/sshd_config.bt /etc/ssh/sshd_config")
+    untouched(droplet)
+
+
 def test_bootstrap_turns_root_and_passwords_off_and_lets_deploy_in(droplet):
     res, TIMES["fresh"] = bootstrap(droplet)
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
     assert "ok      a fresh login as deploy has sudo" in out
     assert "ok      after sshd reloaded, a fresh login as deploy has sudo" in out
+    assert "ok      after sshd reloaded, a fresh login as root is refused" in out
     assert "ok      a fresh login through the firewall confirmed it" in out
     assert f"host={droplet.address} user=deploy key=" in out  # the inventory line to use
     with pytest.raises(AuthFailed):
@@ -158,7 +175,20 @@ def write_inventory(droplet, tmp_path, **extra: str):
     return {"FABRIC_INVENTORY": str(inv)}
 
 
+PROTOCOLS = "/etc/protocols"
+
+
+def like_a_real_host(droplet) -> None:
+    """Debian's /etc/protocols (netbase, on every real host; not on a minbase droplet, and this
+    machine's is netbase's): with it, `nft -j` names the protocols it prints by number without."""
+    with open(PROTOCOLS, "rb") as fh:
+        data = base64.b64encode(fh.read()).decode()
+    as_deploy(droplet, f"sh -c 'test -s {PROTOCOLS} || echo {data} | base64 -d > {PROTOCOLS}'")
+    assert '"ipv6-icmp"' in as_deploy(droplet, f"nft -j list table {boot.FIREWALL_TABLE}")
+
+
 def test_deploy_and_check_as_the_deploy_user(droplet, tmp_path):
+    like_a_real_host(droplet)
     env = write_inventory(droplet, tmp_path)
     res = droplet.fab("-H", droplet.name, "deploy", env=env)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -209,15 +239,20 @@ def test_a_firewall_change_nobody_confirms_is_undone_by_the_timer(droplet):
     client went away): SSH comes back by itself, with the rules confirmed before."""
     remote = login(droplet, "deploy")
     try:
-        steps = boot.firewall_steps(job_for(droplet).settings, (22,), seconds=8, ports={"tcp": [80], "udp": []})
+        steps = boot.firewall_steps(job_for(droplet).settings, (22,), seconds=20, ports={"tcp": [80], "udp": []})
         r = run_steps(remote, steps, printer=Printer())
         assert not r.error, r.error
+        # the connection still open (established) sees the revert pending
+        rc, timers, err = remote.exec("sudo -n systemctl list-timers --all --no-legend", timeout=30)
+        assert rc == 0 and f"{boot.FIREWALL_REVERT}.timer" in timers, timers + err
+        rc, table, _ = remote.exec(f"sudo -n nft list table {boot.FIREWALL_TABLE}", timeout=30)
+        assert "tcp dport 80 accept" in table, table
     finally:
         remote.conn.close()
     t0 = time.monotonic()
-    assert not reachable(droplet.address, 22, timeout=2)  # shut out
-    while not reachable(droplet.address, 22, timeout=1):
-        assert time.monotonic() - t0 < 30, "the revert timer did not fire"
+    while not reachable(droplet.address, 22, timeout=1):  # shut out until the timer fires
+        assert time.monotonic() - t0 < 60, "the revert timer did not fire"
         time.sleep(0.5)
-    assert as_deploy(droplet, f"nft list table {boot.FIREWALL_TABLE}").count("dport { 22, 80, 443 }") == 1
+    table = as_deploy(droplet, f"nft list table {boot.FIREWALL_TABLE}")
+    assert "tcp dport 80 accept" not in table and table.count("dport { 22, 80, 443 }") == 1, table
     assert re.search(r"no changes", droplet.fab("-H", f"root@{droplet.address}", "bootstrap").stdout)

@@ -111,24 +111,99 @@ def test_login_user_lets_an_existing_account_log_in(shell, expected):
     assert (change and change.commands) == expected
 
 
+@pytest.mark.parametrize("fact,why", [
+    ({"uid": 1001, "home": "/srv/shop", "shell": "/bin/sh", "group": "shop"}, "a provision app's user (home /srv/shop)"),
+    ({"uid": 998, "home": "/var/lib/ops", "shell": "/bin/bash", "group": "ops"}, "a system account (uid 998 below 1000)"),
+    ({"uid": 1002, "home": "/home/x", "shell": "/usr/sbin/nologin", "group": "x"}, "refuses logins (shell /usr/sbin/nologin)"),
+])
+def test_an_existing_system_or_app_account_is_refused_as_the_deploy_user_unless_bootstrap_made_it(fact, why):
+    line = boot.unfit_deploy_user("shop", fact, None, None)
+    assert line.startswith("app.deploy_user='shop' is ") and why in line and "\n" not in line
+    assert "set app.deploy_user to a new name" in line
+    marker = boot.marker(settings(deploy_user="shop"), (22,)).decode()
+    assert boot.unfit_deploy_user("shop", fact, marker, None) is None
+    assert boot.unfit_deploy_user("shop", fact, None, boot.sudoers("shop").decode()) is None
+    assert boot.unfit_deploy_user("shop", fact, marker.replace("shop", "other"), "shop ALL=(ALL) ALL\n") == line
+    person = {"uid": 1000, "home": "/home/ops", "shell": "/bin/bash", "group": "ops"}
+    assert boot.unfit_deploy_user("ops", person, None, None) is None and boot.unfit_deploy_user("new", None, None, None) is None
+
+
+class FakeRemote:
+    sudo, label = "", "web1"
+
+    def exec(self, command, timeout=None):
+        return 0, "", ""
+
+
+def test_bootstrap_refuses_an_unfit_deploy_user_before_changing_anything(monkeypatch):
+    from provision.cli import bootstrap as cli
+    b = Bootstrap(Job(Target("web1", "10.0.0.1"), settings(deploy_user="shop")), None, Printer(), (KEY,))
+    b.login = lambda: FakeRemote()
+    shop = {"uid": 1001, "home": "/srv/shop", "shell": "/bin/bash", "group": "shop"}
+    monkeypatch.setattr(cli, "gather", lambda remote, keys: Facts({**{tuple(k): None for k in keys},
+                                                                  ("user", "shop"): shop}))
+    applied = []
+    b.apply = lambda phase, dry_run=False: applied.append(phase.title)
+    for dry_run in (False, True):
+        with pytest.raises(ProvisionError, match=r"^web1: app.deploy_user='shop' is a provision app's user"):
+            b.run(dry_run=dry_run)
+    assert applied == []
+
+
 # -- 2. sshd
 
 def test_the_sshd_dropin_sorts_first_and_turns_root_and_passwords_off():
-    assert SSHD_DROPIN == "/etc/ssh/sshd_config.d/00-provision.conf" and "00-" < "50-cloud-init"
+    assert SSHD_DROPIN.startswith("/etc/ssh/sshd_config.d/")
+    assert SSHD_DROPIN.rsplit("/", 1)[1] < "50-cloud-init.conf"  # cloud-init's, which may turn passwords on
     text = boot.sshd_dropin().decode()
     for line in ("PermitRootLogin no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
                  "X11Forwarding no"):
         assert f"\n{line}\n" in text
 
 
+def sshd_facts(root=HARDENED, deploy=HARDENED):
+    return Facts({("sshd", "root"): root, ("sshd", "deploy"): deploy})
+
+
 def test_sshd_is_tested_checked_and_reloaded_only_when_its_effective_config_differs_or_the_dropin_changed():
-    step = boot.SshdHardened()
-    assert step.plan(Facts({("sshd", ""): HARDENED}), set()) is None
-    for fact, notified in ((HARDENED, {"sshd"}), ({"ok": False, "error": "Bad configuration option"}, set()),
-                           (dict(HARDENED, config=dict(HARDENED["config"], passwordauthentication=["yes"])), set())):
-        cmds = step.plan(Facts({("sshd", ""): fact}), notified).commands
+    step = boot.SshdHardened(("deploy",))
+    assert step.facts() == [("sshd", "root"), ("sshd", "deploy")]
+    assert step.plan(sshd_facts(), set()) is None
+    password = dict(HARDENED, config=dict(HARDENED["config"], passwordauthentication=["yes"]))
+    for facts, notified in ((sshd_facts(), {"sshd"}), (sshd_facts({"ok": False, "error": "Bad configuration option"}), set()),
+                            (sshd_facts(deploy=password), set())):
+        cmds = step.plan(facts, notified).commands
         assert cmds.index("sshd -t") < cmds.index(boot.ssh_reload()) == len(cmds) - 1
         assert any("grep -qx 'passwordauthentication no'" in c and "include sshd_config.d/*.conf" in c for c in cmds)
+
+
+def test_sshd_is_checked_as_root_and_the_deploy_user_log_in_so_a_match_block_cannot_undo_it():
+    """`Match User root` / `Match all` with PermitRootLogin yes: plain `sshd -T` does not show it."""
+    step = boot.SshdHardened(("deploy",))
+    match_root = dict(HARDENED, config=dict(HARDENED["config"], permitrootlogin=["yes"]))
+    cmds = step.plan(sshd_facts(root=match_root), set()).commands
+    for user in ("root", "deploy"):
+        assert f"effective=$(sshd -T -C user={user},host=localhost,addr=127.0.0.1)" in cmds
+    assert "effective=$(sshd -T)" not in cmds and any("a Match block" in c for c in cmds)
+    assert [st for st in boot.sshd_steps("ops") if isinstance(st, boot.SshdHardened)][0].logins() == ("root", "ops")
+
+
+def test_after_sshd_reloads_a_fresh_login_as_root_must_be_refused():
+    b = Bootstrap(Job(Target("web1", "10.0.0.1"), settings()), None, Printer(), (KEY,))
+    b.connect = Connections({"root"})
+    assert b.root_still_logs_in() is None and b.connect.tried == ["root"]
+
+    class Conn:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    class Root:
+        conn = Conn()
+    b.connect = lambda user: Root()
+    why = b.root_still_logs_in()
+    assert why.startswith("after sshd reloaded, root still logs in (a Match block") and Root.conn.closed
 
 
 def test_sshd_reloads_only_where_ssh_service_runs_as_ubuntu_with_ssh_socket_may_not():
@@ -136,7 +211,8 @@ def test_sshd_reloads_only_where_ssh_service_runs_as_ubuntu_with_ssh_socket_may_
     running there is nothing to reload (the next connection starts it with the new config); a
     reload of a stopped unit would fail. Debian and Ubuntu both name it ssh.service."""
     assert boot.ssh_reload() == "if systemctl is-active --quiet ssh.service; then systemctl reload ssh.service; fi"
-    assert boot.PRIVSEP in boot.SshdHardened().plan(Facts({("sshd", ""): {"ok": False, "error": "x"}}), set()).commands
+    broken = {"ok": False, "error": "x"}
+    assert boot.PRIVSEP in boot.SshdHardened(("deploy",)).plan(sshd_facts(broken, broken), set()).commands
 
 
 # -- 3. firewall
@@ -183,8 +259,54 @@ def test_the_revert_is_armed_before_the_rules_change_and_only_then():
 def test_confirming_needs_the_new_rules_still_loaded():
     cmd = boot.confirm_command(b"rules")
     assert cmd.startswith("systemctl stop provision-firewall-revert.timer && systemctl is-active --quiet ")
-    assert "sha256sum -c --status" in cmd and cmd.endswith(f"rm -f {FIREWALL_RULES}.previous")
-    assert "mv -f /etc/provision/firewall.nft.previous /etc/provision/firewall.nft" in boot.revert_script()
+    assert "sha256sum -c --status" in cmd and cmd.endswith(f"rm -f {FIREWALL_RULES}.pending {FIREWALL_RULES}.previous")
+    assert "cp -p /etc/provision/firewall.nft.previous /etc/provision/firewall.nft" in boot.revert_script()
+
+
+@pytest.fixture
+def fake_host(tmp_path, monkeypatch):
+    """The firewall's files under tmp_path; systemctl and nft only log what they are asked."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    log = tmp_path / "log"
+    for tool in ("systemctl", "nft"):
+        (bin_ / tool).write_text(f"#!/bin/sh\necho {tool} \"$*\" >> {log}\n")
+        (bin_ / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:/usr/bin:/bin")
+    rules = tmp_path / "firewall.nft"
+    monkeypatch.setattr(boot, "FIREWALL_RULES", str(rules))
+    monkeypatch.setattr(boot, "FIREWALL_PREVIOUS", f"{rules}.previous")
+    monkeypatch.setattr(boot, "FIREWALL_PENDING", f"{rules}.pending")
+    monkeypatch.setattr(boot, "NFT", str(bin_ / "nft"))
+
+    def sh(cmd):
+        subprocess.run(["/bin/sh", "-c", cmd], check=True)
+        return log.read_text() if log.exists() else ""
+    return rules, log, sh
+
+
+def test_a_second_revert_after_the_timer_fired_changes_nothing(fake_host):
+    """The timer fires, then the fresh login's confirm fails and the open connection reverts again:
+    the rules confirmed before stay (the second revert must not delete the whole table)."""
+    rules, log, sh = fake_host
+    rules.write_text("old\n")
+    sh(boot.arm_commands(60)[1])  # armed: the previous rules kept
+    rules.write_text("new\n")
+    assert "reload-or-restart" in sh(boot.revert_script())  # the timer fires
+    assert rules.read_text() == "old\n"
+    log.unlink()
+    assert sh(boot.revert_now()) == f"systemctl stop {boot.FIREWALL_REVERT}.timer\n" \
+        f"systemctl reset-failed {boot.FIREWALL_REVERT}.service {boot.FIREWALL_REVERT}.timer\n"
+    assert rules.read_text() == "old\n"
+
+
+def test_a_second_revert_of_a_first_firewall_changes_nothing_either(fake_host):
+    rules, log, sh = fake_host
+    sh(boot.arm_commands(60)[1])  # no firewall before
+    rules.write_text("new\n")
+    assert "delete table inet provision" in sh(boot.revert_script()) and not rules.exists()
+    log.unlink()
+    assert "delete" not in sh(boot.revert_now()) and "disable" not in log.read_text()
 
 
 NFT = {"nftables": [
@@ -218,6 +340,15 @@ def test_open_ports_of_reads_what_the_table_lets_in_beside_its_own_rules():
     ]
     more["nftables"][1]["chain"]["policy"] = "accept"
     assert boot.open_ports_of(more) == ("accept", {"22/tcp", "80/tcp", "443/tcp", "5000-5010/tcp", "*"})
+
+
+def test_open_ports_of_reads_icmp_by_name_as_nft_prints_it_where_etc_protocols_is():
+    """Debian's netbase (on every real host) makes `nft -j` print `meta l4proto { 1, 58 }` by name."""
+    named = json.loads(json.dumps(NFT).replace('{"set": [1, 58]}', '{"set": ["icmp", "ipv6-icmp"]}'))
+    assert named != NFT
+    assert boot.open_ports_of(named) == ("drop", {"22/tcp", "80/tcp", "443/tcp"})
+    other = json.loads(json.dumps(NFT).replace('{"set": [1, 58]}', '{"set": ["icmp", "tcp"]}'))
+    assert "*" in boot.open_ports_of(other)[1]  # any other protocol let in is still counted
 
 
 # -- phases put back what they changed

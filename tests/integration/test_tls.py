@@ -4,7 +4,6 @@ droplet), reached by the droplet's certbot through the droplet's proxy. Order ma
 Every request goes to the droplet's address (10.231.0.x) or to pebble on the bridge address."""
 
 import json
-import re
 import socket
 import ssl
 import threading

@@ -126,6 +126,9 @@ def test_the_web_service_writes_only_its_data_dirs(droplet):
     assert write(droplet, "/run/lock/evil") == "refused /run/lock/evil: Read-only file system\n"
     assert droplet.run("runuser -u hello -- touch /run/lock/outside && rm /run/lock/outside")[0] == 0
     assert droplet.run("test -e /etc/evil || test -e /srv/hello/current/evil || test -e /srv/hello/evil")[0] != 0
+    # /dev/shm: the app has one (multiprocessing's semaphores live there), its own, not the host's
+    assert write(droplet, "/dev/shm/evil") == "wrote /dev/shm/evil\n"
+    assert droplet.run("test -e /dev/shm/evil")[0] != 0
 
 
 def test_fab_run_is_in_the_sandbox_too(droplet, fab):

@@ -81,6 +81,13 @@ def _run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return res
 
 
+def _apt_install(*args: str) -> None:
+    """Debian packages on this machine (the sandbox's own tools)."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    _run("apt-get", "update", "-qq", env=env)
+    _run("apt-get", "install", "-y", "-qq", *args, env=env)
+
+
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -215,9 +222,7 @@ class Sandbox:
         missing = sorted({pkg for cmd, pkg in HOST_TOOLS.items() if shutil.which(cmd) is None})
         if not missing:
             return
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        _run("apt-get", "update", "-qq", env=env)
-        _run("apt-get", "install", "-y", "-qq", *missing, env=env)
+        _apt_install(*missing)
 
     def ensure_base(self) -> Path:
         """Build the cached base root filesystem once (about 50 s)."""
@@ -245,11 +250,6 @@ class Sandbox:
         _run("ip", "link", "set", BRIDGE, "up")
 
     def ensure_proxy(self) -> int:
-        pidfile = self.dir / "tinyproxy.pid"
-        pid = int(pidfile.read_text()) if pidfile.exists() else None
-        if _alive(pid) and self._listening(str(GATEWAY), PROXY_PORT):
-            return pid
-        _stop_pid(pid)
         conf = self.dir / "tinyproxy.conf"
         conf.write_text(
             "\n".join(
@@ -268,20 +268,8 @@ class Sandbox:
                 ]
             )
         )
-        proc = subprocess.Popen(
-            ["tinyproxy", "-d", "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "tinyproxy.err", "ab"),
-            start_new_session=True,
-        )
-        pidfile.write_text(str(proc.pid))
-        deadline = time.monotonic() + 10
-        while not self._listening(str(GATEWAY), PROXY_PORT):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise ProvisionError(f"sandbox: tinyproxy did not start; see {self.dir / 'tinyproxy.err'}")
-            time.sleep(0.05)
-        return proc.pid
+        return self._daemon(self.dir / "tinyproxy.pid", self.dir / "tinyproxy.err", PROXY_PORT,
+                            ["tinyproxy", "-d", "-c", str(conf)])
 
     def prepare(self) -> None:
         """Everything droplets need on this machine; idempotent."""
@@ -301,9 +289,7 @@ class Sandbox:
         """pebble and pebble-challtestsrv running on the bridge address (the Debian package installed
         first when missing); idempotent: what runs is kept. Their PIDs are in the state directory."""
         if shutil.which("pebble") is None or shutil.which("pebble-challtestsrv") is None:
-            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            _run("apt-get", "update", "-qq", env=env)
-            _run("apt-get", "install", "-y", "-qq", "--no-install-recommends", ACME_PACKAGE, env=env)
+            _apt_install("--no-install-recommends", ACME_PACKAGE)
         self.ensure_network()
         d = self.acme_dir
         d.mkdir(parents=True, exist_ok=True)
@@ -317,31 +303,37 @@ class Sandbox:
             "certificate": str(cert), "privateKey": str(key), "httpPort": 80, "tlsPort": 443,
             "ocspResponderURL": "", "externalAccountBindingRequired": False}}))
         clean = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}  # no proxy: all of it is on the bridge
-        self._daemon("challtestsrv", ACME_DNS_MANAGEMENT_PORT, [
+        self._daemon(d / "challtestsrv.pid", d / "challtestsrv.log", ACME_DNS_MANAGEMENT_PORT, [
             "pebble-challtestsrv", "-defaultIPv4", "", "-defaultIPv6", "", "-dns01", f"{GATEWAY}:{ACME_DNS_PORT}",
             "-http01", "", "-https01", "", "-tlsalpn01", "", "-management", f"{GATEWAY}:{ACME_DNS_MANAGEMENT_PORT}"],
             clean)
-        self._daemon("pebble", ACME_PORT, ["pebble", "-config", str(config), "-dnsserver", f"{GATEWAY}:{ACME_DNS_PORT}"],
+        self._daemon(d / "pebble.pid", d / "pebble.log", ACME_PORT, ["pebble", "-config", str(config), "-dnsserver", f"{GATEWAY}:{ACME_DNS_PORT}"],
                      dict(clean, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0"))
         return Acme(f"https://{GATEWAY}:{ACME_PORT}/dir", cert, f"https://{GATEWAY}:{ACME_MANAGEMENT_PORT}/roots/0")
 
-    def _daemon(self, name: str, port: int, argv: list[str], env: dict) -> int:
-        """A program of the ACME CA running (started, its PID in ``acme/<name>.pid``, unless it runs),
-        listening on ``port`` of the bridge address."""
-        pidfile = self.acme_dir / f"{name}.pid"
+    def _daemon(self, pidfile: Path, log: Path, port: int, argv: list[str], env: dict | None = None) -> int:
+        """A program of the sandbox running (started, its PID in ``pidfile``, its output in ``log``,
+        unless it runs), listening on ``port`` of the bridge address."""
         pid = int(pidfile.read_text()) if pidfile.exists() else None
         if _alive(pid) and self._listening(str(GATEWAY), port):
             return pid
         _stop_pid(pid)
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(self.acme_dir / f"{name}.log", "ab"),
-                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
         pidfile.write_text(str(proc.pid))
         deadline = time.monotonic() + 10
         while not self._listening(str(GATEWAY), port):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise ProvisionError(f"sandbox: {name} did not start; see {self.acme_dir / (name + '.log')}")
+                raise ProvisionError(f"sandbox: {argv[0]} did not start; see {log}")
             time.sleep(0.05)
         return proc.pid
+
+    @staticmethod
+    def _stop_daemon(pidfile: Path) -> None:
+        """Stop what ``_daemon`` started, by the PID it recorded."""
+        if pidfile.exists():
+            _stop_pid(int(pidfile.read_text()))
+            pidfile.unlink()
 
     def acme_name(self, name: str, address: str) -> None:
         """The CA's DNS answers ``name`` with ``address`` (a droplet's)."""
@@ -358,10 +350,7 @@ class Sandbox:
     def stop_acme(self) -> None:
         """Stop the ACME CA's programs, by the PIDs ensure_acme recorded."""
         for name in ("pebble", "challtestsrv"):
-            pidfile = self.acme_dir / f"{name}.pid"
-            if pidfile.exists():
-                _stop_pid(int(pidfile.read_text()))
-                pidfile.unlink()
+            self._stop_daemon(self.acme_dir / f"{name}.pid")
 
     # -- droplets ------------------------------------------------------------
     def _state_file(self, name: str) -> Path:
@@ -462,10 +451,7 @@ class Sandbox:
         names = [d.name for d in self.list()]
         for n in names:
             self.down(n)
-        pidfile = self.dir / "tinyproxy.pid"
-        if pidfile.exists():
-            _stop_pid(int(pidfile.read_text()))
-            pidfile.unlink()
+        self._stop_daemon(self.dir / "tinyproxy.pid")
         self.stop_acme()
         return names
 

@@ -38,6 +38,7 @@ HARDENED = (("PermitRootLogin", "no"), ("PasswordAuthentication", "no"), ("KbdIn
 WEB_PORTS = (80, 443)
 FIREWALL_CONFIRM_SECONDS = 60  # a firewall change not confirmed by a fresh connection by then is undone
 NFT = "/usr/sbin/nft"
+NO_LOGIN_SHELLS = ("/nologin", "/false")  # how a shell that refuses logins ends
 
 
 def packages(s: Settings) -> tuple[str, ...]:
@@ -64,7 +65,7 @@ class LoginUser(Step):
         u = facts.user(self.user)
         if u is None:
             return Change([f"useradd --create-home --user-group --shell /bin/bash {q(self.user)}"], summary="create")
-        if u["shell"].endswith(("/nologin", "/false")):
+        if u["shell"].endswith(NO_LOGIN_SHELLS):
             return Change([f"usermod --shell /bin/bash {q(self.user)}"], summary="allow logins")
         return None
 
@@ -90,7 +91,7 @@ def unfit_deploy_user(user: str, fact: dict | None, marker_text: str | None, sud
         return None
     if fact["uid"] < UID_MIN:
         what = f"a system account (uid {fact['uid']} below {UID_MIN})"
-    elif fact["shell"].endswith(("/nologin", "/false")):
+    elif fact["shell"].endswith(NO_LOGIN_SHELLS):
         what = f"an account that refuses logins (shell {fact['shell']})"
     elif fact["home"] == SRV_DIR or fact["home"].startswith(SRV_DIR + "/"):
         what = f"a provision app's user (home {fact['home']})"

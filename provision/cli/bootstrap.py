@@ -90,23 +90,31 @@ class Bootstrap:
                           "through sudo")
         return remote
 
-    def fresh_login(self, user: str, command: str = "id -u") -> str | None:
-        """A new connection as ``user`` runs ``command`` through sudo (prints 0 for `id -u`): None, or why not."""
+    def reconnect(self, user: str) -> Remote:
+        """A new connection as ``user``, tried again for a moment while it is refused: sshd
+        re-executes itself on reload, and its socket is closed meanwhile."""
         deadline = time.monotonic() + RELOAD_GRACE
         while True:
             try:
-                r = self.connect(user)
-                break
-            except Unreachable as e:  # sshd re-executes itself on reload: its socket is closed for a moment
+                return self.connect(user)
+            except Unreachable as e:
                 if "connection refused" not in str(e) or time.monotonic() > deadline:
-                    return str(e).removeprefix(f"{self.label}: ")
+                    raise
                 time.sleep(0.2)
-            except ProvisionError as e:
-                return str(e).removeprefix(f"{self.label}: ")
+
+    def why(self, e: ProvisionError) -> str:
+        return str(e).removeprefix(f"{self.label}: ")
+
+    def fresh_login(self, user: str, command: str = "id -u") -> str | None:
+        """A new connection as ``user`` runs ``command`` through sudo (prints 0 for `id -u`): None, or why not."""
+        try:
+            r = self.reconnect(user)
+        except ProvisionError as e:
+            return self.why(e)
         try:
             rc, out, err = r.exec(f"{r.sudo}{command}", timeout=30)
         except ProvisionError as e:
-            return str(e).removeprefix(f"{self.label}: ")
+            return self.why(e)
         finally:
             r.conn.close()
         if rc != 0 or (command == "id -u" and out.strip() != "0"):
@@ -115,21 +123,15 @@ class Bootstrap:
 
     def root_still_logs_in(self) -> str | None:
         """A fresh connection as root with the operator's key, which must be refused: None, or why not."""
-        deadline = time.monotonic() + RELOAD_GRACE
-        while True:
-            try:
-                r = self.connect("root")
-            except AuthFailed:
-                return None
-            except Unreachable as e:  # sshd re-executes itself on reload
-                if "connection refused" not in str(e) or time.monotonic() > deadline:
-                    why = str(e).removeprefix(f"{self.label}: ")
-                    return f"after sshd reloaded, a fresh login as root could not be tried ({why})"
-                time.sleep(0.2)
-                continue
-            r.conn.close()
-            return ("after sshd reloaded, root still logs in (a Match block or an sshd_config file read before "
-                    f"{boot.SSHD_DROPIN} lets it: take that out)")
+        try:
+            r = self.reconnect("root")
+        except AuthFailed:
+            return None
+        except Unreachable as e:
+            return f"after sshd reloaded, a fresh login as root could not be tried ({self.why(e)})"
+        r.conn.close()
+        return ("after sshd reloaded, root still logs in (a Match block or an sshd_config file read before "
+                f"{boot.SSHD_DROPIN} lets it: take that out)")
 
     # -- phases
     def apply(self, phase: boot.Phase, dry_run: bool = False) -> HostResult:

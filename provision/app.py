@@ -16,7 +16,7 @@ from .layout import (APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, 
                      SYSTEM_CA_BUNDLE, UPSTREAM_HEADER)
 from .errors import ProvisionError
 from .leftovers import data_fact, data_warning
-from .nginx import Site
+from .nginx import NGINX_CHECK, Site
 from .processes import unit_steps, unserved_static
 from .source import Source
 from .release import Prune, Release, Switch, host_header, rollback_facts, rollback_target
@@ -197,7 +197,7 @@ class Deploy(Recipe):
             # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
             Absent(f"{lay.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
             *site_steps,
-            Service("nginx", reload_on=("nginx",), check="nginx -t -q", pidfile=lay.nginx_pid),
+            Service("nginx", reload_on=("nginx",), check=NGINX_CHECK, pidfile=lay.nginx_pid),
             *after_reload,
             health_check(s, prove),
         ]

@@ -19,6 +19,7 @@ from .steps import Change, File, symlink_commands
 
 q = shlex.quote
 MANAGED = "# Managed by provision"  # the first line of provision's site template
+NGINX_CHECK = "nginx -t -q"  # nginx tests its whole configuration, quietly
 TOKEN_RE = re.compile(r"""#[^\n]*|"[^"]*"|'[^']*'|[{};]|[^\s{};"']+""")  # a comment, a word, or { } ;
 
 
@@ -130,7 +131,7 @@ def nginx_tested(commands: list[str], paths: list[str], backup: str) -> list[str
         f'{each} if [ -e "$__p" ] || [ -L "$__p" ]; then mkdir -p "$__old${{__p%/*}}" && cp -a "$__p" "$__old$__p"; '
         "fi; done",
         *commands,
-        f'if ! __nginx=$(nginx -t -q 2>&1); then {each} rm -rf "$__p"; '
+        f'if ! __nginx=$({NGINX_CHECK} 2>&1); then {each} rm -rf "$__p"; '
         'if [ -e "$__old$__p" ] || [ -L "$__old$__p" ]; then mv "$__old$__p" "$__p"; fi; done; '
         'rm -rf "$__old"; echo "$__nginx" >&2; exit 1; fi',
         'rm -rf "$__old"',

@@ -448,6 +448,12 @@ class Command(Step):
         return Change(list(self.commands), background=self.background) if needed else None
 
 
+def drained(service: str, action: str, pidfile: str) -> str:
+    """``systemctl <action> <service>`` of a master process (nginx), returning once its old workers
+    have finished their requests and gone."""
+    return remote.python("nginx_reload.py", {"service": service, "action": action, "pid_file": pidfile})
+
+
 @dataclass(repr=False)
 class Service(Step):
     """A systemd service enabled and running; restarted or reloaded when told.
@@ -495,8 +501,7 @@ class Service(Step):
             if self.check:
                 cmds.append(self.check)
             if self.pidfile and action != "start":
-                cmds.append(remote.python("nginx_reload.py", {"service": self.service, "action": action,
-                                                              "pid_file": self.pidfile}))
+                cmds.append(drained(self.service, action, self.pidfile))
             else:
                 cmds.append(f"systemctl {action} {q(self.service)}")
             what.append(action)

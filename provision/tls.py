@@ -20,13 +20,12 @@ import copy
 import json
 import shlex
 
-from . import remote
 from .config import Settings
 from .facts import Fact
 from .layout import (ACME_WEBROOT, CERTBOT_DROPIN, CERTBOT_HOOKS, CERTBOT_PROXY_ENV, CERTBOT_RELOAD_HOOK,
                      CERTBOT_UNIT, PROVISION_VAR, Layout)
-from .nginx import Site, nginx_tested
-from .steps import Absent, Change, Command, Directory, File, Service, Step, _heredoc_write
+from .nginx import NGINX_CHECK, Site, nginx_tested
+from .steps import Absent, Change, Command, Directory, File, Service, Step, _heredoc_write, drained
 
 q = shlex.quote
 PACKAGES = ("certbot",)
@@ -53,8 +52,7 @@ def names(s: Settings) -> list[str]:
 
 def nginx_reload(lay: Layout) -> list[str]:
     """nginx -t, then a graceful reload that returns once the old workers are gone."""
-    return ["nginx -t -q", remote.python("nginx_reload.py", {"service": "nginx", "action": "reload",
-                                                              "pid_file": lay.nginx_pid})]
+    return [NGINX_CHECK, drained("nginx", "reload", lay.nginx_pid)]
 
 
 class TlsSite(Site):

@@ -53,7 +53,7 @@ def touch_one_line(app: Path, text: str) -> None:
     """Change the greeting line of the app's app.py to ``text`` (one line of one file)."""
     app_py = Path(app) / "app.py"
     lines = app_py.read_text().splitlines(keepends=True)
-    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith("return \"Hello"))
+    at = next(i for i, line in enumerate(lines) if line.lstrip().startswith(("return \"Hello", "return 'Hello")))
     lines[at] = f"    return {text + chr(10)!r}\n"
     app_py.write_text("".join(lines))
 

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import ProvisionError
@@ -360,7 +360,8 @@ class Sandbox:
         f = self._state_file(name)
         if not f.exists():
             return None
-        return Droplet(**json.loads(f.read_text()))
+        known = {f.name for f in fields(Droplet)}  # a state file of another version may hold more
+        return Droplet(**{k: v for k, v in json.loads(f.read_text()).items() if k in known})
 
     def list(self) -> list[Droplet]:
         if not self.machines.exists():

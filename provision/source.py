@@ -12,7 +12,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
+import stat
 import subprocess
 import tarfile
 import time
@@ -114,11 +116,11 @@ def _walk(root: Path) -> list[str]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS
-                             and not (Path(dirpath, d, "pyvenv.cfg")).exists())
+                             and not os.path.exists(os.path.join(dirpath, d, "pyvenv.cfg")))
         links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]  # shipped, never walked
-        for f in filenames + links:
-            if not f.endswith(SKIP_SUFFIXES):
-                out.append(os.path.relpath(os.path.join(dirpath, f), root))
+        at = os.path.relpath(dirpath, root)
+        prefix = "" if at == "." else at + "/"
+        out += [prefix + f for f in filenames + links if not f.endswith(SKIP_SUFFIXES)]
     return out
 
 
@@ -152,15 +154,64 @@ def _check_link(root: Path, rel: str, shipped: set[str]) -> str:
     return target
 
 
-def _entry(path: Path, link: str | None) -> tuple[bytes, str]:
-    """What the digest records of a shipped file (its kind: link, executable or not) and its hash."""
-    if link is not None:
-        return b"l", hashlib.sha256(LINK_TAG + os.fsencode(link)).hexdigest()
+def _hash_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:  # in blocks: a 200 MB file costs a block of memory
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return (b"x" if os.access(path, os.X_OK) else b"-"), h.hexdigest()
+    return h.hexdigest()
+
+
+class HashCache:
+    """The sha256 of each file, kept between runs by its stamp (size, modification and change
+    times in ns, inode): a file unchanged since the last deploy is not read again (git's index
+    does the same). A file modified less than RACY seconds before the scan is not remembered: a
+    second change within the same clock tick could keep its stamp. Kept per source folder in
+    $XDG_CACHE_HOME/provision (~/.cache); where that cannot be written, nothing is kept."""
+
+    RACY = 2.0
+    KEEP_DAYS = 30  # other folders' caches unused that long are removed
+
+    def __init__(self, root: Path):
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "provision"
+        self.path = base / f"hashes-{hashlib.sha256(os.fsencode(root)).hexdigest()[:16]}.json"
+        try:
+            self.old = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.old = {}
+        self.new: dict[str, list] = {}
+        self.now = time.time_ns()
+
+    def sha256(self, path: Path) -> str:
+        st = os.stat(path)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        key = os.fsdecode(path)
+        hit = self.old.get(key)
+        digest = hit[1] if isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp else _hash_file(path)
+        if self.now - max(st.st_mtime_ns, st.st_ctime_ns) > self.RACY * 1e9:
+            self.new[key] = [stamp, digest]
+        return digest
+
+    def save(self) -> None:
+        if self.new == self.old:
+            return
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.new))
+            os.replace(tmp, self.path)
+            for old in self.path.parent.glob("hashes-*.json"):
+                if time.time() - old.stat().st_mtime > self.KEEP_DAYS * 86400:
+                    old.unlink()
+        except OSError:
+            pass
+
+
+def _entry(path: Path, link: str | None, cache: HashCache) -> tuple[bytes, str]:
+    """What the digest records of a shipped file (its kind: link, executable or not) and its hash."""
+    if link is not None:
+        return b"l", hashlib.sha256(LINK_TAG + os.fsencode(link)).hexdigest()
+    return (b"x" if os.access(path, os.X_OK) else b"-"), cache.sha256(path)
 
 
 def _listing(root: Path, leave_out: Iterable[str]) -> tuple[list[str], list[str], str, bool]:
@@ -189,7 +240,7 @@ def _listing(root: Path, leave_out: Iterable[str]) -> tuple[list[str], list[str]
     leave_out = tuple(leave_out)
 
     def shipped(f: str) -> bool:
-        return (not any(part in SKIP_DIRS for part in Path(f).parts) and not f.endswith(SKIP_SUFFIXES)
+        return (not any(part in SKIP_DIRS for part in f.split("/")) and not f.endswith(SKIP_SUFFIXES)
                 and not any(f == x or f.startswith(x + "/") for x in leave_out))
     return sorted(filter(shipped, files)), sorted(filter(shipped, untracked)), revision, dirty
 
@@ -219,16 +270,18 @@ def scan(root: Path, leave_out: Iterable[str] = (), include: Iterable[tuple[Path
         for rel in names:
             path = local[prefix + rel] = top / rel
             _check_name(path)
-            if path.is_symlink():
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
                 links[prefix + rel] = _check_link(top, rel, shipped)
-            elif not path.is_file():
+            elif not stat.S_ISREG(mode):
                 raise ProvisionError(f"app source: {str(path)!r} is not a regular file; remove it")
         untracked += [prefix + rel for rel in others]
-    h, hashes = hashlib.sha256(), {}
+    h, hashes, cache = hashlib.sha256(), {}, HashCache(root)
     for rel in sorted(local):
-        kind, hashes[rel] = _entry(local[rel], links.get(rel))
+        kind, hashes[rel] = _entry(local[rel], links.get(rel), cache)
         h.update(rel.encode() + b"\0" + kind + b"\0")
         h.update(bytes.fromhex(hashes[rel]))
+    cache.save()
     return Source(root=root, files=tuple(sorted(local)), digest=h.hexdigest(), hashes=hashes, revision=revision,
                   dirty=dirty, links=links, untracked=tuple(untracked), included={p.name: p for p, _ in include})
 

@@ -96,3 +96,33 @@ def test_the_deploys_own_files_in_the_project_directory_are_never_shipped(tmp_pa
     assert "fabfile/__init__.py" not in scan(tmp_path, deploy_files(tmp_path, own)).files
     # a source beside the project (the kit's examples/hello) holds none of them
     assert deploy_files(tmp_path / "checks", own) == ()
+
+
+def test_files_unchanged_since_the_last_scan_are_not_read_again(tmp_path, monkeypatch):
+    from provision import source
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(source.HashCache, "RACY", 0)
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "a.py").write_text("a = 1\n")
+    (app / "b.py").write_text("b = 1\n")
+    read = []
+    real = source._hash_file
+    monkeypatch.setattr(source, "_hash_file", lambda p: read.append(p.name) or real(p))
+    first = scan(app)
+    second = scan(app)
+    assert sorted(read) == ["a.py", "b.py"] and first.digest == second.digest  # the second scan read nothing
+    (app / "b.py").write_text("b = 2\n")  # the same size, a new stamp
+    third = scan(app)
+    assert read[2:] == ["b.py"] and third.hashes["b.py"] != first.hashes["b.py"]
+
+
+def test_a_file_changed_within_the_racy_window_is_not_remembered(tmp_path, monkeypatch):
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "a.py").write_text("a = 1\n")
+    scan(app)
+    assert not (tmp_path / "cache").exists()  # written just now: its stamp could survive a second change

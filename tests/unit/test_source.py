@@ -119,7 +119,6 @@ def test_files_unchanged_since_the_last_scan_are_not_read_again(tmp_path, monkey
 
 
 def test_a_file_changed_within_the_racy_window_is_not_remembered(tmp_path, monkeypatch):
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     app = tmp_path / "app"
     app.mkdir()

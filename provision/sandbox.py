@@ -516,8 +516,10 @@ class Sandbox:
         for group in d.cgroups:
             _remove_cgroup(Path(group))
         self._drop_netns(d.netns, d.veth)
-        self._release_rootfs(self.machines / name)
+        # Its address is free once its state is gone: forget its host keys first, or they would go
+        # with those of the next droplet given that address meanwhile.
         self._forget_host_keys(d.address)
+        self._release_rootfs(self.machines / name)
         return True
 
     # -- snapshots -----------------------------------------------------------
@@ -693,17 +695,18 @@ class Sandbox:
             kind, blob = pub.read_text().split()[:2]
             lines.append(f"{d.address} {kind} {blob}\n")
         with self._locked():
-            self._forget_host_keys(d.address, locked=True)
-            with open(self.known_hosts, "a") as fh:
-                fh.writelines(lines)
+            self._forget_host_keys(d.address, locked=True, add=lines)
 
-    def _forget_host_keys(self, address: str, locked: bool = False) -> None:
+    def _forget_host_keys(self, address: str, locked: bool = False, add: list[str] = ()) -> None:
+        """Drop ``address``'s lines from the sandbox's known_hosts (then add ``add``): the file is
+        replaced whole, so an SSH client reading it meanwhile never sees half a line."""
         if not locked:
             with self._locked():
-                return self._forget_host_keys(address, locked=True)
-        if self.known_hosts.exists():
-            keep = [l for l in self.known_hosts.read_text().splitlines(True) if l.split(" ", 1)[0] != address]
-            self.known_hosts.write_text("".join(keep))
+                return self._forget_host_keys(address, locked=True, add=add)
+        old = self.known_hosts.read_text().splitlines(True) if self.known_hosts.exists() else []
+        keep = [l for l in old if l.split(" ", 1)[0] != address]
+        if keep != old or add:
+            self._write_atomic(self.known_hosts, "".join(keep + list(add)))
 
     @staticmethod
     def _listening(host: str, port: int) -> bool:

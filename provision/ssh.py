@@ -119,18 +119,26 @@ class KnownHosts:
     def keys(cls, path: str) -> paramiko.HostKeys:
         """The keys of file ``path`` (empty when there is none); OSError or paramiko.SSHException
         when it cannot be read."""
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return paramiko.HostKeys()
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        def stamp():
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return None
+            return st.st_ino, st.st_size, st.st_mtime_ns
+
+        before = stamp()
         with cls._lock:
             hit = cls._parsed.get(path)
-        if hit and hit[0] == stamp:
+        if hit and hit[0] == before:
             return hit[1]
-        keys = paramiko.HostKeys(path)
+        for _ in range(3):  # a file written in place while it was read: read it again
+            keys = paramiko.HostKeys(path) if before else paramiko.HostKeys()
+            after = stamp()
+            if after == before:
+                break
+            before = after
         with cls._lock:
-            cls._parsed[path] = (stamp, keys)
+            cls._parsed[path] = (before, keys)
         return keys
 
     @classmethod

@@ -43,6 +43,18 @@ def deploy_all(selection: str, source: Path, env: dict, report: Path, expect_cha
     return elapsed
 
 
+def droplets_cpu(droplets) -> float:
+    """CPU seconds the droplets have used (their cgroups' cpu.stat, where this machine keeps one)."""
+    total = 0
+    for d in droplets:
+        for group in d.cgroups:
+            stat = Path(group) / "cpu.stat"
+            if stat.exists():
+                total += int(stat.read_text().split()[1])  # usage_usec
+                break
+    return total / 1e6
+
+
 def fleet(sb, n: int, runs: int) -> dict:
     """Boot n droplets from a snapshot of a deployed one; time no-op and one-line-change deploys to all."""
     from provision.fleet import DEFAULT_PARALLEL
@@ -50,7 +62,7 @@ def fleet(sb, n: int, runs: int) -> dict:
     origin, snapshot = f"{PREFIX}fleet-origin", f"{PREFIX}fleet"
     names = [f"{PREFIX}fleet{i:02d}" for i in range(n)]
     figures: dict = {"droplets": n, "runs": runs, "parallel": DEFAULT_PARALLEL, "vars": FLEET_VARS,
-                     "noop": [], "change": [], "load_before": os.getloadavg()[0]}
+                     "noop": [], "change": [], "noop_cpu": [], "change_cpu": [], "load_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="provision-bench-") as t:
         tmp = Path(t)
         app = tmp / "hello"
@@ -70,20 +82,25 @@ def fleet(sb, n: int, runs: int) -> dict:
             deploy_all("fleet", app, env, tmp / "origin.json", expect_changed=True)
             sb.snapshot(origin, snapshot)
             t0 = time.perf_counter()
-            sb.up_many(names, snapshot=snapshot)
+            booted = sb.up_many(names, snapshot=snapshot)
             figures["boot"] = time.perf_counter() - t0
             write_inventory()
             print(f"fleet: {n} droplets booted from a snapshot in {figures['boot']:.1f}s", flush=True)
             app_py = app / "app.py"
             for i in range(runs):
+                cpu0 = droplets_cpu(booted)
                 noop = deploy_all("fleet", app, env, tmp / "noop.json", expect_changed=False)
+                cpu1 = droplets_cpu(booted)
                 app_py.write_text(app_py.read_text().replace("Hello", "Hi", 1) if i % 2 == 0
                                   else app_py.read_text().replace("Hi", "Hello", 1))
                 change = deploy_all("fleet", app, env, tmp / "change.json", expect_changed=True)
+                cpu2 = droplets_cpu(booted)
                 figures["noop"].append(noop)
                 figures["change"].append(change)
-                print(f"fleet run {i + 1}/{runs}: no-op to {n} {noop:.2f}s, one-line change to {n} {change:.2f}s",
-                      flush=True)
+                figures["noop_cpu"].append(cpu1 - cpu0)
+                figures["change_cpu"].append(cpu2 - cpu1)
+                print(f"fleet run {i + 1}/{runs}: no-op to {n} {noop:.2f}s (droplets' CPU {cpu1 - cpu0:.1f}s), "
+                      f"one-line change to {n} {change:.2f}s (droplets' CPU {cpu2 - cpu1:.1f}s)", flush=True)
         finally:
             sb.down_many([origin, *names])
             sb.drop_snapshot(snapshot)

@@ -9,7 +9,7 @@ from .errors import ProvisionError
 from .runner import HostResult
 
 T = TypeVar("T")
-DEFAULT_PARALLEL = 10
+DEFAULT_PARALLEL = 50
 
 
 def batches(items: Sequence[T], serial: int | None) -> list[list[T]]:

@@ -32,7 +32,11 @@ def show_inventory(c) -> None:
 
 @guarded
 def show_releases(c) -> None:
-    for job in jobs(c, {}):
+    """Each host's releases, hosts in parallel; each host's lines together, in the selection's order."""
+    work = jobs(c, {})
+    lines: dict[str, list[str]] = {}
+
+    def one(job: Job) -> HostResult:
         s = job.settings
         remote = connect_job(job, c)
         try:
@@ -42,12 +46,19 @@ def show_releases(c) -> None:
             remote.conn.close()
         live, history = current_release(s, facts), History.read(facts.content(s.layout.release_log))
         names = releases_on_host(s, facts)
-        print(f"{job.target.alias}: {len(names)} release(s) in {s.layout.releases}")
+        out = lines[job.target.alias] = [f"{job.target.alias}: {len(names)} release(s) in {s.layout.releases}"]
         for n in names:
             e = history.first.get(n)  # none: the log never saw it go live or be refused
             what = (f"{DONE.get(e.get('action'), '')} {e.get('time')} by {e.get('by') or '?'}" if e
                     else "NEVER LIVE")
-            print(f"  {'*' if n == live else ' '} {n:<40} {what}".rstrip())
+            out.append(f"  {'*' if n == live else ' '} {n:<40} {what}".rstrip())
+        return HostResult(job.target.alias)
+
+    results = run_fleet(work, lambda j: j.target.alias, one)
+    for job in work:
+        for line in lines.get(job.target.alias, ()):
+            print(line)
+    exit_for_failures(results, Printer())
 
 
 @guarded

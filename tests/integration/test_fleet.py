@@ -61,6 +61,46 @@ def test_group_deploys_in_parallel(fleet, tmp_path):
     assert [l.split()[0] for l in inv.stdout.splitlines()] == NAMES
 
 
+BARRIER = """import os, pathlib, time
+
+
+def test_every_host_checked_at_once(host):
+    arrived = pathlib.Path(os.environ["CHECK_BARRIER"])
+    (arrived / host.backend.get_pytest_id()).touch()
+    deadline = time.monotonic() + 120
+    while len(list(arrived.iterdir())) < int(os.environ["CHECK_HOSTS"]):
+        assert time.monotonic() < deadline, "the other hosts' checks did not run meanwhile"
+        time.sleep(0.1)
+"""
+
+
+def test_check_and_releases_run_hosts_in_parallel_each_hosts_output_whole(fleet, tmp_path):
+    one = fleet[0]
+    app = tmp_path / "hello"
+    shutil.copytree(ROOT / "examples/hello", app)
+    (app / "checks/test_barrier.py").write_text(BARRIER)  # passes only when every host's checks run at once
+    (tmp_path / "arrived").mkdir()
+    res = one.fab("-H", "web", "check", "--source", str(app), timeout=300,
+                  env={"CHECK_BARRIER": str(tmp_path / "arrived"), "CHECK_HOSTS": str(len(NAMES))})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(p.name for p in (tmp_path / "arrived").iterdir()) == NAMES
+    parts = re.split(r"^== (\S+) ==$", res.stdout, flags=re.M)
+    assert parts[0] == "" and parts[1::2] == NAMES, res.stdout  # a block per host, in the selection's order
+    for name, block in zip(NAMES, parts[2::2]):
+        assert set(re.findall(r"::test_\w+\[([^\]]+)\] (?:PASSED|SKIPPED|FAILED)", block)) == {name}, block
+        assert f"test_every_host_checked_at_once[{name}] PASSED" in block, block
+        [summary_line] = re.findall(r"^=+ (.* in [\d.]+s) =+$", block, re.M)
+        assert "passed" in summary_line and "failed" not in summary_line, block
+
+    res = one.fab("-H", "web", "releases")
+    assert res.returncode == 0, res.stdout + res.stderr
+    heads = re.findall(r"^(\S+): (\d+) release\(s\)", res.stdout, re.M)
+    assert [h for h, _ in heads] == NAMES, res.stdout
+    blocks = re.split(r"^\S+: \d+ release\(s\).*$", res.stdout, flags=re.M)[1:]
+    for (_, count), block in zip(heads, blocks):  # each host's releases right under it
+        assert len(block.strip("\n").splitlines()) == int(count) >= 1 and block.count("*") == 1, res.stdout
+
+
 def test_serial_batches_stop_after_a_failed_batch(fleet, tmp_path):
     inv = tmp_path / "inv.ini"
     inv.write_text(fleet[0].inventory.read_text().replace(

@@ -170,3 +170,11 @@ def test_the_host_fixture_is_provisions_not_testinfras(tmp_path):
     reports = Reports()
     assert plugin.main(CheckHosts([fake.target("web1")]), [str(tmp_path)], tmp_path, plugins=[reports]) == 0, \
         reports.errors
+
+
+def test_several_hosts_sessions_exit_with_a_failed_check_first():
+    from provision.cli.check import session_code
+
+    assert session_code([0, 0]) == 0 and session_code([]) == 0
+    assert session_code([0, 5, 1, 0]) == 1  # a check failed somewhere, whatever else
+    assert session_code([0, 5]) == 5 and session_code([2, 4]) == 4

@@ -129,5 +129,5 @@ def test_a_holder_whose_scope_is_empty_is_taken_over_at_once(fake):
     res = run(fake, lock(fake))
     assert res.returncode == 0, res.stdout + res.stderr
     assert parse_report(res.stdout).stale["user"] == "bob"
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 30  # (a live holder would be waited for: up to 300 s)
     assert "kill" not in (fake / "calls").read_text()

@@ -147,4 +147,5 @@ def test_a_failed_reload_says_why_and_waits_for_nothing(master):
     t0 = time.monotonic()
     res = run(remote.python("nginx_reload.py", dict(args, action="fail")), **fake_path(master))
     assert (res.returncode, res.stdout) == (1, "Job for nginx.service failed.\n")
-    assert time.monotonic() - t0 < 0.3 and all(os.path.exists(f"/proc/{p}") for p in workers(master))
+    # (waiting would last until the workers end: 30 s)
+    assert time.monotonic() - t0 < 10 and all(os.path.exists(f"/proc/{p}") for p in workers(master))

@@ -131,3 +131,75 @@ def test_a_holder_whose_scope_is_empty_is_taken_over_at_once(fake):
     assert parse_report(res.stdout).stale["user"] == "bob"
     assert time.monotonic() - t0 < 5
     assert "kill" not in (fake / "calls").read_text()
+
+
+def holders_of(path) -> list[int]:
+    """The processes with ``path`` open (as systemd has them in the holder's scope)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd")):
+                out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+def test_a_transaction_keeps_the_lock_between_its_stages_while_its_connection_lives(fake, tmp_path):
+    sshd = tmp_path / "sshd"  # the SSH connection the stages run over: a shell by that name
+    sshd.write_bytes(open("/bin/bash", "rb").read())
+    sshd.chmod(0o755)
+    script = build_script([Planned(Step(), Change(["true"]))], lock=lock(fake, transaction="t1", hold=True))
+    script = script.replace("export LC_ALL=C PATH=", f"export LC_ALL=C PATH={fake / 'bin'}:", 1)
+    (tmp_path / "stage1").write_text(script)
+    lock_file = fake / "run" / "hello.lock"
+    conn = subprocess.Popen([str(sshd), "-c", f"bash -s < {tmp_path}/stage1 > {tmp_path}/out1; sleep 30; true"],
+                            env=dict(os.environ, FAKE=str(fake)))
+    try:
+        for _ in range(100):
+            if (tmp_path / "out1").exists() and "@@ok" in (tmp_path / "out1").read_text() and holders_of(lock_file):
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert subprocess.run(["flock", "-n", str(lock_file), "true"]).returncode == 1  # held after the stage
+        holder = json.loads((fake / "run" / "hello.deploy").read_text())
+        assert holder["transaction"] == "t1"
+        # another deploy (or another transaction) is refused, naming the holder
+        for other in (lock(fake), lock(fake, transaction="t2")):
+            res = run(fake, other, [f"touch {fake}/never"])
+            assert res.returncode == 75 and parse_report(res.stdout).locked_by["user"] == "alice"
+        # the transaction's next stage takes it over (systemd stops the parked holder's scope) and
+        # its last stage lets it go
+        scope = fake / "cg" / "system.slice" / holder["scope"]
+        scope.mkdir(parents=True, exist_ok=True)
+        (scope / "cgroup.procs").write_text("".join(f"{p}\n" for p in holders_of(lock_file)))
+        res = run(fake, lock(fake, transaction="t1"), [f"touch {fake}/stage2"])
+        report = parse_report(res.stdout)
+        assert res.returncode == 0 and report.stale is None and report.locked_by is None, res.stdout + res.stderr
+        assert (fake / "stage2").exists() and not (fake / "run" / "hello.deploy").exists()
+        subprocess.run(["flock", "-n", str(lock_file), "true"], check=True)
+    finally:
+        conn.kill()
+        conn.wait()
+
+
+def test_a_transactions_lock_goes_with_its_connection(fake, tmp_path):
+    sshd = tmp_path / "sshd"
+    sshd.write_bytes(open("/bin/bash", "rb").read())
+    sshd.chmod(0o755)
+    script = build_script([Planned(Step(), Change(["true"]))], lock=lock(fake, transaction="t1", hold=True))
+    (tmp_path / "stage1").write_text(script.replace("export LC_ALL=C PATH=", f"export LC_ALL=C PATH={fake / 'bin'}:", 1))
+    conn = subprocess.Popen([str(sshd), "-c", f"bash -s < {tmp_path}/stage1 > /dev/null; sleep 30; true"],
+                            env=dict(os.environ, FAKE=str(fake)))
+    lock_file = fake / "run" / "hello.lock"
+    for _ in range(100):
+        if holders_of(lock_file) and (fake / "run" / "hello.deploy").exists():
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert subprocess.run(["flock", "-n", str(lock_file), "true"]).returncode == 1
+    conn.kill()  # fab killed, the connection lost: sshd's session ends
+    conn.wait()
+    subprocess.run(["flock", "-w", "3", str(lock_file), "true"], check=True)  # free within a second or so
+    res = run(fake, lock(fake))  # the next deploy finds a dead holder and takes over
+    assert res.returncode == 0 and parse_report(res.stdout).stale["transaction"] == "t1"

@@ -111,7 +111,9 @@ def test_one_host_refusing_the_release_switches_none(fleet, tmp_path):
 
 def test_one_host_failing_after_switching_takes_every_host_back(fleet, tmp_path):
     before = [live(h) for h in fleet]
-    res = deploy(fleet, tmp_path, "v3", host_vars={2: "env=FORCE_HTTPS=1 health_timeout=3"}, body=STRICT)
+    # in waves of one: the first two switch, the third fails, and the first two go back
+    res = deploy(fleet, tmp_path, "v3", "--serial", "1", host_vars={2: "env=FORCE_HTTPS=1 health_timeout=3"},
+                 body=STRICT)
     assert res.returncode == 1, res.stdout + res.stderr
     for i in (0, 1):
         assert f"{NAMES[i]}: reverted: back on {before[i]}" in res.stdout, res.stdout

@@ -134,6 +134,11 @@ def merged(host: str, results: list[HostResult]) -> HostResult:
     return out
 
 
+def problem(r: HostResult) -> str:
+    """The first line of what went wrong on a host, without its name."""
+    return r.error.splitlines()[0].removeprefix(r.host + ": ")
+
+
 class Transaction:
     """A deploy of many hosts as one transaction (see the module's docstring): the stages, run
     on every host over one connection each; what each host does next comes from
@@ -180,13 +185,13 @@ class Transaction:
             self.remotes[host] = connect_job(job, self.c, self.accept_new)
         except ProvisionError as e:
             self.printer.error(str(e))
-            self.stages[host].append(HostResult(host, error=str(e), code=e.code))
-            self.states[host], self.notes[host] = fl.REFUSED, f"refused: {str(e).splitlines()[0]}"
+            r = HostResult(host, error=str(e), code=e.code)
+            self.stages[host].append(r)
+            self.states[host], self.notes[host] = fl.REFUSED, f"refused: {problem(r)}"
             return
         r = self.stage(host, Prepare(deploy), hold=True)
         if r.failed:
-            self.states[host] = fl.REFUSED
-            self.notes[host] = f"refused: {r.error.splitlines()[0].removeprefix(host + ': ')}"
+            self.states[host], self.notes[host] = fl.REFUSED, f"refused: {problem(r)}"
         elif prepares(r.planned):
             self.states[host] = fl.PREPARED
         else:
@@ -200,33 +205,34 @@ class Transaction:
         if not r.failed:
             self.states[host] = fl.SWITCHED
         elif switched(r.planned, r.done):
-            self.states[host] = fl.BROKEN
-            self.notes[host] = f"failed after switching: {r.error.splitlines()[0].removeprefix(host + ': ')}"
+            self.states[host], self.notes[host] = fl.BROKEN, f"failed after switching: {problem(r)}"
         else:
-            self.states[host] = fl.HALTED
-            self.notes[host] = f"not switched: {r.error.splitlines()[0].removeprefix(host + ': ')}"
+            self.states[host], self.notes[host] = fl.HALTED, f"not switched: {problem(r)}"
 
     def move(self, host: str, move: str) -> None:
         s, before = self.plans[host][0].settings, self.states[host]
         if move == fl.REVERT:
             recipe = Revert(s, None, deployer())
             r = self.stage(host, recipe, hold=False)
-            self.outcome[host] = "reverted" if not r.failed and recipe.to else "revert failed"
             why = self.notes.get(host, "the fleet failed")
-            self.notes[host] = (f"reverted: back on {recipe.to} ({why})" if not r.failed and recipe.to else
-                                f"NOT reverted: {'no earlier release runs here' if not recipe.to else r.error.splitlines()[0]}"
-                                f" ({why})")
+            if r.failed or not recipe.to:
+                self.outcome[host] = "revert failed"
+                self.notes[host] = f"NOT reverted: {problem(r) if r.failed else 'no earlier release runs here'} ({why})"
+            else:
+                self.outcome[host], self.notes[host] = "reverted", f"reverted: back on {recipe.to} ({why})"
+        elif move == fl.FINISH:
+            recipe = Settle(s)
+            r = self.stage(host, recipe, hold=False)
+            self.outcome[host] = fl.SWITCHED if not r.failed else "finish failed"
+            self.notes[host] = (f"switched to {recipe.live}" if not r.failed else
+                                f"switched, but stopping the old release failed: {problem(r)}")
         else:
             recipe = Settle(s)
             r = self.stage(host, recipe, hold=False)
-            if move == fl.FINISH:
-                self.outcome[host] = fl.SWITCHED if not r.failed else "finish failed"
-                self.notes[host] = f"switched to {recipe.live}" + ("" if not r.failed else
-                                                                   " (the old release may still run)")
-            else:
-                self.outcome[host] = "aborted"
-                self.notes[host] = ((f"{self.notes[host]}; " if before == fl.HALTED else "prepared, aborted: ")
-                                    + f"traffic stays on {recipe.live or 'nothing (no release was live)'}")
+            self.outcome[host] = "aborted" if not r.failed else "abort failed"
+            stays = (f"traffic stays on {recipe.live or 'nothing (no release was live)'}" if not r.failed else
+                     f"traffic was not moved, but stopping the prepared release failed ({problem(r)})")
+            self.notes[host] = (f"{self.notes[host]}; " if before == fl.HALTED else "prepared, aborted: ") + stays
         self.close(host)
 
     def run(self) -> list[HostResult]:

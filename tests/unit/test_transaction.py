@@ -8,7 +8,9 @@ from provision.app import Commit, Deploy, Prepare, Revert, Settle, prepares, swi
 from provision.facts import Facts
 from provision.release import Prune, StopIdle, Switch
 from provision.source import scan
-from provision.steps import HttpCheck, plan
+from provision.cli.apply import merged, problem
+from provision.runner import HostResult
+from provision.steps import HttpCheck, Planned, plan
 
 from .test_app import fresh_facts, settings
 from .test_release import DOWN, UP, host
@@ -97,3 +99,14 @@ def test_a_revert_goes_back_to_the_release_the_idle_slot_still_runs():
     # a host whose idle slot runs nothing (its first release) has nothing to go back to
     one = Facts({**facts._answers, ("service", "hello@a"): DOWN})
     assert revert.target(one) == "" and revert.steps("") == []
+
+
+def test_a_hosts_stages_make_one_result():
+    d = deploy()
+    a = HostResult("w1", planned=[Planned(st, None) for st in d.steps("r2", "prepare")], done={3}, round_trips=2)
+    b = HostResult("w1", planned=[Planned(st, None) for st in d.steps("r2", "commit")], done={0}, failed_step=5,
+                   error="w1: step `health` failed (exit 1)\n  command: ...", round_trips=4)
+    m = merged("w1", [a, b])
+    assert len(m.planned) == len(a.planned) + len(b.planned) and m.done == {3, len(a.planned)}
+    assert m.failed_step == len(a.planned) + 5 and m.round_trips == 4 and m.failed
+    assert problem(m) == "step `health` failed (exit 1)"

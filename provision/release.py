@@ -342,10 +342,11 @@ class Switch(Step):
         return Change(cmds, summary="repair") if cmds else None
 
 
-def stop_idle(s: Settings, facts: Facts, live: str | None) -> list[str]:
+def stop_idle(s: Settings, facts: Facts, live: str | None, wait: bool = True) -> list[str]:
     """Commands that stop (and disable at boot) every instance but the live slot's: one left
     running by an interrupted deploy, the old release a fleet kept until all hosts switched, or
-    a release prepared for a transaction that was called off."""
+    a release prepared for a transaction that was called off. ``wait``: until it has stopped
+    (else it finishes the requests it has, gracefully, after the command returned)."""
     wants, sockets_wants = s.layout.wants, s.layout.sockets_wants
     cmds = []
     for slot in SLOTS:
@@ -355,13 +356,14 @@ def stop_idle(s: Settings, facts: Facts, live: str | None) -> list[str]:
         state = facts.service(unit)
         if (state and state["active"]) or facts.file(f"{wants}/{unit}.service"):
             cmds += [f"rm -f {q(f'{wants}/{unit}.service')} {q(f'{sockets_wants}/{unit}.socket')}",
-                     f"systemctl stop {q(unit + '.socket')} {q(unit + '.service')}"]
+                     f"systemctl stop{'' if wait else ' --no-block'} {q(unit + '.socket')} {q(unit + '.service')}"]
     return cmds
 
 
 class StopIdle(Step):
     """Only the live slot runs: the end of a fleet transaction on a host (the old release once
-    every host switched; the prepared one when the fleet called it off)."""
+    every host switched; the prepared one when the fleet called it off). No request reaches
+    them: they stop gracefully without holding up the deploy."""
 
     def __init__(self, s: Settings):
         self.s = s
@@ -374,7 +376,7 @@ class StopIdle(Step):
         return Switch(self.s, None).facts()
 
     def plan(self, facts, notified):
-        cmds = stop_idle(self.s, facts, live_slot(self.s, facts))
+        cmds = stop_idle(self.s, facts, live_slot(self.s, facts), wait=False)
         return Change(cmds, summary="stop") if cmds else None
 
 

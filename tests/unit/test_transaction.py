@@ -81,7 +81,7 @@ def test_settling_stops_every_instance_but_the_live_one():
     s = settings()
     both = host(live="b", a="r1", b="r2", a_state=UP, b_state=UP, current="r2")
     [p] = plan([StopIdle(s)], both)
-    assert p.change.commands[-1] == "systemctl stop hello@a.socket hello@a.service"
+    assert p.change.commands[-1] == "systemctl stop --no-block hello@a.socket hello@a.service"
     assert plan([StopIdle(s)], host(live="a", a="r1", b_state=DOWN))[0].change is None
     settle = Settle(s)
     assert settle.target(both) == "r2" and settle.live == "r2"

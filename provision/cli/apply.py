@@ -135,8 +135,11 @@ def merged(host: str, results: list[HostResult]) -> HostResult:
 
 
 def problem(r: HostResult) -> str:
-    """The first line of what went wrong on a host, without its name."""
-    return r.error.splitlines()[0].removeprefix(r.host + ": ")
+    """What went wrong on a host in one line, without its name: the failed step and the first
+    line of its output (the health check's verdict, say)."""
+    first, *rest = r.error.splitlines()
+    detail = next((line.strip() for line in rest if line.strip() and not line.strip().startswith("command:")), "")
+    return first.removeprefix(r.host + ": ") + (f": {detail}" if detail else "")
 
 
 class Transaction:

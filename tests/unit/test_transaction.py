@@ -105,8 +105,9 @@ def test_a_hosts_stages_make_one_result():
     d = deploy()
     a = HostResult("w1", planned=[Planned(st, None) for st in d.steps("r2", "prepare")], done={3}, round_trips=2)
     b = HostResult("w1", planned=[Planned(st, None) for st in d.steps("r2", "commit")], done={0}, failed_step=5,
-                   error="w1: step `health` failed (exit 1)\n  command: ...", round_trips=4)
+                   error="w1: step `health` failed (exit 1)\n  command: curl ...\n  HTTP 502\n  more", round_trips=4)
     m = merged("w1", [a, b])
     assert len(m.planned) == len(a.planned) + len(b.planned) and m.done == {3, len(a.planned)}
     assert m.failed_step == len(a.planned) + 5 and m.round_trips == 4 and m.failed
-    assert problem(m) == "step `health` failed (exit 1)"
+    assert problem(m) == "step `health` failed (exit 1): HTTP 502"
+    assert problem(HostResult("w2", error="cannot reach w2")) == "cannot reach w2"

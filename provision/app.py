@@ -13,14 +13,15 @@ import shlex
 
 from . import appenv, secrets, tls
 from .config import Settings
-from .layout import (APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, RELEASE_ENV,
+from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, RELEASE_ENV,
                      SYSTEM_CA_BUNDLE, UPSTREAM_HEADER)
 from .errors import ProvisionError
 from .leftovers import data_fact, data_warning
 from .nginx import NGINX_CHECK, Site
 from .processes import unit_steps, unserved_static
 from .source import Source
-from .release import Prune, Release, Switch, host_header, rollback_facts, rollback_target
+from .release import (Prune, Release, StopIdle, Switch, current_release, host_header, live_slot, rollback_facts,
+                      rollback_target, slot_facts, slot_release)
 from .steps import (Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Recipe, RootsOnly,
                     Service, Step, User)
 from .render import render
@@ -182,7 +183,11 @@ class Deploy(Recipe):
         again.release.reuse = False
         return again
 
-    def steps(self, target):
+    def switch(self, target: str | None, stage: str = "all") -> Switch:
+        return Switch(self.s, target, action="deploy", by=self.deployer, prove=proves_upstream(self.site), stage=stage)
+
+    def steps(self, target, stage: str = "all"):
+        """Every step; ``stage`` is the switch's (see :class:`Switch`): ``prepare`` ends with it."""
         s, lay, prove = self.s, self.s.layout, proves_upstream(self.site)
         site_steps, after_reload = ([Site(lay, self.site)], []) if not s.tls else tls.site_steps(s, self.site, self.bootstrap)
         # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
@@ -197,7 +202,8 @@ class Deploy(Recipe):
             Absent(lay.legacy_unit_file, notify=("unit",)),
             *(Absent(path) for path in lay.legacy_files),
             *release_phase(s, target, self.deployer, self.fills, self.app_unit),
-            Switch(s, target, action="deploy", by=self.deployer, prove=prove),
+            self.switch(target, stage),
+        ] + ([] if stage == "prepare" else [
             # processes and timers move to the new release once traffic has
             *unit_steps(s, target, self.app_unit),
             Prune(s, target),
@@ -207,7 +213,80 @@ class Deploy(Recipe):
             Service("nginx", reload_on=("nginx",), check=NGINX_CHECK, pidfile=lay.nginx_pid),
             *after_reload,
             health_check(s, prove),
-        ]
+        ])
+
+
+class Prepare(Recipe):
+    """A fleet transaction's first stage on a host (see provision/cli/apply.py): when traffic has
+    to move, everything up to a new instance of the release healthy in the idle slot, traffic
+    untouched; when it does not (nothing new, or a release already live), the whole deploy: there
+    is nothing to coordinate. A host with nothing to do stays one round trip."""
+
+    def __init__(self, deploy: Deploy):
+        self.deploy = deploy
+
+    def target_facts(self):
+        return self.deploy.target_facts()
+
+    def target(self, facts):
+        target = self.deploy.target(facts)
+        return target, self.deploy.switch(target).due(facts)
+
+    def steps(self, target):
+        if target is None:
+            return self.deploy.steps(None)
+        release, due = target
+        return self.deploy.steps(release, "prepare" if due else "all")
+
+    def notes(self, facts):
+        return self.deploy.notes(facts)
+
+
+def prepares(planned) -> bool:
+    """The stage planned was a prepare (traffic to move), not a whole deploy."""
+    return any(isinstance(p.step, Switch) and p.step.stage == "prepare" for p in planned)
+
+
+def switched(planned, done) -> bool:
+    """Traffic moved in this run (the switch step of a commit completed)."""
+    return any(isinstance(p.step, Switch) and p.change is not None and i in done for i, p in enumerate(planned))
+
+
+class Commit(Recipe):
+    """The second stage: on fresh facts, the prepared release goes live (the switch does not
+    restart it), the old instance keeps running until the whole fleet has switched; then the
+    rest of the deploy and its final health check."""
+
+    def __init__(self, deploy: Deploy):
+        self.deploy = deploy
+
+    def target_facts(self):
+        return self.deploy.target_facts()
+
+    def target(self, facts):
+        return self.deploy.target(facts)
+
+    def steps(self, target):
+        return self.deploy.steps(target, "commit")
+
+
+class Settle(Recipe):
+    """The last stage: only the live slot keeps running. Once every host switched, that stops
+    the old release; when the fleet called the transaction off, the prepared one. Records
+    ``live`` (the release that stays live) for the per-host line."""
+
+    def __init__(self, s: Settings):
+        self.s, self.live = s, None
+
+    def target_facts(self):
+        return [("file", self.s.layout.current)]
+
+    def target(self, facts):
+        self.live = current_release(self.s, facts)
+        return self.live
+
+    def steps(self, target):
+        return [StopIdle(self.s)]
 
 
 def release_configs(s: Settings) -> dict[str, bytes]:
@@ -253,6 +332,8 @@ class Rollback(Recipe):
         self.prove = proves_upstream(rendered(s, "nginx-site.conf.j2"))
         self.app_unit = rendered(s, "app@.service.j2").decode()
 
+    stage = "all"
+
     def target_facts(self):
         return rollback_facts(self.s)
 
@@ -260,8 +341,32 @@ class Rollback(Recipe):
         return rollback_target(self.s, facts, self.to)
 
     def steps(self, target):
-        return [Switch(self.s, target, action="rollback", by=self.by, restart_on=(), prove=self.prove),
+        if target == NOWHERE:
+            return []
+        return [Switch(self.s, target, action="rollback", by=self.by, restart_on=(), prove=self.prove,
+                       stage=self.stage),
                 *unit_steps(self.s, target, self.app_unit), health_check(self.s, self.prove)]
+
+
+class Revert(Rollback):
+    """A host that switched in a fleet transaction the fleet called off goes back to the release
+    its idle slot still runs (the commit kept it): no restart, traffic moves back at once, the
+    release log says rollback. None when the idle slot runs nothing (a host's first release):
+    then there is nothing to go back to. Records ``to`` for the per-host line."""
+
+    stage = "revert"
+
+    def target_facts(self):
+        return [*rollback_facts(self.s), *slot_facts(self.s), *Switch(self.s, None).facts()]
+
+    def target(self, facts):
+        live = live_slot(self.s, facts)
+        idle = [slot for slot in SLOTS if slot != live and (facts.service(self.s.layout.unit(slot)) or {}).get("active")]
+        self.to = slot_release(self.s, facts, idle[0]) if idle else None
+        return self.to or NOWHERE
+
+
+NOWHERE = ""  # the target of a revert with nothing to go back to: no steps
 
 
 def proves_upstream(site: bytes) -> bool:

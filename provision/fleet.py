@@ -52,6 +52,41 @@ def run_fleet(items: Sequence[T], label: Callable[[T], str], fn: Callable[[T], H
     return results
 
 
+# Where a host stands in a fleet transaction (provision/cli/apply.py), and what it does next.
+READY = "ready"  # nothing to switch: its whole deploy ran in the first stage
+PREPARED = "prepared"  # the new release healthy in its idle slot, traffic untouched
+REFUSED = "refused"  # its first stage failed (a release that fails its health gate, a host unreachable)
+SWITCHED = "switched"  # traffic moved, its checks passed, its old release still running
+BROKEN = "broken"  # traffic moved, then its commit failed (its final check after switching)
+HALTED = "halted"  # its commit failed before traffic moved
+FAILED = (REFUSED, BROKEN, HALTED)
+COMMIT, REVERT, ABORT, FINISH = "commit", "revert", "abort", "finish"
+
+
+def called_off(states: dict[str, str], max_fail: int) -> bool:
+    """More hosts failed than the fleet tolerates: no host may stay switched."""
+    return sum(1 for st in states.values() if st in FAILED) > max_fail
+
+
+def transaction_moves(states: dict[str, str], max_fail: int, last: bool) -> dict[str, str]:
+    """What each host does now, from where every host stands (``last``: no wave is left to commit).
+
+    A host that broke after switching goes back (its old release still runs), one that halted
+    stops what it prepared; when the fleet is called off, every switched host goes back and
+    every prepared one stops its release; after the last wave, every switched host stops its
+    old release."""
+    off = called_off(states, max_fail)
+    moves = {}
+    for host, st in states.items():
+        if st == BROKEN or (off and st == SWITCHED):
+            moves[host] = REVERT
+        elif st == HALTED or (off and st == PREPARED):
+            moves[host] = ABORT
+        elif st == SWITCHED and last:
+            moves[host] = FINISH
+    return moves
+
+
 def exit_code(results: Sequence[HostResult]) -> int:
     """0 all well; 1 a step failed somewhere; else the connection problem's code (2 or 3)."""
     codes = {r.code for r in results if r.failed}

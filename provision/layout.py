@@ -184,6 +184,10 @@ class Layout:
         """A file of the live release's own directory (release.json, manifest.json)."""
         return f"{self.current}/{RELEASE_DIR}/{file}"
 
+    def in_slot(self, slot: str, file: str = "") -> str:
+        """The own directory of the release a slot runs, or a file in it (release.json)."""
+        return f"{self.slot_link(slot)}/{RELEASE_DIR}" + (f"/{file}" if file else "")
+
     # -- systemd: one instance (and socket) per slot
     def unit(self, slot: str) -> str:
         return f"{self.name}@{slot}"

@@ -7,13 +7,14 @@ Each deploy also moves itself into a transient systemd scope of its own (the lay
 beside the lock (root's) names both. A later deploy that finds the holder gone but its scope
 still running (a holder killed outright: its steps finish their work) waits for that scope;
 --break-lock stops the holder's scope (systemd kills exactly its processes), never a pid read
-from a file.
+from a file. A fleet transaction holds the lock from its first stage on a host to its last
+(``transaction``, ``hold``; see ``remote/lock.sh``), never longer than its SSH connection.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import remote
 from .layout import CGROUP, Layout
@@ -27,13 +28,20 @@ class Lock:
     holder: dict
     break_lock: bool = False
     cgroup: str = CGROUP
+    transaction: str = ""  # a fleet transaction's token: its stages pass the lock on to each other
+    hold: bool = False  # keep the lock for the transaction's next stage after this script
 
     def script(self) -> str:
-        holder = json.dumps(dict(self.holder, pid=0, scope="@scope@"), sort_keys=True)
+        holder = dict(self.holder, pid=0, scope="@scope@", **({"transaction": self.transaction} if self.transaction else {}))
         return remote.bash("lock.sh", {
             "__lock_file": self.layout.lock, "__holder": self.layout.lock_holder,
             "__scope_prefix": self.layout.deploy_scope_prefix, "__run_dir": self.layout.run_dir,
-            "__cgroup": self.cgroup, "__holder_json": holder, "__break_lock": int(self.break_lock)})
+            "__cgroup": self.cgroup, "__holder_json": json.dumps(holder, sort_keys=True),
+            "__break_lock": int(self.break_lock), "__transaction": self.transaction, "__hold": int(self.hold)})
+
+    def stage(self, hold: bool) -> "Lock":
+        """This transaction's lock for one stage (``hold``: a later stage follows)."""
+        return replace(self, hold=hold)
 
 
 def describe_holder(h: dict) -> str:

@@ -51,12 +51,13 @@ def summary_table(results: list[HostResult], printer: Printer, json_file: str | 
     """The per-host table that ends a run, and the same as JSON for CI (``--json FILE``)."""
     printer.line(f"{'host':<20} {'ok':>4} {'changed':>8} {'failed':>7} {'time':>7}")
     for r in results:
-        state = " skipped" if r.skipped else ""
+        state = " skipped" if r.skipped else f" {r.outcome}" if r.outcome else ""
         printer.line(f"{r.host:<20} {r.ok:>4} {r.changed:>8} {int(r.failed):>7} {r.duration:>6.1f}s{state}")
     if json_file:
         Path(json_file).write_text(secrets.mask(json.dumps([
             {"host": r.host, "ok": r.ok, "changed": r.changed, "failed": r.failed, "duration": round(r.duration, 3),
-             "round_trips": r.round_trips, "changed_steps": r.changed_steps(), "error": r.error}
+             "round_trips": r.round_trips, "changed_steps": r.changed_steps(), "error": r.error,
+             **({"outcome": r.outcome} if r.outcome else {})}
             for r in results], indent=2)) + "\n")
 
 

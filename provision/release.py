@@ -38,9 +38,10 @@ def manifest_path(s: Settings) -> str:
 
 
 
-def _live_json(s: Settings, facts: Facts, path: str) -> dict | None:
-    """A JSON object the live release keeps in its own directory; None when there is none."""
-    own = facts.file(f"{s.layout.current}/{RELEASE_DIR}")
+def _live_json(s: Settings, facts: Facts, path: str, own_dir: str | None = None) -> dict | None:
+    """A JSON object the live release (or the one whose own directory is ``own_dir``) keeps in its
+    own directory; None when there is none."""
+    own = facts.file(own_dir or f"{s.layout.current}/{RELEASE_DIR}")
     if not own or own["type"] != "dir" or own["owner"] != "root":
         return None  # not a release root made (an older layout, or tampered with)
     raw = facts.content(path)
@@ -53,6 +54,19 @@ def _live_json(s: Settings, facts: Facts, path: str) -> dict | None:
 
 def live_meta(s: Settings, facts: Facts) -> dict:
     return _live_json(s, facts, meta_path(s)) or {}  # {}: a new release is due
+
+
+def slot_meta(s: Settings, facts: Facts, slot: str) -> dict:
+    """The release.json of the release a slot runs; {} when it has none (or not root's)."""
+    return _live_json(s, facts, s.layout.in_slot(slot, "release.json"), s.layout.in_slot(slot)) or {}
+
+
+def slot_facts(s: Settings) -> list:
+    """What tells which release each slot runs, and which one is live."""
+    lay = s.layout
+    return [("content", lay.upstream_file),
+            *[f for slot in SLOTS for f in (("content", lay.in_slot(slot, "release.json")),
+                                            ("file", lay.in_slot(slot)), ("file", lay.slot_link(slot)))]]
 
 
 def live_files(s: Settings, facts: Facts) -> dict[str, str] | None:
@@ -133,19 +147,36 @@ class Release(Step):
 
     def facts(self):
         return [("content", meta_path(self.s)), ("content", manifest_path(self.s)),
-                ("file", f"{self.live}/{RELEASE_DIR}"), ("file", self.live)]
+                ("file", f"{self.live}/{RELEASE_DIR}"), ("file", self.live), *slot_facts(self.s)]
+
+    def same(self, meta: dict) -> bool:
+        """A release with this ``meta`` holds what this one would: source, virtualenv, configs, links.
+        (Release ids hold the time they were made: content decides, never the id.)"""
+        # (a release made before releases recorded their links is taken to have these)
+        return (meta.get("digest"), meta.get("venv"), meta.get("config"), meta.get("linked", self.linked)) == (
+            self.source.digest, self.venv_key, self.config, self.linked)
+
+    def prepared(self, facts: Facts) -> str | None:
+        """A release that is not live but holds what this one would, in the idle slot (a deploy
+        prepared it and was interrupted, or a fleet's prepare stage): used instead of a new upload."""
+        if self.same(live_meta(self.s, facts)):
+            return None
+        live = live_slot(self.s, facts)
+        for slot in SLOTS:
+            meta = slot_meta(self.s, facts, slot)
+            if slot != live and meta.get("id") == slot_release(self.s, facts, slot) and self.same(meta):
+                return meta["id"]
+        return None
 
     def needed(self, facts: Facts) -> bool:
-        meta = live_meta(self.s, facts)
-        # (a release made before releases recorded their links is taken to have these)
-        return (meta.get("digest"), meta.get("venv"), meta.get("config"), meta.get("linked", self.linked)) != (
-            self.source.digest, self.venv_key, self.config, self.linked)
+        return not self.same(live_meta(self.s, facts)) and not self.prepared(facts)
 
     def target(self, facts: Facts) -> str:
         """The release that should be live after this deploy."""
         if self.needed(facts):
             return self.release_id
-        return live_meta(self.s, facts).get("id") or current_release(self.s, facts) or self.release_id
+        return (self.prepared(facts) or live_meta(self.s, facts).get("id") or current_release(self.s, facts)
+                or self.release_id)
 
     def changes(self, facts: Facts) -> tuple[list[str], list[str], list[str]] | None:
         """This release's files changed, added and removed against the live release's; None when
@@ -278,6 +309,11 @@ class Switch(Step):
     Switches when there is no live instance, it is not running, or it runs another release
     (a changed unit or gunicorn config is a new release). Otherwise only repairs a ``current``
     link or a second instance left running or enabled by an interrupted deploy.
+
+    ``stage`` (a fleet deployed as one transaction; see remote/switch.py): ``all`` does it all;
+    ``prepare`` only starts ``target`` in the idle slot and passes its health gate; ``commit``
+    moves traffic to it (not restarting what a prepare started) and keeps the old instance
+    running; ``revert`` goes back to the release the idle slot still runs, stopping the other.
     """
 
     barrier = True
@@ -285,13 +321,13 @@ class Switch(Step):
 
     def __init__(self, s: Settings, target: str | None, action: str = "deploy", by: str = "",
                  restart_on: tuple[str, ...] = ("socket",), daemon_reload_on: tuple[str, ...] = ("unit",),
-                 prove: bool = False):
+                 prove: bool = False, stage: str = "all"):
         self.s, self.target, self.action, self.by, self.prove = s, target, action, by, prove
-        self.restart_on, self.daemon_reload_on = restart_on, daemon_reload_on
+        self.restart_on, self.daemon_reload_on, self.stage = restart_on, daemon_reload_on, stage
 
     @property
     def name(self):
-        return f"switch {self.s.name}"
+        return f"{'prepare' if self.stage == 'prepare' else 'switch'} {self.s.name}"
 
     def units(self) -> dict[str, str]:
         return {slot: self.s.layout.unit(slot) for slot in SLOTS}
@@ -303,28 +339,67 @@ class Switch(Step):
                 *[("file", f"{s.layout.wants}/{u}.service") for u in self.units().values()],
                 *[("service", u) for u in self.units().values()]]
 
+    def due(self, facts: Facts, notified: set[str] = frozenset()) -> bool:
+        """Traffic has to move: no live instance, it is not running, or it runs another release."""
+        live = live_slot(self.s, facts)
+        state = facts.service(self.units()[live]) if live else None
+        return (live is None or not (state and state["active"]) or slot_release(self.s, facts, live) != self.target
+                or bool(notified & set(self.restart_on)))
+
     def plan(self, facts, notified):
         s, target = self.s, self.target
         live = live_slot(s, facts)
-        state = facts.service(self.units()[live]) if live else None
-        running = bool(state and state["active"])
-        if live is None or not running or slot_release(s, facts, live) != target or notified & set(self.restart_on):
+        if self.due(facts, notified):
             slot = "b" if live == "a" else "a"
             health = {"path": s.health_path, "host": host_header(s), "timeout": s.health_timeout,
                       "header": UPSTREAM_HEADER if self.prove else None}
             return Change([switch_command(s.layout, target, slot, live, self.action, self.by, health,
-                                          bool(notified & set(self.daemon_reload_on)))],
-                          summary=f"{target} -> slot {slot}")
+                                          bool(notified & set(self.daemon_reload_on)),
+                                          stage=self.stage)],
+                          summary=f"{target} -> slot {slot}" + (" (traffic stays)" if self.stage == "prepare" else ""))
         cmds = []
         if current_release(s, facts) != target:
             cmds += symlink_commands(s.layout.current, s.layout.current_target(target))
-        other = self.units()["b" if live == "a" else "a"]
-        other_state = facts.service(other)
-        wants, sockets_wants = s.layout.wants, s.layout.sockets_wants
-        if (other_state and other_state["active"]) or facts.file(f"{wants}/{other}.service"):
-            cmds += [f"rm -f {q(f'{wants}/{other}.service')} {q(f'{sockets_wants}/{other}.socket')}",
-                     f"systemctl stop {q(other + '.socket')} {q(other + '.service')}"]
+        cmds += stop_idle(s, facts, live)
         return Change(cmds, summary="repair") if cmds else None
+
+
+def stop_idle(s: Settings, facts: Facts, live: str | None, wait: bool = True) -> list[str]:
+    """Commands that stop (and disable at boot) every instance but the live slot's: one left
+    running by an interrupted deploy, the old release a fleet kept until all hosts switched, or
+    a release prepared for a transaction that was called off. ``wait``: until it has stopped
+    (else it finishes the requests it has, gracefully, after the command returned)."""
+    wants, sockets_wants = s.layout.wants, s.layout.sockets_wants
+    cmds = []
+    for slot in SLOTS:
+        if slot == live:
+            continue
+        unit = s.layout.unit(slot)
+        state = facts.service(unit)
+        if (state and state["active"]) or facts.file(f"{wants}/{unit}.service"):
+            cmds += [f"rm -f {q(f'{wants}/{unit}.service')} {q(f'{sockets_wants}/{unit}.socket')}",
+                     f"systemctl stop{'' if wait else ' --no-block'} {q(unit + '.socket')} {q(unit + '.service')}"]
+    return cmds
+
+
+class StopIdle(Step):
+    """Only the live slot runs: the end of a fleet transaction on a host (the old release once
+    every host switched; the prepared one when the fleet called it off). No request reaches
+    them: they stop gracefully without holding up the deploy."""
+
+    def __init__(self, s: Settings):
+        self.s = s
+
+    @property
+    def name(self):
+        return f"idle slot {self.s.name}"
+
+    def facts(self):
+        return Switch(self.s, None).facts()
+
+    def plan(self, facts, notified):
+        cmds = stop_idle(self.s, facts, live_slot(self.s, facts), wait=False)
+        return Change(cmds, summary="stop") if cmds else None
 
 
 def host_header(s: Settings) -> str:

@@ -32,6 +32,7 @@ class HostResult:
     round_trips: int = 0
     code: int = 1  # exit code this host's failure stands for
     skipped: bool = False
+    outcome: str = ""  # in a fleet transaction: switched, reverted, aborted, refused, ...
 
     @property
     def changed(self) -> int:

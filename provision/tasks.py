@@ -51,7 +51,7 @@ class ProvisionTask(Task):
     parameter that takes the words after ``fab ... <invoked_as>`` (env.set A=1 B=2);
     ``takes_remainder``: what follows ``--`` reaches the task (``c.remainder``)."""
 
-    LONG_ONLY = {"serial"}
+    LONG_ONLY = {"serial", "no_atomic"}
 
     def __init__(self, *args, words: str | None = None, invoked_as: str = "", takes_remainder: bool = False,
                  **kwargs):
@@ -59,7 +59,8 @@ class ProvisionTask(Task):
         self.words, self.invoked_as, self.takes_remainder = words, invoked_as, takes_remainder
 
     def arg_opts(self, name, default, taken_names):
-        return super().arg_opts(name, default, taken_names | set(name) if name in self.LONG_ONLY else taken_names)
+        return super().arg_opts(name, default, taken_names | set(name.replace("_", "-")) if name in self.LONG_ONLY
+                                else taken_names)
 
     def get_arguments(self, ignore_unknown_help=None):
         args = super().get_arguments(ignore_unknown_help)
@@ -96,12 +97,14 @@ def _fleet(parallel, serial, max_fail, accept_new_host_key):
 
 
 @task(help={"source": "app directory to deploy (default: app.source)", "dry_run": "show the plan and diffs, touch nothing",
-            "json": "write the per-host summary to this file", **FLEET_HELP})
+            "json": "write the per-host summary to this file",
+            "no_atomic": "each host switches on its own (default: every host prepares the release first; traffic "
+                         "moves only when at most --max-fail hosts failed, and goes back when more fail)", **FLEET_HELP})
 def deploy(c, source=None, dry_run=False, verbose=False, json=None, break_lock=False, parallel=None, serial=None,
-           max_fail=None, accept_new_host_key=False):
+           max_fail=None, accept_new_host_key=False, no_atomic=False):
     """Provision the host, push a release, switch to it without dropping requests, health-check."""
     applying.run_apply(c, _flags(source), dry_run=dry_run, verbose=verbose, json_file=json, break_lock=break_lock,
-                  fleet=_fleet(parallel, serial, max_fail, accept_new_host_key))
+                  fleet=_fleet(parallel, serial, max_fail, accept_new_host_key), atomic=not no_atomic)
 
 
 @task(help={"source": "app directory (default: app.source)", "verbose": "show remote commands"})

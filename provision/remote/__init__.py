@@ -56,8 +56,9 @@ def host_port(url: str) -> str:
 
 
 def switch_command(layout: Layout, release: str, slot: str, old: str | None, action: str, by: str, health: dict,
-                   daemon_reload: bool, nginx: str | None = None) -> str:
-    """The command that makes ``release`` live in ``slot`` (``old``: the live slot, or None), see switch.py.
+                   daemon_reload: bool, nginx: str | None = None, stage: str = "all") -> str:
+    """The command that makes ``release`` live in ``slot`` (``old``: the live slot, or None), see switch.py
+    (``stage``: all, prepare, commit or revert).
     ``health``: {path, host, timeout, header}, header the one the site names the socket that answered
     in (None when the site does not); ``nginx``: where the proof through nginx connects to."""
     if old == slot:
@@ -73,5 +74,5 @@ def switch_command(layout: Layout, release: str, slot: str, old: str | None, act
         "new": {"slot": slot, "unit": layout.unit(slot), "unit_file": layout.unit_file(slot),
                 "socket": layout.socket(slot), "slot_link": layout.slot_link(slot),
                 "slot_target": layout.slot_target(release), "upstream": layout.upstream(slot)},
-        "old": {"slot": old, "unit": layout.unit(old)} if old else None,
+        "old": {"slot": old, "unit": layout.unit(old)} if old else None, "stage": stage,
     })

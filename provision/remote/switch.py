@@ -6,7 +6,8 @@
 # wants, sockets_wants (boot link dirs), nginx_pid, nginx (host:port of nginx), tmp (the suffix
 # of a path being written), health {path, host, timeout, header (the one the site names the
 # socket that answered in, or null)}, new {slot, unit, unit_file, socket, slot_link,
-# slot_target, upstream (the upstream file's content)}, old ({slot, unit} or null).
+# slot_target, upstream (the upstream file's content)}, old ({slot, unit} or null), stage
+# (below).
 #
 #  1. point the new slot's link at the release, install the release's unit as the slot's unit
 #     and (re)start it on its own socket (made by systemd: <unit>.socket);
@@ -17,6 +18,12 @@
 #     answered, prove that nginx answers from the new one (or put the upstream back);
 #  4. switch `current`, record the release log, then stop the old instance gracefully
 #     (gunicorn finishes in-flight requests on TERM).
+# The stage (a fleet deploys as one transaction, see provision/cli/apply.py):
+#  "all": 1-4; "prepare": 1-2 only (traffic, `current`, the log and the boot links untouched);
+#  "commit": 1-4, but an idle slot that already runs the release with its own unit and answers
+#  (prepared) is not restarted, only gated again, and the old instance keeps running (stopped once
+#  the whole fleet has switched, or taken back if it has not); "revert": as "commit", but the old
+#  instance stops (a host going back to the release its idle slot still runs).
 # Every intermediate state serves a complete release. Everything written here is in
 # directories only root can write, and written without following symlinks.
 import json
@@ -206,26 +213,42 @@ for path in (release_dir, own_dir, os.path.join(own_dir, "unit"), os.path.join(o
         fail("release %s is not root's alone (%s): made by an older provision or tampered with; deploy "
              "again instead" % (release, path))
 own_unit = read(os.path.join(own_dir, "unit"))
+stage = a.get("stage", "all")
 
-# 1. the new instance, with the unit of its own release
-link(new["slot_link"], new["slot_target"])
-daemon_reload = a["daemon_reload"]
-if read(unit_file) != own_unit:
-    write(unit_file, own_unit)
-    daemon_reload = True
-if daemon_reload:
-    run("systemctl", "daemon-reload")
-run("systemctl", "stop", unit + ".service", check=False)
-run("systemctl", "restart", unit + ".socket", check=False)
-# --no-block: a release that crashes would hold `start` through systemd's restarts (seconds);
-# the health gate sees the crash at once instead.
-run("systemctl", "start", "--no-block", unit + ".service", check=False)
+
+def prepared():
+    """The idle slot already runs this release, with its own unit, untouched since (a prepare)."""
+    return (stage != "all" and not a["daemon_reload"] and os.path.islink(new["slot_link"])
+            and os.readlink(new["slot_link"]) == new["slot_target"] and read(unit_file) == own_unit
+            and run("systemctl", "is-active", "--quiet", unit + ".service", check=False).returncode == 0
+            and exited() is None)
+
+
+# 1. the new instance, with the unit of its own release (kept when a prepare started it already)
+if prepared():
+    print("%s already runs %s (prepared): not restarted" % (unit, release))
+else:
+    link(new["slot_link"], new["slot_target"])
+    daemon_reload = a["daemon_reload"]
+    if read(unit_file) != own_unit:
+        write(unit_file, own_unit)
+        daemon_reload = True
+    if daemon_reload:
+        run("systemctl", "daemon-reload")
+    run("systemctl", "stop", unit + ".service", check=False)
+    run("systemctl", "restart", unit + ".socket", check=False)
+    # --no-block: a release that crashes would hold `start` through systemd's restarts (seconds);
+    # the health gate sees the crash at once instead.
+    run("systemctl", "start", "--no-block", unit + ".service", check=False)
 
 # 2. health gate
 problem = healthy()
 if problem:
     fail("health check of release %s failed: %s; traffic stays on the previous release" % (release, problem),
          stop_new=True)
+if stage == "prepare":
+    print("%s prepared %s on its own socket; traffic stays where it was" % (unit, release))
+    sys.exit(0)
 
 # 3. nginx
 os.makedirs(os.path.dirname(upstream), exist_ok=True)
@@ -257,6 +280,7 @@ if old:
         if os.path.lexists(os.path.join(wants, name)):
             os.unlink(os.path.join(wants, name))
     # No new request reaches it now; it finishes the ones it has (gunicorn's graceful
-    # stop) without holding up the deploy.
-    run("systemctl", "stop", "--no-block", old["unit"] + ".service", old["unit"] + ".socket", check=False)
+    # stop) without holding up the deploy. A commit keeps it: the fleet may still come back to it.
+    if stage != "commit":
+        run("systemctl", "stop", "--no-block", old["unit"] + ".service", old["unit"] + ".socket", check=False)
 print("%s now serves %s" % (unit, release))

@@ -101,11 +101,12 @@ def test_check_and_releases_run_hosts_in_parallel_each_hosts_output_whole(fleet,
         assert len(block.strip("\n").splitlines()) == int(count) >= 1 and block.count("*") == 1, res.stdout
 
 
-def test_serial_batches_stop_after_a_failed_batch(fleet, tmp_path):
+def test_serial_batches_without_a_transaction_stop_after_a_failed_batch(fleet, tmp_path):
     inv = tmp_path / "inv.ini"
     inv.write_text(fleet[0].inventory.read_text().replace(
         f"{F}2 host={fleet[1].address}", f"{F}2 host={fleet[1].address} health_path=/missing health_timeout=2"))
-    res = fab(fleet[0], "-H", "web", "deploy", "--serial", "1", "--json", str(tmp_path / "s.json"), inventory=inv)
+    res = fab(fleet[0], "-H", "web", "deploy", "--no-atomic", "--serial", "1", "--json", str(tmp_path / "s.json"),
+              inventory=inv)
     assert res.returncode == 1
     s = summary(tmp_path / "s.json")
     assert not s[f"{F}1"]["failed"] and s[f"{F}2"]["failed"] and s[f"{F}3"]["failed"]

@@ -8,7 +8,7 @@ import pytest
 
 from provision import config as cfg
 from provision.app import Deploy, provision_steps, proxy_env, rendered
-from provision.release import Release, manifest_path, meta_path
+from provision.release import Release, manifest_path, meta_path, slot_facts
 from provision.errors import ProvisionError
 from provision.source import scan
 from provision.facts import Facts, collect_facts
@@ -84,9 +84,17 @@ CONFIGS = {"unit": b"[Service]\n", "gunicorn.conf.py": b"workers = 2\n"}
 ROOTS = {"type": "dir", "mode": 0o755, "owner": "root", "group": "root"}
 
 
-def live(meta, own=ROOTS):
+def live(meta, own=ROOTS, idle=None):
+    """Facts of a host whose live release (slot a) has ``meta``; ``idle``: the meta of the release
+    the idle slot b runs."""
     return Facts({("content", meta_path(settings())): json.dumps(meta), ("content", manifest_path(settings())): None,
-                  ("file", "/srv/hello/current"): LINK("releases/r0"), ("file", "/srv/hello/current/.provision"): own})
+                  ("file", "/srv/hello/current"): LINK("releases/r0"), ("file", "/srv/hello/current/.provision"): own,
+                  ("content", "/etc/nginx/provision/hello.upstream"): settings().layout.upstream("a"),
+                  ("content", "/srv/hello/slots/a/.provision/release.json"): json.dumps(meta),
+                  ("file", "/srv/hello/slots/a/.provision"): own, ("file", "/srv/hello/slots/a"): LINK("../releases/r0"),
+                  ("content", "/srv/hello/slots/b/.provision/release.json"): idle and json.dumps(idle),
+                  ("file", "/srv/hello/slots/b/.provision"): idle and ROOTS,
+                  ("file", "/srv/hello/slots/b"): idle and LINK(f"../releases/{idle['id']}")})
 
 
 def test_release_is_skipped_when_the_running_digest_venv_and_configs_match():
@@ -109,6 +117,30 @@ def test_release_is_skipped_when_the_running_digest_venv_and_configs_match():
     assert not any("chown" in c for c in change.commands)
 
 
+def test_a_release_prepared_in_the_idle_slot_is_used_instead_of_a_new_upload():
+    s = settings()
+    src = scan(s.source)
+    step = Release(s, src, "r2", "venvkey", CONFIGS)
+    new = {"digest": src.digest, "venv": "venvkey", "config": step.config}
+    old = dict(new, id="r0", digest="old")
+    facts = live(old, idle=dict(new, id="r1"))
+    assert step.plan(facts, set()) is None and step.target(facts) == "r1"
+    # content decides, not the id: another source, virtualenv or config in the idle slot is not it
+    for other in ({"digest": "x"}, {"venv": "x"}, {"config": "x"}, {"linked": {"files": [], "dirs": []}}):
+        facts = live(old, idle=dict(new, id="r1", **other))
+        assert step.plan(facts, set()) is not None and step.target(facts) == "r2", other
+    # a release.json that names another release than the slot runs (tampered, moved) is not trusted
+    facts = live(old, idle=dict(new, id="r1"))
+    facts._answers[("file", "/srv/hello/slots/b")] = LINK("../releases/r9")
+    assert step.target(facts) == "r2"
+    # nor one that is not root's
+    facts = live(old, idle=dict(new, id="r1"))
+    facts._answers[("file", "/srv/hello/slots/b/.provision")] = dict(ROOTS, owner="hello")
+    assert step.target(facts) == "r2"
+    # the live release itself is never "prepared"
+    assert step.target(live(dict(new, id="r0"))) == "r0"
+
+
 def test_a_live_release_root_did_not_make_is_replaced():
     s = settings()
     src = scan(s.source)
@@ -121,7 +153,8 @@ def test_a_live_release_root_did_not_make_is_replaced():
 def test_a_plain_directory_current_is_kept_as_a_release():
     s = settings()
     step = Release(s, scan(s.source), "20260101T000000Z-abc", "k", CONFIGS)
-    facts = Facts({("content", meta_path(s)): None, ("file", "/srv/hello/current"): {"type": "dir"},
+    facts = Facts({**dict.fromkeys(slot_facts(s)), ("content", meta_path(s)): None,
+                   ("file", "/srv/hello/current"): {"type": "dir"},
                    ("file", "/srv/hello/current/.provision"): None})
     cmds = step.plan(facts, set()).commands
     assert cmds[0] == "mv -T /srv/hello/current /srv/hello/releases/20260101T000000Z-legacy"

@@ -8,7 +8,7 @@ from pathlib import Path
 from provision import config as cfg
 from provision.facts import Facts
 from provision.leftovers import data_fact, data_warning
-from provision.release import Release, manifest_path, meta_path
+from provision.release import Release, manifest_path, meta_path, slot_facts
 from provision.source import scan
 
 from .test_source_data import LIVE, repo, settings  # noqa: F401 (repo: a fixture)
@@ -61,15 +61,16 @@ def test_linking_a_path_to_shared_makes_a_new_release(repo):
     s = settings(repo)
     src = scan(s.source)
     live = Release(s, src, "r0", "venvkey", {})
-    fresh = Facts({("file", LIVE): None, ("content", manifest_path(s)): None, ("content", meta_path(s)): None,
+    fresh = Facts({**dict.fromkeys(slot_facts(s)), ("file", LIVE): None, ("content", manifest_path(s)): None, ("content", meta_path(s)): None,
                    ("file", f"{LIVE}/.provision"): None})
     meta = json.loads(dict(live.plan(fresh, set()).upload.extra)[".provision/release.json"])
-    facts = Facts({("content", meta_path(s)): json.dumps(meta), ("content", manifest_path(s)): "{}",
+    facts = Facts({**dict.fromkeys(slot_facts(s)), ("content", meta_path(s)): json.dumps(meta),
+                   ("content", manifest_path(s)): "{}",
                    ("file", LIVE): {"type": "link", "target": "releases/r0", "owner": "root"},
                    ("file", f"{LIVE}/.provision"): {"type": "dir", "owner": "root"}})
     assert not Release(s, src, "r1", "venvkey", {}).needed(facts)
     linked = settings(repo, linked_dirs=["log", "uploads", "instance"])
     assert Release(linked, src, "r1", "venvkey", {}).needed(facts)
-    older = Facts({**{k: facts[k] for k in [("content", manifest_path(s)), ("file", LIVE), ("file", f"{LIVE}/.provision")]},
+    older = Facts({**dict.fromkeys(slot_facts(s)), **{k: facts[k] for k in [("content", manifest_path(s)), ("file", LIVE), ("file", f"{LIVE}/.provision")]},
                    ("content", meta_path(s)): json.dumps({k: v for k, v in meta.items() if k != "linked"})})
     assert not Release(s, src, "r1", "venvkey", {}).needed(older)  # no redeploy for releases made before

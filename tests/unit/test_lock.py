@@ -131,3 +131,67 @@ def test_a_holder_whose_scope_is_empty_is_taken_over_at_once(fake):
     assert parse_report(res.stdout).stale["user"] == "bob"
     assert time.monotonic() - t0 < 30  # (a live holder would be waited for: up to 300 s)
     assert "kill" not in (fake / "calls").read_text()
+
+
+def holders_of(path) -> list[int]:
+    """The processes with ``path`` open (as systemd has them in the holder's scope)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd")):
+                out.append(int(pid))
+        except OSError:
+            pass
+    return out
+
+
+def parked(fake, tmp_path) -> subprocess.Popen:
+    """A transaction's first stage (hold) run over a fake SSH connection (a shell named sshd that
+    stays), once its lock is parked; returns the connection."""
+    sshd = tmp_path / "sshd"
+    sshd.write_bytes(open("/bin/bash", "rb").read())
+    sshd.chmod(0o755)
+    script = build_script([Planned(Step(), Change(["true"]))], lock=lock(fake, transaction="t1", hold=True))
+    (tmp_path / "stage1").write_text(script.replace("export LC_ALL=C PATH=", f"export LC_ALL=C PATH={fake / 'bin'}:", 1))
+    conn = subprocess.Popen([str(sshd), "-c", f"bash -s < {tmp_path}/stage1 > {tmp_path}/out1; sleep 30; true"],
+                            env=dict(os.environ, FAKE=str(fake)))
+    for _ in range(100):
+        if "@@ok" in ((tmp_path / "out1").exists() and (tmp_path / "out1").read_text() or ""):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # the script has exited, its watcher holds the lock
+    assert subprocess.run(["flock", "-n", str(fake / "run" / "hello.lock"), "true"]).returncode == 1
+    return conn
+
+
+def test_a_transaction_keeps_the_lock_between_its_stages_while_its_connection_lives(fake, tmp_path):
+    lock_file = fake / "run" / "hello.lock"
+    conn = parked(fake, tmp_path)
+    try:
+        holder = json.loads((fake / "run" / "hello.deploy").read_text())
+        assert holder["transaction"] == "t1"
+        # another deploy (or another transaction) is refused, naming the holder
+        for other in (lock(fake), lock(fake, transaction="t2")):
+            res = run(fake, other, [f"touch {fake}/never"])
+            assert res.returncode == 75 and parse_report(res.stdout).locked_by["user"] == "alice"
+        # the transaction's next stage takes it over (systemd stops the parked holder's scope) and
+        # its last stage lets it go
+        scope = fake / "cg" / "system.slice" / holder["scope"]
+        scope.mkdir(parents=True, exist_ok=True)
+        (scope / "cgroup.procs").write_text("".join(f"{p}\n" for p in holders_of(lock_file)))
+        res = run(fake, lock(fake, transaction="t1"), [f"touch {fake}/stage2"])
+        report = parse_report(res.stdout)
+        assert res.returncode == 0 and report.stale is None and report.locked_by is None, res.stdout + res.stderr
+        assert (fake / "stage2").exists() and not (fake / "run" / "hello.deploy").exists()
+        subprocess.run(["flock", "-n", str(lock_file), "true"], check=True)
+    finally:
+        conn.kill()
+        conn.wait()
+
+
+def test_a_transactions_lock_goes_with_its_connection(fake, tmp_path):
+    conn = parked(fake, tmp_path)
+    conn.kill()  # fab killed, the connection lost: sshd's session ends
+    conn.wait()
+    res = run(fake, lock(fake))  # the next deploy, at once: it waits the moment the watcher takes to go
+    assert res.returncode == 0 and parse_report(res.stdout).stale is None, res.stdout  # nothing "taken over"

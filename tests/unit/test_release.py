@@ -70,7 +70,7 @@ def test_the_switch_gets_every_path_from_the_layout():
         "new": {"slot": "b", "unit": "hello@b", "unit_file": "/etc/systemd/system/hello@b.service",
                 "socket": "/run/provision/hello/b.sock", "slot_link": "/srv/hello/slots/b",
                 "slot_target": "../releases/r2", "upstream": "server unix:/run/provision/hello/b.sock fail_timeout=0;\n"},
-        "old": {"slot": "a", "unit": "hello@a"}}
+        "old": {"slot": "a", "unit": "hello@a"}, "stage": "all"}
     assert switch_args(Switch(S, "r2").plan(host(), set()))["health"]["header"] is None
 
 

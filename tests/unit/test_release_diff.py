@@ -6,7 +6,7 @@ from pathlib import Path
 
 from provision import config as cfg
 from provision import secrets
-from provision.release import SHOWN_IN_ALL, SHOWN_LINES, Release, manifest_path, meta_path
+from provision.release import SHOWN_IN_ALL, SHOWN_LINES, Release, manifest_path, meta_path, slot_facts
 from provision.source import scan
 from provision.facts import Facts, below
 
@@ -28,7 +28,7 @@ def release(tmp_path, files: dict[str, bytes]) -> Release:
 def host(live: dict[str, bytes] | None) -> Facts:
     """A host whose live release holds ``live`` (None: a release made before manifests)."""
     manifest = None if live is None else json.dumps({p: hashlib.sha256(d).hexdigest() for p, d in live.items()})
-    return Facts({("content", meta_path(S)): json.dumps({"id": "r0", "digest": "old"}),
+    return Facts({**dict.fromkeys(slot_facts(S)), ("content", meta_path(S)): json.dumps({"id": "r0", "digest": "old"}),
                   ("content", manifest_path(S)): manifest, ("file", LIVE): LINK, ("file", f"{LIVE}/.provision"): ROOTS})
 
 
@@ -67,7 +67,7 @@ def test_the_manifest_a_release_writes_is_what_the_next_dry_run_compares_with(tm
 
 def test_a_fresh_host_gets_every_file_added_and_an_older_release_is_not_compared(tmp_path):
     step = release(tmp_path, {"app.py": b"print(1)\n"})
-    fresh = Facts({("content", meta_path(S)): None, ("content", manifest_path(S)): None, ("file", LIVE): None,
+    fresh = Facts({**dict.fromkeys(slot_facts(S)), ("content", meta_path(S)): None, ("content", manifest_path(S)): None, ("file", LIVE): None,
                    ("file", f"{LIVE}/.provision"): None})
     assert dry_run(step, fresh, {}) == ("r1 (1 files), 0 changed, 1 added, 0 removed; sent 1 file (0.3 kB)\n"
                                         "added   app.py\n--- /dev/null\n+++ app.py (new)\n@@ -0,0 +1 @@\n+print(1)")

@@ -14,7 +14,7 @@ from provision.errors import ProvisionError
 from provision.output import Printer, summary_line
 from provision.runner import HostResult, run_steps
 from provision.app import Deploy
-from provision.release import Release, manifest_path, meta_path, release_files
+from provision.release import Release, manifest_path, meta_path, release_files, slot_facts
 from provision.source import scan
 from provision.facts import below
 from provision.steps import Directory, File, Lines, User
@@ -82,7 +82,7 @@ def test_dry_run_gathers_the_old_contents_of_every_diff_in_one_more_round_trip(t
     release = Release(s, scan(tmp_path), "r1", "venvkey", {})
     live = "/srv/hello/current"
     host = FakeRemote({
-        ("os", ""): OS,
+        ("os", ""): OS, **dict.fromkeys(slot_facts(s)),
         ("file", "/etc/x"): None, ("content", "/etc/x"): None,
         ("content", meta_path(s)): json.dumps({"id": "r0"}),
         ("content", manifest_path(s)): json.dumps({"app.py": "0", "gone.py": "0"}),

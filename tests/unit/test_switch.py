@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the switch refuses a 
 SYSTEMCTL = """#!/bin/bash
 echo "systemctl $*" >> "$FAKE/calls"
 [ "$1" = show ] && cat "$FAKE/state"
+[ "$1" = is-active ] && { [ ! -e "$FAKE/down" ]; exit; }
 exit 0
 """
 JOURNALCTL = """#!/bin/bash
@@ -111,10 +112,10 @@ class Host:
             self.silent.bind(self.layout.socket("b"))
             self.silent.listen(8)
 
-    def switch(self, prove=True, timeout=0.5):
+    def switch(self, prove=True, timeout=0.5, stage="all"):
         health = {"path": "/health", "host": "", "timeout": timeout, "header": UPSTREAM_HEADER if prove else None}
         command = switch_command(self.layout, "r2", "b", "a", "deploy", "me@laptop", health, False,
-                                 nginx=f"127.0.0.1:{self.nginx.server_address[1]}")
+                                 nginx=f"127.0.0.1:{self.nginx.server_address[1]}", stage=stage)
         return subprocess.run(["bash", "-c", command], text=True, capture_output=True, timeout=30,
                               env=dict(os.environ, FAKE=self.base, PATH=f"{self.base}/bin:{os.environ['PATH']}"))
 
@@ -259,3 +260,58 @@ def test_the_switch_never_starts_a_release_in_the_live_slot(host):
                          env=dict(os.environ, FAKE=host.base, PATH=f"{host.base}/bin:{os.environ['PATH']}"))
     assert res.returncode == 1 and "the new slot b is the live one" in res.stderr
     assert host.snapshot() == before and host.calls() == []
+
+
+def test_a_prepare_starts_the_release_in_the_idle_slot_and_moves_nothing_else(host):
+    host.gunicorn()
+    lay = host.layout
+    res = host.switch(stage="prepare")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "hello@b prepared r2 on its own socket; traffic stays where it was\n"
+    assert os.readlink(lay.slot_link("b")) == "../releases/r2"
+    assert "systemctl start --no-block hello@b.service" in host.calls()
+    # traffic, `current`, the release log and what starts at boot: as they were
+    assert open(lay.upstream_file).read() == lay.upstream("a") and os.readlink(lay.current) == "releases/r1"
+    assert host.log() == [] and os.listdir(lay.wants) == ["hello@a.service"]
+    assert not [c for c in host.calls() if c.startswith(("nginx", "systemctl stop --no-block hello@a"))]
+
+
+def prepared(host):
+    """r2 prepared in slot b: its link, its own unit installed, its instance up."""
+    host.gunicorn()
+    os.symlink("../releases/r2", host.layout.slot_link("b"))
+    host.write(host.layout.unit_file("b"), "[Service]\n# r2\n")
+
+
+def test_a_commit_moves_traffic_to_the_prepared_instance_without_restarting_it_and_keeps_the_old(host):
+    prepared(host)
+    lay = host.layout
+    res = host.switch(stage="commit")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "hello@b already runs r2 (prepared): not restarted\nhello@b now serves r2\n"
+    assert not [c for c in host.calls() if "hello@b" in c and c.startswith(("systemctl start", "systemctl stop",
+                                                                             "systemctl restart"))]
+    assert open(lay.upstream_file).read() == lay.upstream("b") and os.readlink(lay.current) == "releases/r2"
+    assert [(e["release"], e["action"]) for e in host.log()] == [("r2", "deploy")]
+    assert sorted(os.listdir(lay.wants)) == ["hello@b.service"]  # b starts at boot; a still runs
+    assert not [c for c in host.calls() if c.startswith("systemctl stop")]
+
+
+def test_a_revert_goes_back_to_the_instance_still_running_and_stops_the_other(host):
+    prepared(host)
+    res = host.switch(stage="revert")
+    assert res.returncode == 0, res.stderr
+    assert "not restarted" in res.stdout
+    assert host.calls()[-1] == "systemctl stop --no-block hello@a.service hello@a.socket"
+
+
+@pytest.mark.parametrize("change", ["unit", "down", "all"])
+def test_an_idle_instance_is_restarted_unless_it_runs_the_release_as_prepared(host, change):
+    prepared(host)
+    if change == "unit":  # its unit is not the release's own (changed since)
+        host.write(host.layout.unit_file("b"), "[Service]\n# older\n")
+    elif change == "down":
+        host.write(f"{host.base}/down", "")  # stopped (it answers once restarted)
+    res = host.switch(stage="commit" if change != "all" else "all")
+    assert res.returncode == 0, res.stderr
+    assert "not restarted" not in res.stdout and "systemctl start --no-block hello@b.service" in host.calls()

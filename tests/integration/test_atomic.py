@@ -34,6 +34,25 @@ def index():
     return "Hello VERSION\\n"
 '''
 
+# Answers HEALTHY_FOR requests (counted in its data dir), then 503: on a host with HEALTHY_FOR=3, the
+# prepare's health gate, the commit's, and the proof through nginx pass; the final check fails.
+WEARS_OUT = '''
+import os
+from flask import Flask
+
+app = Flask(__name__)
+
+
+@app.get("/")
+def index():
+    with open("log/requests", "a+") as f:
+        f.seek(0)
+        served = len(f.read())
+        f.write(".")
+    limit = os.environ.get("HEALTHY_FOR")
+    return ("Hello VERSION\\n", 200) if not limit or served < int(limit) else ("worn out\\n", 503)
+'''
+
 
 @pytest.fixture(scope="module")
 def fleet(sandbox, tmp_path_factory):
@@ -112,7 +131,7 @@ def test_one_host_refusing_the_release_switches_none(fleet, tmp_path):
 def test_one_host_failing_after_switching_takes_every_host_back(fleet, tmp_path):
     before = [live(h) for h in fleet]
     # in waves of one: the first two switch, the third fails, and the first two go back
-    res = deploy(fleet, tmp_path, "v3", "--serial", "1", host_vars={2: "env=FORCE_HTTPS=1 health_timeout=3"},
+    res = deploy(fleet, tmp_path, "v3", "--serial", "1", host_vars={2: "env=FORCE_HTTPS=1 health_timeout=8"},
                  body=STRICT)
     assert res.returncode == 1, res.stdout + res.stderr
     for i in (0, 1):
@@ -124,6 +143,20 @@ def test_one_host_failing_after_switching_takes_every_host_back(fleet, tmp_path)
     assert "answers on its socket, but not through nginx (HTTP 301" in res.stdout
     serves(fleet, "v1")
     assert [live(h) for h in fleet] == before
+
+
+def test_one_host_failing_its_final_check_after_switching_takes_every_host_back(fleet, tmp_path):
+    before = [live(h) for h in fleet]
+    res = deploy(fleet, tmp_path, "v3b", host_vars={2: "env=HEALTHY_FOR=3 health_timeout=8"}, body=WEARS_OUT)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert re.search(rf"^{NAMES[2]}: reverted: back on {before[2]} \(failed after switching: step `health "
+                     r"http://127.0.0.1/` failed", res.stdout, re.M), res.stdout
+    for i in (0, 1):
+        assert f"{NAMES[i]}: reverted: back on {before[i]} (the fleet failed)" in res.stdout, res.stdout
+    for i in range(3):
+        last = json.loads(fleet[i].sh("tail -n 1 /srv/hello/releases.log"))
+        assert (last["action"], last["release"]) == ("rollback", before[i])
+    serves(fleet, "v1")
 
 
 def test_a_fixed_release_goes_out_everywhere(fleet, tmp_path):

@@ -241,6 +241,9 @@ class Prepare(Recipe):
     def notes(self, facts):
         return self.deploy.notes(facts)
 
+    def resend_all(self):
+        return Prepare(self.deploy.resend_all())
+
 
 def prepares(planned) -> bool:
     """The stage planned was a prepare (traffic to move), not a whole deploy."""

@@ -122,10 +122,14 @@ def run_steps(remote: Remote, recipe: Recipe | list[Step], *, dry_run: bool = Fa
                 rc, out, err = remote.exec(f"{remote.sudo}bash -c {shlex.quote(loader(len(script.encode()), size))}",
                                            script.encode(), timeout=1800, on_line=progress, then=stream,
                                            on_sent=upload_progress(printer, remote.label, describe(uploads[0])))
+            if uploads[0].failures:
+                raise ProvisionError(f"{remote.label}: {uploads[0].failures[0]}", uploads[0].failures[0].code)
         else:
             rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800, on_line=progress)
         report = parse_report(out)
-        if report.resend and _retry and recipe.resend_all() is not None:
+        resend = (report.resend and report.rc == 75 and report.failed is not None
+                  and planned[report.failed].change.upload is not None)
+        if resend and _retry and recipe.resend_all() is not None:
             printer.line(f"{remote.label}: files of the live release were changed on the host since provision "
                          "wrote them; sending the whole release")
             return run_steps(remote, recipe.resend_all(), dry_run=dry_run, printer=printer, env=env, lock=lock,

@@ -82,10 +82,13 @@ def loader(script_size: int, upload_size: int | None) -> str:
     end and checksum tell a cut stream), spooled into a folder only root reads (on disk:
     /var/tmp, not a RAM-backed /tmp); then the script runs (bash reads a script file in blocks:
     a script piped in it reads a byte at a time)."""
-    check = ("" if upload_size is None else f'if [ "$(stat -c %s "$d/upload")" != {upload_size} ]; then '
-             'rm -rf "$d"; echo "upload cut short" >&2; exit 141; fi; ')
-    return ("set -eu; d=$(mktemp -d -p /var/tmp provision.XXXXXXXXXX); "
-            f'head -c {script_size} > "$d/script"; cat > "$d/upload"; {check}'
+    whole = f'[ "$(stat -c %s "$d/script")" = {script_size} ]'
+    if upload_size is not None:
+        whole += f' && [ "$(stat -c %s "$d/upload")" = {upload_size} ]'
+    # (the trap removes the spool until the script, which removes it itself, replaces this shell)
+    return ("set -eu; d=$(mktemp -d -p /var/tmp provision.XXXXXXXXXX); trap 'rm -rf \"$d\"' EXIT; "
+            f'head -c {script_size} > "$d/script"; cat > "$d/upload"; '
+            f'{whole} || {{ echo "upload cut short" >&2; exit 141; }}; '
             'exec bash "$d/script" "$d"')
 
 

@@ -93,7 +93,14 @@ class Source:
                 with open(path, "rb") as fh:
                     info.size = os.fstat(fh.fileno()).st_size
                     info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
-                    tar.addfile(info, fh)
+                    sent = _Hashing(fh)
+                    try:
+                        tar.addfile(info, sent)
+                    except OSError:  # shorter than it was a moment ago
+                        sent.h.update(b"\0")
+                if sent.h.hexdigest() != self.hashes.get(rel, sent.h.hexdigest()):  # what the manifest says it is
+                    raise ProvisionError(f"app source: {rel} changed while it was being sent; deploy again once "
+                                         "it is saved")
                 if on_file:
                     on_file(info.size)
             for name, data in (extra or {}).items():
@@ -106,6 +113,18 @@ class Source:
         buf = io.BytesIO()
         self.write_tar(buf)
         return buf.getvalue()
+
+
+class _Hashing:
+    """A file being read, hashed as it goes: what is sent is what the manifest says."""
+
+    def __init__(self, fh):
+        self.fh, self.h = fh, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.h.update(data)
+        return data
 
 
 def _git(root: Path, *args: str, text: bool = True) -> subprocess.CompletedProcess:

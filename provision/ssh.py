@@ -41,8 +41,14 @@ class Remote:
         ``on_line`` sees each line of stdout as it arrives (live progress)."""
         self.round_trips += 1
         transport = self.conn.client.get_transport()
-        chan = transport.open_session(timeout=30)
-        chan.exec_command(command)
+        try:
+            if transport is None or not transport.is_active():
+                raise EOFError("the connection is closed")
+            chan = transport.open_session(timeout=30)
+            chan.exec_command(command)
+        except (paramiko.SSHException, EOFError, OSError) as e:  # one host's problem, never a traceback
+            raise Unreachable(f"{self.label}: lost the SSH connection ({e or type(e).__name__}); check the host "
+                              "and run the command again") from None
         out, err = bytearray(), bytearray()
 
         def feed():
@@ -168,6 +174,12 @@ class KnownHosts:
         return {}
 
 
+def known_name(conn: Connection) -> str:
+    """A host as known_hosts files name it, and as paramiko looks it up: after ~/.ssh/config's
+    HostName and Port (an alias is never the name its key is known by)."""
+    return conn.host if conn.port == 22 else f"[{conn.host}]:{conn.port}"
+
+
 def connect(host: str, user: str, port: int, key: str | None, known_hosts: str | None,
             config=None, label: str | None = None, timeout: float = 10, accept_new_host_key: bool = False) -> Remote:
     """Open an SSH connection, turning every way it can fail into one clear line.
@@ -180,7 +192,7 @@ def connect(host: str, user: str, port: int, key: str | None, known_hosts: str |
         connect_kwargs["key_filename"] = [os.path.expanduser(key)]
     conn = Connection(host, user=user, port=port, config=config, connect_kwargs=connect_kwargs)
     record_to = os.path.expanduser(known_hosts or "~/.ssh/known_hosts")
-    known_as = host if port == 22 else f"[{host}]:{port}"  # as known_hosts files name it
+    known_as = known_name(conn)
     try:
         found = KnownHosts.known(known_as, record_to if known_hosts else None)
     except (OSError, paramiko.SSHException) as e:

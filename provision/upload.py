@@ -19,6 +19,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from .errors import ProvisionError
 from .source import Source
 
 IN_MEMORY = 8 << 20
@@ -29,6 +30,7 @@ class Upload:
     source: Source
     paths: tuple[str, ...]  # the source's files to send
     extra: tuple[tuple[str, bytes], ...] = ()  # more members: (name in the tar, content)
+    failures: list = field(default_factory=list, compare=False, hash=False)  # a piped upload's
 
     @property
     def raw_size(self) -> int:
@@ -61,6 +63,8 @@ class Upload:
                     self.source.write_tar(out, self.paths, dict(self.extra), compresslevel=level)
                 except (BrokenPipeError, ValueError):  # the reader stopped: the host went away
                     pass
+                except ProvisionError as e:  # the stream ends short: the host's tar fails; the runner says why
+                    self.failures.append(e)
 
         threading.Thread(target=produce, daemon=True, name="upload").start()
         return open(r, "rb"), None

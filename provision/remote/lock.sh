@@ -36,7 +36,7 @@ __park() {  # keep the lock (fd 9) while this script's SSH connection (its sshd 
   done
   [ "$p" -gt 1 ] || return 0  # not over SSH: nothing to wait for
   # gone with the connection: it names no holder any more (the next deploy finds the lock free)
-  ( exec </dev/null >/dev/null 2>&1; for __i in $(seq 18000); do [ -d "/proc/$p" ] || break; sleep 0.2; done
+  ( exec </dev/null >/dev/null 2>&1; while [ -d "/proc/$p" ]; do sleep 0.2; done
     rm -f "$__holder" ) &
 }
 __orphan() {  # a holder whose client is gone: sshd has gone too, init adopted it (give sshd a moment)

@@ -147,3 +147,24 @@ def test_a_release_whose_live_files_were_changed_on_the_host_is_sent_whole(tmp_p
     assert "web1: files of the live release were changed on the host since provision wrote them; sending the " \
            "whole release\n" in out.getvalue()
     assert not result.error and host.round_trips == 4
+
+
+def test_only_the_upload_step_can_ask_for_a_resend(tmp_path):
+    """A release command (the app's code) printing the marker and failing does not get the deploy
+    run twice."""
+    (tmp_path / "app.py").write_text("print('new')\n")
+    (tmp_path / "requirements.txt").write_text("flask\n")
+    s = cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(tmp_path)), ROOT)
+
+    class OtherStepSaysResend(ResendingHost):
+        def exec(self, command, stdin=b"", timeout=None, on_line=None, then=None, on_sent=None):
+            if then is None:
+                return FakeRemote.exec(self, command, stdin, timeout, on_line)
+            self.round_trips += 1
+            self.sent.append(then.read())
+            first = re.search(r"^  __(?:step|bg) (\d+)$", stdin.decode(), re.M).group(1)
+            return 75, f'@@fail {first} 75\n@@out @@resend 1 "x"\n', ""
+
+    host = OtherStepSaysResend(Answers({("os", ""): OS}))
+    result = run_steps(host, Deploy(s, scan(tmp_path), "r1"), printer=Printer(io.StringIO()))
+    assert len(host.sent) == 1 and result.error and host.round_trips == 2

@@ -188,3 +188,61 @@ def test_an_upload_shows_its_progress_once_it_takes_over_a_second(monkeypatch):
     assert out.getvalue().splitlines() == [
         "web1 | uploading 1 file (200.0 MB): 22.0 MB sent (20.0 MB/s)",
         "web1 | uploading 1 file (200.0 MB): 64.0 MB sent (20.0 MB/s)"]
+
+
+def test_a_file_changed_while_it_is_sent_stops_the_upload(tmp_path):
+    from provision.errors import ProvisionError
+
+    src = scan(app(tmp_path, {"app.py": b"print(1)\n"}))
+    src.path("app.py").write_bytes(b"print(2)\n")  # saved again after the scan
+    with pytest.raises(ProvisionError, match="app.py changed while it was being sent"):
+        src.write_tar(io.BytesIO())
+
+
+def test_a_script_cut_short_runs_nothing_and_leaves_no_spool(tmp_path):
+    src = scan(app(tmp_path, {"app.py": b"print('new')\n"}))
+    step = StepWithUpload(Upload(src, ("app.py",)))
+    script = build_script([Planned(step, step.plan(None, set()))]).encode()
+    before = set(Path("/var/tmp").glob("provision.*"))
+    res = subprocess.run(["bash", "-c", loader(len(script), None)], input=script[:-40], capture_output=True,
+                         timeout=30)
+    assert res.returncode == 141 and b"upload cut short" in res.stderr and not res.stdout
+    assert set(Path("/var/tmp").glob("provision.*")) == before
+
+
+def test_a_prepare_stage_can_send_its_release_whole():
+    from provision.app import Prepare
+
+    class Deployish:
+        def resend_all(self):
+            return "whole"
+
+    assert Prepare(Deployish()).resend_all().deploy == "whole"
+
+
+def test_a_lost_connection_is_one_line_for_its_host():
+    from provision.errors import Unreachable
+    from provision.ssh import Remote
+
+    class Closed:
+        user = "root"
+
+        class client:
+            @staticmethod
+            def get_transport():
+                return None
+
+    with pytest.raises(Unreachable, match="^web1: lost the SSH connection"):
+        Remote(Closed(), "web1").exec("true")
+
+
+def test_host_keys_are_known_by_the_name_ssh_config_gives(tmp_path):
+    from fabric import Config, Connection
+
+    from provision.ssh import known_name
+
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text("Host web1\n  HostName 10.231.0.99\nHost web2\n  HostName 10.231.0.98\n  Port 2222\n")
+    config = Config(runtime_ssh_path=str(ssh_config))
+    assert known_name(Connection("web1", config=config)) == "10.231.0.99"
+    assert known_name(Connection("web2", config=config)) == "[10.231.0.98]:2222"

@@ -10,6 +10,11 @@ tinyproxy listening on the bridge address; the settings they need for that
 (``proxy``, ``ca_bundle``) are written into the sandbox inventory, as a user
 behind a corporate proxy would write them into theirs.
 
+A droplet can also start from a **snapshot** (``Sandbox.snapshot``): the overlay upper layer of a
+droplet stopped after, say, a deploy, kept read-only under ``snapshots/`` and stacked on the base
+(``lowerdir=<snapshot>:<base>``), so fifty droplets with the app deployed boot in seconds instead of
+each spending minutes on apt. ``up_many`` boots several at once.
+
 Everything started here is recorded in a state directory and torn down by
 PID; set-up is idempotent and clears leftovers of earlier runs.
 """
@@ -27,6 +32,7 @@ import socket
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +51,13 @@ BASE_PACKAGES = "systemd,systemd-sysv,dbus,openssh-server,python3,sudo,iproute2,
 # cgroup hierarchies a droplet gets a group of its own in: the hybrid layout's name=systemd and
 # unified ones, or the one cgroup2 tree of a pure v2 host (whichever of them this machine has).
 CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+# What a snapshot leaves out of the droplet it is taken from: what is that host's own (its host keys,
+# machine id and the journal kept under it, systemd's random seed and credential key, its logins and
+# nginx's logs of its visitors, temporary files). _personalise writes a droplet's own keys, machine id
+# and names at each boot. The app's releases, settings and secrets stay: that is what a snapshot is for.
+SNAPSHOT_FORGETS = ("etc/ssh/ssh_host_*", "etc/machine-id", "var/lib/dbus/machine-id", "var/lib/systemd/random-seed",
+                    "var/lib/systemd/credential.secret", "var/log/journal/*", "var/log/wtmp", "var/log/btmp",
+                    "var/log/lastlog", "var/log/nginx/*", "tmp/*", "var/tmp/*", "root/.ssh/authorized_keys")
 HOST_TOOLS = {  # command -> Debian package providing it
     "debootstrap": "debootstrap",
     "systemd-nspawn": "systemd-container",
@@ -166,6 +179,25 @@ def _pem_blocks(text: str) -> list[str]:
     return [begin + chunk.split(end, 1)[0] + end + "\n" for chunk in text.split(begin)[1:] if end in chunk]
 
 
+def check_name(kind: str, name: str) -> None:
+    """A droplet's or snapshot's name: it becomes a directory, a machine and network namespace name."""
+    if not name.replace("-", "").isalnum() or len(name) > 20:
+        raise ProvisionError(f"sandbox: bad {kind} name {name!r}; use letters, digits and '-' (at most 20)")
+
+
+def forgotten(layer: Path) -> list[Path]:
+    """The paths of a snapshot layer that SNAPSHOT_FORGETS leaves out (see there)."""
+    return sorted({p for pattern in SNAPSHOT_FORGETS for p in layer.glob(pattern) if p.is_symlink() or p.exists()})
+
+
+def overlay_options(layers: list[Path], upper: Path, work: Path) -> str:
+    """The overlay mount options of a droplet: its upper dir over the layers, topmost first."""
+    for p in (*layers, upper, work):
+        if any(c in str(p) for c in ",:\\"):
+            raise ProvisionError(f"sandbox: the path {p} cannot be an overlay layer (',', ':' or a backslash in it)")
+    return f"lowerdir={':'.join(map(str, layers))},upperdir={upper},workdir={work}"
+
+
 def can_run() -> str | None:
     """None when this machine can run droplets, else the reason it cannot."""
     if os.geteuid() != 0:
@@ -185,6 +217,7 @@ class Droplet:
     netns: str
     veth: str
     cgroups: tuple[str, ...] = ()  # the droplet's own cgroup in each hierarchy (see _own_cgroups)
+    snapshot: str | None = None  # the snapshot it started from (Sandbox.snapshot)
 
     @property
     def rootfs(self) -> Path:
@@ -212,6 +245,10 @@ class Sandbox:
     @property
     def base(self) -> Path:
         return self.dir / f"base-{self.suite}"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.dir / "snapshots"
 
     @property
     def proxy_url(self) -> str:
@@ -375,15 +412,33 @@ class Sandbox:
                 return i
         raise ProvisionError("sandbox: no free address left in 10.231.0.0/24; run `fab sandbox.down --all`")
 
-    def up(self, name: str) -> Droplet:
-        if not name.replace("-", "").isalnum() or len(name) > 20:
-            raise ProvisionError(f"sandbox: bad droplet name {name!r}; use letters, digits and '-' (at most 20)")
+    def up(self, name: str, snapshot: str | None = None) -> Droplet:
+        """Droplet ``name`` running (a fresh one from the base, or from ``snapshot``); one already
+        running as asked is kept."""
+        self.prepare()
+        return self._up(name, snapshot)
+
+    def up_many(self, names: list[str], snapshot: str | None = None, workers: int = 8) -> list[Droplet]:
+        """Droplets ``names`` running, ``workers`` booting at a time (set-up done once first); in the
+        order of ``names``. When one fails to boot, those that did are kept (tear them down by name)."""
+        if len(set(names)) != len(names):
+            raise ProvisionError("sandbox: a droplet name is given twice")
+        for name in names:
+            check_name("droplet", name)
+        self.prepare()
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(names)))) as pool:
+            futures = [pool.submit(self._up, name, snapshot) for name in names]
+        return [f.result() for f in futures]
+
+    def _up(self, name: str, snapshot: str | None) -> Droplet:
+        check_name("droplet", name)
+        layers = self.layers(snapshot) if snapshot else []
         current = self.get(name)
-        if current and current.running() and self._ssh_banner(current.address, timeout=2):
+        if (current and current.snapshot == snapshot and current.running()
+                and self._ssh_banner(current.address, timeout=2)):
             return current
         if current:
             self.down(name)
-        self.prepare()
         mdir = self.machines / name
         rootfs = mdir / "rootfs"
         # Several test runs may start droplets at once: an address is taken under a lock,
@@ -394,10 +449,10 @@ class Sandbox:
             self._release_rootfs(mdir)
             mdir.mkdir(parents=True)
             self._state_file(name).write_text(json.dumps(asdict(Droplet(name, address, 0, f"pv-{name}",
-                                                                        f"pvh{index}"))))
+                                                                        f"pvh{index}", snapshot=snapshot))))
         netns, veth = f"pv-{name}", f"pvh{index}"
         peer = f"pvc{index}"
-        self._make_rootfs(mdir)
+        self._make_rootfs(mdir, layers)
         self._personalise(rootfs, name)
         # Network: a namespace of our own with one veth pair onto the bridge.
         self._drop_netns(netns, veth)
@@ -424,7 +479,7 @@ class Sandbox:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
         droplet = Droplet(name=name, address=address, pid=proc.pid, netns=netns, veth=veth,
-                          cgroups=tuple(map(str, cgroups)))
+                          cgroups=tuple(map(str, cgroups)), snapshot=snapshot)
         self._state_file(name).write_text(json.dumps(asdict(droplet)))
         deadline = time.monotonic() + 60
         while not self._ssh_banner(address, timeout=1):
@@ -439,13 +494,105 @@ class Sandbox:
         d = self.get(name)
         if d is None:
             return False
-        _stop_pid(d.pid)
+        _stop_pid(d.pid)  # systemd-nspawn shuts the droplet down on SIGTERM (SIGKILL after 15 s)
         for group in d.cgroups:
             _remove_cgroup(Path(group))
         self._drop_netns(d.netns, d.veth)
         self._release_rootfs(self.machines / name)
         self._forget_host_keys(d.address)
         return True
+
+    # -- snapshots -----------------------------------------------------------
+    def _snapshot_meta(self, name: str) -> Path:
+        return self.snapshots / f"{name}.json"
+
+    def layers(self, snapshot: str) -> list[Path]:
+        """The read-only layers a droplet from ``snapshot`` stacks on the base, topmost first, base last
+        (a snapshot of a droplet that started from another snapshot sits on that one's layers)."""
+        check_name("snapshot", snapshot)
+        meta = self._snapshot_meta(snapshot)
+        if not meta.exists():
+            raise ProvisionError(f"sandbox: no snapshot {snapshot!r}; take one with "
+                                 f"`fab sandbox.snapshot --name DROPLET --as {snapshot}`")
+        parent = json.loads(meta.read_text()).get("parent")
+        return [self.snapshots / snapshot, *(self.layers(parent) if parent else [self.base])]
+
+    def list_snapshots(self) -> list[str]:
+        return sorted(p.stem for p in self.snapshots.glob("*.json")) if self.snapshots.exists() else []
+
+    def _chain(self, snapshot: str | None) -> list[str]:
+        """``snapshot`` and the snapshots under it (those of them that exist)."""
+        out = []
+        while snapshot and snapshot not in out and self._snapshot_meta(snapshot).exists():
+            out.append(snapshot)
+            snapshot = json.loads(self._snapshot_meta(snapshot).read_text()).get("parent")
+        return out
+
+    def _snapshot_users(self, snapshot: str) -> list[str]:
+        """Droplets and snapshots that stack on ``snapshot``'s layer (it cannot change under them)."""
+        users = [d.name for d in self.list() if snapshot in self._chain(d.snapshot)]
+        users += [f"snapshot {s}" for s in self.list_snapshots() if s != snapshot and snapshot in self._chain(s)]
+        return users
+
+    def snapshot(self, droplet_name: str, snapshot_name: str) -> Path:
+        """Turn droplet ``droplet_name`` into snapshot ``snapshot_name``, a read-only layer droplets
+        can start from (``up(name, snapshot=...)``): the droplet is shut down, its overlay upper dir
+        copied (``cp -a`` keeps overlayfs's whiteouts and trusted.* attributes) without what is that
+        host's own (SNAPSHOT_FORGETS), and the droplet released. An older snapshot of that name is
+        replaced whole, never half; one that droplets run on is refused."""
+        check_name("snapshot", snapshot_name)
+        d = self.get(droplet_name)
+        if d is None:
+            raise ProvisionError(f"sandbox: no droplet {droplet_name!r} to snapshot")
+        users = self._snapshot_users(snapshot_name)
+        if users:
+            raise ProvisionError(f"sandbox: snapshot {snapshot_name!r} is in use by {', '.join(users)}; "
+                                 "take those down first, or choose another name")
+        mdir = self.machines / droplet_name
+        if not os.path.ismount(mdir / "rootfs"):
+            raise ProvisionError(f"sandbox: droplet {droplet_name} has no overlay (overlayfs missing here); "
+                                 "snapshots need one")
+        _stop_pid(d.pid)
+        self._release_rootfs(mdir, keep=True)
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        layer, partial = self.snapshots / snapshot_name, self.snapshots / f"{snapshot_name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        _run("cp", "-a", "--reflink=auto", str(mdir / "upper"), str(partial))
+        for p in forgotten(partial):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        self.down(droplet_name)
+        with self._locked():
+            old = self.snapshots / f"{snapshot_name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if layer.exists():
+                layer.rename(old)
+            partial.rename(layer)
+            self._write_atomic(self._snapshot_meta(snapshot_name), json.dumps(
+                {"from": droplet_name, "parent": d.snapshot, "time": time.time()}) + "\n")
+            shutil.rmtree(old, ignore_errors=True)
+        return layer
+
+    def drop_snapshot(self, name: str) -> bool:
+        """Remove snapshot ``name``; False when there is none. Refused while droplets run on it."""
+        check_name("snapshot", name)
+        if not self._snapshot_meta(name).exists():
+            return False
+        users = self._snapshot_users(name)
+        if users:
+            raise ProvisionError(f"sandbox: snapshot {name!r} is in use by {', '.join(users)}; take those down first")
+        with self._locked():
+            self._snapshot_meta(name).unlink()
+            shutil.rmtree(self.snapshots / name, ignore_errors=True)
+        return True
+
+    @staticmethod
+    def _write_atomic(path: Path, text: str) -> None:
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(text)
+        tmp.rename(path)
 
     def down_all(self) -> list[str]:
         names = [d.name for d in self.list()]
@@ -456,24 +603,30 @@ class Sandbox:
         return names
 
     # -- helpers -------------------------------------------------------------
-    def _make_rootfs(self, mdir: Path) -> None:
-        """An overlay on the cached base (instant), or a full copy where overlayfs is missing."""
+    def _make_rootfs(self, mdir: Path, layers: list[Path]) -> None:
+        """An overlay on the cached base, or on a snapshot's layers (instant); without overlayfs, a full
+        copy of the base (a snapshot then cannot be used)."""
         rootfs, upper, work = mdir / "rootfs", mdir / "upper", mdir / "work"
         for d in (rootfs, upper, work):
             d.mkdir()
-        opts = f"lowerdir={self.base},upperdir={upper},workdir={work}"
-        if _run("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs), check=False).returncode != 0:
+        opts = overlay_options(layers or [self.base], upper, work)
+        res = _run("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs), check=False)
+        if res.returncode != 0:
+            if layers:
+                raise ProvisionError(f"sandbox: cannot mount the snapshot's layers: {res.stderr.strip()}")
             rootfs.rmdir()
             _run("cp", "-a", "--reflink=auto", str(self.base), str(rootfs))
 
     @staticmethod
-    def _release_rootfs(mdir: Path) -> None:
+    def _release_rootfs(mdir: Path, keep: bool = False) -> None:
+        """Unmount the droplet's root file system; and remove its directory, unless ``keep``."""
         rootfs = mdir / "rootfs"
         if os.path.ismount(rootfs):
             _run("umount", str(rootfs), check=False)
             if os.path.ismount(rootfs):
                 _run("umount", "-l", str(rootfs))
-        shutil.rmtree(mdir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(mdir, ignore_errors=True)
 
     def _personalise(self, rootfs: Path, name: str) -> None:
         for f in (rootfs / "etc/ssh").glob("ssh_host_*"):

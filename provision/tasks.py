@@ -182,10 +182,20 @@ def maintenance_off(c):
     set_maintenance(c, False)
 
 
-@task(iterable=["name"], help={"name": f"droplet name (repeatable; default {DROPLET})"})
-def up(c, name=None):
+@task(iterable=["name"], help={"name": f"droplet name (repeatable; default {DROPLET})",
+                                "snapshot": "start them from this snapshot (fab sandbox.snapshot)",
+                                "parallel": "droplets booting at once (default 8)"})
+def up(c, name=None, snapshot=None, parallel=8):
     """Start local sandbox droplets (systemd-nspawn; needs root)."""
-    sandboxes.sandbox_up(c, name or [DROPLET])
+    sandboxes.sandbox_up(c, name or [DROPLET], snapshot=snapshot, parallel=int(parallel))
+
+
+@task(help={"name": f"the droplet to snapshot (default {DROPLET}); it is shut down and released",
+            "snapshot": "the snapshot's name (an older one of that name is replaced)",
+            "drop": "remove the snapshot named by --snapshot instead"})
+def snapshot(c, name=DROPLET, snapshot=None, drop=False):
+    """Turn a droplet into a snapshot new droplets start from (fab sandbox.up --snapshot S)."""
+    sandboxes.sandbox_snapshot(c, name, snapshot, drop=drop)
 
 
 @task(iterable=["name"], name="down", help={"name": "droplet name (repeatable)", "all": "destroy all droplets and the proxy"})
@@ -235,6 +245,6 @@ def task_names(collection: Collection) -> list[str]:
 
 
 ns = Collection(bootstrap, deploy, plan, provision_, rollback, releases, status, logs, check, inventory, template, run_,
-                Collection("sandbox", up, down, list_, info), Collection("env", env_set, env_unset, env_list),
+                Collection("sandbox", up, down, list_, info, snapshot), Collection("env", env_set, env_unset, env_list),
                 Collection("maintenance", maintenance_on, maintenance_off))
 ns.configure({"inventory": DEFAULT_INVENTORY})

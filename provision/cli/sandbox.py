@@ -29,19 +29,34 @@ def _write_sandbox_inventory(sb, c) -> Path:
 
 
 @guarded
-def sandbox_up(c, names: list[str]) -> list:
+def sandbox_up(c, names: list[str], snapshot: str | None = None, parallel: int = 8) -> list:
     sb = _sandbox()
-    sb.prepare()
-    out = []
-    for name in names:
-        t0 = time.monotonic()
-        d = sb.up(name)
-        out.append(d)
-        print(f"{d.name}: up at {d.address} in {time.monotonic() - t0:.1f}s  "
-              f"(ssh -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} root@{d.address})")
+    t0 = time.monotonic()
+    out = sb.up_many(names, snapshot=snapshot, workers=parallel)
+    for d in out:
+        print(f"{d.name}: up at {d.address}" + (f" from snapshot {snapshot}" if snapshot else "") +
+              f"  (ssh -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} root@{d.address})")
+    print(f"{len(out)} droplet(s) up in {time.monotonic() - t0:.1f}s")
     inv = _write_sandbox_inventory(sb, c)
     print(f"inventory: {inv} (use -H {names[0] if names else 'sandbox'} or -H sandbox)")
     return out
+
+
+@guarded
+def sandbox_snapshot(c, name: str, snapshot: str | None, drop: bool = False) -> None:
+    if not snapshot:
+        raise ProvisionError("name the snapshot: fab sandbox.snapshot --name DROPLET --snapshot NAME")
+    sb = _sandbox()
+    if drop:
+        if not sb.drop_snapshot(snapshot):
+            raise ProvisionError(f"no snapshot {snapshot!r}; `fab sandbox.list` shows them")
+        print(f"snapshot {snapshot}: removed")
+        return
+    t0 = time.monotonic()
+    layer = sb.snapshot(name, snapshot)
+    print(f"{name}: snapshot {snapshot} taken in {time.monotonic() - t0:.1f}s ({layer}); droplet released. "
+          f"Start droplets from it: fab sandbox.up --name NAME --snapshot {snapshot}")
+    _write_sandbox_inventory(sb, c)
 
 
 @guarded
@@ -61,7 +76,10 @@ def sandbox_list(c) -> None:
     sb = _sandbox()
     for d in sb.list():
         state = "running" if d.running() else "stopped"
-        print(f"{d.name:<16} {d.address:<15} {state:<8} pid={d.pid} key={sb.key}")
+        origin = f" snapshot={d.snapshot}" if d.snapshot else ""
+        print(f"{d.name:<16} {d.address:<15} {state:<8} pid={d.pid}{origin} key={sb.key}")
+    for s in sb.list_snapshots():
+        print(f"snapshot {s}")
 
 
 @guarded

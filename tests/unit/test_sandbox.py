@@ -20,3 +20,81 @@ def test_the_sandbox_tasks_reach_the_sandbox_module(monkeypatch):
     monkeypatch.setattr(provision.sandbox, "can_run", lambda: "no systemd-nspawn (test)")
     with pytest.raises(ProvisionError, match=r"cannot run sandbox droplets here: no systemd-nspawn \(test\)"):
         tasks._sandbox()
+
+
+def _snapshot(sb, name, parent=None):
+    import json
+
+    (sb.snapshots / name).mkdir(parents=True)
+    (sb.snapshots / f"{name}.json").write_text(json.dumps({"from": "d", "parent": parent, "time": 0}))
+
+
+def _droplet(sb, name, snapshot=None):
+    import json
+    from dataclasses import asdict
+
+    from provision.sandbox import Droplet
+
+    (sb.machines / name).mkdir(parents=True)
+    state = asdict(Droplet(name, "10.231.0.99", 0, f"pv-{name}", "pvh99", snapshot=snapshot))
+    if snapshot is None:
+        del state["snapshot"]  # a droplet recorded before snapshots existed
+    (sb.machines / name / "state.json").write_text(json.dumps(state))
+
+
+def test_a_snapshot_stacks_on_its_parents_then_the_base(tmp_path):
+    from provision.errors import ProvisionError
+    from provision.sandbox import Sandbox
+
+    sb = Sandbox(tmp_path)
+    _snapshot(sb, "app")
+    _snapshot(sb, "app2", parent="app")
+    assert sb.layers("app2") == [sb.snapshots / "app2", sb.snapshots / "app", sb.base]
+    assert sb.list_snapshots() == ["app", "app2"]
+    with pytest.raises(ProvisionError, match=r"no snapshot 'nope'; take one with `fab sandbox.snapshot --name DROPLET"):
+        sb.layers("nope")
+    with pytest.raises(ProvisionError, match="bad snapshot name"):
+        sb.layers("../etc")
+
+
+def test_a_snapshot_in_use_is_neither_dropped_nor_replaced(tmp_path):
+    from provision.errors import ProvisionError
+    from provision.sandbox import Sandbox
+
+    sb = Sandbox(tmp_path)
+    _snapshot(sb, "app")
+    _snapshot(sb, "app2", parent="app")
+    _droplet(sb, "old")
+    _droplet(sb, "web1", snapshot="app2")
+    assert sb.get("old").snapshot is None
+    with pytest.raises(ProvisionError, match=r"snapshot 'app' is in use by web1, snapshot app2; take those down"):
+        sb.drop_snapshot("app")
+    with pytest.raises(ProvisionError, match=r"snapshot 'app2' is in use by web1; take those down first, or"):
+        sb.snapshot("web1", "app2")  # its own layer: replacing it would pull it from under the droplet
+    assert (sb.snapshots / "app").is_dir()
+    assert sb.drop_snapshot("nothing") is False
+
+
+def test_a_snapshot_forgets_what_is_the_hosts_own(tmp_path):
+    from provision.sandbox import forgotten
+
+    for f in ("etc/ssh/ssh_host_ed25519_key", "etc/ssh/sshd_config", "etc/machine-id", "var/log/journal/abc/system.journal",
+              "var/log/nginx/access.log", "var/log/dpkg.log", "var/tmp/systemd-private-x/f", "srv/hello/current",
+              "var/lib/systemd/random-seed"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("")
+    assert [p.relative_to(tmp_path).as_posix() for p in forgotten(tmp_path)] == [
+        "etc/machine-id", "etc/ssh/ssh_host_ed25519_key", "var/lib/systemd/random-seed", "var/log/journal/abc",
+        "var/log/nginx/access.log", "var/tmp/systemd-private-x"]
+
+
+def test_overlay_layers_topmost_first_and_no_path_that_breaks_the_options():
+    from pathlib import Path
+
+    from provision.errors import ProvisionError
+    from provision.sandbox import overlay_options
+
+    assert overlay_options([Path("/s/app"), Path("/s/base")], Path("/m/upper"), Path("/m/work")) == (
+        "lowerdir=/s/app:/s/base,upperdir=/m/upper,workdir=/m/work")
+    with pytest.raises(ProvisionError, match="cannot be an overlay layer"):
+        overlay_options([Path("/s/a:b")], Path("/m/upper"), Path("/m/work"))

@@ -6,8 +6,7 @@ host, written the way a pyinfra user would write it for speed.
 
 The code goes with files.rsync (files.sync checks each file by a command of its own: about 6,000
 for the big app). files.rsync cannot tell whether it changed anything, so a digest of the tree,
-kept on the host, decides whether to sync and restart. The requirements are read here and given
-to pip.packages as names: with ``requirements=`` it would run `pip install -r` every time.
+kept on the host, decides whether to sync, install the requirements and restart.
 """
 
 import hashlib
@@ -58,16 +57,18 @@ if host.get_fact(Sha1File, path=STAMP) != hashlib.sha1(digest.encode()).hexdiges
     files.rsync(name="code", src=f"{src}/", dest=CODE, flags=["-a", "--delete"])
 code = files.put(name="code digest", src=io.StringIO(digest), dest=STAMP)  # after the sync: a failed one is retried
 
-requirements = [line.split("#")[0].strip() for line in (src / "requirements.txt").read_text().splitlines()]
-venv = pip.packages(name="virtualenv", packages=[r for r in requirements if r] + ["gunicorn"], virtualenv=VENV,
-                    virtualenv_kwargs={"venv": True, "python": "python3"}, extra_install_args=f"--cert {SYSTEM_CA}",
-                    _env=proxy)
+pip_args = dict(virtualenv=VENV, virtualenv_kwargs={"venv": True, "python": "python3"},
+                extra_install_args=f"--cert {SYSTEM_CA}", _env=proxy)
+# The requirements are in the code: installed again only when it changed (pip.packages takes no
+# range like flask>=3,<4 as a package, and with requirements= it runs `pip install -r` each time).
+pip.packages(name="requirements", requirements=f"{CODE}/requirements.txt", _if=code.did_change, **pip_args)
+server_pkg = pip.packages(name="gunicorn", packages=["gunicorn"], **pip_args)
 
 unit = files.template(name="gunicorn unit", src="templates/hello.service.j2", dest="/etc/systemd/system/hello.service",
                       app_user=APP_USER, app_dir=APP_DIR)
 systemd.daemon_reload(name="daemon-reload", _if=unit.did_change)
 systemd.service(name="gunicorn running", service="hello.service", running=True, enabled=True)
-systemd.service(name="gunicorn restart", service="hello.service", restarted=True, _if=any_changed(code, venv, unit))
+systemd.service(name="gunicorn restart", service="hello.service", restarted=True, _if=any_changed(code, server_pkg, unit))
 
 site = files.template(name="nginx site", src="templates/hello-site.conf.j2", dest="/etc/nginx/sites-available/hello")
 enabled = files.link(name="nginx site enabled", path="/etc/nginx/sites-enabled/hello",

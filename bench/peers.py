@@ -16,7 +16,13 @@ guarantees):
   and keeps the previous release for a rollback; the peers restart their one gunicorn in place
   (requests fail for a moment) and keep no previous release.
 - provision's unit is sandboxed (ProtectSystem=strict and the rest); the peers' is plain. Both run
-  2 gunicorn workers. provision's site adds security headers and maps; the peers' site only proxies.
+  2 gunicorn workers (provision's with 2 threads each, the peers' sync). provision's site adds
+  security headers and maps; the peers' site only proxies, to 127.0.0.1:8000 (provision's: a unix socket).
+- pyinfra's pip.packages takes no range (flask>=3,<4) as a package, and with requirements= runs
+  `pip install -r` every time: its job installs the requirements only when the code changed
+  (provision: when they changed), gunicorn as a package (checked by `pip freeze` each run).
+  Ansible's pip module takes the requirements' lines as names and checks them each run; it needs
+  python3-packaging on the host (one more apt package).
 - provision's health check proves the answer came from the live release's socket; the peers' checks
   get a 200 from nginx on the host (uri / a python3 loop), also on a no-op, like provision's.
 - provision builds the venv from Debian's pip wheel (no ensurepip) in the background while apt

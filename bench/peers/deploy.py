@@ -4,7 +4,7 @@ host, written the way a pyinfra user would write it for speed.
     pyinfra -y inventory.py deploy.py   (run from this directory; the inventory gives each host
     app_src, proxy and ca_bundle besides its SSH settings)
 
-The code goes with files.rsync (files.sync checks each file by a command of its own: about 6,000
+The code goes with files.rsync (files.sync checks each file by commands of its own: thousands
 for the big app). files.rsync cannot tell whether it changed anything, so a digest of the tree,
 kept on the host, decides whether to sync, install the requirements and restart.
 """

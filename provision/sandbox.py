@@ -58,6 +58,15 @@ CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unifi
 SNAPSHOT_FORGETS = ("etc/ssh/ssh_host_*", "etc/machine-id", "var/lib/dbus/machine-id", "var/lib/systemd/random-seed",
                     "var/lib/systemd/credential.secret", "var/log/journal/*", "var/log/wtmp", "var/log/btmp",
                     "var/log/lastlog", "var/log/nginx/*", "tmp/*", "var/tmp/*", "root/.ssh/authorized_keys")
+# Every droplet's systemd, journald, logind... take inotify instances of root's on this machine
+# (no user namespaces): about 6 each, and the kernel's default allows root 128, so the 20th droplet
+# or so would not boot ("Failed to allocate manager object: Too many open files"). prepare() raises
+# the limit to this (never lowers it): room for a droplet on every address of the bridge.
+INOTIFY_INSTANCES = 8192
+INOTIFY_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")
+# A droplet's own SSH host keys: no RSA one (`ssh-keygen -A` spends 0.4 s of CPU on it, 20 s for 50
+# droplets booting at once; sshd goes without it).
+HOST_KEY_TYPES = ("ed25519", "ecdsa")
 HOST_TOOLS = {  # command -> Debian package providing it
     "debootstrap": "debootstrap",
     "systemd-nspawn": "systemd-container",
@@ -308,8 +317,15 @@ class Sandbox:
         return self._daemon(self.dir / "tinyproxy.pid", self.dir / "tinyproxy.err", PROXY_PORT,
                             ["tinyproxy", "-d", "-c", str(conf)])
 
+    @staticmethod
+    def ensure_limits() -> None:
+        """Kernel limits that many droplets at once need (see INOTIFY_INSTANCES)."""
+        if INOTIFY_LIMIT.exists() and int(INOTIFY_LIMIT.read_text()) < INOTIFY_INSTANCES:
+            INOTIFY_LIMIT.write_text(f"{INOTIFY_INSTANCES}\n")
+
     def prepare(self) -> None:
         """Everything droplets need on this machine; idempotent."""
+        self.ensure_limits()
         self.ensure_tools()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ensure_base()
@@ -394,15 +410,15 @@ class Sandbox:
         return self.machines / name / "state.json"
 
     def get(self, name: str) -> Droplet | None:
-        f = self._state_file(name)
-        if not f.exists():
+        try:  # written whole (renamed into place), and gone at once when the droplet goes
+            return Droplet(**json.loads(self._state_file(name).read_text()))
+        except FileNotFoundError:
             return None
-        return Droplet(**json.loads(f.read_text()))
 
     def list(self) -> list[Droplet]:
         if not self.machines.exists():
             return []
-        out = [self.get(p.name) for p in sorted(self.machines.iterdir()) if (p / "state.json").exists()]
+        out = [self.get(p.name) for p in sorted(self.machines.iterdir())]
         return [d for d in out if d is not None]
 
     def _free_index(self) -> int:
@@ -448,8 +464,8 @@ class Sandbox:
             address = str(NETWORK.network_address + index)
             self._release_rootfs(mdir)
             mdir.mkdir(parents=True)
-            self._state_file(name).write_text(json.dumps(asdict(Droplet(name, address, 0, f"pv-{name}",
-                                                                        f"pvh{index}", snapshot=snapshot))))
+            self._write_atomic(self._state_file(name), json.dumps(asdict(Droplet(
+                name, address, 0, f"pv-{name}", f"pvh{index}", snapshot=snapshot))))
         netns, veth = f"pv-{name}", f"pvh{index}"
         peer = f"pvc{index}"
         self._make_rootfs(mdir, layers)
@@ -480,12 +496,14 @@ class Sandbox:
         )
         droplet = Droplet(name=name, address=address, pid=proc.pid, netns=netns, veth=veth,
                           cgroups=tuple(map(str, cgroups)), snapshot=snapshot)
-        self._state_file(name).write_text(json.dumps(asdict(droplet)))
+        self._write_atomic(self._state_file(name), json.dumps(asdict(droplet)))
         deadline = time.monotonic() + 60
         while not self._ssh_banner(address, timeout=1):
             if proc.poll() is not None or time.monotonic() > deadline:
+                console = (mdir / "console.log").read_text(errors="replace").strip().splitlines()
                 self.down(name)
-                raise ProvisionError(f"sandbox: droplet {name} did not boot; see {mdir / 'console.log'}")
+                failed = [line for line in console if "Failed" in line] or console or ["no output"]
+                raise ProvisionError(f"sandbox: droplet {name} did not boot: {failed[-1]}")
             time.sleep(0.1)
         self._record_host_keys(droplet)
         return droplet
@@ -594,6 +612,12 @@ class Sandbox:
         tmp.write_text(text)
         tmp.rename(path)
 
+    def down_many(self, names: list[str], workers: int = 8) -> list[str]:
+        """Tear droplets ``names`` down, ``workers`` at a time; the names of those there were."""
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(names)))) as pool:
+            gone = list(pool.map(self.down, names))
+        return [n for n, g in zip(names, gone) if g]
+
     def down_all(self) -> list[str]:
         names = [d.name for d in self.list()]
         for n in names:
@@ -631,7 +655,9 @@ class Sandbox:
     def _personalise(self, rootfs: Path, name: str) -> None:
         for f in (rootfs / "etc/ssh").glob("ssh_host_*"):
             f.unlink()
-        _run("ssh-keygen", "-A", "-f", str(rootfs))
+        for kind in HOST_KEY_TYPES:
+            _run("ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{name}", "-f",
+                 str(rootfs / f"etc/ssh/ssh_host_{kind}_key"))
         (rootfs / "etc/hostname").write_text(name + "\n")
         (rootfs / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {name}\n")
         (rootfs / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")

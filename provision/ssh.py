@@ -106,6 +106,52 @@ class HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         client.get_host_keys().add(hostname, key.get_name(), key)
 
 
+class KnownHosts:
+    """known_hosts files, each parsed once per process (again when it changes). paramiko's own
+    loading parses a whole file per connection, every line into a key, comparing each with all
+    before it: for a fleet of 50 sandbox droplets (150 lines) that was most of fab's CPU, serialised
+    by the GIL, before any host was reached."""
+
+    _lock = threading.Lock()
+    _parsed: dict[str, tuple[tuple, paramiko.HostKeys]] = {}
+
+    @classmethod
+    def keys(cls, path: str) -> paramiko.HostKeys:
+        """The keys of file ``path`` (empty when there is none); OSError or paramiko.SSHException
+        when it cannot be read."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return paramiko.HostKeys()
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with cls._lock:
+            hit = cls._parsed.get(path)
+        if hit and hit[0] == stamp:
+            return hit[1]
+        keys = paramiko.HostKeys(path)
+        with cls._lock:
+            cls._parsed[path] = (stamp, keys)
+        return keys
+
+    @classmethod
+    def known(cls, name: str, own: str | None) -> dict[str, paramiko.PKey]:
+        """The keys of host ``name`` (as known_hosts files name it) as paramiko would find them:
+        from ~/.ssh/known_hosts (passed over when unreadable), else from the host's own file ``own``
+        (OSError or paramiko.SSHException when that cannot be read)."""
+        for path in (os.path.expanduser("~/.ssh/known_hosts"), own):
+            if path is None:
+                continue
+            try:
+                entry = cls.keys(path).lookup(name)
+            except (OSError, paramiko.SSHException):
+                if path == own:
+                    raise
+                continue
+            if entry:
+                return dict(entry.items())
+        return {}
+
+
 def connect(host: str, user: str, port: int, key: str | None, known_hosts: str | None,
             config=None, label: str | None = None, timeout: float = 10, accept_new_host_key: bool = False) -> Remote:
     """Open an SSH connection, turning every way it can fail into one clear line.
@@ -117,17 +163,17 @@ def connect(host: str, user: str, port: int, key: str | None, known_hosts: str |
     if key:
         connect_kwargs["key_filename"] = [os.path.expanduser(key)]
     conn = Connection(host, user=user, port=port, config=config, connect_kwargs=connect_kwargs)
-    conn.client.load_system_host_keys()
     record_to = os.path.expanduser(known_hosts or "~/.ssh/known_hosts")
-    if known_hosts and os.path.exists(record_to):
-        try:
-            conn.client.load_host_keys(record_to)
-        except (OSError, paramiko.SSHException) as e:
-            raise ProvisionError(f"{label}: cannot read known_hosts file {known_hosts}: {e}; fix the "
-                                 "`known_hosts` setting")
+    known_as = host if port == 22 else f"[{host}]:{port}"  # as known_hosts files name it
+    try:
+        found = KnownHosts.known(known_as, record_to if known_hosts else None)
+    except (OSError, paramiko.SSHException) as e:
+        raise ProvisionError(f"{label}: cannot read known_hosts file {known_hosts}: {e}; fix the "
+                             "`known_hosts` setting")
+    for kind, hostkey in found.items():
+        conn.client.get_host_keys().add(known_as, kind, hostkey)
     conn.client.set_missing_host_key_policy(HostKeyPolicy(record_to, accept_new_host_key))
     where = f"{user}@{host}:{port}"
-    known_as = host if port == 22 else f"[{host}]:{port}"  # as known_hosts files name it
     try:
         conn.open()
     except paramiko.BadHostKeyException as e:

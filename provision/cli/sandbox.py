@@ -62,7 +62,7 @@ def sandbox_snapshot(c, name: str, snapshot: str | None, drop: bool = False) -> 
 @guarded
 def sandbox_down(c, names: list[str], everything: bool = False) -> None:
     sb = _sandbox()
-    gone = sb.down_all() if everything else [n for n in names if sb.down(n)]
+    gone = sb.down_all() if everything else sb.down_many(names)
     for n in names:
         if n not in gone and not everything:
             print(f"{n}: no such droplet", file=sys.stderr)

@@ -8,6 +8,7 @@ check; :class:`Rollback` switches back.  Pure: settings, source and facts in, st
 from __future__ import annotations
 
 import base64
+import copy
 import shlex
 
 from . import appenv, secrets, tls
@@ -174,6 +175,12 @@ class Deploy(Recipe):
 
     def notes(self, facts):
         return [w for w in (data_warning(self.s, facts),) if w]
+
+    def resend_all(self):
+        again = copy.copy(self)
+        again.release = copy.copy(self.release)
+        again.release.reuse = False
+        return again
 
     def steps(self, target):
         s, lay, prove = self.s, self.s.layout, proves_upstream(self.site)

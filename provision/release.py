@@ -6,7 +6,6 @@ Where each piece lives on the host: :mod:`provision.layout`.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import shlex
@@ -16,8 +15,9 @@ from .config import Settings
 from .layout import RELEASE_DIR, RELEASE_ENV, SLOTS, TMP, UPSTREAM_HEADER, VENV
 from .errors import ProvisionError
 from .history import History
-from .remote import switch_command
-from .source import Source
+from .remote import python, switch_command
+from .source import LINK_TAG, Source
+from .upload import Upload, megabytes
 from .facts import Facts, below
 from .steps import HIDDEN, Change, Step, shown_diff, symlink_commands, unified_diff
 
@@ -26,12 +26,16 @@ SHOWN_LINES, SHOWN_IN_ALL = 200, 1000  # diff lines a dry run shows of one app f
 SHOWN_CONFIGS = (RELEASE_ENV, "release_command")  # a release's own files whose changes a dry run shows
 
 
+META, MANIFEST = "release.json", "manifest.json"  # in a release's own directory
+
+
 def meta_path(s: Settings) -> str:
-    return s.layout.live("release.json")
+    return s.layout.live(META)
 
 
 def manifest_path(s: Settings) -> str:
-    return s.layout.live("manifest.json")
+    return s.layout.live(MANIFEST)
+
 
 
 def _live_json(s: Settings, facts: Facts, path: str) -> dict | None:
@@ -60,10 +64,11 @@ def live_files(s: Settings, facts: Facts) -> dict[str, str] | None:
 
 
 def release_files(s: Settings, source: Source) -> dict[str, str]:
-    """The source files a release holds, each with its sha256: not those that its links (to
-    shared/, the virtualenv) or its own directory take the place of."""
+    """The source files a release holds, each with its sha256 (``+x`` after an executable's): not
+    those that its links (to shared/, the virtualenv) or its own directory take the place of."""
     replaced = (*s.linked_files, *s.linked_dirs, VENV, RELEASE_DIR)
-    return {p: h for p, h in source.hashes.items() if not any(p == r or p.startswith(r + "/") for r in replaced)}
+    return {p: h + ("+x" if source.executable(p) else "") for p, h in source.hashes.items()
+            if not any(p == r or p.startswith(r + "/") for r in replaced)}
 
 
 def as_text(data: bytes) -> str | None:
@@ -120,6 +125,7 @@ class Release(Step):
         self.files = release_files(s, source)
         self.live = s.layout.current
         self.linked = {"files": list(s.linked_files), "dirs": list(s.linked_dirs)}  # what links to shared/
+        self.reuse = True  # start from the live release's files on the host (see base)
 
     @property
     def name(self):
@@ -150,6 +156,15 @@ class Release(Step):
         return ([p for p, h in self.files.items() if p in live and live[p] != h],
                 [p for p in self.files if p not in live], sorted(p for p in live if p not in self.files))
 
+    def base(self, facts: Facts) -> tuple[str, dict[str, str]] | None:
+        """The live release the new one starts from (its id and files), when it may: provision
+        made it and its manifest is known. Its files that the new release has too are taken from
+        it on the host (hard links); only the others are sent."""
+        live, rid = live_files(self.s, facts), current_release(self.s, facts)
+        if not self.reuse or not live or not rid:
+            return None
+        return rid, live
+
     def plan(self, facts, notified):
         if not self.needed(facts):
             return None
@@ -164,32 +179,39 @@ class Release(Step):
         meta = json.dumps({"id": self.release_id, "digest": self.source.digest, "revision": self.source.revision,
                            "dirty": self.source.dirty, "deployer": self.deployer, "venv": self.venv_key,
                            "config": self.config, "linked": self.linked}, sort_keys=True)
-        b64 = base64.encodebytes(self.source.tarball()).decode()
-        own = f"{tmp}/{RELEASE_DIR}"
+        base = self.base(facts)
+        base_id, kept = base or (None, {})
+        send = tuple(p for p, h in self.files.items() if kept.get(p) != h)
+        manifest = json.dumps(self.files, indent=0, sort_keys=True).encode() + b"\n"
+        own = {**self.configs, MANIFEST: manifest, META: meta.encode() + b"\n"}
+        upload = Upload(self.source, send, tuple((f"{RELEASE_DIR}/{n}", d) for n, d in sorted(own.items())))
         cmds += [
             f"rm -rf {q(tmp)} && mkdir -p {q(tmp)}",
-            f"base64 -d <<'__PROVISION_EOF__' | tar -xz --no-same-owner -C {q(tmp)}\n{b64}__PROVISION_EOF__",
-            f"rm -rf {q(own)} && mkdir -m 755 {q(own)}",
+            # this release's own files and those the base lacks: the stream sent beside the script
+            f'tar -xz --no-same-owner -C {q(tmp)} -f "$__upload"',
+            f"chmod 755 {q(tmp + '/' + RELEASE_DIR)}",
+            python("release_tree.py", {
+                "tmp": tmp, "manifest": f"{tmp}/{RELEASE_DIR}/{MANIFEST}", "link_tag": LINK_TAG.hex(),
+                "base": lay.release(base_id) if base_id else None,
+                "base_manifest": f"{lay.release(base_id)}/{RELEASE_DIR}/{MANIFEST}" if base_id else None}),
             f"ln -sfn {q(lay.venv_link(self.venv_key))} {q(tmp + '/' + VENV)}",
         ]
-        manifest = json.dumps(self.files, indent=0, sort_keys=True).encode() + b"\n"
-        for name, data in sorted({**self.configs, "manifest.json": manifest}.items()):
-            cmds.append(f"base64 -d > {q(own + '/' + name)} <<'__PROVISION_EOF__'\n"
-                        f"{base64.encodebytes(data).decode()}__PROVISION_EOF__")
         # shared/ files and dirs outlive releases (the layout steps make them); each release links to them
         for path in s.linked_files + s.linked_dirs:
             inside = q(f"{tmp}/{path}")
             cmds += [f'mkdir -p "$(dirname {inside})"',
                      f"rm -rf {inside} && ln -s {q(lay.shared + '/' + path)} {inside}"]
         cmds += [
-            f"printf '%s\\n' {q(meta)} > {q(own)}/release.json",
             f"chmod -R go-w {q(tmp)}",
             f"rm -rf {q(rel)} && mv -T {q(tmp)} {q(rel)}",
         ]
         changes = self.changes(facts)
         compared = ("files not compared (the live release has no readable manifest)" if changes is None else
                     "{} changed, {} added, {} removed".format(*map(len, changes)))
-        return Change(cmds, summary=f"{self.release_id} ({len(self.source.files)} files), {compared}")
+        sent = f"sent {len(send)} file{'s' * (len(send) != 1)} ({megabytes(upload.raw_size)})" + (
+            f", {len(self.files) - len(send)} kept from {base_id}" if len(send) < len(self.files) else "")
+        return Change(cmds, summary=f"{self.release_id} ({len(self.source.files)} files), {compared}; {sent}",
+                      upload=upload)
 
     def _new(self, path: str) -> bytes:
         return self.source.path(path).read_bytes()

@@ -7,6 +7,7 @@ second, if they need anything. The result carries what happened per step for the
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass, field
 
@@ -14,8 +15,9 @@ from .errors import ProvisionError
 from .facts import Facts, gather
 from .output import Printer
 from .lock import Lock, describe_holder
-from .script import SHOW, build_script, parse_report
+from .script import SHOW, build_script, loader, parse_report
 from .ssh import Remote
+from .upload import describe, megabytes
 from .steps import Planned, Recipe, Step, Steps, plan
 
 
@@ -46,6 +48,20 @@ class HostResult:
 
     def changed_steps(self) -> list[str]:
         return [p.step.name for i, p in enumerate(self.planned) if p.status == "change" and i in self.done]
+
+
+def upload_progress(printer: Printer, label: str, what: str, first: float = 1.0, every: float = 2.0):
+    """What shows an upload's progress: a line once it has taken ``first`` seconds, then one every
+    ``every`` seconds while it goes on."""
+    start = time.monotonic()
+    shown = [start - every + first]
+
+    def sent(n: int) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= every:
+            shown[0] = now
+            printer.line(f"{label} | uploading {what}: {megabytes(n)} sent ({megabytes(n / (now - start))}/s)")
+    return sent
 
 
 def run_steps(remote: Remote, recipe: Recipe | list[Step], *, dry_run: bool = False, printer: Printer | None = None,
@@ -96,8 +112,23 @@ def run_steps(remote: Remote, recipe: Recipe | list[Step], *, dry_run: bool = Fa
                 p = planned[i]
                 printer.step(remote.label, "ok" if p.change.check else "changed", p, parse_report(line).seconds.get(i))
 
-        rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800, on_line=progress)
+        uploads = [p.change.upload for p in planned if p.change is not None and p.change.upload is not None]
+        if len(uploads) > 1:
+            raise ValueError("one upload per apply: the steps' files go in one stream")
+        if uploads:
+            stream, size = uploads[0].open()
+            with stream:
+                rc, out, err = remote.exec(f"{remote.sudo}bash -c {shlex.quote(loader(len(script.encode()), size))}",
+                                           script.encode(), timeout=1800, on_line=progress, then=stream,
+                                           on_sent=upload_progress(printer, remote.label, describe(uploads[0])))
+        else:
+            rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800, on_line=progress)
         report = parse_report(out)
+        if report.resend and _retry and recipe.resend_all() is not None:
+            printer.line(f"{remote.label}: files of the live release were changed on the host since provision "
+                         "wrote them; sending the whole release")
+            return run_steps(remote, recipe.resend_all(), dry_run=dry_run, printer=printer, env=env, lock=lock,
+                             _retry=False)
         if report.waited and _retry:
             # An interrupted deploy finished its step meanwhile: plan again from fresh facts.
             printer.line(f"{remote.label}: waited for an interrupted deploy to finish its step; planning again")

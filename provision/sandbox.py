@@ -33,7 +33,7 @@ import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import ProvisionError
@@ -411,9 +411,11 @@ class Sandbox:
 
     def get(self, name: str) -> Droplet | None:
         try:  # written whole (renamed into place), and gone at once when the droplet goes
-            return Droplet(**json.loads(self._state_file(name).read_text()))
+            state = json.loads(self._state_file(name).read_text())
         except FileNotFoundError:
             return None
+        known = {f.name for f in fields(Droplet)}  # a state file of another version may hold more
+        return Droplet(**{k: v for k, v in state.items() if k in known})
 
     def list(self) -> list[Droplet]:
         if not self.machines.exists():

@@ -26,7 +26,11 @@ PRELUDE = """\
 set -u -o pipefail
 export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 __log=$(mktemp -d)/step
-trap 'rm -rf "${__log%/step}"' EXIT
+# run by the loader: $1 is the root-only folder holding this script and the upload sent with it
+__spool=${1:-}
+__upload=${__spool:+$__spool/upload}
+__gone=("${__log%/step}" ${__spool:+"$__spool"})  # what the script leaves behind: nothing
+trap 'rm -rf "${__gone[@]}"' EXIT
 declare -A __bgpid=() __bgt0=()
 __run() { ( exec 9>&-; set -eE; trap 'echo "@@command: ${BASH_COMMAND%%$'"'"'\n'"'"'*}" >&2' ERR; "s$1" ); }
 # The client went away (Ctrl-C, dropped connection, killed): let running steps
@@ -72,6 +76,19 @@ def build_script(planned: list[Planned], env: dict[str, str] | None = None, lock
     return "".join(parts)
 
 
+def loader(script_size: int, upload_size: int | None) -> str:
+    """The command that runs a script sent with an upload: the first ``script_size`` bytes of its
+    input are the script, the rest the upload (``upload_size`` bytes, when known: else gzip's own
+    end and checksum tell a cut stream), spooled into a folder only root reads (on disk:
+    /var/tmp, not a RAM-backed /tmp); then the script runs (bash reads a script file in blocks:
+    a script piped in it reads a byte at a time)."""
+    check = ("" if upload_size is None else f'if [ "$(stat -c %s "$d/upload")" != {upload_size} ]; then '
+             'rm -rf "$d"; echo "upload cut short" >&2; exit 141; fi; ')
+    return ("set -eu; d=$(mktemp -d -p /var/tmp provision.XXXXXXXXXX); "
+            f'head -c {script_size} > "$d/script"; cat > "$d/upload"; {check}'
+            'exec bash "$d/script" "$d"')
+
+
 @dataclass
 class Report:
     done: set[int]
@@ -83,6 +100,7 @@ class Report:
     locked_by: dict | None = None  # the lock was held by this holder
     waited: bool = False  # waited for a holder whose client died; nothing was applied
     stale: dict | None = None  # a dead holder's lock was taken over (or broken)
+    resend: bool = False  # a step could not reuse the host's copy of some files: send them all
 
 
 def parse_report(stdout: str) -> Report:
@@ -115,5 +133,6 @@ def parse_report(stdout: str) -> Report:
                 r.command = r.command[:157] + "..."
         elif line.startswith("@@out "):
             out.append(line[len("@@out "):])
+            r.resend |= out[-1].startswith("@@resend ")
     r.output = "\n".join(out)
     return r

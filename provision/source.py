@@ -9,6 +9,7 @@ monorepo's sibling packages) land in the release under their own name.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -17,7 +18,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .errors import ProvisionError
 
@@ -66,10 +67,20 @@ class Source:
         rev = self.revision or self.digest[:8]
         return f"{stamp}-{rev}" + ("-dirty" if self.dirty else "")
 
-    def tarball(self) -> bytes:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
-            for rel in self.files:
+    def size(self, rel: str) -> int:
+        return 0 if rel in self.links else self.path(rel).stat().st_size
+
+    def executable(self, rel: str) -> bool:
+        return rel not in self.links and os.access(self.path(rel), os.X_OK)
+
+    def write_tar(self, fileobj, paths: Iterable[str] | None = None, extra: dict[str, bytes] | None = None,
+                  on_file: Callable[[int], None] | None = None, compresslevel: int = 6) -> None:
+        """A gzipped tar stream of ``paths`` (default: every file), then of ``extra`` (name -> bytes),
+        written to ``fileobj`` as it goes: a file of any size costs a buffer, not its size.
+        ``on_file`` sees each file's size once it is in."""
+        with gzip.GzipFile(filename="", mode="wb", fileobj=fileobj, compresslevel=compresslevel, mtime=0) as gz, \
+                tarfile.open(fileobj=gz, mode="w|") as tar:
+            for rel in self.files if paths is None else paths:
                 info = tarfile.TarInfo(rel)
                 info.uname = info.gname = "root"
                 if rel in self.links:
@@ -77,10 +88,21 @@ class Source:
                     tar.addfile(info)
                     continue
                 path = self.path(rel)
-                info.size = path.stat().st_size
-                info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
                 with open(path, "rb") as fh:
+                    info.size = os.fstat(fh.fileno()).st_size
+                    info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
                     tar.addfile(info, fh)
+                if on_file:
+                    on_file(info.size)
+            for name, data in (extra or {}).items():
+                info = tarfile.TarInfo(name)
+                info.uname = info.gname = "root"
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+
+    def tarball(self) -> bytes:
+        buf = io.BytesIO()
+        self.write_tar(buf)
         return buf.getvalue()
 
 
@@ -134,7 +156,11 @@ def _entry(path: Path, link: str | None) -> tuple[bytes, str]:
     """What the digest records of a shipped file (its kind: link, executable or not) and its hash."""
     if link is not None:
         return b"l", hashlib.sha256(LINK_TAG + os.fsencode(link)).hexdigest()
-    return (b"x" if os.access(path, os.X_OK) else b"-"), hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:  # in blocks: a 200 MB file costs a block of memory
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return (b"x" if os.access(path, os.X_OK) else b"-"), h.hexdigest()
 
 
 def _listing(root: Path, leave_out: Iterable[str]) -> tuple[list[str], list[str], str, bool]:

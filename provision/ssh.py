@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import paramiko
 from fabric import Connection
@@ -34,8 +34,10 @@ class Remote:
         return "" if self.conn.user == "root" else "sudo -n "
 
     def exec(self, command: str, stdin: bytes = b"", timeout: float | None = None,
-             on_line: Callable[[str], None] | None = None) -> tuple[int, str, str]:
-        """Run one command, feeding ``stdin``; returns (rc, stdout, stderr).
+             on_line: Callable[[str], None] | None = None, then: BinaryIO | None = None,
+             on_sent: Callable[[int], None] | None = None) -> tuple[int, str, str]:
+        """Run one command, feeding ``stdin`` then what ``then`` reads (an upload, in blocks:
+        ``on_sent`` sees the bytes of it sent so far); returns (rc, stdout, stderr).
         ``on_line`` sees each line of stdout as it arrives (live progress)."""
         self.round_trips += 1
         transport = self.conn.client.get_transport()
@@ -46,6 +48,12 @@ class Remote:
         def feed():
             try:
                 chan.sendall(stdin)
+                sent = 0
+                for block in iter(lambda: then.read(1 << 18), b"") if then else ():
+                    chan.sendall(block)
+                    sent += len(block)
+                    if on_sent:
+                        on_sent(sent)
                 chan.shutdown_write()
             except (OSError, EOFError, paramiko.SSHException):
                 pass

@@ -16,12 +16,15 @@ import difflib
 import hashlib
 import shlex
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from . import remote, secrets
 from .errors import ProvisionError
 from .facts import Fact, Facts, collect_facts, http_fact_arg
 from .layout import TMP
+
+if TYPE_CHECKING:
+    from .upload import Upload
 
 q = shlex.quote
 
@@ -33,6 +36,7 @@ class Change:
     check: bool = False  # a verification: reported ok, not changed, when it passes
     background: bool = False  # runs alongside the following steps, until the next barrier step
     provides: tuple[str, ...] = ()  # extra notify tags, decided by the plan
+    upload: Upload | None = None  # files sent beside the script; the commands find them in "$__upload"
 
 
 class Step:
@@ -567,6 +571,11 @@ class Recipe:
     def notes(self, facts: Facts) -> list[str]:
         """Lines worth the user's attention that the facts tell, printed once per host, dry run or not."""
         return []
+
+    def resend_all(self) -> Recipe | None:
+        """The same recipe sending every file it uploads, none taken from the host's copies (a step
+        found them changed since provision wrote them); None: it reuses nothing."""
+        return None
 
 
 class Steps(Recipe):

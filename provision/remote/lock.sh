@@ -58,4 +58,4 @@ busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.s
   >/dev/null 2>&1 && for __i in $(seq 100); do grep -qs "/$__unit\$" /proc/$$/cgroup && break; sleep 0.01; done
 printf '%s\n' "$__holder_json" | sed -e "s/\"pid\": 0/\"pid\": $$/" -e "s/@scope@/$__unit/" > "$__holder"
 umask 022
-trap 'rm -rf "${__log%/step}" "$__holder"' EXIT
+__gone+=("$__holder")  # removed on exit, with the rest of __gone (the script's prelude)

@@ -50,8 +50,8 @@ def test_dry_run_lists_the_files_that_change_with_diffs(droplet, live, tmp_path)
     (new / ".env.example").write_text("SECRET_KEY=change-me\n")
     out, summary = dry_run(droplet, new, tmp_path)
     assert re.search(rf"^{droplet.name}: would   release /srv/hello/releases \(\S+ \(6 files\), "
-                     r"1 changed, 3 added, 1 removed\)$", out, re.M), out
-    listed = out.split(" removed)\n", 1)[1].split(f"\n{droplet.name}: ", 1)[0]
+                     r"1 changed, 3 added, 1 removed; sent 4 files \(\S+ kB\), 2 kept from \S+\)$", out, re.M), out
+    listed = out.split(" removed; sent ", 1)[1].split("\n", 1)[1].split(f"\n{droplet.name}: ", 1)[0]
     assert listed.splitlines() == [
         "changed app.py",
         "--- app.py (host)",

@@ -104,9 +104,8 @@ def test_release_is_skipped_when_the_running_digest_venv_and_configs_match():
     assert any(c.startswith("ln -s /srv/hello/shared/.env ") for c in " ".join(change.commands).split(" && "))
     assert change.commands[-1] == "rm -rf /srv/hello/releases/r1 && mv -T /srv/hello/releases/r1.provision-tmp " \
                                   "/srv/hello/releases/r1"
-    # the configs a slot runs are part of the release, written by root
-    assert any(c.startswith("base64 -d > /srv/hello/releases/r1.provision-tmp/.provision/unit ")
-               for c in change.commands)
+    # the configs a slot runs are part of the release, written by root (from the upload)
+    assert dict(change.upload.extra)[".provision/unit"] == CONFIGS["unit"]
     assert not any("chown" in c for c in change.commands)
 
 

@@ -3,7 +3,6 @@ the runner printing a recipe's notes; a change of linked paths making a new rele
 
 import io
 import json
-import shlex
 from pathlib import Path
 
 from provision import config as cfg
@@ -64,8 +63,7 @@ def test_linking_a_path_to_shared_makes_a_new_release(repo):
     live = Release(s, src, "r0", "venvkey", {})
     fresh = Facts({("file", LIVE): None, ("content", manifest_path(s)): None, ("content", meta_path(s)): None,
                    ("file", f"{LIVE}/.provision"): None})
-    [printf] = [c for c in live.plan(fresh, set()).commands if c.endswith("/release.json")]
-    meta = json.loads(shlex.split(printf)[2])
+    meta = json.loads(dict(live.plan(fresh, set()).upload.extra)[".provision/release.json"])
     facts = Facts({("content", meta_path(s)): json.dumps(meta), ("content", manifest_path(s)): "{}",
                    ("file", LIVE): {"type": "link", "target": "releases/r0", "owner": "root"},
                    ("file", f"{LIVE}/.provision"): {"type": "dir", "owner": "root"}})

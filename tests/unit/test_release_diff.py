@@ -1,6 +1,5 @@
 """What a dry run shows of a release's files: the live release's manifest and old contents in, text out."""
 
-import base64
 import hashlib
 import json
 from pathlib import Path
@@ -48,7 +47,7 @@ def test_changed_added_and_removed_files_are_listed_with_diffs(tmp_path):
     facts = host(live)
     assert step.diff_facts(facts) == [below(LIVE, "app.py")]  # only what a diff needs
     assert dry_run(step, facts, live) == (
-        "r1 (3 files), 1 changed, 1 added, 1 removed\n"
+        "r1 (3 files), 1 changed, 1 added, 1 removed; sent 2 files (0.5 kB), 1 kept from r0\n"
         "changed app.py\n--- app.py (host)\n+++ app.py (new)\n@@ -1,3 +1,3 @@\n a\n-b\n+B\n c\n"
         "added   new.txt\n--- /dev/null\n+++ new.txt (new)\n@@ -0,0 +1 @@\n+hello\n"
         "removed old.txt")
@@ -56,13 +55,13 @@ def test_changed_added_and_removed_files_are_listed_with_diffs(tmp_path):
 
 def test_the_manifest_a_release_writes_is_what_the_next_dry_run_compares_with(tmp_path):
     step = release(tmp_path, {"app.py": b"print(1)\n", "lib/util.py": b"x = 1\n", ".env": b"A=1\n", "log/keep": b""})
-    [cmd] = [c for c in step.plan(host({}), set()).commands if "/.provision/manifest.json " in c]
-    manifest = json.loads(base64.b64decode(cmd.split("\n", 1)[1].rsplit("__PROVISION_EOF__", 1)[0]))
+    manifest = json.loads(dict(step.plan(host({}), set()).upload.extra)[".provision/manifest.json"])
     # .env and log/ become links to shared/: not files of the release
     assert manifest == {"app.py": hashlib.sha256(b"print(1)\n").hexdigest(),
                         "lib/util.py": hashlib.sha256(b"x = 1\n").hexdigest()}
     facts = Facts({**{k: host({})[k] for k in step.facts()}, ("content", manifest_path(S)): json.dumps(manifest)})
-    assert step.plan(facts, set()).summary == "r1 (4 files), 0 changed, 0 added, 0 removed"
+    assert step.plan(facts, set()).summary == ("r1 (4 files), 0 changed, 0 added, 0 removed; sent 0 files "
+                                               "(0.4 kB), 2 kept from r0")
     assert step.show_diff(facts, Facts({})) == ""
 
 
@@ -70,10 +69,11 @@ def test_a_fresh_host_gets_every_file_added_and_an_older_release_is_not_compared
     step = release(tmp_path, {"app.py": b"print(1)\n"})
     fresh = Facts({("content", meta_path(S)): None, ("content", manifest_path(S)): None, ("file", LIVE): None,
                    ("file", f"{LIVE}/.provision"): None})
-    assert dry_run(step, fresh, {}) == ("r1 (1 files), 0 changed, 1 added, 0 removed\n"
+    assert dry_run(step, fresh, {}) == ("r1 (1 files), 0 changed, 1 added, 0 removed; sent 1 file (0.3 kB)\n"
                                         "added   app.py\n--- /dev/null\n+++ app.py (new)\n@@ -0,0 +1 @@\n+print(1)")
     older = host(None)
-    assert dry_run(step, older, {}) == "r1 (1 files), files not compared (the live release has no readable manifest)\n"
+    assert dry_run(step, older, {}) == ("r1 (1 files), files not compared (the live release has no readable manifest); "
+                                         "sent 1 file (0.3 kB)\n")
 
 
 def test_diffs_are_cut_at_a_bound_per_file_and_in_all(tmp_path):
@@ -102,7 +102,7 @@ def test_binary_and_sensitive_files_show_no_content(tmp_path):
     assert step.diff_facts(facts) == [below(LIVE, "blob.txt"), below(LIVE, "conf.py")]
     text = dry_run(step, facts, live)
     assert text.splitlines() == [
-        "r1 (10 files), 4 changed, 6 added, 0 removed",
+        "r1 (10 files), 4 changed, 6 added, 0 removed; sent 10 files (1.2 kB)",
         "changed blob.txt (no diff: the live copy is binary, over 1 MiB or unreadable)",
         "changed conf.py (content hidden: sensitive)",
         "changed logo.png (binary, 9 bytes)",

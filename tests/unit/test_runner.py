@@ -2,7 +2,9 @@
 
 import io
 import json
+import re
 import shlex
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ from provision import config as cfg
 from provision.errors import ProvisionError
 from provision.output import Printer, summary_line
 from provision.runner import HostResult, run_steps
-from provision.release import Release, manifest_path, meta_path
+from provision.app import Deploy
+from provision.release import Release, manifest_path, meta_path, release_files
 from provision.source import scan
 from provision.facts import below
 from provision.steps import Directory, File, Lines, User
@@ -91,7 +94,56 @@ def test_dry_run_gathers_the_old_contents_of_every_diff_in_one_more_round_trip(t
     result = run_steps(host, [File("/etc/x", b"x\n"), release], dry_run=True, printer=Printer(out))
     assert result.round_trips == 2 and not result.done
     text = out.getvalue()
-    assert "web1: would   release /srv/hello/releases (r1 (1 files), 1 changed, 0 added, 1 removed)\n" in text
+    assert ("web1: would   release /srv/hello/releases (r1 (1 files), 1 changed, 0 added, 1 removed; sent 1 "
+            "file (0.3 kB))\n") in text
     assert "+++ /etc/x (new)\n@@ -0,0 +1 @@\n+x\n" in text
     assert "changed app.py\n--- app.py (host)\n+++ app.py (new)\n@@ -1 +1 @@\n-print('old')\n+print('new')\n" in text
     assert "removed gone.py\n" in text
+
+
+class Answers(dict):
+    def __missing__(self, key):
+        return None  # a fresh host: nothing there
+
+
+class ResendingHost(FakeRemote):
+    """Refuses the first upload the way release_tree.py does when a live file was changed by hand."""
+
+    def __init__(self, answers):
+        super().__init__(answers)
+        self.sent = []
+
+    def exec(self, command, stdin=b"", timeout=None, on_line=None, then=None, on_sent=None):
+        if then is None:
+            return super().exec(command, stdin, timeout, on_line)
+        self.round_trips += 1
+        with tarfile.open(fileobj=io.BytesIO(then.read()), mode="r:gz") as tar:
+            self.sent.append(sorted(n for n in tar.getnames() if not n.startswith(".provision/")))
+        script = stdin.decode()
+        step = next(m.group(1) for m in re.finditer(r"^s(\d+)\(\) \{\n(.*?)^\}$", script, re.M | re.S)
+                    if "release_tree.py" in m.group(2))
+        if len(self.sent) == 1:
+            return 75, f'@@fail {step} 75\n@@out @@resend 1 "same.py"\n', ""
+        return 0, "".join(f"@@ok {i} 0 0\n" for i in re.findall(r"^  __(?:step|bg) (\d+)$", script, re.M)), ""
+
+
+def test_a_release_whose_live_files_were_changed_on_the_host_is_sent_whole(tmp_path):
+    for name, text in (("app.py", "print('new')\n"), ("same.py", "x = 1\n"), ("requirements.txt", "flask\n")):
+        (tmp_path / name).write_text(text)
+    s = cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(tmp_path)), ROOT)
+    src = scan(tmp_path)
+    files = release_files(s, src)
+    live = "/srv/hello/current"
+    host = ResendingHost(Answers({
+        ("os", ""): OS,
+        ("content", meta_path(s)): json.dumps({"id": "r0"}),
+        ("content", manifest_path(s)): json.dumps(dict(files, **{"app.py": "0"})),
+        ("file", live): {"type": "link", "target": "releases/r0", "owner": "root"},
+        ("file", f"{live}/.provision"): {"type": "dir", "owner": "root"},
+    }))
+    out = io.StringIO()
+    result = run_steps(host, Deploy(s, src, "r1"), printer=Printer(out))
+    assert host.sent == [["app.py"], sorted(files)]  # the changed file; then, refused, every file
+    assert "web1: files of the live release were changed on the host since provision wrote them; sending the " \
+           "whole release\n" in out.getvalue()
+    assert not result.error and host.round_trips == 4

@@ -161,11 +161,6 @@ def up(sb, names: list[str], snapshot: str | None = None) -> list[Host]:
     return [Host(d.name, d.address) for d in booted]
 
 
-def down(sb, names: list[str]) -> None:
-    for n in names:
-        sb.down(n)
-
-
 def served(tool: Tool, host: Host, greeting: str) -> None:
     """The changed app answers through nginx on the host (a deploy that did not restart it fails here)."""
     fetch = "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1/').read().decode())\""
@@ -199,7 +194,7 @@ def one_host_runs(tool: Tool, runs: int) -> dict[str, list[float]]:
                 big_change = tool.deploy(hosts, big, tmp)
                 served(tool, hosts[0], f"Hello, big run {i}!")
             finally:
-                down(tool.sb, [name])
+                tool.sb.down(name)
         for key, value in zip(times, (fresh, noop, change, big_change)):
             times[key].append(value)
         print(f"{tool.name} run {i + 1}/{runs}: fresh {fresh:.2f}s  no-op {noop:.2f}s  change {change:.2f}s  "
@@ -224,7 +219,7 @@ def fleet_noop(tool: Tool, n: int, runs: int) -> list[float]:
             tool.deploy(hosts, app, tmp)  # settles what is each droplet's own (host name, keys), untimed
             times = [tool.deploy(hosts, app, tmp) for _ in range(runs)]
         finally:
-            down(sb, names)
+            sb.down_many(names)
             if snapshot in sb.list_snapshots():
                 sb.drop_snapshot(snapshot)
     print(f"{tool.name} no-op on {n} hosts: " + ", ".join(f"{v:.2f}s" for v in times), flush=True)

@@ -246,14 +246,14 @@ def table(provision: dict, peers: dict, fleets: tuple[int, ...]) -> str:
     tools = peers["tools"]
     names = [t for t in tools if t != "provision"]
     mine = {**provision, **tools.get("provision", {})}
-    head = f"{'':<17}{'provision':>22}" + "".join(f"{n:>22}{'ratio':>7}" for n in names)
+    head = f"{'':<17}{'provision':>24}" + "".join(f"{n:>24}{'ratio':>7}" for n in names)
     lines = [head]
     for key, label in rows:
-        line = f"{label:<17}{cell(mine.get(key)):>22}"
+        line = f"{label:<17}{cell(mine.get(key)):>24}"
         for n in names:
             v = tools[n].get(key)
             ratio = f"{statistics.median(v) / statistics.median(mine[key]):.1f}x" if v and mine.get(key) else "-"
-            line += f"{cell(v):>22}{ratio:>7}"
+            line += f"{cell(v):>24}{ratio:>7}"
         lines.append(line)
     lines.append("median (min-max) in seconds; ratio: the peer's median / provision's; "
                  + ", ".join(f"{p} {v}" for p, v in peers["versions"].items()))

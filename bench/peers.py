@@ -130,6 +130,15 @@ class Ansible(Tool):
 PEERS = {"pyinfra": Pyinfra, "ansible": Ansible}
 
 
+def selected(arg: str) -> list[str]:
+    """The peers a `--peers` value names ("none": none); an unknown one stops the bench at once."""
+    names = [] if arg == "none" else [n for n in arg.split(",") if n]
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        sys.exit(f"bench: unknown peer {', '.join(unknown)}; choose from {', '.join(PEERS)} or none")
+    return names
+
+
 def peer_env(**extra: str) -> dict:
     """The peers' commands find their own tools (ansible's modules, rsync) first on PATH."""
     return dict(os.environ, PATH=f"{VENV / 'bin'}:{os.environ.get('PATH', '')}", **extra)

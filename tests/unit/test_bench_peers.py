@@ -1,7 +1,9 @@
-"""The comparison table of bench/peers.py: medians, ranges and peer/provision ratios."""
+"""bench/peers.py: the comparison table (medians, ranges, peer/provision ratios) and the --peers choice."""
 
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
@@ -26,3 +28,10 @@ def test_table_without_provision_figures_has_no_ratio():
     measured = {"versions": {}, "tools": {"ansible": {"fresh": [30.0]}}}
     fresh = peers.table({}, measured, ()).splitlines()[1]
     assert fresh.split()[1:] == ["-", "30.00", "(30.00-30.00)", "-"]
+
+
+def test_selected_peers():
+    assert peers.selected("none") == []
+    assert peers.selected("ansible,pyinfra") == ["ansible", "pyinfra"]
+    with pytest.raises(SystemExit, match="unknown peer chef"):
+        peers.selected("pyinfra,chef")

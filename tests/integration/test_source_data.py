@@ -107,8 +107,8 @@ def test_a_change_in_the_sibling_package_shows_in_the_dry_run_and_deploys(drople
     dry = droplet.fab("-H", droplet.name, "deploy", "--dry-run", "--source", str(repo / "apps/web"), env=ENV)
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert droplet.sh(CHECKSUM) == before
-    assert re.search(r"would   release /srv/mono/releases \(\S+ \(6 files\), 1 changed, 0 added, 0 removed\)",
-                     dry.stdout), dry.stdout
+    assert re.search(r"would   release /srv/mono/releases \(\S+ \(6 files\), 1 changed, 0 added, 0 removed; "
+                     r"sent 1 file \(\S+ kB\), 5 kept from \S+\)", dry.stdout), dry.stdout
     assert "changed common/__init__.py\n--- common/__init__.py (host)\n+++ common/__init__.py (new)\n" in dry.stdout
     assert "-GREETING = 'v1'\n+GREETING = 'v2'\n" in dry.stdout
     deploy(droplet, repo)

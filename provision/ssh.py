@@ -174,6 +174,13 @@ class KnownHosts:
         return {}
 
 
+# Fabric's Connection uses the invoke Config it is given as its own, and invoke rebuilds a config's
+# data whenever one of its values is set: with 50 hosts connecting at once from one shared config, a
+# connection once read it empty ("No attribute or config key found for 'authentication'"). Each
+# connection gets a copy, made one at a time.
+_CONFIG_LOCK = threading.Lock()
+
+
 def known_name(conn: Connection) -> str:
     """A host as known_hosts files name it, and as paramiko looks it up: after ~/.ssh/config's
     HostName and Port (an alias is never the name its key is known by)."""
@@ -190,7 +197,9 @@ def connect(host: str, user: str, port: int, key: str | None, known_hosts: str |
     connect_kwargs = {"timeout": timeout, "banner_timeout": timeout, "auth_timeout": timeout}
     if key:
         connect_kwargs["key_filename"] = [os.path.expanduser(key)]
-    conn = Connection(host, user=user, port=port, config=config, connect_kwargs=connect_kwargs)
+    with _CONFIG_LOCK:  # a Connection keeps the config it is given: each gets its own copy (see _CONFIG_LOCK)
+        own = config.clone() if config is not None else None
+        conn = Connection(host, user=user, port=port, config=own, connect_kwargs=connect_kwargs)
     record_to = os.path.expanduser(known_hosts or "~/.ssh/known_hosts")
     known_as = known_name(conn)
     try:

@@ -37,7 +37,6 @@ def manifest_path(s: Settings) -> str:
     return s.layout.live(MANIFEST)
 
 
-
 def _live_json(s: Settings, facts: Facts, path: str, own_dir: str | None = None) -> dict | None:
     """A JSON object the live release (or the one whose own directory is ``own_dir``) keeps in its
     own directory; None when there is none."""
@@ -58,14 +57,14 @@ def live_meta(s: Settings, facts: Facts) -> dict:
 
 def slot_meta(s: Settings, facts: Facts, slot: str) -> dict:
     """The release.json of the release a slot runs; {} when it has none (or not root's)."""
-    return _live_json(s, facts, s.layout.in_slot(slot, "release.json"), s.layout.in_slot(slot)) or {}
+    return _live_json(s, facts, s.layout.in_slot(slot, META), s.layout.in_slot(slot)) or {}
 
 
 def slot_facts(s: Settings) -> list:
     """What tells which release each slot runs, and which one is live."""
     lay = s.layout
     return [("content", lay.upstream_file),
-            *[f for slot in SLOTS for f in (("content", lay.in_slot(slot, "release.json")),
+            *[f for slot in SLOTS for f in (("content", lay.in_slot(slot, META)),
                                             ("file", lay.in_slot(slot)), ("file", lay.slot_link(slot)))]]
 
 

@@ -116,16 +116,17 @@ def run_steps(remote: Remote, recipe: Recipe | list[Step], *, dry_run: bool = Fa
         uploads = [p.change.upload for p in planned if p.change is not None and p.change.upload is not None]
         if len(uploads) > 1:
             raise ValueError("one upload per apply: the steps' files go in one stream")
+        data = script.encode()
         if uploads:
             stream, size = uploads[0].open()
             with stream:
-                rc, out, err = remote.exec(f"{remote.sudo}bash -c {shlex.quote(loader(len(script.encode()), size))}",
-                                           script.encode(), timeout=1800, on_line=progress, then=stream,
+                rc, out, err = remote.exec(f"{remote.sudo}bash -c {shlex.quote(loader(len(data), size))}",
+                                           data, timeout=1800, on_line=progress, then=stream,
                                            on_sent=upload_progress(printer, remote.label, describe(uploads[0])))
             if uploads[0].failures:
                 raise ProvisionError(f"{remote.label}: {uploads[0].failures[0]}", uploads[0].failures[0].code)
         else:
-            rc, out, err = remote.exec(f"{remote.sudo}bash -s", script.encode(), timeout=1800, on_line=progress)
+            rc, out, err = remote.exec(f"{remote.sudo}bash -s", data, timeout=1800, on_line=progress)
         report = parse_report(out)
         resend = (report.resend and report.rc == 75 and report.failed is not None
                   and planned[report.failed].change.upload is not None)

@@ -20,7 +20,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from .errors import ProvisionError
 
@@ -76,10 +76,9 @@ class Source:
         return rel not in self.links and os.access(self.path(rel), os.X_OK)
 
     def write_tar(self, fileobj, paths: Iterable[str] | None = None, extra: dict[str, bytes] | None = None,
-                  on_file: Callable[[int], None] | None = None, compresslevel: int = 6) -> None:
+                  compresslevel: int = 6) -> None:
         """A gzipped tar stream of ``paths`` (default: every file), then of ``extra`` (name -> bytes),
-        written to ``fileobj`` as it goes: a file of any size costs a buffer, not its size.
-        ``on_file`` sees each file's size once it is in."""
+        written to ``fileobj`` as it goes: a file of any size costs a buffer, not its size."""
         with gzip.GzipFile(filename="", mode="wb", fileobj=fileobj, compresslevel=compresslevel, mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w|") as tar:
             for rel in self.files if paths is None else paths:
@@ -101,8 +100,6 @@ class Source:
                 if sent.h.hexdigest() != self.hashes.get(rel, sent.h.hexdigest()):  # what the manifest says it is
                     raise ProvisionError(f"app source: {rel} changed while it was being sent; deploy again once "
                                          "it is saved")
-                if on_file:
-                    on_file(info.size)
             for name, data in (extra or {}).items():
                 info = tarfile.TarInfo(name)
                 info.uname = info.gname = "root"

@@ -4,8 +4,9 @@ The runner sends the script, then this stream, on the apply's one SSH channel (s
 :func:`provision.script.loader`); the host keeps it in a root-only spool file for the script's
 steps (``$__upload``). Only the files a host lacks are in it (:class:`provision.release.Release`
 picks them), so a one-line change sends one file, whatever the size of the app. Built once per
-distinct content and shared by every host that needs the same files; kept in memory up to
-:data:`IN_MEMORY` bytes, on local disk beyond: memory stays bounded whatever the file sizes.
+distinct content and shared by every host that needs the same files up to :data:`IN_MEMORY` bytes
+of content (kept in memory); larger ones are compressed as they are sent, for each host: memory
+stays bounded whatever the file sizes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -85,28 +85,13 @@ def compression_level(source: Source, paths: tuple[str, ...], sample: int = 1 <<
     return 0 if raw and packed > 0.9 * raw else 1
 
 
-class _Reader(io.RawIOBase):
-    """A reader of its own over a file others read too (positioned reads: no shared offset)."""
-
-    def __init__(self, fd: int, size: int):
-        self.fd, self.size, self.pos = fd, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        data = os.pread(self.fd, min(len(buf), self.size - self.pos), self.pos)
-        buf[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
 @dataclass
 class _Built:
-    """Uploads built so far in this process, by content: several hosts, one compression."""
+    """Uploads built so far in this process, by content: several hosts, one compression. Only
+    uploads of at most IN_MEMORY bytes of content come here (larger ones are piped per host)."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    done: dict[str, tuple[bytes | tempfile.SpooledTemporaryFile, int]] = field(default_factory=dict)
+    done: dict[str, bytes] = field(default_factory=dict)
     building: dict[str, threading.Lock] = field(default_factory=dict)
 
     def get(self, upload: Upload) -> tuple[BinaryIO, int]:
@@ -115,19 +100,11 @@ class _Built:
             one = self.building.setdefault(key, threading.Lock())
         with one:  # the first host builds it, the others wait for it
             if key not in self.done:
-                spool = tempfile.SpooledTemporaryFile(max_size=IN_MEMORY, prefix="provision-upload-")
-                upload.source.write_tar(spool, upload.paths, dict(upload.extra))
-                size = spool.tell()
-                if size <= IN_MEMORY:
-                    spool.seek(0)
-                    self.done[key] = (spool.read(), size)
-                else:
-                    spool.flush()
-                    self.done[key] = (spool, size)  # on local disk, deleted when fab exits
-        held, size = self.done[key]
-        if isinstance(held, bytes):
-            return io.BytesIO(held), size
-        return io.BufferedReader(_Reader(held.fileno(), size), 1 << 18), size
+                buf = io.BytesIO()
+                upload.source.write_tar(buf, upload.paths, dict(upload.extra))
+                self.done[key] = buf.getvalue()
+        data = self.done[key]
+        return io.BytesIO(data), len(data)
 
 
 _built = _Built()

@@ -61,7 +61,6 @@ def direct(rel_dir):
     return real[rel_dir]
 
 
-
 for rel in sorted(wanted):
     dst = os.path.join(tmp, rel)
     if os.path.lexists(dst):

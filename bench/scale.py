@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,21 @@ def measured_deploy(host: str, veth: str, inventory: Path, source: Path) -> Run:
     return Run(elapsed, usage.ru_maxrss / 1024, (sent_bytes(veth) - before) / 1e6)
 
 
+@contextmanager
+def fresh_droplet(sb, name: str):
+    """A fresh droplet ``name`` and a temporary folder holding an inventory of it: (folder, droplet,
+    inventory); the droplet is destroyed afterwards, also on failure."""
+    with tempfile.TemporaryDirectory(prefix="provision-bench-") as t:
+        tmp = Path(t)
+        d = sb.up(name)
+        try:
+            inventory = tmp / "inventory.ini"
+            inventory.write_text(sb.inventory())
+            yield tmp, d, inventory
+        finally:
+            sb.down(name)
+
+
 def table(title: str, rows: dict[str, list[Run]]) -> dict:
     print(f"{title:<22} {'median':>8} {'min':>8} {'max':>8} {'RSS MB':>8} {'sent MB':>8}")
     out = {}
@@ -59,7 +75,7 @@ def table(title: str, rows: dict[str, list[Run]]) -> dict:
         rss, sent = max(r.rss_mb for r in runs), statistics.median(r.sent_mb for r in runs)
         print(f"{label:<22} {statistics.median(s):>7.2f}s {min(s):>7.2f}s {max(s):>7.2f}s {rss:>8.0f} {sent:>8.2f}")
         out[label] = {"median": statistics.median(s), "min": min(s), "max": max(s), "rss_mb_max": rss,
-                      "sent_mb_median": sent, "runs": len(runs)}
+                      "sent_mb_median": sent, "runs": len(runs), "seconds": s}
     return out
 
 
@@ -68,19 +84,12 @@ def big_app(sb, runs: int) -> dict:
     rows: dict[str, list[Run]] = {"big fresh": [], "big no-op": [], "big change": []}
     for i in range(runs):
         name = f"big{i}"
-        with tempfile.TemporaryDirectory(prefix="provision-bench-") as t:
-            tmp = Path(t)
+        with fresh_droplet(sb, name) as (tmp, d, inventory):
             app = make_big_app(tmp / "big")
-            d = sb.up(name)
-            try:
-                inventory = tmp / "inventory.ini"
-                inventory.write_text(sb.inventory())
-                rows["big fresh"].append(measured_deploy(name, d.veth, inventory, app))
-                rows["big no-op"].append(measured_deploy(name, d.veth, inventory, app))
-                touch_one_line(app, f"Hello, big run {i}!")
-                rows["big change"].append(measured_deploy(name, d.veth, inventory, app))
-            finally:
-                sb.down(name)
+            rows["big fresh"].append(measured_deploy(name, d.veth, inventory, app))
+            rows["big no-op"].append(measured_deploy(name, d.veth, inventory, app))
+            touch_one_line(app, f"Hello, big run {i}!")
+            rows["big change"].append(measured_deploy(name, d.veth, inventory, app))
         print(f"big app run {i + 1}/{runs}: " + "  ".join(f"{k} {v[-1].seconds:.2f}s" for k, v in rows.items()),
               flush=True)
     return table(f"big app ({runs} runs)", rows)
@@ -92,23 +101,16 @@ def big_file(sb, runs: int, megabytes: int = 200) -> dict:
     rows: dict[str, list[Run]] = {f"{megabytes} MB file added": [], "1 MB of it changed": []}
     for i in range(runs):
         name = f"file{i}"
-        with tempfile.TemporaryDirectory(prefix="provision-bench-") as t:
-            tmp = Path(t)
+        with fresh_droplet(sb, name) as (tmp, d, inventory):
             app = make_big_file(tmp / "app", megabytes)
             blob = (app / "model.bin").rename(tmp / "model.bin")
-            d = sb.up(name)
-            try:
-                inventory = tmp / "inventory.ini"
-                inventory.write_text(sb.inventory())
-                measured_deploy(name, d.veth, inventory, app)
-                blob.rename(app / "model.bin")
-                rows[f"{megabytes} MB file added"].append(measured_deploy(name, d.veth, inventory, app))
-                with open(app / "model.bin", "r+b") as fh:
-                    fh.seek(megabytes // 2 * 1_000_000)
-                    fh.write(os.urandom(1_000_000))
-                rows["1 MB of it changed"].append(measured_deploy(name, d.veth, inventory, app))
-            finally:
-                sb.down(name)
+            measured_deploy(name, d.veth, inventory, app)
+            blob.rename(app / "model.bin")
+            rows[f"{megabytes} MB file added"].append(measured_deploy(name, d.veth, inventory, app))
+            with open(app / "model.bin", "r+b") as fh:
+                fh.seek(megabytes // 2 * 1_000_000)
+                fh.write(os.urandom(1_000_000))
+            rows["1 MB of it changed"].append(measured_deploy(name, d.veth, inventory, app))
         print(f"big file run {i + 1}/{runs}: " + "  ".join(f"{k} {v[-1].seconds:.2f}s" for k, v in rows.items()),
               flush=True)
     return table(f"{megabytes} MB file ({runs} runs)", rows)

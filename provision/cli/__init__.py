@@ -89,6 +89,12 @@ def _excepthook(kind, error, tb) -> None:
 sys.excepthook = _excepthook
 
 
+def host_failed(printer: Printer, host: str, e: ProvisionError) -> HostResult:
+    """A host's own problem, said in its one line, as its result: the other hosts go on."""
+    printer.error(str(e))
+    return HostResult(host, error=str(e), code=e.code)
+
+
 def exit_for_failures(results: list[HostResult], printer: Printer) -> None:
     for r in results:
         if r.failed:

@@ -42,7 +42,7 @@ from ..runner import HostResult, run_steps
 from ..lock import Lock
 from ..render import NAMES as TEMPLATES
 from ..source import PROJECT_FILES, deploy_files, scan, untracked_note
-from . import connect_job, guarded
+from . import connect_job, guarded, host_failed
 
 
 def deployer() -> str:
@@ -92,9 +92,8 @@ def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, ve
         try:
             remote = connect_job(job, c, fleet.get("accept_new_host_key", False))
             r = run_steps(remote, steps, dry_run=dry_run, printer=printer, env=proxy_env(job.settings), lock=lock)
-        except ProvisionError as e:  # this host's problem; the others go on
-            printer.error(str(e))
-            r = HostResult(job.target.alias, error=str(e), code=e.code)
+        except ProvisionError as e:
+            r = host_failed(printer, job.target.alias, e)
         finally:
             if remote is not None:
                 remote.conn.close()
@@ -169,8 +168,7 @@ class Transaction:
             r = run_steps(self.remotes[host], recipe, printer=self.printer, env=proxy_env(job.settings),
                           lock=lock.stage(hold))
         except ProvisionError as e:
-            self.printer.error(str(e))
-            r = HostResult(host, error=str(e), code=e.code)
+            r = host_failed(self.printer, host, e)
         self.stages[host].append(r)
         return r
 
@@ -187,8 +185,7 @@ class Transaction:
         try:
             self.remotes[host] = connect_job(job, self.c, self.accept_new)
         except ProvisionError as e:
-            self.printer.error(str(e))
-            r = HostResult(host, error=str(e), code=e.code)
+            r = host_failed(self.printer, host, e)
             self.stages[host].append(r)
             self.states[host], self.notes[host] = fl.REFUSED, f"refused: {problem(r)}"
             return

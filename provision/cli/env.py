@@ -19,7 +19,7 @@ from ..output import Printer, summary_line, summary_table
 from ..release import Switch, current_release
 from ..runner import HostResult, run_steps
 from ..steps import Directory, Recipe, RootsOnly, Step
-from . import connect_job, exit_for_failures, guarded
+from . import connect_job, exit_for_failures, guarded, host_failed
 from .apply import deployer, lock_for
 
 
@@ -64,8 +64,7 @@ def _apply(c, change) -> None:
             r = run_steps(remote, EnvChange(s, change(s), deployer()), printer=printer,
                           lock=lock_for(s, "env", "-", False))
         except ProvisionError as e:
-            printer.error(str(e))
-            return HostResult(job.target.alias, error=str(e), code=e.code)
+            return host_failed(printer, job.target.alias, e)
         finally:
             if remote is not None:
                 remote.conn.close()

@@ -154,8 +154,9 @@ class Deploy(Recipe):
     exists. The unit and the gunicorn config belong to the release: a refused release leaves the
     live one as it was."""
 
-    def __init__(self, s: Settings, source: Source, release_id: str, deployer: str = ""):
+    def __init__(self, s: Settings, source: Source, release_id: str, deployer: str = "", origin: dict | None = None):
         self.s, self.deployer = s, deployer
+        self.origin = origin or {}  # where the release comes from (commit, tests): in its meta and the release log
         key = venv_key(s)
         self.venv = venv_step(s, key)
         configs = {"unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
@@ -165,7 +166,7 @@ class Deploy(Recipe):
         self.bootstrap = rendered(s, "nginx-site.conf.j2", https=False) if s.tls else b""
         unserved_static(s, self.site.decode())
         self.app_unit = configs["unit"].decode()
-        self.release = Release(s, source, release_id, key, configs, deployer)
+        self.release = Release(s, source, release_id, key, configs, deployer, self.origin)
         self.fills = static_fills(s, source)
 
     def target_facts(self):
@@ -184,7 +185,8 @@ class Deploy(Recipe):
         return again
 
     def switch(self, target: str | None, stage: str = "all") -> Switch:
-        return Switch(self.s, target, action="deploy", by=self.deployer, prove=proves_upstream(self.site), stage=stage)
+        return Switch(self.s, target, action="deploy", by=self.deployer, prove=proves_upstream(self.site), stage=stage,
+                      log=self.origin)
 
     def steps(self, target, stage: str = "all"):
         """Every step; ``stage`` is the switch's (see :class:`Switch`): ``prepare`` ends with it."""

@@ -131,9 +131,9 @@ class Release(Step):
     notify = ("code",)
 
     def __init__(self, s: Settings, source: Source, release_id: str, venv_key: str, configs: dict[str, bytes],
-                 deployer: str = ""):
+                 deployer: str = "", origin: dict | None = None):
         self.s, self.source, self.release_id, self.venv_key = s, source, release_id, venv_key
-        self.configs, self.deployer = configs, deployer
+        self.configs, self.deployer, self.origin = configs, deployer, origin or {}
         self.config = config_digest(configs)
         self.files = release_files(s, source)
         self.live = s.layout.current
@@ -208,7 +208,8 @@ class Release(Step):
             cmds.append(f"mv -T {q(lay.current)} {q(legacy)}")
         meta = json.dumps({"id": self.release_id, "digest": self.source.digest, "revision": self.source.revision,
                            "dirty": self.source.dirty, "deployer": self.deployer, "venv": self.venv_key,
-                           "config": self.config, "linked": self.linked}, sort_keys=True)
+                           "config": self.config, "linked": self.linked,
+                           **({"origin": self.origin} if self.origin else {})}, sort_keys=True)
         base = self.base(facts)
         base_id, kept = base or (None, {})
         send = tuple(p for p, h in self.files.items() if kept.get(p) != h)
@@ -320,8 +321,9 @@ class Switch(Step):
 
     def __init__(self, s: Settings, target: str | None, action: str = "deploy", by: str = "",
                  restart_on: tuple[str, ...] = ("socket",), daemon_reload_on: tuple[str, ...] = ("unit",),
-                 prove: bool = False, stage: str = "all"):
+                 prove: bool = False, stage: str = "all", log: dict | None = None):
         self.s, self.target, self.action, self.by, self.prove = s, target, action, by, prove
+        self.log = log or {}  # more for the release log's line (where the release came from: commit, tests)
         self.restart_on, self.daemon_reload_on, self.stage = restart_on, daemon_reload_on, stage
 
     @property
@@ -354,7 +356,7 @@ class Switch(Step):
                       "header": UPSTREAM_HEADER if self.prove else None}
             return Change([switch_command(s.layout, target, slot, live, self.action, self.by, health,
                                           bool(notified & set(self.daemon_reload_on)),
-                                          stage=self.stage)],
+                                          stage=self.stage, log=self.log)],
                           summary=f"{target} -> slot {slot}" + (" (traffic stays)" if self.stage == "prepare" else ""))
         cmds = []
         if current_release(s, facts) != target:

@@ -49,7 +49,7 @@ def show_releases(c) -> None:
         out = lines[job.target.alias] = [f"{job.target.alias}: {len(names)} release(s) in {s.layout.releases}"]
         for n in names:
             e = history.first.get(n)  # none: the log never saw it go live or be refused
-            what = (f"{DONE.get(e.get('action'), '')} {e.get('time')} by {e.get('by') or '?'}" if e
+            what = (f"{DONE.get(e.get('action'), '')} {e.get('time')} by {e.get('by') or '?'}{origin(e)}" if e
                     else "NEVER LIVE")
             out.append(f"  {'*' if n == live else ' '} {n:<40} {what}".rstrip())
         return HostResult(job.target.alias)
@@ -59,6 +59,17 @@ def show_releases(c) -> None:
         for line in lines.get(job.target.alias, ()):
             print(line)
     exit_for_failures(results, Printer())
+
+
+def origin(entry: dict) -> str:
+    """Where a release came from, as its release log entry says (``fab ship``, a git push): the
+    commit and the tests it passed."""
+    tests = entry.get("tests") if isinstance(entry.get("tests"), dict) else {}
+    out = f", commit {str(entry['commit'])[:12]}" if entry.get("commit") else ""
+    if tests:
+        out += f", tests {tests.get('result', '?')}" + (f" in {tests['seconds']:.1f}s" if isinstance(
+            tests.get("seconds"), (int, float)) else "")
+    return out + (f" (via {entry['via']})" if entry.get("via") else "")
 
 
 @guarded

@@ -56,11 +56,12 @@ def host_port(url: str) -> str:
 
 
 def switch_command(layout: Layout, release: str, slot: str, old: str | None, action: str, by: str, health: dict,
-                   daemon_reload: bool, nginx: str | None = None, stage: str = "all") -> str:
+                   daemon_reload: bool, nginx: str | None = None, stage: str = "all", log: dict | None = None) -> str:
     """The command that makes ``release`` live in ``slot`` (``old``: the live slot, or None), see switch.py
     (``stage``: all, prepare, commit or revert).
     ``health``: {path, host, timeout, header}, header the one the site names the socket that answered
-    in (None when the site does not); ``nginx``: where the proof through nginx connects to."""
+    in (None when the site does not); ``nginx``: where the proof through nginx connects to; ``log``: more
+    for the release log's line (the origin of a release: commit, tests)."""
     if old == slot:
         raise ValueError(f"the switch starts {release} in the idle slot, not in the live slot {slot}")
     release_dir = layout.release(release)
@@ -74,5 +75,5 @@ def switch_command(layout: Layout, release: str, slot: str, old: str | None, act
         "new": {"slot": slot, "unit": layout.unit(slot), "unit_file": layout.unit_file(slot),
                 "socket": layout.socket(slot), "slot_link": layout.slot_link(slot),
                 "slot_target": layout.slot_target(release), "upstream": layout.upstream(slot)},
-        "old": {"slot": old, "unit": layout.unit(old)} if old else None, "stage": stage,
+        "old": {"slot": old, "unit": layout.unit(old)} if old else None, "stage": stage, "log": log or {},
     })

@@ -7,7 +7,7 @@
 # of a path being written), health {path, host, timeout, header (the one the site names the
 # socket that answered in, or null)}, new {slot, unit, unit_file, socket, slot_link,
 # slot_target, upstream (the upstream file's content)}, old ({slot, unit} or null), stage
-# (below).
+# (below), log (more for the release log's lines: where the release came from).
 #
 #  1. point the new slot's link at the release, install the release's unit as the slot's unit
 #     and (re)start it on its own socket (made by systemd: <unit>.socket);
@@ -107,7 +107,7 @@ def read(path):
 
 def record(action):
     """A line in the release log: what went live (deploy, rollback) or was refused, by whom, when."""
-    log_release(a["release_log"], release, action, a["by"], slot=new["slot"])
+    log_release(a["release_log"], release, action, a["by"], **dict(a.get("log") or {}, slot=new["slot"]))
 
 
 def exited():

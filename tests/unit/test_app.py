@@ -199,3 +199,19 @@ def test_the_target_is_decided_once_from_the_facts_and_the_steps_get_the_value()
     switch = next(st for st in deploy.steps("r1") if st.name == "switch hello")
     prune = next(st for st in deploy.steps("r1") if st.name.startswith("prune"))
     assert switch.target == prune.target == "r1"
+
+
+def test_a_release_s_origin_goes_into_its_meta_and_the_release_log_line_but_does_not_make_it_new():
+    s = settings()
+    src = scan(s.source)
+    origin = {"commit": "f" * 40, "tests": {"result": "passed", "seconds": 4.0}, "via": "ship"}
+    steps = Deploy(s, src, "r1", origin=origin).steps("r1")
+    planned = {p.step.name: p for p in plan(steps, fresh_facts(steps))}
+    release = next(p for n, p in planned.items() if n.startswith("release "))
+    own = dict(release.change.upload.extra)
+    assert json.loads(own[".provision/release.json"])["origin"] == origin
+    switch = json.loads(shlex.split(planned["switch hello"].change.commands[0])[-1])
+    assert switch["log"] == origin
+    # the same tree shipped again with another test run is the same release
+    again = Release(s, src, "r2", release.step.venv_key, release.step.configs, origin={"commit": "0" * 40})
+    assert again.same(json.loads(own[".provision/release.json"]))

@@ -56,6 +56,19 @@ def test_new_release_goes_to_the_idle_slot():
     assert (args["new"]["slot"], args["old"]["slot"]) == ("a", "b")
 
 
+def test_the_switch_passes_the_origin_of_a_release_to_the_release_log():
+    origin = {"commit": "a" * 40, "tests": {"result": "passed", "seconds": 1.25}}
+    assert switch_args(Switch(S, "r2", log=origin).plan(host(), set()))["log"] == origin
+    assert switch_args(Switch(S, "r2").plan(host(), set()))["log"] == {}
+
+
+def test_fab_releases_says_the_commit_and_tests_of_a_release():
+    from provision.cli.info import origin
+    assert origin({"commit": "0123456789abcdef0123", "tests": {"result": "passed", "seconds": 3.21}, "via": "push"}
+                  ) == ", commit 0123456789ab, tests passed in 3.2s (via push)"
+    assert origin({"release": "r1"}) == ""
+
+
 def test_the_switch_gets_every_path_from_the_layout():
     args = switch_args(Switch(S, "r2", by="me@laptop", prove=True).plan(host(), set()))
     assert args == {
@@ -70,7 +83,7 @@ def test_the_switch_gets_every_path_from_the_layout():
         "new": {"slot": "b", "unit": "hello@b", "unit_file": "/etc/systemd/system/hello@b.service",
                 "socket": "/run/provision/hello/b.sock", "slot_link": "/srv/hello/slots/b",
                 "slot_target": "../releases/r2", "upstream": "server unix:/run/provision/hello/b.sock fail_timeout=0;\n"},
-        "old": {"slot": "a", "unit": "hello@a"}, "stage": "all"}
+        "old": {"slot": "a", "unit": "hello@a"}, "stage": "all", "log": {}}
     assert switch_args(Switch(S, "r2").plan(host(), set()))["health"]["header"] is None
 
 

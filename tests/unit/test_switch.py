@@ -112,10 +112,10 @@ class Host:
             self.silent.bind(self.layout.socket("b"))
             self.silent.listen(8)
 
-    def switch(self, prove=True, timeout=0.5, stage="all"):
+    def switch(self, prove=True, timeout=0.5, stage="all", log=None):
         health = {"path": "/health", "host": "", "timeout": timeout, "header": UPSTREAM_HEADER if prove else None}
         command = switch_command(self.layout, "r2", "b", "a", "deploy", "me@laptop", health, False,
-                                 nginx=f"127.0.0.1:{self.nginx.server_address[1]}", stage=stage)
+                                 nginx=f"127.0.0.1:{self.nginx.server_address[1]}", stage=stage, log=log)
         return subprocess.run(["bash", "-c", command], text=True, capture_output=True, timeout=30,
                               env=dict(os.environ, FAKE=self.base, PATH=f"{self.base}/bin:{os.environ['PATH']}"))
 
@@ -202,6 +202,23 @@ def test_an_app_that_exits_is_refused_with_its_exception_first(host):
     assert excerpt.splitlines()[0] == "exception: RuntimeError: boom"
     assert excerpt.splitlines()[1] == "  Traceback (most recent call last):"
     assert "nginx -t -q" not in host.calls()
+
+
+ORIGIN = {"commit": "0b40e48c" * 5, "tests": {"result": "passed", "seconds": 2.5}, "via": "ship"}
+
+
+def test_the_release_log_says_where_a_release_came_from_when_it_goes_live_or_is_refused(host):
+    host.gunicorn()
+    assert host.switch(log=ORIGIN).returncode == 0
+    entry = host.log()[-1]
+    assert {k: entry[k] for k in ORIGIN} == ORIGIN and (entry["action"], entry["slot"]) == ("deploy", "b")
+
+
+def test_a_refused_release_logs_its_origin_too(host):
+    host.write(f"{host.base}/state", STARTING)
+    host.gunicorn(answers=False)
+    host.switch(timeout=0.3, log=ORIGIN)
+    assert [(e["action"], e["commit"]) for e in host.log()] == [("refused", ORIGIN["commit"])]
 
 
 def test_an_app_that_never_answers_is_refused_after_the_timeout(host):

@@ -77,7 +77,7 @@ def gather(remote: Remote, keys: list) -> Facts:
     rc, out, err = remote.exec(remote.sudo + python("facts.py", keys), timeout=120)
     if rc != 0:
         if "a password is required" in err or "a terminal is required" in err:
-            raise ProvisionError(f"{remote.label}: sudo needs a password for {remote.conn.user}; connect as root "
+            raise ProvisionError(f"{remote.label}: sudo needs a password for {remote.user}; connect as root "
                                  "or allow passwordless sudo for that user")
         if rc == 127:
             raise ProvisionError(f"{remote.label}: python3 is not installed on the host; install it "

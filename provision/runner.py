@@ -10,15 +10,18 @@ from __future__ import annotations
 import shlex
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import ProvisionError
 from .facts import Facts, gather
 from .output import Printer
 from .lock import Lock, describe_holder
 from .script import SHOW, build_script, loader, parse_report
-from .ssh import Remote
 from .upload import describe, megabytes
 from .steps import Planned, Recipe, Step, Steps, plan
+
+if TYPE_CHECKING:  # the host's own deploys (a push) run with provision.local's transport: no SSH there
+    from .ssh import Remote
 
 
 @dataclass

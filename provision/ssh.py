@@ -30,8 +30,15 @@ class Remote:
     round_trips: int = 0
 
     @property
+    def user(self) -> str:
+        return self.conn.user
+
+    @property
     def sudo(self) -> str:
         return "" if self.conn.user == "root" else "sudo -n "
+
+    def close(self) -> None:
+        self.conn.close()
 
     def exec(self, command: str, stdin: bytes = b"", timeout: float | None = None,
              on_line: Callable[[str], None] | None = None, then: BinaryIO | None = None,

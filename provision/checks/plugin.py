@@ -63,7 +63,7 @@ class PinnedBackend(ParamikoBackend):
         self.__dict__.pop("client", None)
         remote, self.remote = self.remote, None
         if remote is not None:
-            remote.conn.close()
+            remote.close()
 
 
 HOSTS = pytest.StashKey["CheckHosts"]()

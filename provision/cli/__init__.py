@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 from invoke import Exit
@@ -93,6 +94,22 @@ def host_failed(printer: Printer, host: str, e: ProvisionError) -> HostResult:
     """A host's own problem, said in its one line, as its result: the other hosts go on."""
     printer.error(str(e))
     return HostResult(host, error=str(e), code=e.code)
+
+
+def on_host(printer: Printer, job: Job, c, accept_new_host_key: bool, work) -> tuple[HostResult, Remote | None]:
+    """``work(remote)`` on a job's host over a connection of its own, closed after; a host's problem
+    (unreachable, refused key, ...) becomes its result. Also the connection, None when none opened."""
+    t0, remote = time.monotonic(), None
+    try:
+        remote = connect_job(job, c, accept_new_host_key)
+        r = work(remote)
+    except ProvisionError as e:
+        r = host_failed(printer, job.target.alias, e)
+    finally:
+        if remote is not None:
+            remote.close()
+    r.duration = time.monotonic() - t0
+    return r, remote
 
 
 def exit_for_failures(results: list[HostResult], printer: Printer) -> None:

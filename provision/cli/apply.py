@@ -42,7 +42,7 @@ from ..runner import HostResult, run_steps
 from ..lock import Lock
 from ..render import NAMES as TEMPLATES
 from ..source import PROJECT_FILES, deploy_files, scan, untracked_note
-from . import connect_job, guarded, host_failed
+from . import connect_job, guarded, host_failed, on_host
 
 
 def deployer() -> str:
@@ -87,17 +87,8 @@ def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, ve
 
     def one(plan) -> HostResult:
         job, steps, lock = plan
-        t0 = time.monotonic()
-        remote = None
-        try:
-            remote = connect_job(job, c, fleet.get("accept_new_host_key", False))
-            r = run_steps(remote, steps, dry_run=dry_run, printer=printer, env=proxy_env(job.settings), lock=lock)
-        except ProvisionError as e:
-            r = host_failed(printer, job.target.alias, e)
-        finally:
-            if remote is not None:
-                remote.conn.close()
-        r.duration = time.monotonic() - t0
+        r, remote = on_host(printer, job, c, fleet.get("accept_new_host_key", False), lambda remote: run_steps(
+            remote, steps, dry_run=dry_run, printer=printer, env=proxy_env(job.settings), lock=lock))
         if remote is not None:
             printer.line(summary_line(r, dry_run))
             if verbose:
@@ -177,7 +168,7 @@ class Transaction:
         if remote is not None:
             if self.verbose:
                 self.printer.line(f"{host}: {remote.round_trips} SSH round trip(s)")
-            remote.conn.close()
+            remote.close()
 
     def prepare(self, host: str) -> None:
         job, deploy, _ = self.plans[host]

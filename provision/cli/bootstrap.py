@@ -116,7 +116,7 @@ class Bootstrap:
         except ProvisionError as e:
             return self.why(e)
         finally:
-            r.conn.close()
+            r.close()
         if rc != 0 or (command == "id -u" and out.strip() != "0"):
             return f"`{r.sudo}{command}` as {user} failed (exit {rc}): {(err or out).strip()[-300:]}"
         return None
@@ -129,7 +129,7 @@ class Bootstrap:
             return None
         except Unreachable as e:
             return f"after sshd reloaded, a fresh login as root could not be tried ({self.why(e)})"
-        r.conn.close()
+        r.close()
         return ("after sshd reloaded, root still logs in (a Match block or an sshd_config file read before "
                 f"{boot.SSHD_DROPIN} lets it: take that out)")
 
@@ -267,7 +267,7 @@ def run_bootstrap(c, *, dry_run: bool = False, verbose: bool = False, accept_new
             r.error, r.code = str(e), e.code
         finally:
             if b.remote is not None:
-                b.remote.conn.close()
+                b.remote.close()
         r.duration = time.monotonic() - t0
         printer.line(summary_line(r, dry_run))
         return r

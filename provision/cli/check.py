@@ -54,7 +54,7 @@ def run_checks(c, flags: dict, extra_args: list[str] | None = None) -> int:
     printer = Printer()
 
     def verify(job: Job) -> HostResult:
-        connect_job(job, c).conn.close()
+        connect_job(job, c).close()
         return HostResult(job.target.alias)
 
     exit_for_failures(run_fleet(work, lambda j: j.target.alias, verify), printer)

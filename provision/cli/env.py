@@ -67,7 +67,7 @@ def _apply(c, change) -> None:
             return host_failed(printer, job.target.alias, e)
         finally:
             if remote is not None:
-                remote.conn.close()
+                remote.close()
         printer.line(summary_line(r, False))
         return r
 
@@ -101,7 +101,7 @@ def env_list(c) -> None:
         try:
             rc, out, err = remote.exec(remote.sudo + appenv.secret_names_command(s.layout), timeout=60)
         finally:
-            remote.conn.close()
+            remote.close()
         if rc != 0:
             return HostResult(label, error=f"{label}: cannot read {s.layout.secrets_file}: {err.strip()[-300:]}")
         for name in out.split():
@@ -152,6 +152,6 @@ def run_command(c, argv) -> None:
         result = remote.conn.run(f"{remote.sudo}bash -c {shlex.quote(command)}", pty=tty, warn=True, hide=False,
                                  echo=False, in_stream=None if tty or not sys.stdin.isatty() else False)
     finally:
-        remote.conn.close()
+        remote.close()
     if result.exited:
         raise Exit(code=result.exited)

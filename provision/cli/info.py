@@ -43,7 +43,7 @@ def show_releases(c) -> None:
             facts = gather(remote, [("ls", s.layout.releases), ("content", s.layout.release_log),
                                     ("file", s.layout.current)])
         finally:
-            remote.conn.close()
+            remote.close()
         live, history = current_release(s, facts), History.read(facts.content(s.layout.release_log))
         names = releases_on_host(s, facts)
         out = lines[job.target.alias] = [f"{job.target.alias}: {len(names)} release(s) in {s.layout.releases}"]
@@ -85,7 +85,7 @@ def show_status(c) -> None:
                                     ("content", s.layout.upstream_file), ("content", "/proc/uptime"), ("os", "")]
                            + [("service", u) for u in units])
         finally:
-            remote.conn.close()
+            remote.close()
         slot = s.layout.live_slot(facts.content(s.layout.upstream_file))
         states, down = [], []
         for u in units:
@@ -147,7 +147,7 @@ def show_logs(c, follow: bool = False, lines: int = 20, process: str | None = No
         try:
             remote.exec(f"{remote.sudo}bash -c {shlex.quote(cmd)}", on_line=lambda l: printer.line(f"{label} | {l}"))
         finally:
-            remote.conn.close()
+            remote.close()
         return HostResult(label)
 
     results = run_fleet(work, lambda j: j.target.alias, one, parallel=max(1, len(work)))

@@ -23,7 +23,7 @@ def set_maintenance(c, on: bool, message: str | None = None) -> None:
         except ProvisionError as e:  # this host's problem; the others go on
             r = HostResult(job.target.alias, error=str(e), code=e.code)
         finally:
-            remote.conn.close()
+            remote.close()
         if not r.failed:
             printer.line(f"{job.target.alias}: maintenance " + ("on: visitors get 503 and the maintenance page" if on
                                                                  else "off: visitors reach the app"))

@@ -51,7 +51,7 @@ class Host:
         try:
             return remote.exec(command, timeout=120)
         finally:
-            remote.conn.close()
+            remote.close()
 
     def sh(self, command: str) -> str:
         """Run a command on the droplet over SSH; returns stdout, fails on non-zero exit."""

@@ -40,7 +40,7 @@ def as_deploy(droplet, command: str) -> str:
     try:
         rc, out, err = remote.exec(f"sudo -n {command}", timeout=60)
     finally:
-        remote.conn.close()
+        remote.close()
     assert rc == 0, f"`{command}` as deploy failed ({rc}): {err}"
     return out
 
@@ -118,7 +118,7 @@ def test_bootstrap_turns_root_and_passwords_off_and_lets_deploy_in(droplet):
     assert "ok      a fresh login through the firewall confirmed it" in out
     assert f"host={droplet.address} user=deploy key=" in out  # the inventory line to use
     with pytest.raises(AuthFailed):
-        login(droplet, "root").conn.close()
+        login(droplet, "root").close()
     assert as_deploy(droplet, "id -u") == "0\n"
     as_deploy(droplet, "sh -c 'echo deploy:pw-for-a-test | chpasswd'")
     transport = paramiko.Transport((droplet.address, 22))
@@ -229,7 +229,7 @@ def test_a_firewall_that_shuts_ssh_out_is_undone_at_once(droplet):
     b = Bootstrap(job, None, Printer(), operator_keys(job))
     with pytest.raises(ProvisionError) as e:
         b.run(ports={"tcp": [80], "udp": []})
-    b.remote.conn.close()
+    b.remote.close()
     assert "a fresh login through the new firewall failed" in str(e.value) and "the firewall is undone" in str(e.value)
     assert as_deploy(droplet, f"nft list table {boot.FIREWALL_TABLE}").count("dport { 22, 80, 443 }") == 1
 
@@ -248,7 +248,7 @@ def test_a_firewall_change_nobody_confirms_is_undone_by_the_timer(droplet):
         rc, table, _ = remote.exec(f"sudo -n nft list table {boot.FIREWALL_TABLE}", timeout=30)
         assert "tcp dport 80 accept" in table, table
     finally:
-        remote.conn.close()
+        remote.close()
     t0 = time.monotonic()
     while not reachable(droplet.address, 22, timeout=1):  # shut out until the timer fires
         assert time.monotonic() - t0 < 60, "the revert timer did not fire"

@@ -201,6 +201,9 @@ def test_after_sshd_reloads_a_fresh_login_as_root_must_be_refused():
 
     class Root:
         conn = Conn()
+
+        def close(self):
+            self.conn.close()
     b.connect = lambda user: Root()
     why = b.root_still_logs_in()
     assert why.startswith("after sshd reloaded, root still logs in (a Match block") and Root.conn.closed

@@ -86,7 +86,7 @@ class Hosts:
                 raise ProvisionError(self.refuse[alias])
             client = FakeSSH(alias, self.log, drops=self.drops if len(self.clients) == 0 else 0)
             self.clients.append(client)
-            return SimpleNamespace(conn=SimpleNamespace(client=client, close=client.close))
+            return SimpleNamespace(conn=SimpleNamespace(client=client), close=client.close)
 
         return open_
 

@@ -58,6 +58,8 @@ DEFAULTS: dict = {
     "tls": False,  # HTTPS with a certificate from an ACME CA (certbot, HTTP-01), HTTP redirected to it
     "acme_directory": "https://acme-v02.api.letsencrypt.org/directory",  # the ACME CA (Let's Encrypt)
     "acme_email": "",  # the CA's contact for expiry notices (optional)
+    # push-to-deploy (fab git.setup, provision/push.py)
+    "git_branch": "main",  # the branch whose pushes deploy; others are only stored
 }
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
@@ -71,6 +73,7 @@ PROXY_RE = re.compile(r"https?://([^\s/:@]+(:[^\s/@]*)?@)?[^\s/@:]+(:\d+)?/?")  
 SIZE_RE = re.compile(r"\d{1,9}[kKmMgG]?")  # an nginx size: 10m, 512k, 0 (no limit)
 URL_RE = re.compile(r"https://[^\s/@]+(/[^\s]*)?")
 EMAIL_RE = re.compile(r"[^\s@,;]+@[^\s@,;]+\.[^\s@,;]+")
+BRANCH_RE = re.compile(r"(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,100}(?<![./])")  # a plain git branch name
 SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
 # The app's system user is named after it: never one of these accounts or groups of Debian and
 # Ubuntu systems and common services, nor systemd-*. (On the host, an account provision did not
@@ -146,6 +149,7 @@ class Settings:
     tls: bool
     acme_directory: str
     acme_email: str
+    git_branch: str
     extra: dict  # other vars (var_*), available to templates
 
     @property
@@ -309,6 +313,9 @@ def build(raw: dict, base_dir: Path) -> Settings:
     email = str(v["acme_email"] or "").strip()
     if email and not EMAIL_RE.fullmatch(email):
         raise _bad("acme_email", email, "expected one e-mail address, or nothing")
+    branch = str(v["git_branch"]).strip()
+    if not BRANCH_RE.fullmatch(branch) or branch.endswith(".lock"):
+        raise _bad("git_branch", branch, "expected a git branch name such as main or production")
     extra = {k[4:]: raw[k] for k in raw if k.startswith("var_")}
     taken = sorted(set(extra) & ({f.name for f in fields(Settings)} | set(Layout(name).variables()) | {"user", "https"}))
     if taken:
@@ -340,6 +347,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
         tls=tls,
         acme_directory=directory,
         acme_email=email,
+        git_branch=branch,
         extra=extra,
         include=_include(_list("include", v["include"]), source, base_dir, (*linked["linked_files"], *linked["linked_dirs"])),
         asgi=asgi,

@@ -75,6 +75,14 @@ CERTBOT_RELOAD_HOOK = f"{CERTBOT_HOOKS}/provision-nginx-reload"  # nginx -t, the
 CERTBOT_UNIT = "certbot.service"  # Debian's: certbot.timer starts it twice a day
 CERTBOT_DROPIN = f"{SYSTEMD_DIR}/{CERTBOT_UNIT}.d/provision-proxy.conf"  # the proxy for renewals
 CERTBOT_PROXY_ENV = f"{LETSENCRYPT_DIR}/provision-proxy.env"  # root's alone: the proxy URL may hold a password
+# Push-to-deploy (fab git.setup): provision itself on the host, the apps' bare repositories, their settings
+PUSH_HOME = "/opt/provision"  # root's: provision's own install on the host, which a push runs
+PUSH_VENV = f"{PUSH_HOME}/venv"  # its dependencies (pinned to the versions fab runs with)
+PUSH_CODE = f"{PUSH_HOME}/code"  # provision's package (provision/), as the local install has it
+PUSH_PROGRAM = f"{PUSH_HOME}/receive"  # what the hook runs as root: deploys a pushed tree read on its stdin
+GIT_ROOT = f"{PROVISION_VAR}/git"  # root's: each app's bare repository, <name>.git (the pushing user's)
+PUSH_SETTINGS = f"{PROVISION_ETC}/push"  # root's alone: each app's settings that are not in fabric.yaml
+PUSH_TMP = "/var/tmp"  # where a push's tree is unpacked, in a fresh root-only folder
 
 
 @dataclass(frozen=True)
@@ -329,6 +337,16 @@ class Layout:
         return f"{LETSENCRYPT_DIR}/renewal/{self.cert_name}.conf"
 
     # -- the deploy lock
+    @property
+    def git_repo(self) -> str:
+        """The app's bare repository (push-to-deploy): the pushing user's, its hooks root's."""
+        return f"{GIT_ROOT}/{self.name}.git"
+
+    @property
+    def push_settings(self) -> str:
+        """This host's settings of the app that fabric.yaml does not give (inventory vars), as JSON."""
+        return f"{PUSH_SETTINGS}/{self.name}.json"
+
     @property
     def lock(self) -> str:
         return f"{self.run_dir}/{self.name}.lock"

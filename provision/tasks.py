@@ -12,6 +12,7 @@ from invoke.parser import Argument
 
 from . import scaffold
 from .cli import apply as applying, bootstrap as booting, check as checking, env as environment, guarded, info as showing, sandbox as sandboxes
+from .cli.git import run_setup
 from .cli.maintenance import set_maintenance
 from .fleet import DEFAULT_PARALLEL
 from .hosts import DEFAULT_INVENTORY
@@ -243,11 +244,18 @@ def run_(c):
     environment.run_command(c, c.remainder if hasattr(c, "remainder") else ())
 
 
+@task(name="setup", help={"dry_run": "show the plan and diffs, touch nothing", "verbose": "show remote commands",
+                         "accept_new_host_key": "record an unknown host key (OpenSSH's accept-new)"})
+def git_setup(c, dry_run=False, verbose=False, accept_new_host_key=False):
+    """Push-to-deploy: a bare repository and its hook on the host; prints the remote to push to."""
+    run_setup(c, verbose=verbose, dry_run=dry_run, accept_new_host_key=accept_new_host_key)
+
+
 def task_names(collection: Collection) -> list[str]:
     return [*collection.task_names, *(a for names in collection.task_names.values() for a in names)]
 
 
 ns = Collection(bootstrap, deploy, plan, provision_, rollback, releases, status, logs, check, inventory, template, run_,
                 Collection("sandbox", up, down, list_, info, snapshot), Collection("env", env_set, env_unset, env_list),
-                Collection("maintenance", maintenance_on, maintenance_off))
+                Collection("maintenance", maintenance_on, maintenance_off), Collection("git", git_setup))
 ns.configure({"inventory": DEFAULT_INVENTORY})

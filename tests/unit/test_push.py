@@ -1,0 +1,185 @@
+"""Push-to-deploy's pure parts: the hook (run with a fake git and program), URLs, the settings a
+host records and layers, the code sent, and the local transport with a real bash."""
+
+import io
+import json
+import os
+import subprocess
+import tarfile
+import time
+
+import pytest
+
+from provision import push
+from provision.errors import ProvisionError, StepFailed
+from provision.local import Local
+from provision.receive import project_app
+
+SHA = "3" * 40
+
+
+@pytest.fixture
+def hooked(tmp_path):
+    """The hook for app hello (branch main), with a fake git (its archive: the commit's name) and
+    a fake program that records its arguments and stdin, exiting with $PROGRAM_RC."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "git").write_text('#!/bin/bash\n[ "$1" = archive ] && echo "tar of ${@: -1}"\n')
+    prog = tmp_path / "receive"
+    prog.write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/calls\ncat >> {tmp_path}/calls\n'
+                    'echo "deploying..."\nexit ${PROGRAM_RC:-0}\n')
+    hook = tmp_path / "pre-receive"
+    hook.write_text(push.hook("hello", "main", sudo=False, program_path=str(prog)))
+    for f in (bin_ / "git", prog, hook):
+        f.chmod(0o755)
+
+    def run(lines: str, rc: int = 0):
+        env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", PROGRAM_RC=str(rc))
+        r = subprocess.run([str(hook)], input=lines, env=env, capture_output=True, text=True, timeout=10)
+        calls = tmp_path / "calls"
+        out = calls.read_text() if calls.exists() else ""
+        if calls.exists():
+            calls.unlink()
+        return r, out
+    return run
+
+
+def test_a_push_to_the_deploy_branch_runs_the_program_with_the_commits_tree(hooked):
+    r, calls = hooked(f"{'1' * 40} {SHA} refs/heads/main\n")
+    assert r.returncode == 0, r.stderr
+    assert calls == f"--app hello --commit {SHA} --branch main\ntar of {SHA}\n"
+    assert "deploying..." in r.stdout  # the program's lines reach the pusher
+
+
+def test_a_failed_deploy_rejects_the_push(hooked):
+    r, calls = hooked(f"{'1' * 40} {SHA} refs/heads/main\n", rc=1)
+    assert r.returncode == 1 and calls
+
+
+def test_other_branches_are_stored_without_a_deploy(hooked):
+    r, calls = hooked(f"{'0' * 40} {SHA} refs/heads/feature\n{SHA} {'0' * 40} refs/heads/old\n"
+                      f"{'0' * 40} {SHA} refs/tags/v1\n")
+    assert r.returncode == 0 and calls == ""
+
+
+def test_deleting_the_deploy_branch_is_refused(hooked):
+    r, calls = hooked(f"{SHA} {'0' * 40} refs/heads/main\n")
+    assert r.returncode == 1 and calls == ""
+    assert "deleting it is refused" in r.stderr
+
+
+def test_the_hook_runs_the_program_through_sudo_unless_root():
+    assert f"| sudo -n {push.PUSH_PROGRAM} --app hello" in push.hook("hello", "main", sudo=True)
+    assert f"| {push.PUSH_PROGRAM} --app hello" in push.hook("hello", "main", sudo=False)
+    assert "refs/heads/production" in push.hook("hello", "production", sudo=False)
+
+
+def test_remote_url_and_the_lines_that_add_it():
+    assert push.remote_url("deploy", "10.231.0.5", 22, "/var/lib/provision/git/hello.git") == \
+        "ssh://deploy@10.231.0.5:22/var/lib/provision/git/hello.git"
+    assert push.remote_url("root", "2001:db8::1", 2222, "/r.git") == "ssh://root@[2001:db8::1]:2222/r.git"
+    hint = push.remote_hint("ssh://root@h:22/r.git", "/keys/id ed")
+    assert hint.splitlines()[0] == "git remote add production ssh://root@h:22/r.git"
+    assert "GIT_SSH_COMMAND='ssh -i /keys/id ed'" in hint and hint.endswith("git push production main")
+    assert "sshCommand" not in push.remote_hint("ssh://root@h:22/r.git", None)
+
+
+def test_the_record_keeps_the_hosts_own_settings_without_the_connections(tmp_path):
+    from provision.config import build
+    (tmp_path / "requirements.txt").write_text("flask\n")
+    s = build({"name": "hello"}, tmp_path)
+    rec = push.record(s, "web1", {"host": "10.0.0.1", "user": "deploy", "key": "~/k", "known_hosts": "kh",
+                                  "workers": "4", "proxy": "http://p:3128", "ca_bundle": "/laptop/ca.pem",
+                                  "deploy_keys": "~/.ssh/id.pub"}, "PEM")
+    assert rec == {"app": "hello", "label": "web1", "branch": "main", "ca_bundle": "PEM",
+                   "vars": {"workers": "4", "proxy": "http://p:3128"}}
+
+
+def test_on_the_host_recorded_vars_beat_the_pushed_fabric_yaml_and_the_ca_is_the_recorded_one():
+    rec = {"app": "hello", "vars": {"workers": "4", "proxy": "http://p:3128"}}
+    raw = push.host_raw({"name": "hello", "workers": 2, "threads": 8, "ca_bundle": "/laptop/ca.pem",
+                         "deploy_keys": ["~/.ssh/id.pub"]}, rec, "/var/tmp/x/ca.pem")
+    assert raw == {"name": "hello", "workers": "4", "threads": 8, "proxy": "http://p:3128",
+                   "ca_bundle": "/var/tmp/x/ca.pem"}
+    assert push.host_raw({"name": "hello", "ca_bundle": "certs/ca.pem"}, {"vars": {}}, None)["ca_bundle"] == \
+        "certs/ca.pem"  # the repository's own file
+
+
+def test_fabric_yaml_of_the_pushed_tree(tmp_path):
+    with pytest.raises(ProvisionError, match="commit abc1234 has no fabric.yaml"):
+        project_app(tmp_path, "abc1234")
+    (tmp_path / "fabric.yaml").write_text("app:\n  name: hello\n  workers: [1\n")
+    with pytest.raises(ProvisionError, match=r"^fabric.yaml of commit abc1234, line \d+: .*; fix the YAML") as e:
+        project_app(tmp_path, "abc1234")
+    assert "\n" not in str(e.value)
+    (tmp_path / "fabric.yaml").write_text("app: hello\n")
+    with pytest.raises(ProvisionError, match="must be a mapping"):
+        project_app(tmp_path, "abc1234")
+    (tmp_path / "fabric.yaml").write_text("tasks: {}\napp:\n  name: hello\n  workers: 3\n")
+    assert project_app(tmp_path, "abc1234") == {"name": "hello", "workers": 3}
+
+
+def test_provisions_code_goes_whole_and_the_same_bytes_twice():
+    files = push.package_files()
+    assert "provision/receive.py" in files and "provision/remote/lock.sh" in files
+    assert "provision/templates/nginx-site.conf.j2" in files
+    assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
+    packed = push.tarball(files)
+    assert packed == push.tarball(dict(files))
+    with tarfile.open(fileobj=io.BytesIO(packed)) as tar:
+        assert tar.extractfile("provision/push.py").read() == files["provision/push.py"]
+    assert push.digest(files) != push.digest({**files, "provision/x.py": b""})
+
+
+def test_dependencies_are_pinned_to_the_local_versions():
+    from importlib.metadata import version
+    assert push.pins() == tuple(f"{n}=={version(n)}" for n in push.HOST_DEPENDENCIES)
+
+
+def test_setup_records_settings_root_only_and_the_hook_as_root(tmp_path):
+    from provision.config import build
+    from provision.steps import File
+    (tmp_path / "requirements.txt").write_text("flask\n")
+    s = build({"name": "hello", "git_branch": "prod"}, tmp_path)
+    rec = push.record(s, "web1", {}, None)
+    steps = push.setup_steps(s, "deploy", rec, {"provision/__init__.py": b""})
+    files = {st.path: st for st in steps if isinstance(st, File)}
+    settings = files["/etc/provision/push/hello.json"]
+    assert settings.mode == 0o600 and settings.owner == "root" and settings.sensitive
+    assert json.loads(settings.content) == rec
+    hook = files["/var/lib/provision/git/hello.git/hooks/pre-receive"]
+    assert hook.owner == "root" and hook.mode == 0o755 and b"refs/heads/prod" in hook.content
+    assert files[push.PUSH_PROGRAM].content.startswith(b"#!/opt/provision/venv/bin/python3 -I\n")
+    repo = next(st for st in steps if st.name.startswith("repository"))
+    assert "chown -R deploy: /var/lib/provision/git/hello.git" in repo.commands
+
+
+def test_git_branch_is_checked(tmp_path):
+    from provision.config import build
+    (tmp_path / "requirements.txt").write_text("flask\n")
+    assert build({"name": "hello"}, tmp_path).git_branch == "main"
+    for bad in ("-x", "a..b", "a b", "main.lock", "x/"):
+        with pytest.raises(ProvisionError, match="app.git_branch"):
+            build({"name": "hello", "git_branch": bad}, tmp_path)
+
+
+def test_local_runs_bash_with_stdin_then_the_stream_and_sees_lines_as_they_come():
+    local, lines, sent = Local("here"), [], []
+    rc, out, err = local.exec("cat; echo oops >&2; exit 3", b"one\n", then=io.BytesIO(b"two\nthree"),
+                              on_line=lines.append, on_sent=sent.append)
+    assert (rc, out, err) == (3, "one\ntwo\nthree", "oops\n")
+    assert lines == ["one", "two"] and sent == [9] and local.round_trips == 1
+    assert local.sudo == ("" if os.geteuid() == 0 else "sudo -n ")
+    local.close()
+
+
+def test_local_lines_arrive_before_the_command_ends():
+    seen = []
+    t0 = time.monotonic()
+    Local("here").exec("echo first; sleep 1; echo second", on_line=lambda line: seen.append((line, time.monotonic() - t0)))
+    assert [s[0] for s in seen] == ["first", "second"] and seen[1][1] - seen[0][1] > 0.5  # the first line came before the sleep
+
+
+def test_local_times_out():
+    with pytest.raises(StepFailed, match="timed out after 1s"):
+        Local("here").exec("sleep 30", timeout=1)

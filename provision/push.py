@@ -148,7 +148,7 @@ def setup_steps(s: Settings, login_user: str, rec: dict, files: dict[str, bytes]
     code = digest(files)
     packed = base64.encodebytes(tarball(files)).decode()
     repo = lay.git_repo
-    owner = "root" if login_user == "root" else login_user
+    owner = login_user
     return trust_steps(s) + [
         Packages(PACKAGES),
         Directory(PUSH_HOME, owner="root", group="root", mode=0o755),
@@ -170,12 +170,14 @@ def setup_steps(s: Settings, login_user: str, rec: dict, files: dict[str, bytes]
         File(PUSH_PROGRAM, program().encode(), mode=0o755),
         Directory(PROVISION_VAR, owner="root", group="root", mode=0o755),
         Directory(GIT_ROOT, owner="root", group="root", mode=0o755),
-        Command(f"repository {repo}", (
-            f"rm -rf {q(repo)}",  # not a repository (no HEAD): made afresh
-            f"git init --bare --quiet --template= --initial-branch={q(s.git_branch)} {q(repo)}",
-            f"chown -R {q(owner)}: {q(repo)}",  # made by root just now: nothing in it is a link
-            f"install -d -o root -g root -m 755 {q(repo + '/hooks')}",
-        ), unless=f"test -f {q(repo + '/HEAD')} && test ! -L {q(repo)}"),
+        Command(f"repository {repo} ({owner}'s)", (
+            f"if [ -L {q(repo)} ] || [ ! -f {q(repo + '/HEAD')} ]; then rm -rf {q(repo)} && git init --bare --quiet "
+            f"--template= --initial-branch={q(s.git_branch)} {q(repo)}; fi",
+            # the pushing user's (never the app's), links changed themselves, never followed
+            f"chown -R -h {q(owner)}: {q(repo)}",
+            f"install -d -m 755 {q(repo + '/hooks')} && chown -R -h root:root {q(repo + '/hooks')}",
+        ), unless=f"test -f {q(repo + '/HEAD')} && test ! -L {q(repo)} && "
+                  f"[ \"$(stat -c %U {q(repo)})\" = {q(owner)} ]"),
         File(f"{repo}/hooks/pre-receive", hook(s.name, s.git_branch, login_user != "root").encode(), mode=0o755),
         Directory(PROVISION_ETC, owner="root", group="root", mode=0o755),
         Directory(PUSH_SETTINGS, owner="root", group="root", mode=0o700),

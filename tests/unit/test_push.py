@@ -151,7 +151,7 @@ def test_setup_records_settings_root_only_and_the_hook_as_root(tmp_path):
     assert hook.owner == "root" and hook.mode == 0o755 and b"refs/heads/prod" in hook.content
     assert files[push.PUSH_PROGRAM].content.startswith(b"#!/opt/provision/venv/bin/python3 -I\n")
     repo = next(st for st in steps if st.name.startswith("repository"))
-    assert "chown -R deploy: /var/lib/provision/git/hello.git" in repo.commands
+    assert "chown -R -h deploy: /var/lib/provision/git/hello.git" in repo.commands
 
 
 def test_git_branch_is_checked(tmp_path):

@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         secrets.remember(cfg.secret_values(rec.get("vars") or {}))
         work = Path(tempfile.mkdtemp(prefix="provision-push-", dir=PUSH_TMP))  # 0700, root's
         os.environ["XDG_CACHE_HOME"] = str(work / "cache")  # the source's hash cache: nothing kept in root's home
+        # the tree is not a checkout: git, asked by the source scan, never looks for one above it (in
+        # /var/tmp, where any user may create a .git whose config would run commands as root)
+        os.environ["GIT_CEILING_DIRECTORIES"] = str(work)
         return deploy(rec, sys.stdin.buffer, args.commit, args.branch, os.environ.get("SUDO_USER") or "root", work,
                       printer)
     except ProvisionError as e:

@@ -183,3 +183,32 @@ def test_local_lines_arrive_before_the_command_ends():
 def test_local_times_out():
     with pytest.raises(StepFailed, match="timed out after 1s"):
         Local("here").exec("sleep 30", timeout=1)
+
+
+def tree_tar(files: dict[str, bytes], path):
+    """A pushed tree as the hook pipes it (a file: tar reads the program's stdin)."""
+    with tarfile.open(path, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return open(path, "rb")
+
+
+def test_a_pushed_tree_naming_another_app_is_refused_before_anything_runs(tmp_path):
+    from provision.output import Printer
+    from provision.receive import deploy
+    out = io.StringIO()
+    tar = tree_tar({"fabric.yaml": b"app:\n  name: other\n", "app.py": b"app = None\n", "requirements.txt": b"flask\n"}, tmp_path / "t.tar")
+    with pytest.raises(ProvisionError, match="names the app 'other', but this repository deploys 'hello'"):
+        deploy({"app": "hello", "vars": {}}, tar, SHA, "main", "deploy", tmp_path, Printer(out))
+    assert out.getvalue() == ""
+
+
+def test_recorded_settings_that_are_wrong_stop_the_push_in_one_line(tmp_path):
+    from provision.output import Printer
+    from provision.receive import deploy
+    tar = tree_tar({"fabric.yaml": b"app:\n  name: hello\n", "app.py": b"app = None\n", "requirements.txt": b"flask\n"}, tmp_path / "t.tar")
+    with pytest.raises(ProvisionError, match="app.workers"):
+        deploy({"app": "hello", "vars": {"workers": "many"}}, tar, SHA, "main", "deploy", tmp_path,
+               Printer(io.StringIO()))

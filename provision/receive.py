@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--branch", required=True)
     args = ap.parse_args(argv)
     printer = Printer(stream=sys.stdout)
+    for sig in (signal.SIGHUP, signal.SIGTERM):  # the push went away: the temporary tree goes too (finally)
+        signal.signal(sig, lambda n, _: sys.exit(128 + n))
     if os.geteuid() != 0:
         printer.error("the push's deploy runs as root (the hook runs it through sudo -n); check the hook")
         return 2

@@ -35,6 +35,7 @@ from . import guarded
 from .apply import own_files, plan_hosts, run_apply, source_key
 
 VENVS = "test-venvs"  # in ~/.cache/provision: the test virtualenvs, each a link <key> to its folder
+KEEP_DAYS = 30  # a test virtualenv no ship used for that long is removed
 
 
 def git(repository: Path, *args: str) -> subprocess.CompletedProcess:
@@ -140,6 +141,7 @@ def test_venv(s: Settings, pytest_default: bool, printer: Printer) -> Path:
     link = cache_dir() / key
     if (link / "bin" / "python").exists():
         printer.line(f"ship: test virtualenv {key} (cached, {link})")
+        os.utime(link.resolve())  # in use: kept by prune()
         return link.resolve()
     what = ", ".join([deps.main, *dev, *added])
     printer.line(f"ship: building the test virtualenv {key} (python {platform.python_version()}: {what}) ...")
@@ -173,7 +175,23 @@ def test_venv(s: Settings, pytest_default: bool, printer: Printer) -> Path:
         remove(build)
         raise
     printer.line(f"ship: test virtualenv built in {time.monotonic() - t0:.1f}s")
+    prune(link.parent)
     return link.resolve()
+
+
+def prune(base: Path, now: float | None = None) -> None:
+    """Test virtualenvs no ship used for KEEP_DAYS go, with their links; so do folders no link
+    publishes a day after they were begun (a build killed half-way)."""
+    now = time.time() if now is None else now
+    published = {os.readlink(p) for p in base.iterdir() if p.is_symlink()}
+    for p in base.iterdir():
+        if p.is_symlink():
+            target = base / os.readlink(p)
+            if not target.is_dir() or now - target.stat().st_mtime > KEEP_DAYS * 86400:
+                p.unlink()
+                remove(target)
+        elif p.is_dir() and p.name not in published and now - p.stat().st_mtime > 86400:
+            remove(p)
 
 
 def run_tests(command: str, cwd: Path, venv: Path) -> tuple[int, float, str]:

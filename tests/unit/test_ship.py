@@ -143,3 +143,30 @@ def test_test_command_is_one_line_of_shell_and_blank_is_the_default():
         with pytest.raises(ProvisionError) as e:
             build(test_command=bad)
         assert "app.test_command" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_test_virtualenvs_unused_for_a_month_and_builds_never_published_are_pruned(tmp_path):
+    import os
+    from provision.cli.ship import KEEP_DAYS, prune
+    now = 1_000_000_000.0
+    for name, age in (("old.1", KEEP_DAYS + 1), ("new.1", 1), ("killed.1", 2), ("building.1", 0.5)):
+        (tmp_path / name / "bin").mkdir(parents=True)
+        os.utime(tmp_path / name, (now - age * 86400,) * 2)
+    (tmp_path / "old").symlink_to("old.1")
+    (tmp_path / "new").symlink_to("new.1")
+    (tmp_path / "gone").symlink_to("gone.1")  # its folder removed by hand
+    prune(tmp_path, now)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["building.1", "new", "new.1"]
+
+
+@pytest.mark.parametrize("example", ["github-actions.yml", "gitlab-ci.yml"])
+def test_the_ci_examples_call_ship_with_options_it_has(example):
+    from invoke.util import yaml
+    from provision.tasks import ship as ship_task
+    text = (ROOT / "docs/ci" / example).read_text()
+    yaml.safe_load(text)
+    lines = [line.strip().lstrip("- ").removeprefix("run: ") for line in text.splitlines() if "fab -H" in line]
+    assert lines and all(line.startswith("fab -H web1 ship") for line in lines)
+    options = {f"--{a.name.replace('_', '-')}" for a in ship_task.get_arguments()}
+    for line in lines:
+        assert {w for w in line.split() if w.startswith("--")} <= options

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import os
 import platform
+import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -122,10 +125,10 @@ def pip_problem(output: bytes) -> str:
     return (errors or lines or ["no output"])[-1]
 
 
-def test_venv(s: Settings, pytest_default: bool, printer: Printer) -> Path:
+def test_venv(s: Settings, pytest: bool, printer: Printer) -> Path:
     """The test virtualenv: the app's requirements (its own files: those of the export), those of a
-    requirements-dev.txt / requirements-test.txt beside them, and pytest for the default command
-    when none of them names it. Built once per key with the python running fab, in a folder of its
+    requirements-dev.txt / requirements-test.txt beside them, and pytest when the command runs
+    it (``pytest``: the default, say) and none of them names it. Built once per key with the python running fab, in a folder of its
     own that a link named after the key publishes when complete."""
     deps = s.dependencies
     files = dict(deps.files)
@@ -135,7 +138,7 @@ def test_venv(s: Settings, pytest_default: bool, printer: Printer) -> Path:
         if path.is_file():
             dev.append(str(path.relative_to(s.source)))
             files.update(read_tree(s.source, dev[-1])[0])
-    added = ("pytest",) if pytest_default and "pytest" not in ship.requirement_names(files.items()) else ()
+    added = ("pytest",) if pytest and "pytest" not in ship.requirement_names(files.items()) else ()
     python = f"{platform.python_implementation()} {platform.python_version()} {os.path.realpath(sys.executable)}"
     key = ship.venv_key(sorted(files.items()), python, added)
     link = cache_dir() / key
@@ -195,33 +198,72 @@ def prune(base: Path, now: float | None = None) -> None:
 
 
 def run_tests(command: str, cwd: Path, venv: Path) -> tuple[int, float, str]:
-    """The tests' exit status, duration and output's end; their output shown as it comes."""
+    """The tests' exit status, duration and output's end; their output shown as it comes. They run
+    in a process group of their own, which goes with them: whatever they left running when they
+    exit, and all of it when fab is interrupted (Ctrl-C, or a SIGTERM as a CI's cancel sends)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "__PYVENV_LAUNCHER__")}
     env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}")
     sys.stdout.flush()
     out = getattr(sys.stdout, "buffer", None)
     t0 = time.monotonic()
     proc = subprocess.Popen(command, shell=True, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    os.set_blocking(proc.stdout.fileno(), False)
     tail = b""
+    main = threading.current_thread() is threading.main_thread()  # where signal handlers are set
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
-        while True:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            if out is not None:
-                out.write(chunk)
-                out.flush()
-            else:
-                sys.stdout.write(chunk.decode(errors="replace"))
-            tail = (tail + chunk)[-65536:]
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                if not sel.select(timeout=0.2):
+                    if proc.poll() is not None:  # it ended; something it started may hold its output open
+                        break
+                    continue
+                try:
+                    chunk = os.read(proc.stdout.fileno(), 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:  # the end of its output
+                    break
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                tail = (tail + chunk)[-65536:]
         code = proc.wait()
     finally:
-        if proc.poll() is None:  # interrupted: the tests go too
-            proc.kill()
-            proc.wait()
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        stop_group(proc)
         proc.stdout.close()
     return code, time.monotonic() - t0, tail.decode(errors="replace")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """What is left of the test command's process group: TERM, then KILL after ``grace`` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        proc.poll()  # the shell reaped: a zombie would keep the group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 EMPTY_JUNIT = ('<?xml version="1.0" encoding="utf-8"?>\n<testsuites><testsuite name="ship" tests="0" errors="0" '
@@ -284,7 +326,7 @@ def run_ship(c, flags: dict, *, allow_dirty: bool = False, junit: str | None = N
             origin = ship.ship_origin(commit, "none", 0.0, "", None, bool(dirty))
         else:
             line = ship.command_line(command, str(report) if report else None)
-            venv = test_venv(es, not es.test_command, printer)
+            venv = test_venv(es, ship.is_pytest(command), printer)
             test_tree = tmp / "test"
             shutil.copytree(tree, test_tree, symlinks=True)
             cwd = test_tree / app.relative_to(tree)
@@ -293,9 +335,10 @@ def run_ship(c, flags: dict, *, allow_dirty: bool = False, junit: str | None = N
             count = ship.pytest_count(tail) if ship.is_pytest(command) else None
             counted = f", {count} test{'s' if count != 1 else ''}" if count is not None else ""
             if code != 0:
-                none = " (pytest collected no tests)" if code == ship.PYTEST_NO_TESTS and ship.is_pytest(command) else ""
-                raise ProvisionError(f"tests failed{none} (exit {code} after {seconds:.1f}s{counted}: {command}): "
-                                     "nothing deployed, no host touched", code=1)
+                what = ("pytest collected no tests" if code == ship.PYTEST_NO_TESTS and ship.is_pytest(command)
+                        else "tests failed")
+                raise ProvisionError(f"{what} (exit {code} after {seconds:.1f}s{counted}: {command}): nothing deployed, "
+                                     "no host touched", code=1)
             printer.line(f"ship: tests passed in {seconds:.1f}s{counted}; deploying {rev}")
             origin = ship.ship_origin(commit, "passed", seconds, command, count, bool(dirty))
         run_apply(c, flags, verbose=verbose, json_file=json_file, break_lock=break_lock, fleet=fleet, atomic=atomic,

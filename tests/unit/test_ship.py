@@ -170,3 +170,28 @@ def test_the_ci_examples_call_ship_with_options_it_has(example):
     options = {f"--{a.name.replace('_', '-')}" for a in ship_task.get_arguments()}
     for line in lines:
         assert {w for w in line.split() if w.startswith("--")} <= options
+
+
+def test_the_tests_run_with_the_virtualenv_first_their_output_shown_and_their_status_kept(tmp_path, capsys):
+    from provision.cli.ship import run_tests
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/python").write_text("#!/bin/sh\necho venv-python \"$@\"\n")
+    (venv / "bin/python").chmod(0o755)
+    code, seconds, tail = run_tests("python -m pytest; echo \"in $VIRTUAL_ENV at $(pwd)\"; exit 3", tmp_path, venv)
+    assert code == 3 and seconds >= 0
+    assert tail == f"venv-python -m pytest\nin {venv} at {tmp_path}\n" == capsys.readouterr().out
+
+
+def test_what_the_tests_leave_running_is_stopped_when_they_end(tmp_path):
+    import os
+    import time
+    from provision.cli.ship import run_tests
+    t0 = time.monotonic()
+    code, _, _ = run_tests("sleep 60 & echo $! > pid", tmp_path, tmp_path)  # the sleep holds their output open
+    assert code == 0 and time.monotonic() - t0 < 30
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):  # reaped by init: a moment at most
+            os.kill(pid, 0)
+            time.sleep(0.1)

@@ -27,13 +27,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .. import ship
+from .. import secrets, ship
 from ..config import Settings
 from ..errors import ProvisionError
 from ..hosts import jobs
 from ..output import Printer
 from ..requirements import FROM_PYPROJECT, read_tree
-from ..source import scan, untracked_note
+from ..source import Source, scan, untracked_note
 from . import guarded
 from .apply import own_files, plan_hosts, run_apply, source_key
 
@@ -270,6 +270,65 @@ EMPTY_JUNIT = ('<?xml version="1.0" encoding="utf-8"?>\n<testsuites><testsuite n
                'failures="0" skipped="0" time="0"/></testsuites>\n')
 
 
+def release_tree(c, s: Settings, flags: dict, repo: Path, commit: str, dirty: list[str], tree: Path,
+                 printer: Printer) -> tuple[dict, Settings, Source]:
+    """The tree to ship, made in ``tree`` (the commit's export; with ``dirty``, the tracked files as
+    they are), with the task's flags and the settings pointing at it, and its files by a deploy's
+    rules (the deploy's own files left out wherever they lie in it), named after the commit."""
+    if dirty:
+        copy_tracked(repo, tree)
+        printer.line(f"ship: --allow-dirty: shipping the working tree as it is, uncommitted changes included "
+                     f"({', '.join(dirty[:ship.SHOWN])}{', ...' if len(dirty) > ship.SHOWN else ''}), on "
+                     f"{commit[:7]}; recorded as dirty")
+        note = untracked_note(scan(*source_key(s, own_files(c, s))))
+        if note:
+            printer.line(f"ship: {note}")
+    else:
+        export(repo, commit, tree)
+    flags = dict(flags, source=str(ship.in_tree(s.source, repo, tree)))
+    try:
+        es = the_app(jobs(c, flags))  # the settings again, read from the export (requirements, include, ...)
+    except ProvisionError as e:
+        raise ProvisionError(f"in the export of commit {commit[:7]}: {e}", e.code) from None
+    own = [p for p in (ship.in_tree(f, repo, tree) for f in own_files(c, es)) if p is not None]
+    return flags, es, replace(scan(*source_key(es, own), remember=False), revision=commit[:7], dirty=bool(dirty))
+
+
+def test_command(s: Settings, source: Source) -> str:
+    """``app.test_command``; else the default when the app has tests (its smoke checks aside); else ""."""
+    checks = str(s.checks.relative_to(s.source)) if s.checks.is_relative_to(s.source) else None
+    files = [f for f in source.files if f.split("/")[0] not in source.included]
+    found = ship.has_tests(files, lambda f: (s.source / f).read_text(errors="replace"), checks)
+    checks = checks if checks and any(f.startswith(checks + "/") for f in files) else None
+    return s.test_command or (ship.default_command(checks) if found else "")
+
+
+def tested(s: Settings, command: str, report: Path | None, tree: Path, tmp: Path, commit: str, dirty: bool,
+           printer: Printer) -> tuple[str, float, int | None]:
+    """The tests run on a copy of ``tree``: (result, seconds, count); a failure is the run's end (exit 1)."""
+    rev = f"commit {commit[:7]}" + (" with uncommitted changes" if dirty else "")
+    if not command:
+        printer.line(f"ship: {rev}: no tests found (no tests/ folder, test_*.py file or pytest configuration) "
+                     "and no app.test_command: deploying it untested")
+        if report is not None:
+            report.write_text(EMPTY_JUNIT)
+        return "none", 0.0, None
+    line = ship.command_line(command, str(report) if report else None)
+    venv = test_venv(s, ship.is_pytest(command), printer)
+    copy = tmp / "test"
+    shutil.copytree(tree, copy, symlinks=True)
+    printer.line(f"ship: testing {rev} in {'a copy' if dirty else 'a clean export'}: {line}")
+    code, seconds, tail = run_tests(line, copy / s.source.relative_to(tree), venv)
+    count = ship.pytest_count(tail) if ship.is_pytest(command) else None
+    counted = f", {count} test{'s' if count != 1 else ''}" if count is not None else ""
+    if code != 0:
+        what = "pytest collected no tests" if code == ship.PYTEST_NO_TESTS and ship.is_pytest(command) else "tests failed"
+        raise ProvisionError(f"{what} (exit {code} after {seconds:.1f}s{counted}: {command}): nothing deployed, "
+                             "no host touched", code=1)
+    printer.line(f"ship: tests passed in {seconds:.1f}s{counted}; deploying {rev}")
+    return "passed", seconds, count
+
+
 @guarded
 def run_ship(c, flags: dict, *, allow_dirty: bool = False, junit: str | None = None, verbose: bool = False,
              json_file: str | None = None, break_lock: bool = False, fleet: dict | None = None,
@@ -288,59 +347,15 @@ def run_ship(c, flags: dict, *, allow_dirty: bool = False, junit: str | None = N
     report = Path(junit).resolve() if junit else None
     if report is not None and not report.parent.is_dir():
         raise ProvisionError(f"--junit {junit}: no folder {report.parent}; create it or name another file")
-    tmp = Path(tempfile.mkdtemp(prefix="provision-ship-"))
+    tmp = Path(tempfile.mkdtemp(prefix="provision-ship-")).resolve()
     try:
         tree = tmp / "release"
-        if dirty:
-            copy_tracked(repo, tree)
-            printer.line(f"ship: --allow-dirty: shipping the working tree as it is, uncommitted changes included "
-                         f"({', '.join(dirty[:ship.SHOWN])}{', ...' if len(dirty) > ship.SHOWN else ''}), on "
-                         f"{commit[:7]}; recorded as dirty")
-            note = untracked_note(scan(*source_key(s, own_files(c, s))))
-            if note:
-                printer.line(f"ship: {note}")
-        else:
-            export(repo, commit, tree)
-        app = ship.in_tree(s.source, repo, tree)
-        flags = dict(flags, source=str(app))
-        try:
-            es = the_app(jobs(c, flags))  # the settings again, read from the export (requirements, include, ...)
-        except ProvisionError as e:
-            raise ProvisionError(f"in the export of commit {commit[:7]}: {e}", e.code) from None
-        own = [p for p in (ship.in_tree(f, repo, tree) for f in own_files(c, es)) if p is not None]
-        source = replace(scan(*source_key(es, own), remember=False), revision=commit[:7], dirty=bool(dirty))
+        flags, es, source = release_tree(c, s, flags, repo, commit, dirty, tree, printer)
         # every host's plan made now, so a bad template or setting stops before the tests run
         plan_hosts(c, flags, source=source, origin={"commit": commit, "via": "ship"})
-
-        checks = str(es.checks.relative_to(es.source)) if es.checks.is_relative_to(es.source) else None
-        own_files_ = [f for f in source.files if f.split("/")[0] not in source.included]
-        found = ship.has_tests(own_files_, lambda f: (es.source / f).read_text(errors="replace"), checks)
-        checks = checks if checks and any(f.startswith(checks + "/") for f in own_files_) else None
-        command = es.test_command or (ship.default_command(checks) if found else "")
-        rev = f"commit {commit[:7]}" + (" with uncommitted changes" if dirty else "")
-        if not command:
-            printer.line(f"ship: {rev}: no tests found (no tests/ folder, test_*.py file or pytest configuration) "
-                         "and no app.test_command: deploying it untested")
-            if report is not None:
-                report.write_text(EMPTY_JUNIT)
-            origin = ship.ship_origin(commit, "none", 0.0, "", None, bool(dirty))
-        else:
-            line = ship.command_line(command, str(report) if report else None)
-            venv = test_venv(es, ship.is_pytest(command), printer)
-            test_tree = tmp / "test"
-            shutil.copytree(tree, test_tree, symlinks=True)
-            cwd = test_tree / app.relative_to(tree)
-            printer.line(f"ship: testing {rev} in {'a copy' if dirty else 'a clean export'}: {line}")
-            code, seconds, tail = run_tests(line, cwd, venv)
-            count = ship.pytest_count(tail) if ship.is_pytest(command) else None
-            counted = f", {count} test{'s' if count != 1 else ''}" if count is not None else ""
-            if code != 0:
-                what = ("pytest collected no tests" if code == ship.PYTEST_NO_TESTS and ship.is_pytest(command)
-                        else "tests failed")
-                raise ProvisionError(f"{what} (exit {code} after {seconds:.1f}s{counted}: {command}): nothing deployed, "
-                                     "no host touched", code=1)
-            printer.line(f"ship: tests passed in {seconds:.1f}s{counted}; deploying {rev}")
-            origin = ship.ship_origin(commit, "passed", seconds, command, count, bool(dirty))
+        command = test_command(es, source)
+        result, seconds, count = tested(es, command, report, tree, tmp, commit, bool(dirty), printer)
+        origin = ship.ship_origin(commit, result, seconds, secrets.mask(command), count, bool(dirty))
         run_apply(c, flags, verbose=verbose, json_file=json_file, break_lock=break_lock, fleet=fleet, atomic=atomic,
                   origin=origin, source=source)
     finally:

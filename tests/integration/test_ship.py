@@ -156,3 +156,17 @@ def test_the_release_is_exactly_the_commit_tested_in_its_clean_export(droplet, r
     manifest = json.loads(droplet.sh("cat /srv/hello/current/.provision/manifest.json"))
     assert set(manifest) == set(git(repo, "ls-files").splitlines())
     assert last_log(droplet)["commit"] == sha and "dirty" not in last_log(droplet)
+
+
+def test_a_mistake_a_deploy_would_find_stops_the_ship_before_its_tests_run(droplet, repo, cache, tmp_path):
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "nginx-site.conf.j2").write_text("server { listen 80; {{ no_such_variable }} }\n")
+    marker = tmp_path / "tests-ran"
+    was = live(droplet)
+    res = droplet.fab("-H", droplet.name, "ship", "--source", str(repo),
+                      env={"XDG_CACHE_HOME": str(cache), "FABRIC_APP_TEMPLATES": str(templates),
+                           "FABRIC_APP_TEST_COMMAND": f"touch {marker}"})
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "no_such_variable" in res.stderr and res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert not marker.exists() and live(droplet) == was

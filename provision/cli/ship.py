@@ -146,6 +146,8 @@ def test_venv(s: Settings, pytest: bool, printer: Printer) -> Path:
         printer.line(f"ship: test virtualenv {key} (cached, {link})")
         os.utime(link.resolve())  # in use: kept by prune()
         return link.resolve()
+    if link.is_symlink():  # its folder removed by hand: built again
+        link.unlink()
     what = ", ".join([deps.main, *dev, *added])
     printer.line(f"ship: building the test virtualenv {key} (python {platform.python_version()}: {what}) ...")
     t0 = time.monotonic()

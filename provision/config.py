@@ -49,6 +49,7 @@ DEFAULTS: dict = {
     "timers": {},  # name -> {schedule: systemd OnCalendar, command}
     "env": {},  # plain environment variables of every process of the app (visible in plans)
     "release_command": "",  # shell command run in each new release before it takes traffic (or a Procfile's release: line)
+    "test_command": "",  # fab ship: the app's tests, run locally in a clean export ("": python -m pytest when it has tests)
     # fab bootstrap (provision/bootstrap.py)
     "deploy_user": "deploy",  # the login user with passwordless sudo that replaces root's login
     "deploy_keys": [],  # local public key files given to deploy_user (default: the connection's key, -i / key=)
@@ -141,6 +142,7 @@ class Settings:
     timers: dict[str, dict[str, str]]
     env: dict
     release_command: str
+    test_command: str  # "": fab ship runs the default (provision/ship.py)
     deploy_user: str
     deploy_keys: tuple[str, ...]  # public key lines
     open_ports: tuple[str, ...]  # "PORT/tcp" or "PORT/udp"
@@ -300,6 +302,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
     release_command = str(v["release_command"] or from_procfile.get("release") or "").strip()
     if "\0" in release_command:
         raise _bad("release_command", release_command, "a shell command cannot hold a NUL")
+    test_command = _test_command(v["test_command"])
     size = str(v["client_max_body_size"]).strip()
     if not SIZE_RE.fullmatch(size):
         raise _bad("client_max_body_size", size, "expected an nginx size: a number with k, m or g (10m), or 0 for no limit")
@@ -343,6 +346,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
         graceful_timeout=_int("graceful_timeout", v["graceful_timeout"], 1, 3600),
         env=env,
         release_command=release_command,
+        test_command=test_command,
         client_max_body_size=size,
         tls=tls,
         acme_directory=directory,
@@ -361,6 +365,17 @@ def build(raw: dict, base_dir: Path) -> Settings:
         open_ports=_ports(v["open_ports"]),
         unattended_upgrades=_bool("unattended_upgrades", v["unattended_upgrades"]),
     )
+
+
+def _test_command(value) -> str:
+    """``test_command``: one shell command line, run locally by ``fab ship``; empty (or blank) is the
+    default (``python -m pytest`` when the app has tests): it never turns the tests off."""
+    if not isinstance(value, str):
+        raise _bad("test_command", value, "expected a shell command as one string, e.g. python -m pytest -x")
+    command = value.strip()
+    if "\0" in command or "\n" in command or "\r" in command:
+        raise _bad("test_command", command, "expected one line of shell (join several commands with &&)")
+    return command
 
 
 def _deploy_user(value, app: str) -> str:

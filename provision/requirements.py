@@ -114,6 +114,22 @@ def include_of(line: str) -> tuple[str, str] | None:
 def from_requirements(source: Path, requirements: str, asgi: bool) -> Dependencies:
     """A requirements file inside ``source`` and every file it includes, each read once."""
     main = inside(source, "", requirements, f"invalid setting app.requirements={requirements!r}", "it")
+    files, names, hashed = read_tree(source, main)
+    if hashed:
+        missing = [canonical(re.split(r"[\[<>=]", s)[0]) for s in servers(asgi)]
+        missing = [m for m in missing if m not in names]
+        if missing:
+            what = " and ".join(missing)
+            raise ProvisionError(
+                f"{main} is hash-pinned (--hash), so provision adds no {what} to it: pin {what} there too, "
+                f"with its --hash (pip download {' '.join(missing)}, then pip hash each file)"
+                + ("; WebSockets need websockets pinned as well" if "uvicorn" in missing else ""))
+    return Dependencies(source / main, tuple(files.items()), hashed, () if hashed else servers(asgi))
+
+
+def read_tree(source: Path, main: str) -> tuple[dict[str, bytes], set[str], bool]:
+    """The requirements file ``main`` (a path inside ``source``) and every file it includes, each read
+    once: {path: content}, the names they install (constraints aside) and whether any is hash-pinned."""
     files: dict[str, bytes] = {}
     names: set[str] = set()
     hashed = False
@@ -130,20 +146,15 @@ def from_requirements(source: Path, requirements: str, asgi: bool) -> Dependenci
                 option, path = include
                 todo.append((inside(source, rel, path, f"{rel}, line {n}", f"{option} {path}"),
                              constraint or option == "-c"))
-            elif not line.startswith("-") and not constraint:
-                name = NAME_RE.match(line)
-                if name:
-                    names.add(canonical(name.group(1)))
-    if hashed:
-        missing = [canonical(re.split(r"[\[<>=]", s)[0]) for s in servers(asgi)]
-        missing = [m for m in missing if m not in names]
-        if missing:
-            what = " and ".join(missing)
-            raise ProvisionError(
-                f"{main} is hash-pinned (--hash), so provision adds no {what} to it: pin {what} there too, "
-                f"with its --hash (pip download {' '.join(missing)}, then pip hash each file)"
-                + ("; WebSockets need websockets pinned as well" if "uvicorn" in missing else ""))
-    return Dependencies(source / main, tuple(files.items()), hashed, () if hashed else servers(asgi))
+            elif not constraint and requirement_name(line):
+                names.add(requirement_name(line))
+    return files, names, hashed
+
+
+def requirement_name(line: str) -> str | None:
+    """The distribution a requirements file's (logical) line installs, canonical; None for an option."""
+    name = None if line.startswith("-") else NAME_RE.match(line)
+    return canonical(name.group(1)) if name else None
 
 
 def inside(source: Path, including: str, path: str, where: str, what: str) -> str:

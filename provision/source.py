@@ -188,7 +188,8 @@ class HashCache:
     RACY = 2.0
     KEEP_DAYS = 30  # other folders' caches unused that long are removed
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, keep: bool = True):
+        self.keep = keep  # False: nothing saved (a folder never scanned again, as fab ship's export)
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "provision"
         self.path = base / f"hashes-{hashlib.sha256(os.fsencode(root)).hexdigest()[:16]}.json"
         try:
@@ -209,7 +210,7 @@ class HashCache:
         return digest
 
     def save(self) -> None:
-        if self.new == self.old:
+        if not self.keep or self.new == self.old:
             return
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -261,9 +262,11 @@ def _listing(root: Path, leave_out: Iterable[str]) -> tuple[list[str], list[str]
     return sorted(filter(shipped, files)), sorted(filter(shipped, untracked)), revision, dirty
 
 
-def scan(root: Path, leave_out: Iterable[str] = (), include: Iterable[tuple[Path, Iterable[str]]] = ()) -> Source:
+def scan(root: Path, leave_out: Iterable[str] = (), include: Iterable[tuple[Path, Iterable[str]]] = (),
+         remember: bool = True) -> Source:
     """The files of the app in ``root``, but those in ``leave_out`` (relative paths); with those of
-    each ``include`` (a folder or file outside it, and what to leave out of it) under its name."""
+    each ``include`` (a folder or file outside it, and what to leave out of it) under its name.
+    ``remember``: keep the files' hashes for the next scan of ``root`` (not for a temporary folder)."""
     root = root.resolve()
     if not root.is_dir():
         raise ProvisionError(f"app source {root} is not a directory; point --source at your app")
@@ -292,7 +295,7 @@ def scan(root: Path, leave_out: Iterable[str] = (), include: Iterable[tuple[Path
             elif not stat.S_ISREG(mode):
                 raise ProvisionError(f"app source: {str(path)!r} is not a regular file; remove it")
         untracked += [prefix + rel for rel in others]
-    h, hashes, cache = hashlib.sha256(), {}, HashCache(root)
+    h, hashes, cache = hashlib.sha256(), {}, HashCache(root, keep=remember)
     for rel in sorted(local):
         kind, hashes[rel] = _entry(local[rel], links.get(rel), cache)
         h.update(rel.encode() + b"\0" + kind + b"\0")

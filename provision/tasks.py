@@ -13,6 +13,7 @@ from invoke.parser import Argument
 from . import scaffold
 from .cli import apply as applying, bootstrap as booting, check as checking, env as environment, guarded, info as showing, sandbox as sandboxes
 from .cli.git import run_setup
+from .cli.ship import run_ship
 from .cli.maintenance import set_maintenance
 from .fleet import DEFAULT_PARALLEL
 from .hosts import DEFAULT_INVENTORY
@@ -52,7 +53,7 @@ class ProvisionTask(Task):
     parameter that takes the words after ``fab ... <invoked_as>`` (env.set A=1 B=2);
     ``takes_remainder``: what follows ``--`` reaches the task (``c.remainder``)."""
 
-    LONG_ONLY = {"serial", "no_atomic"}
+    LONG_ONLY = {"serial", "no_atomic", "allow_dirty", "junit"}
 
     def __init__(self, *args, words: str | None = None, invoked_as: str = "", takes_remainder: bool = False,
                  **kwargs):
@@ -106,6 +107,18 @@ def deploy(c, source=None, dry_run=False, verbose=False, json=None, break_lock=F
     """Provision the host, push a release, switch to it without dropping requests, health-check."""
     applying.run_apply(c, _flags(source), dry_run=dry_run, verbose=verbose, json_file=json, break_lock=break_lock,
                   fleet=_fleet(parallel, serial, max_fail, accept_new_host_key), atomic=not no_atomic)
+
+
+@task(help={"source": "app directory, in a git repository (default: app.source)",
+            "allow_dirty": "ship the working tree's tracked files with their uncommitted changes (recorded as dirty)",
+            "junit": "write the tests' JUnit XML report to this file (for CI)",
+            "json": "write the per-host summary to this file",
+            "no_atomic": "each host switches on its own (as deploy --no-atomic)", **FLEET_HELP})
+def ship(c, source=None, allow_dirty=False, junit=None, verbose=False, json=None, break_lock=False, parallel=None,
+         serial=None, max_fail=None, accept_new_host_key=False, no_atomic=False):
+    """Test the commit in a clean export (app.test_command), deploy exactly that tree if they pass."""
+    run_ship(c, _flags(source), allow_dirty=allow_dirty, junit=junit, verbose=verbose, json_file=json,
+             break_lock=break_lock, fleet=_fleet(parallel, serial, max_fail, accept_new_host_key), atomic=not no_atomic)
 
 
 @task(help={"source": "app directory (default: app.source)", "verbose": "show remote commands"})
@@ -255,7 +268,7 @@ def task_names(collection: Collection) -> list[str]:
     return [*collection.task_names, *(a for names in collection.task_names.values() for a in names)]
 
 
-ns = Collection(bootstrap, deploy, plan, provision_, rollback, releases, status, logs, check, inventory, template, run_,
+ns = Collection(bootstrap, deploy, ship, plan, provision_, rollback, releases, status, logs, check, inventory, template, run_,
                 Collection("sandbox", up, down, list_, info, snapshot), Collection("env", env_set, env_unset, env_list),
                 Collection("maintenance", maintenance_on, maintenance_off), Collection("git", git_setup))
 ns.configure({"inventory": DEFAULT_INVENTORY})

@@ -28,6 +28,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 from invoke import Exit
 
@@ -41,7 +42,7 @@ from ..output import Printer, summary_line, summary_table
 from ..runner import HostResult, run_steps
 from ..lock import Lock
 from ..render import NAMES as TEMPLATES
-from ..source import PROJECT_FILES, deploy_files, scan, untracked_note
+from ..source import PROJECT_FILES, Source, deploy_files, scan, untracked_note
 from . import connect_job, guarded, host_failed, on_host
 
 
@@ -55,33 +56,56 @@ def lock_for(s: cfg.Settings, action: str, release: str, break_lock: bool) -> Lo
     return Lock(s.layout, holder, break_lock)
 
 
-@guarded
-def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, verbose: bool = False,
-              json_file: str | None = None, break_lock: bool = False, to: str | None = None,
-              fleet: dict | None = None, atomic: bool = True) -> list[HostResult]:
-    """deploy, provision or rollback the selected hosts."""
-    fleet = fleet or {}
-    start = time.monotonic()
-    work = jobs(c, flags)
+def own_files(c, s: cfg.Settings) -> list[Path]:
+    """The deploy's own files (fabfile, Fabric's config, the inventories, provision's template
+    overrides): never in a release, even where they lie inside the app's source."""
+    return [*(project(c) / f for f in PROJECT_FILES), *inventory_paths(c), *(s.templates / n for n in TEMPLATES)]
+
+
+def source_key(s: cfg.Settings, own: list[Path]) -> tuple:
+    """What :func:`provision.source.scan` reads of the app: its source, its includes, and of each
+    what to leave out (the deploy's ``own`` files lying inside)."""
+    return s.source, deploy_files(s.source, own), tuple((p, deploy_files(p, own)) for p in s.include)
+
+
+def plan_hosts(c, flags: dict, *, mode: str = "deploy", break_lock: bool = False, to: str | None = None,
+               origin: dict | None = None, source: Source | None = None) -> tuple[list, list[tuple[Source, list[str]]]]:
+    """Every selected host's (job, steps, lock), decided locally, and each source read with the
+    hosts that read it. ``source``: the app's files for every host (fab ship's tested export),
+    instead of each host's ``app.source``; ``origin``: where the release comes from (its meta and
+    the release log)."""
     plans, sources, readers = [], {}, {}
-    for job in work:  # decide everything locally before touching any host
+    for job in jobs(c, flags):  # decide everything locally before touching any host
         s = job.settings
         if mode == "deploy":
-            own = [*(project(c) / f for f in PROJECT_FILES), *inventory_paths(c), *(s.templates / n for n in TEMPLATES)]
-            key = (s.source, deploy_files(s.source, own), tuple((p, deploy_files(p, own)) for p in s.include))
-            source = sources[key] = sources.get(key) or scan(*key)
-            readers.setdefault(key, []).append(job.target.alias)
-            rid = source.release_id()
-            steps = Deploy(s, source, rid, deployer())
+            if source is None:
+                key = source_key(s, own_files(c, s))
+                sources[key] = sources.get(key) or scan(*key)
+                readers.setdefault(key, []).append(job.target.alias)
+            app = sources[key] if source is None else source
+            rid = app.release_id()
+            steps = Deploy(s, app, rid, deployer(), origin)
         elif mode == "rollback":
             rid = to or "previous release"
             steps = Rollback(s, to, deployer())
         else:
             rid, steps = "-", provision_steps(s)
         plans.append((job, steps, lock_for(s, mode, rid, break_lock)))
+    return plans, [(sources[key], hosts) for key, hosts in readers.items()]
+
+
+@guarded
+def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, verbose: bool = False,
+              json_file: str | None = None, break_lock: bool = False, to: str | None = None,
+              fleet: dict | None = None, atomic: bool = True, origin: dict | None = None,
+              source: Source | None = None) -> list[HostResult]:
+    """deploy, provision or rollback the selected hosts (``origin``, ``source``: see :func:`plan_hosts`)."""
+    fleet = fleet or {}
+    start = time.monotonic()
+    plans, read = plan_hosts(c, flags, mode=mode, break_lock=break_lock, to=to, origin=origin, source=source)
     printer = Printer(verbose=verbose)
-    for key, hosts in readers.items():  # once per source, before any host is touched
-        note = untracked_note(sources[key])
+    for app, hosts in read:  # once per source, before any host is touched
+        note = untracked_note(app)
         if note:
             printer.line(f"{', '.join(hosts[:3])}{f' and {len(hosts) - 3} more' if len(hosts) > 3 else ''}: {note}")
 

@@ -66,7 +66,9 @@ def origin(entry: dict) -> str:
     commit and the tests it passed."""
     tests = entry.get("tests") if isinstance(entry.get("tests"), dict) else {}
     out = f", commit {str(entry['commit'])[:12]}" if entry.get("commit") else ""
-    if tests:
+    if tests.get("result") == "none":
+        out += ", no tests"
+    elif tests:
         out += f", tests {tests.get('result', '?')}" + (f" in {tests['seconds']:.1f}s" if isinstance(
             tests.get("seconds"), (int, float)) else "")
     return out + (f" (via {entry['via']})" if entry.get("via") else "")

@@ -67,6 +67,8 @@ def test_fab_releases_says_the_commit_and_tests_of_a_release():
     assert origin({"commit": "0123456789abcdef0123", "tests": {"result": "passed", "seconds": 3.21}, "via": "push"}
                   ) == ", commit 0123456789ab, tests passed in 3.2s (via push)"
     assert origin({"release": "r1"}) == ""
+    assert origin({"commit": "0" * 40, "tests": {"result": "none", "seconds": 0.0}, "via": "ship"}
+                  ) == ", commit 000000000000, no tests (via ship)"
 
 
 def test_the_switch_gets_every_path_from_the_layout():

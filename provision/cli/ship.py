@@ -1,0 +1,364 @@
+"""``fab -H HOST ship``: the commit being shipped, tested in a clean export of it, deployed only
+when its tests pass, and exactly the tree they passed on.
+
+1. Everything a deploy validates is validated first (inventory, settings, source, templates), and
+   the repository holding the app must be clean (``--allow-dirty``: its tracked files as they are).
+2. The commit (``git archive HEAD``) is exported into a temporary folder: the release is made from
+   that export (the deploy's file rules, its revision the commit's), and a copy of it runs the tests.
+3. The tests (``app.test_command``, default ``python -m pytest`` when the app has tests) run locally
+   in a virtualenv of the app's own requirements (cached in ~/.cache/provision/test-venvs), their
+   output shown as it comes. A failure ends the run, exit 1, before any connection is opened.
+4. The export is deployed as ``fab deploy`` deploys (one host, or a fleet's transaction), its
+   origin (commit, tests, duration) in the release's meta and the release log.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .. import secrets, ship
+from ..config import Settings
+from ..errors import ProvisionError
+from ..hosts import jobs
+from ..output import Printer
+from ..requirements import FROM_PYPROJECT, read_tree
+from ..source import Source, scan, untracked_note
+from . import guarded
+from .apply import own_files, plan_hosts, run_apply, source_key
+
+VENVS = "test-venvs"  # in ~/.cache/provision: the test virtualenvs, each a link <key> to its folder
+KEEP_DAYS = 30  # a test virtualenv no ship used for that long is removed
+
+
+def git(repository: Path, *args: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["git", "-C", str(repository), *args], capture_output=True)
+    except FileNotFoundError:
+        raise ProvisionError("fab ship ships a git commit, and git is not installed here; install git, or deploy "
+                             "the directory as it is with fab deploy")
+
+
+def repository(source: Path) -> Path:
+    """The git repository holding the app, with its commit (HEAD)."""
+    top = git(source, "rev-parse", "--show-toplevel")
+    if top.returncode != 0:
+        raise ProvisionError(f"{source} is not in a git repository: fab ship ships a commit (tested in a clean "
+                             "export of it); fab deploy deploys a directory as it is")
+    return Path(os.fsdecode(top.stdout.strip())).resolve()
+
+
+def head(repo: Path) -> str:
+    sha = git(repo, "rev-parse", "--verify", "-q", "HEAD^{commit}")
+    if sha.returncode != 0:
+        raise ProvisionError(f"{repo} has no commit yet: commit the app, then fab ship ships that commit")
+    return sha.stdout.decode().strip()
+
+
+def export(repo: Path, commit: str, tree: Path) -> None:
+    """The commit's files into ``tree`` (``git archive``: its export-ignore and export-subst
+    attributes apply, as to any archive of it)."""
+    tree.mkdir()
+    archive = subprocess.Popen(["git", "-C", str(repo), "archive", "--format=tar", commit], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    untar = subprocess.run(["tar", "-x", "-f", "-", "-C", str(tree)], stdin=archive.stdout, capture_output=True)
+    archive.stdout.close()
+    err = archive.stderr.read().decode(errors="replace").strip()
+    if archive.wait() != 0 or untar.returncode != 0:
+        why = err or untar.stderr.decode(errors="replace").strip()
+        raise ProvisionError(f"cannot export commit {commit[:7]} of {repo}: {why.splitlines()[-1] if why else '?'}")
+
+
+def copy_tracked(repo: Path, tree: Path) -> None:
+    """The repository's tracked files as they are in the working tree (``--allow-dirty``), into ``tree``."""
+    tree.mkdir()
+    for name in git(repo, "ls-files", "-z", "--cached").stdout.split(b"\0"):
+        rel = os.fsdecode(name)
+        src, dest = repo / rel, tree / rel
+        if not rel or not (src.is_symlink() or src.is_file()):  # deleted, or a submodule
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dest)
+        else:
+            shutil.copy2(src, dest)
+
+
+def remove(path: Path) -> None:
+    """A temporary folder, whatever the tests left in it (read-only folders included)."""
+    for top, dirs, _ in os.walk(path):
+        for d in dirs:
+            if not os.path.islink(os.path.join(top, d)):
+                os.chmod(os.path.join(top, d), 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def the_app(work: list) -> Settings:
+    """The one app the selection ships: its tests run once, for every host."""
+    first = work[0].settings
+    for job in work[1:]:
+        s = job.settings
+        for key in ("source", "include", "requirements", "test_command"):
+            if getattr(s, key) != getattr(first, key):
+                raise ProvisionError(f"fab ship tests one app for all its hosts, and {work[0].target.alias} and "
+                                     f"{job.target.alias} differ in app.{key}; ship them separately")
+    return first
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "provision" / VENVS
+
+
+def pip_problem(output: bytes) -> str:
+    lines = [l.strip() for l in output.decode(errors="replace").splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("ERROR:")]
+    return (errors or lines or ["no output"])[-1]
+
+
+def test_venv(s: Settings, pytest: bool, printer: Printer) -> Path:
+    """The test virtualenv: the app's requirements (its own files: those of the export), those of a
+    requirements-dev.txt / requirements-test.txt beside them, and pytest when the command runs
+    it (``pytest``: the default, say) and none of them names it. Built once per key with the python running fab, in a folder of its
+    own that a link named after the key publishes when complete."""
+    deps = s.dependencies
+    files = dict(deps.files)
+    dev = []
+    for name in ship.DEV_REQUIREMENTS:
+        path = deps.origin.parent / name
+        if path.is_file():
+            dev.append(str(path.relative_to(s.source)))
+            files.update(read_tree(s.source, dev[-1])[0])
+    added = ("pytest",) if pytest and "pytest" not in ship.requirement_names(files.items()) else ()
+    python = f"{platform.python_implementation()} {platform.python_version()} {os.path.realpath(sys.executable)}"
+    key = ship.venv_key(sorted(files.items()), python, added)
+    link = cache_dir() / key
+    if (link / "bin" / "python").exists():
+        printer.line(f"ship: test virtualenv {key} (cached, {link})")
+        os.utime(link.resolve())  # in use: kept by prune()
+        return link.resolve()
+    if link.is_symlink():  # its folder removed by hand: built again
+        link.unlink()
+    what = ", ".join([deps.main, *dev, *added])
+    printer.line(f"ship: building the test virtualenv {key} (python {platform.python_version()}: {what}) ...")
+    t0 = time.monotonic()
+    link.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=link.parent))
+    try:
+        made = subprocess.run([sys.executable, "-m", "venv", str(build)], capture_output=True)
+        if made.returncode != 0:
+            raise ProvisionError(f"the test virtualenv could not be made ({sys.executable} -m venv): "
+                                 f"{pip_problem(made.stdout + made.stderr)}; nothing deployed", code=1)
+        main = deps.origin
+        if deps.main == FROM_PYPROJECT:  # pyproject.toml's dependencies, as a requirements file
+            main = build / FROM_PYPROJECT
+            main.write_bytes(files[FROM_PYPROJECT])
+        for args, named in (([ "-r", str(main)], deps.main),
+                            ([a for d in dev for a in ("-r", d)] + list(added), ", ".join([*dev, *added]))):
+            if not args:
+                continue
+            pip = subprocess.run([str(build / "bin" / "python"), "-m", "pip", "install", "-q",
+                                  "--disable-pip-version-check", *args], cwd=s.source, capture_output=True)
+            if pip.returncode != 0:
+                raise ProvisionError(f"the test virtualenv could not be built: pip install {named} failed: "
+                                     f"{pip_problem(pip.stdout + pip.stderr)}; fix the app's requirements "
+                                     "(nothing deployed)", code=1)
+        try:
+            os.symlink(build.name, link)  # complete: published at once, or another ship's was first
+        except FileExistsError:
+            remove(build)
+    except BaseException:
+        remove(build)
+        raise
+    printer.line(f"ship: test virtualenv built in {time.monotonic() - t0:.1f}s")
+    prune(link.parent)
+    return link.resolve()
+
+
+def prune(base: Path, now: float | None = None) -> None:
+    """Test virtualenvs no ship used for KEEP_DAYS go, with their links; so do folders no link
+    publishes a day after they were begun (a build killed half-way)."""
+    now = time.time() if now is None else now
+    published = {os.readlink(p) for p in base.iterdir() if p.is_symlink()}
+    for p in base.iterdir():
+        if p.is_symlink():
+            target = base / os.readlink(p)
+            if not target.is_dir() or now - target.stat().st_mtime > KEEP_DAYS * 86400:
+                p.unlink()
+                remove(target)
+        elif p.is_dir() and p.name not in published and now - p.stat().st_mtime > 86400:
+            remove(p)
+
+
+def run_tests(command: str, cwd: Path, venv: Path) -> tuple[int, float, str]:
+    """The tests' exit status, duration and output's end; their output shown as it comes. They run
+    in a process group of their own, which goes with them: whatever they left running when they
+    exit, and all of it when fab is interrupted (Ctrl-C, or a SIGTERM as a CI's cancel sends)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "__PYVENV_LAUNCHER__")}
+    env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}")
+    sys.stdout.flush()
+    out = getattr(sys.stdout, "buffer", None)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(command, shell=True, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    os.set_blocking(proc.stdout.fileno(), False)
+    tail = b""
+    main = threading.current_thread() is threading.main_thread()  # where signal handlers are set
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                if not sel.select(timeout=0.2):
+                    if proc.poll() is not None:  # it ended; something it started may hold its output open
+                        break
+                    continue
+                try:
+                    chunk = os.read(proc.stdout.fileno(), 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:  # the end of its output
+                    break
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                tail = (tail + chunk)[-65536:]
+        code = proc.wait()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        stop_group(proc)
+        proc.stdout.close()
+    return code, time.monotonic() - t0, tail.decode(errors="replace")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """What is left of the test command's process group: TERM, then KILL after ``grace`` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        proc.poll()  # the shell reaped: a zombie would keep the group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+EMPTY_JUNIT = ('<?xml version="1.0" encoding="utf-8"?>\n<testsuites><testsuite name="ship" tests="0" errors="0" '
+               'failures="0" skipped="0" time="0"/></testsuites>\n')
+
+
+def release_tree(c, s: Settings, flags: dict, repo: Path, commit: str, dirty: list[str], tree: Path,
+                 printer: Printer) -> tuple[dict, Settings, Source]:
+    """The tree to ship, made in ``tree`` (the commit's export; with ``dirty``, the tracked files as
+    they are), with the task's flags and the settings pointing at it, and its files by a deploy's
+    rules (the deploy's own files left out wherever they lie in it), named after the commit."""
+    if dirty:
+        copy_tracked(repo, tree)
+        printer.line(f"ship: --allow-dirty: shipping the working tree as it is, uncommitted changes included "
+                     f"({', '.join(dirty[:ship.SHOWN])}{', ...' if len(dirty) > ship.SHOWN else ''}), on "
+                     f"{commit[:7]}; recorded as dirty")
+        note = untracked_note(scan(*source_key(s, own_files(c, s))))
+        if note:
+            printer.line(f"ship: {note}")
+    else:
+        export(repo, commit, tree)
+    flags = dict(flags, source=str(ship.in_tree(s.source, repo, tree)))
+    try:
+        es = the_app(jobs(c, flags))  # the settings again, read from the export (requirements, include, ...)
+    except ProvisionError as e:
+        raise ProvisionError(f"in the export of commit {commit[:7]}: {e}", e.code) from None
+    own = [p for p in (ship.in_tree(f, repo, tree) for f in own_files(c, es)) if p is not None]
+    return flags, es, replace(scan(*source_key(es, own), remember=False), revision=commit[:7], dirty=bool(dirty))
+
+
+def test_command(s: Settings, source: Source) -> str:
+    """``app.test_command``; else the default when the app has tests (its smoke checks aside); else ""."""
+    checks = str(s.checks.relative_to(s.source)) if s.checks.is_relative_to(s.source) else None
+    files = [f for f in source.files if f.split("/")[0] not in source.included]
+    found = ship.has_tests(files, lambda f: (s.source / f).read_text(errors="replace"), checks)
+    checks = checks if checks and any(f.startswith(checks + "/") for f in files) else None
+    return s.test_command or (ship.default_command(checks) if found else "")
+
+
+def tested(s: Settings, command: str, report: Path | None, tree: Path, tmp: Path, commit: str, dirty: bool,
+           printer: Printer) -> tuple[str, float, int | None]:
+    """The tests run on a copy of ``tree``: (result, seconds, count); a failure is the run's end (exit 1)."""
+    rev = f"commit {commit[:7]}" + (" with uncommitted changes" if dirty else "")
+    if not command:
+        printer.line(f"ship: {rev}: no tests found (no tests/ folder, test_*.py file or pytest configuration) "
+                     "and no app.test_command: deploying it untested")
+        if report is not None:
+            report.write_text(EMPTY_JUNIT)
+        return "none", 0.0, None
+    line = ship.command_line(command, str(report) if report else None)
+    venv = test_venv(s, ship.is_pytest(command), printer)
+    copy = tmp / "test"
+    shutil.copytree(tree, copy, symlinks=True)
+    printer.line(f"ship: testing {rev} in {'a copy' if dirty else 'a clean export'}: {line}")
+    code, seconds, tail = run_tests(line, copy / s.source.relative_to(tree), venv)
+    count = ship.pytest_count(tail) if ship.is_pytest(command) else None
+    counted = f", {count} test{'s' if count != 1 else ''}" if count is not None else ""
+    if code != 0:
+        what = "pytest collected no tests" if code == ship.PYTEST_NO_TESTS and ship.is_pytest(command) else "tests failed"
+        raise ProvisionError(f"{what} (exit {code} after {seconds:.1f}s{counted}: {command}): nothing deployed, "
+                             "no host touched", code=1)
+    printer.line(f"ship: tests passed in {seconds:.1f}s{counted}; deploying {rev}")
+    return "passed", seconds, count
+
+
+@guarded
+def run_ship(c, flags: dict, *, allow_dirty: bool = False, junit: str | None = None, verbose: bool = False,
+             json_file: str | None = None, break_lock: bool = False, fleet: dict | None = None,
+             atomic: bool = True) -> None:
+    printer = Printer(verbose=verbose)
+    s = the_app(jobs(c, flags))  # inventory and settings, as a deploy reads them
+    repo = repository(s.source)
+    commit = head(repo)
+    dirty = ship.dirty_paths(git(repo, "status", "--porcelain=v1", "-z", "--untracked-files=normal").stdout)
+    if dirty and not allow_dirty:
+        raise ProvisionError(ship.dirty_refusal(dirty, repo))
+    for p in s.include:
+        if ship.in_tree(p, repo, repo) is None:
+            raise ProvisionError(f"app.include {p} lies outside the git repository {repo}, and fab ship ships one "
+                                 "commit of it: move it into the repository, or deploy with fab deploy")
+    report = Path(junit).resolve() if junit else None
+    if report is not None and not report.parent.is_dir():
+        raise ProvisionError(f"--junit {junit}: no folder {report.parent}; create it or name another file")
+    tmp = Path(tempfile.mkdtemp(prefix="provision-ship-")).resolve()
+    try:
+        tree = tmp / "release"
+        flags, es, source = release_tree(c, s, flags, repo, commit, dirty, tree, printer)
+        # every host's plan made now, so a bad template or setting stops before the tests run
+        plan_hosts(c, flags, source=source, origin={"commit": commit, "via": "ship"})
+        command = test_command(es, source)
+        result, seconds, count = tested(es, command, report, tree, tmp, commit, bool(dirty), printer)
+        origin = ship.ship_origin(commit, result, seconds, secrets.mask(command), count, bool(dirty))
+        run_apply(c, flags, verbose=verbose, json_file=json_file, break_lock=break_lock, fleet=fleet, atomic=atomic,
+                  origin=origin, source=source)
+    finally:
+        remove(tmp)

@@ -3,9 +3,11 @@
     .venv/bin/python bench/push.py [--runs 3] [--prefix bench-push-]
 
 Per droplet: `fab git.setup` fresh and again, the size installed in /opt/provision, a first push
-(the app's first deploy), then one-line changes of the app, each pushed (`git push`) or deployed
-(`fab deploy` from the same checkout), alternately; each timed from the command's start to the new
-content answering through nginx. Prints medians (and every run); --json FILE writes them.
+(the app's first deploy), then one-line changes of the app, each committed and then pushed (`git
+push`), deployed (`fab deploy` from the same checkout) or shipped (`fab ship`: the app's two tests
+run first, in a cached virtualenv), in turn; each timed from the command's start to the new content
+answering through nginx. Prints medians (and every run); --json FILE writes them. `make bench`
+(bench/run --push N) runs it too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ from provision.sandbox import Sandbox  # noqa: E402
 from provision.ssh import connect  # noqa: E402
 
 FAB = str(Path(sys.executable).with_name("fab"))
+KINDS = ("push one-line change", "fab deploy one-line change", "fab ship one-line change")
+TESTS = """from app import app
+
+
+def test_index():
+    assert app.test_client().get("/").status_code == 200
+
+
+def test_whoami():
+    assert "pid" in app.test_client().get("/whoami").get_json()
+"""
 
 
 def answers(address: str, text: str, seconds: float = 60) -> None:
@@ -67,6 +80,8 @@ def one_droplet(sb: Sandbox, name: str, changes: int, rows: dict) -> None:
             shutil.copytree(ROOT / "examples/hello", repo)
             (repo / "fabfile.py").write_text("from provision.tasks import ns\n")
             (repo / "fabric.yaml").write_text("tasks:\n  executor_class: provision.hosts.Executor\napp:\n  name: hello\n")
+            (repo / "tests").mkdir()
+            (repo / "tests/test_app.py").write_text(TESTS)
             env = {**os.environ, "FABRIC_INVENTORY": str(inv),
                    "GIT_SSH_COMMAND": f"ssh -F /dev/null -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} "
                                       "-o StrictHostKeyChecking=yes -o BatchMode=yes",
@@ -89,22 +104,34 @@ def one_droplet(sb: Sandbox, name: str, changes: int, rows: dict) -> None:
             git("push", "-q", "production", "main")
             answers(d.address, "Hello from provision!\n")
             rows["push first deploy"].append(time.monotonic() - t0)
-            for i in range(2 * changes):
+            run([FAB, "-H", name, "ship"], repo, env)  # untimed: builds (or finds) the tests' virtualenv
+            for i in range(len(KINDS) * changes):
                 greeting = f"Hello, change {i}!"
                 app = repo / "app.py"
                 app.write_text(re.sub(r'return "[^"]*\\n"', f'return "{greeting}\\\\n"', app.read_text(), count=1))
                 git("commit", "-qam", f"change {i}")
                 t0 = time.monotonic()
-                if i % 2 == 0:
+                kind = KINDS[i % len(KINDS)]
+                if kind.startswith("push"):
                     git("push", "-q", "production", "main")
-                    kind = "push one-line change"
                 else:
-                    run([FAB, "-H", name, "deploy"], repo, env)
-                    kind = "fab deploy one-line change"
+                    run([FAB, "-H", name, kind.split()[1]], repo, env)
                 answers(d.address, greeting + "\n")
                 rows[kind].append(time.monotonic() - t0)
     finally:
         sb.down(name)
+
+
+def measure(sb: Sandbox, runs: int, changes: int = 3, prefix: str = "bench-push-") -> dict[str, list[float]]:
+    rows: dict[str, list[float]] = {k: [] for k in ("setup fresh", "setup again", "installed KB", "push first deploy",
+                                                    *KINDS)}
+    for i in range(runs):
+        one_droplet(sb, f"{prefix}{i}", changes, rows)
+    print(f"{'':<28} {'median':>8} {'min':>8} {'max':>8}  runs")
+    for k, v in rows.items():
+        if v:
+            print(f"{k:<28} {statistics.median(v):>8.2f} {min(v):>8.2f} {max(v):>8.2f}  {len(v)}")
+    return rows
 
 
 def main() -> None:
@@ -116,14 +143,7 @@ def main() -> None:
     args = ap.parse_args()
     sb = Sandbox()
     sb.prepare()
-    rows: dict[str, list[float]] = {k: [] for k in ("setup fresh", "setup again", "installed KB", "push first deploy",
-                                                    "push one-line change", "fab deploy one-line change")}
-    for i in range(args.runs):
-        one_droplet(sb, f"{args.prefix}{i}", args.changes, rows)
-    print(f"{'':<28} {'median':>8} {'min':>8} {'max':>8}  runs")
-    for k, v in rows.items():
-        if v:
-            print(f"{k:<28} {statistics.median(v):>8.2f} {min(v):>8.2f} {max(v):>8.2f}  {len(v)}")
+    rows = measure(sb, args.runs, args.changes, args.prefix)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -58,6 +58,10 @@ DEFAULTS: dict = {
     "tls": False,  # HTTPS with a certificate from an ACME CA (certbot, HTTP-01), HTTP redirected to it
     "acme_directory": "https://acme-v02.api.letsencrypt.org/directory",  # the ACME CA (Let's Encrypt)
     "acme_email": "",  # the CA's contact for expiry notices (optional)
+    # the health monitor (provision/monitor.py): a root timer on the host
+    "monitor": 0,  # seconds between checks through nginx; 0 or false: no monitor
+    "monitor_failures": 3,  # failed checks in a row before the live slot restarts and the webhook is called
+    "monitor_webhook": "",  # http(s) URL POSTed JSON on "down" and "recovered" (a secret: never shown)
 }
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
@@ -70,6 +74,7 @@ PATH_RE = re.compile(r"[\w./-]+")
 PROXY_RE = re.compile(r"https?://([^\s/:@]+(:[^\s/@]*)?@)?[^\s/@:]+(:\d+)?/?")  # [user[:password]@]host[:port]
 SIZE_RE = re.compile(r"\d{1,9}[kKmMgG]?")  # an nginx size: 10m, 512k, 0 (no limit)
 URL_RE = re.compile(r"https://[^\s/@]+(/[^\s]*)?")
+WEBHOOK_RE = re.compile(r"https?://[^\s/]+(/\S*)?")
 EMAIL_RE = re.compile(r"[^\s@,;]+@[^\s@,;]+\.[^\s@,;]+")
 SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
 # The app's system user is named after it: never one of these accounts or groups of Debian and
@@ -105,6 +110,7 @@ def secret_values(raw: dict) -> tuple[str, ...]:
     start, end = _password_span(proxy)
     out = [proxy[start:end]]
     out += [str(v) for k, v in raw.items() if k.startswith("var_") and SECRET_VAR_RE.search(k)]
+    out.append(str(raw.get("monitor_webhook") or "").strip())  # the whole URL: a webhook's path is its key
     return tuple(s for s in out if s)
 
 
@@ -146,12 +152,16 @@ class Settings:
     tls: bool
     acme_directory: str
     acme_email: str
+    monitor: int  # seconds between checks, 0: none
+    monitor_failures: int
+    monitor_webhook: str
     extra: dict  # other vars (var_*), available to templates
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values never to print (see :func:`secret_values`)."""
-        return secret_values({"proxy": self.proxy, **{f"var_{k}": v for k, v in self.extra.items()}})
+        return secret_values({"proxy": self.proxy, "monitor_webhook": self.monitor_webhook,
+                              **{f"var_{k}": v for k, v in self.extra.items()}})
 
     @property
     def layout(self) -> Layout:
@@ -309,6 +319,13 @@ def build(raw: dict, base_dir: Path) -> Settings:
     email = str(v["acme_email"] or "").strip()
     if email and not EMAIL_RE.fullmatch(email):
         raise _bad("acme_email", email, "expected one e-mail address, or nothing")
+    monitor = _monitor(v["monitor"])
+    webhook = str(v["monitor_webhook"] or "").strip()
+    if webhook and not WEBHOOK_RE.fullmatch(webhook):
+        raise _bad("monitor_webhook", secrets.MASK, "expected an http:// or https:// URL (its value is not shown)")
+    if webhook and not monitor:
+        raise _bad("monitor_webhook", secrets.MASK, "it is called by the health monitor, which is off; set "
+                                                    "app.monitor to the seconds between checks (30)")
     extra = {k[4:]: raw[k] for k in raw if k.startswith("var_")}
     taken = sorted(set(extra) & ({f.name for f in fields(Settings)} | set(Layout(name).variables()) | {"user", "https"}))
     if taken:
@@ -340,6 +357,9 @@ def build(raw: dict, base_dir: Path) -> Settings:
         tls=tls,
         acme_directory=directory,
         acme_email=email,
+        monitor=monitor,
+        monitor_failures=_int("monitor_failures", v["monitor_failures"], 1, 100),
+        monitor_webhook=webhook,
         extra=extra,
         include=_include(_list("include", v["include"]), source, base_dir, (*linked["linked_files"], *linked["linked_dirs"])),
         asgi=asgi,
@@ -353,6 +373,15 @@ def build(raw: dict, base_dir: Path) -> Settings:
         open_ports=_ports(v["open_ports"]),
         unattended_upgrades=_bool("unattended_upgrades", v["unattended_upgrades"]),
     )
+
+
+def _monitor(value) -> int:
+    """Seconds between the monitor's checks (5 to 86400), or 0 for none (false, off, 0)."""
+    if value is False or str(value).strip().lower() in ("false", "no", "off", "0", ""):
+        return 0
+    if value is True or str(value).strip().lower() in ("true", "yes", "on"):
+        raise _bad("monitor", value, "expected the seconds between checks (5 to 86400, e.g. 30), or false")
+    return _int("monitor", value, 5, 86400)
 
 
 def _deploy_user(value, app: str) -> str:

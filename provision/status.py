@@ -166,8 +166,8 @@ def report(alias: str, s: Settings, got: dict, before: list | None = None) -> Re
     live = got.get("current")
     since = live_since(got.get("release_log"), live)
     age = entry_age(since, now)
-    r.lines.append(f"{alias}: release {live or '(none)'}" + (f" (live {age})" if age else "") + f"; {', '.join(states)}; "
-                   f"up {got['uptime'] / 86400:.1f} days; {got['os']}")
+    r.lines.append(f"{alias}: release {live or '(none)'}; {', '.join(states)}; up {got['uptime'] / 86400:.1f} days; "
+                   f"{got['os']}" + (f"; live for {age}" if age else ""))
     healthy, said = health_verdict(got["health"])
     if not healthy:
         r.problems.append(f"health check {s.health_path} {said}")

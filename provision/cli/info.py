@@ -83,8 +83,13 @@ def show_status(c, watch: bool = False, interval: float | str = 2.0) -> None:
         s, alias = job.settings, job.target.alias
         if alias not in remotes:
             remotes[alias] = connect_job(job, c)
-        rc, out, err = remotes[alias].exec(f"{remotes[alias].sudo}{status.command(s, 0 if alias in cpu else status.SAMPLE)}",
-                                           timeout=60)
+        try:
+            rc, out, err = remotes[alias].exec(
+                f"{remotes[alias].sudo}{status.command(s, 0 if alias in cpu else status.SAMPLE)}", timeout=60)
+        except ProvisionError:  # a lost connection: --watch's next refresh connects again
+            remotes.pop(alias).conn.close()
+            cpu.pop(alias, None)
+            raise
         if rc != 0:
             raise ProvisionError(f"{alias}: status failed ({rc}): {err.strip()[-300:]}", code=1)
         got = status.parse(out)

@@ -120,7 +120,7 @@ def test_deploy_installs_the_monitor_and_status_reports_traffic(droplet, app, ho
     assert re.search(r"cpu \d+\.\d%", out), out
     pct = int(re.search(r"disk \S+ \S+ of \S+ \S+ \((\d+)%\)", out).group(1))
     assert 0 < pct <= 100, out
-    assert re.search(r"hello@[ab] running", out) and "live " in out
+    assert re.search(r"hello@[ab] running", out) and "; live for " in out
 
 
 def test_monitor_restarts_a_frozen_app_and_calls_the_webhook(droplet, app, hook):

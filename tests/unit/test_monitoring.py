@@ -96,7 +96,7 @@ def test_the_report_of_a_healthy_host():
     r = status.report("web1", build(), collected())
     assert r.problems == []
     assert r.lines == [
-        "web1: release r1 (live 30m); hello@a running, nginx running; up 2.0 days; debian 12",
+        "web1: release r1; hello@a running, nginx running; up 2.0 days; debian 12; live for 30m",
         "web1: health ok (200, 4 ms); 0.20 req/s, 5xx 10.0% over 5 min (HIGH)",
         "web1: memory 50.0 MiB; cpu 50.0%; disk 5.0 GiB of 10.0 GiB (50%)",
         "web1: last rollback r1 at 2026-11-24T06:00:15Z by ann",

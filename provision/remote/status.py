@@ -127,15 +127,19 @@ try:
 except OSError:
     out["disk"] = None
 
-# the certificate's expiry, as openssl says it (no openssl: unknown)
+# the certificate's expiry, as openssl says it (no openssl: as python's ssl module decodes it, or unknown)
 out["cert"] = None
 if a["certificate"] and os.path.exists(a["certificate"]):
     try:
         res = subprocess.run(["openssl", "x509", "-enddate", "-noout", "-in", a["certificate"]],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True, timeout=10)
         out["cert"] = res.stdout.strip().partition("=")[2] or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        out["cert"] = "unknown"
+    except (OSError, subprocess.SubprocessError):  # no openssl: CPython's own decoder (ssl's, private)
+        try:
+            import ssl
+            out["cert"] = ssl._ssl._test_decode_cert(a["certificate"])["notAfter"]
+        except Exception:
+            out["cert"] = "unknown"
 elif a["certificate"]:
     out["cert"] = "missing"
 print(json.dumps(out))

@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import shlex
+import sys
 import subprocess
 import threading
 import time
@@ -154,6 +155,27 @@ def test_the_status_program_collects_the_numbers(tmp_path):
     args["tail_bytes"] = len(lines[-1]) * 5
     got = json.loads(run(remote.python("status.py", args), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}").stdout)
     assert got["requests"]["cut"] and 3 <= got["requests"]["count"] <= 4 and got["requests"]["covered"] < 100
+
+
+@pytest.mark.parametrize("openssl", [True, False])
+def test_the_status_program_reads_the_certificates_expiry(tmp_path, openssl):
+    cert = tmp_path / "fullchain.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(cert), "-days", "30", "-subj", "/CN=example.com"], capture_output=True, check=True)
+    args = json.loads(shlex.split(status.command(build(tls=True, server_name="example.com")))[-1])
+    assert args["certificate"] == "/etc/letsencrypt/live/hello/fullchain.pem"
+    args.update(url="http://127.0.0.1:9/", units=[], certificate=str(cert), sample=0, access_log=str(tmp_path / "none"),
+                current=str(tmp_path / "none"), release_log=str(tmp_path / "none"), upstream_file=str(tmp_path / "none"),
+                root=str(tmp_path))
+    (tmp_path / "bin").mkdir()
+    for fake in ["systemctl"] + ([] if openssl else ["openssl"]):  # a missing openssl: exec fails like one absent
+        (tmp_path / "bin" / fake).write_text("#!/bin/sh\nexit 0\n" if fake == "systemctl" else "")
+        (tmp_path / "bin" / fake).chmod(0o755 if fake == "systemctl" else 0o644)
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"} if openssl else {"PATH": f"{tmp_path / 'bin'}"}
+    res = subprocess.run([sys.executable, "-c", remote.source("status.py"), json.dumps(args)],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 0, res.stderr
+    assert status.cert_days(json.loads(res.stdout)["cert"], time.time()) in (29, 30)
 
 
 def test_nginx_log_times_and_statuses():

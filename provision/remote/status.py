@@ -38,7 +38,8 @@ out["health"]["seconds"] = round(time.time() - t0, 3)
 units = {}
 shown = subprocess.run(["systemctl", "show", "--property=Id,ActiveState,ControlGroup", "--"] + a["units"],
                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True).stdout
-for unit, block in zip(a["units"], shown.split("\n\n")):
+blocks = shown.split("\n\n")
+for unit, block in zip(a["units"], blocks + [""] * (len(a["units"]) - len(blocks))):  # none: not running
     props = dict(l.partition("=")[::2] for l in block.splitlines() if "=" in l)
     units[unit] = {"active": props.get("ActiveState") == "active", "cgroup": props.get("ControlGroup") or ""}
 out["units"] = {u: {"active": v["active"]} for u, v in units.items()}

@@ -69,11 +69,11 @@ def show_status(c, watch: bool = False, interval: float | str = 2.0) -> None:
     every ``interval`` seconds over the same connections until Ctrl-C (exit 0 then)."""
     printer = Printer()
     try:
-        interval = float(interval)
-        if not 0.5 <= interval <= 3600:
+        seconds = float(interval)
+        if not 0.5 <= seconds <= 3600:
             raise ValueError
     except ValueError:
-        raise ProvisionError(f"--interval {interval!r}: expected seconds from 0.5 to 3600")
+        raise ProvisionError(f"--interval {str(interval)!r}: expected seconds from 0.5 to 3600")
     work = jobs(c, {})
     remotes: dict[str, Remote] = {}
     cpu: dict[str, list] = {}  # each host's last CPU reading: --watch's refreshes measure from it
@@ -117,7 +117,7 @@ def show_status(c, watch: bool = False, interval: float | str = 2.0) -> None:
             for r in results:
                 if r.failed:
                     printer.error(r.error)
-            time.sleep(interval)
+            time.sleep(seconds)
     except KeyboardInterrupt:  # the way out of --watch
         return
     finally:

@@ -18,7 +18,7 @@ import pytest
 from provision.layout import Layout
 from provision.sandbox import GATEWAY
 
-from .conftest import wait_for
+from .conftest import check_outcomes, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -101,6 +101,10 @@ def test_deploy_installs_the_monitor_and_status_reports_traffic(droplet, app, ho
     assert droplet.sh(f"systemctl is-active {LAY.monitor_unit}.timer").strip() == "active"
     assert droplet.sh(f"stat -c '%a %U' {LAY.monitor_dir} {LAY.monitor_config}").split("\n")[:2] == ["700 root",
                                                                                                     "600 root"]
+    assert "no changes, nothing restarted" in fab(droplet, "deploy", env=settings(app, hook)).stdout
+    # the kit's checks rate the monitor's sandbox too (systemd-analyze security)
+    res = fab(droplet, "check", env=settings(app, hook))
+    assert "test_every_unit_of_the_app_is_sandboxed" in check_outcomes(res.stdout)["PASSED"], res.stdout
     assert [get(droplet.address) for _ in range(15)] == [200] * 15
     assert [get(droplet.address, "/fail") for _ in range(5)] == [500] * 5
     times = []
@@ -190,4 +194,4 @@ def test_without_the_setting_the_monitor_goes(droplet, app, hook):
     fab(droplet, "deploy", env=env)
     assert droplet.run(f"systemctl is-active {LAY.monitor_unit}.timer")[0] != 0
     assert droplet.run(f"ls {LAY.monitor_dir} {LAY.monitor_timer_file} {LAY.monitor_service_file}")[0] != 0
-    fab(droplet, "deploy", env=env)  # and stays gone: nothing changes
+    assert "no changes, nothing restarted" in fab(droplet, "deploy", env=env).stdout  # and stays gone

@@ -420,3 +420,13 @@ def test_the_monitor_skips_a_round_while_a_deploy_holds_the_lock(world):
         world.healthy = False
         assert "a deploy is running" in tick(world)
     assert not (world.tmp / "state.json").exists()
+
+
+@pytest.mark.parametrize("interval", ["0.1", "soon", "7200"])
+def test_a_watch_interval_out_of_range_is_one_line_before_any_host(interval):
+    from invoke import Exit
+
+    from provision.cli.info import show_status
+    with pytest.raises(Exit) as e:
+        show_status(None, watch=True, interval=interval)  # no context needed: it stops first
+    assert e.value.code == 2 and e.value.message == f"error: --interval {interval!r}: expected seconds from 0.5 to 3600"

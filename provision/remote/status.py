@@ -36,8 +36,12 @@ out["health"]["seconds"] = round(time.time() - t0, 3)
 
 # services and their cgroups
 units = {}
-shown = subprocess.run(["systemctl", "show", "--property=Id,ActiveState,ControlGroup", "--"] + a["units"],
-                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True).stdout
+try:
+    shown = subprocess.run(["systemctl", "show", "--property=Id,ActiveState,ControlGroup", "--"] + a["units"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           universal_newlines=True, timeout=20).stdout
+except subprocess.TimeoutExpired:  # a busy systemd: every unit unknown (not running) this time
+    shown = ""
 blocks = shown.split("\n\n")
 for unit, block in zip(a["units"], blocks + [""] * (len(a["units"]) - len(blocks))):  # none: not running
     props = dict(l.partition("=")[::2] for l in block.splitlines() if "=" in l)
@@ -132,7 +136,7 @@ except OSError:
 out["cert"] = None
 if a["certificate"] and os.path.exists(a["certificate"]):
     try:
-        res = subprocess.run(["openssl", "x509", "-enddate", "-noout", "-in", a["certificate"]],
+        res = subprocess.run(["openssl", "x509", "-enddate", "-noout", "-in", a["certificate"]], stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True, timeout=10)
         out["cert"] = res.stdout.strip().partition("=")[2] or "unknown"
     except (OSError, subprocess.SubprocessError):  # no openssl: CPython's own decoder (ssl's, private)

@@ -11,7 +11,7 @@ import base64
 import copy
 import shlex
 
-from . import appenv, secrets, tls
+from . import appenv, monitor, secrets, tls
 from .config import Settings
 from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, RELEASE_ENV,
                      SYSTEM_CA_BUNDLE, UPSTREAM_HEADER)
@@ -214,6 +214,8 @@ class Deploy(Recipe):
             *site_steps,
             Service("nginx", reload_on=("nginx",), check=NGINX_CHECK, pidfile=lay.nginx_pid),
             *after_reload,
+            # the health monitor (app.monitor): its first check comes app.monitor seconds after it starts
+            *monitor.steps(s),
             health_check(s, prove),
         ])
 

@@ -61,6 +61,10 @@ DEFAULTS: dict = {
     "acme_email": "",  # the CA's contact for expiry notices (optional)
     # push-to-deploy (fab git.setup, provision/push.py)
     "git_branch": "main",  # the branch whose pushes deploy; others are only stored
+    # the health monitor (provision/monitor.py): a root timer on the host
+    "monitor": 0,  # seconds between checks through nginx; 0 or false: no monitor
+    "monitor_failures": 3,  # failed checks in a row before the live slot restarts and the webhook is called
+    "monitor_webhook": "",  # http(s) URL POSTed JSON on "down" and "recovered" (a secret: never shown)
 }
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
@@ -73,6 +77,7 @@ PATH_RE = re.compile(r"[\w./-]+")
 PROXY_RE = re.compile(r"https?://([^\s/:@]+(:[^\s/@]*)?@)?[^\s/@:]+(:\d+)?/?")  # [user[:password]@]host[:port]
 SIZE_RE = re.compile(r"\d{1,9}[kKmMgG]?")  # an nginx size: 10m, 512k, 0 (no limit)
 URL_RE = re.compile(r"https://[^\s/@]+(/[^\s]*)?")
+WEBHOOK_RE = re.compile(r"https?://[^\s/]+(/\S*)?")
 EMAIL_RE = re.compile(r"[^\s@,;]+@[^\s@,;]+\.[^\s@,;]+")
 BRANCH_RE = re.compile(r"(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,100}(?<![./])")  # a plain git branch name
 SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
@@ -109,6 +114,7 @@ def secret_values(raw: dict) -> tuple[str, ...]:
     start, end = _password_span(proxy)
     out = [proxy[start:end]]
     out += [str(v) for k, v in raw.items() if k.startswith("var_") and SECRET_VAR_RE.search(k)]
+    out.append(str(raw.get("monitor_webhook") or "").strip())  # the whole URL: a webhook's path is its key
     return tuple(s for s in out if s)
 
 
@@ -152,12 +158,16 @@ class Settings:
     acme_directory: str
     acme_email: str
     git_branch: str
+    monitor: int  # seconds between checks, 0: none
+    monitor_failures: int
+    monitor_webhook: str
     extra: dict  # other vars (var_*), available to templates
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values never to print (see :func:`secret_values`)."""
-        return secret_values({"proxy": self.proxy, **{f"var_{k}": v for k, v in self.extra.items()}})
+        return secret_values({"proxy": self.proxy, "monitor_webhook": self.monitor_webhook,
+                              **{f"var_{k}": v for k, v in self.extra.items()}})
 
     @property
     def layout(self) -> Layout:
@@ -319,6 +329,13 @@ def build(raw: dict, base_dir: Path) -> Settings:
     branch = str(v["git_branch"]).strip()
     if not BRANCH_RE.fullmatch(branch) or branch.endswith(".lock"):
         raise _bad("git_branch", branch, "expected a git branch name such as main or production")
+    monitor = _monitor(v["monitor"])
+    webhook = str(v["monitor_webhook"] or "").strip()
+    if webhook and not WEBHOOK_RE.fullmatch(webhook):
+        raise _bad("monitor_webhook", secrets.MASK, "expected an http:// or https:// URL (its value is not shown)")
+    if webhook and not monitor:
+        raise _bad("monitor_webhook", secrets.MASK, "it is called by the health monitor, which is off; set "
+                                                    "app.monitor to the seconds between checks (30)")
     extra = {k[4:]: raw[k] for k in raw if k.startswith("var_")}
     taken = sorted(set(extra) & ({f.name for f in fields(Settings)} | set(Layout(name).variables()) | {"user", "https"}))
     if taken:
@@ -352,6 +369,9 @@ def build(raw: dict, base_dir: Path) -> Settings:
         acme_directory=directory,
         acme_email=email,
         git_branch=branch,
+        monitor=monitor,
+        monitor_failures=_int("monitor_failures", v["monitor_failures"], 1, 100),
+        monitor_webhook=webhook,
         extra=extra,
         include=_include(_list("include", v["include"]), source, base_dir, (*linked["linked_files"], *linked["linked_dirs"])),
         asgi=asgi,
@@ -376,6 +396,13 @@ def _test_command(value) -> str:
     if "\0" in command or "\n" in command or "\r" in command:
         raise _bad("test_command", command, "expected one line of shell (join several commands with &&)")
     return command
+def _monitor(value) -> int:
+    """Seconds between the monitor's checks (5 to 86400), or 0 for none (false, off, 0)."""
+    if value is False or str(value).strip().lower() in ("false", "no", "off", "0", ""):
+        return 0
+    if value is True or str(value).strip().lower() in ("true", "yes", "on"):
+        raise _bad("monitor", value, "expected the seconds between checks (5 to 86400, e.g. 30), or false")
+    return _int("monitor", value, 5, 86400)
 
 
 def _deploy_user(value, app: str) -> str:

@@ -68,6 +68,7 @@ UPGRADES_TIMER = "apt-daily-upgrade.timer"
 # HTTPS (app.tls): certbot's certificates, ACME's HTTP-01 challenges, renewals
 PROVISION_VAR = "/var/lib/provision"  # root's: what provision keeps for the machine
 ACME_WEBROOT = f"{PROVISION_VAR}/acme"  # root's: certbot writes the challenges here, nginx serves them (never the app's)
+MONITOR_DIR = f"{PROVISION_VAR}/monitor"  # root's alone: each app's health monitor (app.monitor), its config and state
 ACME_CHALLENGE_PATH = "/.well-known/acme-challenge/"  # the URL path of HTTP-01 challenges (RFC 8555)
 LETSENCRYPT_DIR = "/etc/letsencrypt"  # certbot's: live/<name>/ (root's alone), renewal/<name>.conf
 CERTBOT_HOOKS = f"{LETSENCRYPT_DIR}/renewal-hooks/deploy"  # certbot renew runs each after renewing
@@ -335,6 +336,37 @@ class Layout:
     @property
     def renewal_conf(self) -> str:
         return f"{LETSENCRYPT_DIR}/renewal/{self.cert_name}.conf"
+
+    # -- the health monitor (app.monitor): a root timer checking the app through nginx
+    @property
+    def monitor_dir(self) -> str:
+        """Root's alone (0700): the monitor's program, its config (the webhook: a secret) and its state."""
+        return f"{MONITOR_DIR}/{self.name}"
+
+    @property
+    def monitor_program(self) -> str:
+        return f"{self.monitor_dir}/monitor.py"
+
+    @property
+    def monitor_config(self) -> str:
+        return f"{self.monitor_dir}/config.json"
+
+    @property
+    def monitor_state(self) -> str:
+        return f"{self.monitor_dir}/state.json"
+
+    @property
+    def monitor_unit(self) -> str:
+        """The stem of the monitor's service and timer (not ``<name>.*``: those are the app's own units)."""
+        return f"provision-monitor-{self.name}"
+
+    @property
+    def monitor_service_file(self) -> str:
+        return f"{self.systemd_dir}/{self.monitor_unit}.service"
+
+    @property
+    def monitor_timer_file(self) -> str:
+        return f"{self.systemd_dir}/{self.monitor_unit}.timer"
 
     # -- the deploy lock
     @property

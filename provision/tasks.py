@@ -150,17 +150,19 @@ def bootstrap(c, dry_run=False, verbose=False, json=None, accept_new_host_key=Fa
     booting.run_bootstrap(c, dry_run=dry_run, verbose=verbose, json_file=json, accept_new_host_key=accept_new_host_key)
 
 
-@task
-def status(c):
-    """Per host: live release, service states, uptime, last deploy."""
-    showing.show_status(c)
+@task(help={"watch": "refresh in place until Ctrl-C", "interval": "seconds between refreshes of --watch (default 2)"})
+def status(c, watch=False, interval="2"):
+    """Per host: health, traffic and 5xx ratio, memory, CPU, disk, certificate, live release, services."""
+    showing.show_status(c, watch=watch, interval=interval)
 
 
 @task(help={"follow": "keep printing new lines (Ctrl-C to stop)", "lines": "lines of history per host (default 20)",
-            "process": "only this process's (or timer's) log"})
-def logs(c, follow=False, lines=20, process=None):
+            "process": "only this process's (or timer's) log",
+            "since": "only lines since then: 10m, 2h, 1d, today, yesterday, 2026-11-24 05:00 (UTC)",
+            "grep": "only lines matching this extended regular expression (grep -E), chosen on the host"})
+def logs(c, follow=False, lines=20, process=None, since=None, grep=None):
     """App and nginx logs of the selected hosts, each line prefixed by its host."""
-    showing.show_logs(c, follow=follow, lines=int(lines), process=process)
+    showing.show_logs(c, follow=follow, lines=int(lines), process=process, since=since, grep=grep)
 
 
 @task

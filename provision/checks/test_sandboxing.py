@@ -5,10 +5,11 @@ from provision.sandboxing import MAX_EXPOSURE, exposure_command, exposure_proble
 
 
 def test_every_unit_of_the_app_is_sandboxed(host, app):
-    """The live slot's web unit, each process's unit and each timer's service: exposure 3.0 at most."""
+    """The live slot's web unit, each process's unit and each timer's service, and the health monitor's
+    (root's, app.monitor): exposure 3.0 at most."""
     slot = Layout(app["name"]).live_slot(host.file(app["upstream_file"]).content_string)
     assert slot, f"no live slot: {app['upstream_file']} names no socket of {app['name']}; deploy first"
-    units = [f"{app['units'][slot]}.service", *app["process_units"]]
+    units = [f"{app['units'][slot]}.service", *app["process_units"], *app.get("monitor_units", ())]
     problems = []
     for unit in units:
         res = host.run(exposure_command(unit))

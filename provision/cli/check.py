@@ -32,7 +32,8 @@ def check_settings(job: Job) -> dict:
             "deploy_user": s.deploy_user, "open_ports": list(s.open_ports),
             "unattended_upgrades": s.unattended_upgrades, "tls": s.tls, **s.layout.variables(),
             # the services of its processes and timers (a timer's service shares its name)
-            "process_units": [s.layout.process_unit(n) for n in (*s.processes, *s.timers)]}
+            "process_units": [s.layout.process_unit(n) for n in (*s.processes, *s.timers)],
+            "monitor_units": [f"{s.layout.monitor_unit}.service"] if s.monitor else []}
 
 
 def check_hosts(work: list[Job], connector) -> list["CheckHost"]:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import shlex
+import sys
+import time
+from datetime import datetime, timezone
 
 from .. import config as cfg
-from .. import secrets
+from .. import logs, secrets, status
 from ..facts import gather
 from ..errors import ProvisionError
 from ..history import DONE, History
 from ..hosts import Job, jobs, targets
-from ..layout import SLOTS
 from ..output import Printer
 from ..release import current_release, releases_on_host
 from ..runner import HostResult
 from ..fleet import run_fleet
+from ..ssh import Remote
 from . import connect_job, exit_for_failures, guarded
 
 
@@ -75,52 +77,69 @@ def origin(entry: dict) -> str:
 
 
 @guarded
-def show_status(c) -> None:
+def show_status(c, watch: bool = False, interval: float | str = 2.0) -> None:
+    """Each host's status, in one round trip per host (:mod:`provision.status`); with ``watch``, again
+    every ``interval`` seconds over the same connections until Ctrl-C (exit 0 then)."""
     printer = Printer()
+    try:
+        seconds = float(interval)
+        if not 0.5 <= seconds <= 3600:
+            raise ValueError
+    except ValueError:
+        raise ProvisionError(f"--interval {str(interval)!r}: expected seconds from 0.5 to 3600")
+    work = jobs(c, {})
+    remotes: dict[str, Remote] = {}
+    cpu: dict[str, list] = {}  # each host's last CPU reading: --watch's refreshes measure from it
+    blocks: dict[str, list[str]] = {}
 
     def one(job: Job) -> HostResult:
-        s = job.settings
-        units = [*(s.layout.unit(slot) for slot in SLOTS), "nginx", *app_units(s)]
-        remote = connect_job(job, c)
+        s, alias = job.settings, job.target.alias
+        if alias not in remotes:
+            remotes[alias] = connect_job(job, c)
         try:
-            facts = gather(remote, [("file", s.layout.current), ("content", s.layout.release_log),
-                                    ("content", s.layout.upstream_file), ("content", "/proc/uptime"), ("os", "")]
-                           + [("service", u) for u in units])
-        finally:
-            remote.close()
-        slot = s.layout.live_slot(facts.content(s.layout.upstream_file))
-        states, down = [], []
-        for u in units:
-            st = facts.service(u) or {}
-            if st.get("active") or u == "nginx" or (slot and u == s.layout.unit(slot)) or u in app_units(s):
-                up = "waiting" if u.endswith(".timer") else "running"  # an active timer waits for its time
-                states.append(f"{u} {up if st.get('active') else 'STOPPED'}")
-                if not st.get("active"):
-                    down.append(u)
-        log = (facts.content(s.layout.release_log) or "").strip().splitlines()
-        try:
-            last = json.loads(log[-1]) if log else {}
-        except ValueError:
-            last = {}
-        uptime = float((facts.content("/proc/uptime") or "0").split()[0])
-        osf = facts[("os", "")]
-        printer.line(f"{job.target.alias}: release {current_release(s, facts) or '(none)'}; {', '.join(states)}; "
-                     f"up {uptime / 86400:.1f} days; {osf['id']} {osf['version']}")
-        if last:
-            printer.line(f"{job.target.alias}: last {last.get('action')} {last.get('release')} at {last.get('time')} "
-                         f"by {last.get('by') or '?'}")
-        if down:  # the host does not serve the app: say so in the exit code too
-            return HostResult(job.target.alias, error=f"{job.target.alias}: {' and '.join(down)} not running; "
-                                                      "`fab deploy` starts what is missing")
-        return HostResult(job.target.alias)
+            rc, out, err = remotes[alias].exec(
+                f"{remotes[alias].sudo}{status.command(s, 0 if alias in cpu else status.SAMPLE)}", timeout=60)
+        except ProvisionError:  # a lost connection: --watch's next refresh connects again
+            remotes.pop(alias).close()
+            cpu.pop(alias, None)
+            raise
+        if rc != 0:
+            raise ProvisionError(f"{alias}: status failed ({rc}): {err.strip()[-300:]}", code=1)
+        got = status.parse(out)
+        shown = status.report(alias, s, got, cpu.get(alias))
+        cpu[alias] = status.cpu_reading(got)
+        blocks[alias] = shown.lines
+        if shown.problems:  # the host does not serve the app (well): say so in the exit code too
+            return HostResult(alias, error=f"{alias}: {'; '.join(shown.problems)}; `fab deploy` starts what is "
+                                           "missing, `fab logs` says why")
+        return HostResult(alias)
 
-    results = run_fleet(jobs(c, {}), lambda j: j.target.alias, one)
+    try:
+        while True:
+            blocks.clear()
+            results = run_fleet(work, lambda j: j.target.alias, one)
+            if watch and sys.stdout.isatty():
+                print(CLEAR, end="")
+            elif watch:
+                printer.line(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            for job in work:
+                for line in blocks.get(job.target.alias, ()):
+                    printer.line(line)
+            if not watch:
+                break
+            for r in results:
+                if r.failed:
+                    printer.error(r.error)
+            time.sleep(seconds)
+    except KeyboardInterrupt:  # the way out of --watch
+        return
+    finally:
+        for remote in remotes.values():
+            remote.close()
     exit_for_failures(results, printer)
 
 
-def app_units(s: cfg.Settings) -> list[str]:
-    """The app's process services and timers, as `fab status` shows them."""
-    return [*map(s.layout.process_unit, s.processes), *map(s.layout.timer_unit, s.timers)]
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: --watch redraws in place on a terminal
 
 
 def process_unit(s: cfg.Settings, process: str) -> str:
@@ -132,19 +151,20 @@ def process_unit(s: cfg.Settings, process: str) -> str:
 
 
 @guarded
-def show_logs(c, follow: bool = False, lines: int = 20, process: str | None = None) -> None:
+def show_logs(c, follow: bool = False, lines: int = 20, process: str | None = None, since: str | None = None,
+              grep: str | None = None) -> None:
     printer = Printer()
     work = jobs(c, {})
     only = {job.target.alias: process_unit(job.settings, process) for job in work} if process else {}
+    when = logs.parse_since(since, datetime.now(timezone.utc)) if since else None
+    if grep is not None and logs.grep_problem(grep):
+        raise ProvisionError(f"--grep {grep!r}: {logs.grep_problem(grep)}")
 
     def one(job: Job) -> HostResult:
         s, label = job.settings, job.target.alias
-        f = " -f" if follow else ""
-        units = " ".join(f"-u {shlex.quote(u)}" for u in ([only[label]] if only else
-                                               (*(s.layout.unit(slot) for slot in SLOTS), "nginx", *app_units(s))))
-        cmd = f"journalctl {units} -n {lines} --no-pager -o short-iso{f}" + (" & " + (
-            f"tail -q -n {lines}{' -F' if follow else ''} {s.layout.access_log} {s.layout.error_log} "
-            "2>/dev/null & wait") if not only else "")
+        units = [only[label]] if only else status.status_units(s)
+        files = [] if only else [s.layout.access_log, s.layout.error_log]
+        cmd = logs.command(units, files, lines, follow, when, grep)
         remote = connect_job(job, c)
         try:
             remote.exec(f"{remote.sudo}bash -c {shlex.quote(cmd)}", on_line=lambda l: printer.line(f"{label} | {l}"))

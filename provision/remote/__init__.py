@@ -19,6 +19,9 @@ from ..layout import NGINX_LOCAL, RELEASE_DIR, TMP, Layout
 LIBS = {  # the libraries each program uses, in the order they are put before it
     "facts.py": ("lib_http.py",),
     "http_check.py": ("lib_http.py",),
+    "status.py": ("lib_http.py", "lib_logtime.py"),
+    "monitor.py": ("lib_http.py",),
+    "log_filter.py": ("lib_logtime.py",),
     "nginx_reload.py": ("lib_nginx.py",),
     "switch.py": ("lib_http.py", "lib_nginx.py", "lib_releaselog.py"),
     "app_env.py": ("lib_envfile.py",),

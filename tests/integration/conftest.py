@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,18 @@ def check_outcomes(stdout: str) -> dict[str, set[str]]:
     for name, outcome in re.findall(r"::(test_\w+)(?:\[[^\]]*\])? (PASSED|FAILED|SKIPPED|ERROR)", stdout):
         out.setdefault(outcome, set()).add(name)
     return out
+
+
+
+def wait_for(what, probe, seconds: float = 20):
+    """probe() once it is true, polling every 0.5 s for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = probe()
+        if got or time.monotonic() > deadline:
+            assert got, f"no {what} within {seconds}s"
+            return got
+        time.sleep(0.5)
 
 
 PREFIX = os.environ.get("PROVISION_TEST_PREFIX", "it-")  # of droplet names: see `droplet`

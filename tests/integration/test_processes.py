@@ -9,6 +9,8 @@ import urllib.request
 
 import pytest
 
+from .conftest import wait_for
+
 pytestmark = pytest.mark.integration
 
 APP = '''import os
@@ -58,17 +60,6 @@ def get(address: str, path: str = "/") -> tuple[int, dict, str]:
             return r.status, dict(r.headers), r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read().decode()
-
-
-def wait_for(what, probe, seconds: float = 20):
-    """probe() once it is true, polling every 0.5 s for at most ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        got = probe()
-        if got or time.monotonic() > deadline:
-            assert got, f"no {what} within {seconds}s"
-            return got
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

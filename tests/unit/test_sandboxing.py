@@ -129,6 +129,9 @@ def test_fab_check_knows_the_services_of_the_processes_and_timers():
                  timers={"tick": {"schedule": "hourly", "command": "python tick.py"}})
     [host] = check_hosts([Job(Target("web1", "10.0.0.1", "root"), s)], lambda job: None)
     assert host.settings["process_units"] == ["hello.worker.service", "hello.tick.service"]
+    assert host.settings["monitor_units"] == []
+    [host] = check_hosts([Job(Target("web1", "10.0.0.1", "root"), settings(monitor=30))], lambda job: None)
+    assert host.settings["monitor_units"] == ["provision-monitor-hello.service"]
 
 
 class FakeHost:
@@ -155,6 +158,9 @@ def test_the_check_rates_the_live_slots_unit_and_each_process_and_timer_service(
                                         "hello.tick.service": "1.6"})
     sandbox_check(host, app)
     assert host.ran == ["hello@b.service", "hello.worker.service", "hello.tick.service"]
+    host.ran, host.scores["provision-monitor-hello.service"] = [], "2.0"  # the health monitor's too
+    sandbox_check(host, {**app, "monitor_units": ["provision-monitor-hello.service"]})
+    assert host.ran[-1] == "provision-monitor-hello.service"
     host.scores["hello.worker.service"] = "8.7"
     del host.scores["hello.tick.service"]
     with pytest.raises(AssertionError) as e:

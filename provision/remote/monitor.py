@@ -1,0 +1,145 @@
+# Installed on the managed host by the deploy (app.monitor), run by its systemd timer as root every
+# app.monitor seconds (stdlib python3, after lib_http): the app's health, checked through nginx as the
+# deploy's check does. After `failures` failed checks in a row it restarts the live slot's unit (the
+# live slot read from the nginx upstream file, root's) and POSTs the webhook (event "down"); the
+# first good check after that POSTs "recovered". A failing webhook is logged, never blocks a restart.
+# argv[1]: its config file (root's alone: it holds the webhook), JSON: app, url, host, timeout,
+# failures, webhook (or ""), state (root's alone), upstream_file, lock (the deploy lock), slots:
+# {slot: {socket, unit, link}}. Its count lives in the state file between runs.
+import json
+import os
+import socket
+import subprocess
+import sys
+
+STATE = {"failures": 0, "down": False}
+
+
+def decide(state, healthy, needed):
+    """(new state, actions): the pure heart. Actions, in order: "restart", "down", "recovered"."""
+    if healthy:
+        return dict(STATE), (["recovered"] if state.get("down") else [])
+    failures = state.get("failures", 0) + 1
+    if failures < needed or failures % needed:
+        return dict(state, failures=failures), []
+    # every `needed` failures in a row: a restart; the webhook hears of the first only
+    return dict(state, failures=failures, down=True), ["restart"] + ([] if state.get("down") else ["down"])
+
+
+def load_state(path):
+    try:
+        with open(path) as fh:
+            got = json.load(fh)
+        return got if isinstance(got, dict) else dict(STATE)
+    except (OSError, ValueError):
+        return dict(STATE)
+
+
+def save_state(path, state):
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(state, fh)
+    os.rename(tmp, path)
+
+
+def deploy_running(lock):
+    """A deploy holds the app's lock (its flock, as /proc/locks lists it): this round is skipped.
+    Read only: taking the lock, even briefly, could turn a deploy away."""
+    try:
+        st = os.stat(lock)
+        with open("/proc/locks") as fh:
+            locks = fh.read().splitlines()
+    except OSError:
+        return False
+    for line in locks:
+        words = line.split()
+        if len(words) > 5 and words[1] == "FLOCK" and words[5].rsplit(":", 1)[-1] == str(st.st_ino):
+            return True
+    return False
+
+
+def healthy(c):
+    where, path = split_url(c["url"])
+    try:
+        status, _ = http_get(where, path, c["host"] or where, timeout=c["timeout"])
+    except OSError as e:
+        return False, str(e) or type(e).__name__
+    return 200 <= status < 300, "HTTP %d" % status
+
+
+def live_slot(c):
+    """The slot the nginx upstream file (root's) sends traffic to, or None."""
+    try:
+        with open(c["upstream_file"]) as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    for slot, v in sorted(c["slots"].items()):
+        if "server unix:%s " % v["socket"] in text:
+            return slot
+    return None
+
+
+def release_of(c, slot):
+    try:
+        return os.path.basename(os.readlink(c["slots"][slot]["link"])) if slot else None
+    except OSError:
+        return None
+
+
+def post(c, event, failures, release, why):
+    if not c["webhook"]:
+        return
+    import urllib.request  # only when there is one to call: it is slow to import
+    host = socket.gethostname()
+    text = ("%s on %s is down (%d failed checks: %s); restarted it" % (c["app"], host, failures, why)
+            if event == "down" else "%s on %s has recovered" % (c["app"], host))
+    body = json.dumps({"text": text, "host": host, "app": c["app"], "event": event, "failures": failures,
+                       "release": release}).encode()
+    request = urllib.request.Request(c["webhook"], data=body, headers={"Content-Type": "application/json",
+                                                                        "User-Agent": "provision-monitor"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=5) as answer:
+            answer.read()
+        print("webhook: %s sent" % event)
+    except Exception as e:  # never the URL in the journal: it is a secret
+        print("webhook: %s not sent: %s" % (event, str(e).replace(c["webhook"], "****") or type(e).__name__),
+              file=sys.stderr)
+
+
+def main(config):
+    with open(config) as fh:
+        c = json.load(fh)
+    if deploy_running(c["lock"]):
+        print("a deploy is running: no check this time")
+        return 0
+    state = load_state(c["state"])
+    ok, why = healthy(c)
+    state, actions = decide(state, ok, c["failures"])
+    slot = live_slot(c)
+    release = release_of(c, slot)
+    save_state(c["state"], state)  # first: what comes next may take long (a webhook) or fail
+    if not ok:
+        print("health check failed (%d in a row): %s" % (state["failures"], why))
+    for action in actions:
+        if action == "restart":
+            if slot is None:
+                print("no live slot in %s: nothing to restart" % c["upstream_file"], file=sys.stderr)
+                continue
+            unit = c["slots"][slot]["unit"]
+            # queued, not waited for: a hung app's stop takes up to its graceful timeout, and the webhook
+            # and the next checks go on meanwhile
+            res = subprocess.run(["systemctl", "restart", "--no-block", unit], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, universal_newlines=True)
+            print("restarted %s (exit %d) %s" % (unit, res.returncode, res.stdout.strip()))
+        else:
+            post(c, action, state["failures"] if action == "down" else 0, release, why)
+            if action == "recovered":
+                print("health check passes again")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,150 @@
+# Runs on the managed host (stdlib python3, after lib_http and lib_logtime): what `fab status` shows
+# of one app, collected in one go; the numbers only (provision/status.py decides what they mean).
+# argv[1] is JSON: url, host (Host header), units (every unit to report), cgroups (the units whose
+# memory and CPU count), access_log, window (seconds of it), tail_bytes (most of it read), release_log,
+# current, upstream_file, root (disk), certificate (path or null), sample (seconds between two CPU
+# readings; 0: one reading). Prints one JSON object.
+import json
+import os
+import subprocess
+import sys
+import time
+
+a = json.loads(sys.argv[1])
+out = {"now": time.time()}
+
+
+def read(path, limit=None):
+    try:
+        with open(path, "rb") as fh:
+            if limit:
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - limit))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+# health: through nginx, as a visitor (the deploy's own check)
+where, path = split_url(a["url"])
+t0 = time.time()
+try:
+    status, _ = http_get(where, path, a["host"] or where, timeout=5.0)
+    out["health"] = {"status": status, "error": None}
+except OSError as e:
+    out["health"] = {"status": 0, "error": str(e) or type(e).__name__}
+out["health"]["seconds"] = round(time.time() - t0, 3)
+
+# services and their cgroups
+units = {}
+try:
+    shown = subprocess.run(["systemctl", "show", "--property=Id,ActiveState,ControlGroup", "--"] + a["units"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           universal_newlines=True, timeout=20).stdout
+except subprocess.TimeoutExpired:  # a busy systemd: every unit unknown (not running) this time
+    shown = ""
+blocks = shown.split("\n\n")
+for unit, block in zip(a["units"], blocks + [""] * (len(a["units"]) - len(blocks))):  # none: not running
+    props = dict(l.partition("=")[::2] for l in block.splitlines() if "=" in l)
+    units[unit] = {"active": props.get("ActiveState") == "active", "cgroup": props.get("ControlGroup") or ""}
+out["units"] = {u: {"active": v["active"]} for u, v in units.items()}
+
+
+CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd")  # v2, hybrid's v2, v1's
+TICK = os.sysconf("SC_CLK_TCK")
+source = {"from": "cgroup"}
+
+
+def group_usage(group):
+    """(memory bytes, CPU microseconds) of one unit's cgroup: its v2 counters, or (a hybrid host without
+    the memory controller there, a container) the sum over its processes: their RSS and CPU time."""
+    for root in CGROUP_ROOTS[:2]:
+        m, c = read(root + group + "/memory.current"), read(root + group + "/cpu.stat")
+        if m and m.strip().isdigit() and c:
+            usec = [int(l.split()[1]) for l in c.splitlines() if l.startswith("usage_usec ")]
+            return int(m), usec[0] if usec else 0
+    source["from"] = "processes"
+    pids = next((p.split() for p in (read(r + group + "/cgroup.procs") for r in CGROUP_ROOTS) if p is not None), [])
+    mem, cpu = 0, 0
+    for pid in pids:
+        status, stat = read("/proc/%s/status" % pid), read("/proc/%s/stat" % pid)
+        rss = [l.split()[1] for l in (status or "").splitlines() if l.startswith("VmRSS:")]
+        mem += int(rss[0]) * 1024 if rss else 0
+        fields = (stat or "").rpartition(")")[2].split()
+        cpu += (int(fields[11]) + int(fields[12])) * 1000000 // TICK if len(fields) > 12 else 0
+    return mem, cpu
+
+
+def usage():
+    mem, cpu = 0, 0
+    for unit in a["cgroups"]:
+        group = units.get(unit, {}).get("cgroup")
+        if group:
+            m, c = group_usage(group)
+            mem, cpu = mem + m, cpu + c
+    return mem, cpu, time.time()
+
+
+first = usage()
+if a["sample"]:
+    time.sleep(a["sample"])
+    second = usage()
+    out["cpu"] = {"before": [first[1], first[2]], "after": [second[1], second[2]]}
+    out["memory"] = second[0]
+else:
+    out["cpu"] = {"before": None, "after": [first[1], first[2]]}
+    out["memory"] = first[0]
+
+out["usage_from"] = source["from"]
+
+# requests over the window, from the newest part of the access log (read backwards from its end)
+since, requests, errors, oldest = out["now"] - a["window"], 0, 0, None
+text = read(a["access_log"], a["tail_bytes"])
+lines = (text or "").splitlines()
+cut = text is not None and len(text.encode("utf-8", "replace")) >= a["tail_bytes"]
+if cut:
+    lines = lines[1:]  # the first line is cut
+for line in reversed(lines):
+    when = access_time(line)
+    if when is None:
+        continue
+    if when < since:
+        cut = False  # the window is all there
+        break
+    oldest = when
+    code = access_status(line)
+    requests += 1
+    errors += 1 if code is not None and code >= 500 else 0
+# cut: the bytes read hold only the last `covered` seconds of the window
+out["requests"] = {"count": requests, "errors": errors, "log": text is not None, "cut": cut,
+                   "covered": out["now"] - (oldest if oldest is not None else out["now"]), "window": a["window"]}
+
+# the live release and its history, uptime, OS, disk
+out["current"] = os.path.basename(os.readlink(a["current"])) if os.path.islink(a["current"]) else None
+out["release_log"] = read(a["release_log"], 65536)
+out["upstream"] = read(a["upstream_file"])
+out["uptime"] = float((read("/proc/uptime") or "0").split()[0])
+osr = dict(l.partition("=")[::2] for l in (read("/etc/os-release") or "").splitlines())
+out["os"] = "%s %s" % (osr.get("ID", "?").strip('"'), osr.get("VERSION_ID", "").strip('"'))
+try:
+    st = os.statvfs(a["root"])
+    out["disk"] = {"total": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize,
+                   "used": (st.f_blocks - st.f_bfree) * st.f_frsize}
+except OSError:
+    out["disk"] = None
+
+# the certificate's expiry, as openssl says it (no openssl: as python's ssl module decodes it, or unknown)
+out["cert"] = None
+if a["certificate"] and os.path.exists(a["certificate"]):
+    try:
+        res = subprocess.run(["openssl", "x509", "-enddate", "-noout", "-in", a["certificate"]], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True, timeout=10)
+        out["cert"] = res.stdout.strip().partition("=")[2] or "unknown"
+    except (OSError, subprocess.SubprocessError):  # no openssl: CPython's own decoder (ssl's, private)
+        try:
+            import ssl
+            out["cert"] = ssl._ssl._test_decode_cert(a["certificate"])["notAfter"]
+        except Exception:
+            out["cert"] = "unknown"
+elif a["certificate"]:
+    out["cert"] = "missing"
+print(json.dumps(out))

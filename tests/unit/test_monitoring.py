@@ -1,0 +1,432 @@
+"""Monitoring, pure and local: what `fab status` makes of its numbers (and the program collecting them, run
+here on fake files), `fab logs --since/--grep` (the time, the command, the filter), the monitor's settings,
+steps and program (run here with a fake systemctl, a local app and a local webhook)."""
+
+import http.server
+import json
+import os
+import shlex
+import sys
+import subprocess
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from provision import config as cfg
+from provision import logs, monitor, remote, secrets, status
+from provision.errors import ProvisionError
+from provision.facts import Facts
+from provision.layout import Layout
+from provision.steps import plan
+
+ROOT = Path(__file__).resolve().parents[2]
+NOW = datetime(2026, 11, 24, 6, 30, 15, tzinfo=timezone.utc)
+
+
+def build(**over):
+    return cfg.build(cfg.layer(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), {}, {}, over), ROOT)
+
+
+def run(command, **env):
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, **env))
+
+
+def lib(name: str) -> dict:
+    """A remote library's functions, to call here."""
+    space: dict = {}
+    exec(remote.text(name), space)
+    return space
+
+
+# -- status: the decisions
+
+
+def test_the_health_verdict():
+    assert status.health_verdict({"status": 200, "error": None, "seconds": 0.012}) == (True, "ok (200, 12 ms)")
+    assert status.health_verdict({"status": 502, "error": None}) == (False, "FAILING (HTTP 502)")
+    assert status.health_verdict({"status": 0, "error": "timed out"}) == (False, "DOWN (timed out)")
+    assert status.health_verdict({"status": 0, "error": None}) == (False, "FAILING (not HTTP)")
+
+
+def test_the_request_rate_and_5xx_ratio_over_the_window_or_what_was_read_of_it():
+    assert status.request_rate({"count": 30, "errors": 3, "window": 300, "covered": 100, "cut": False}) == (0.1, 0.1, 300)
+    assert status.request_rate({"count": 0, "errors": 0, "window": 300, "covered": 0, "cut": False}) == (0, None, 300)
+    # the bytes read held only the last 60 s: the rate is over those
+    assert status.request_rate({"count": 120, "errors": 0, "window": 300, "covered": 60, "cut": True}) == (2, 0, 60)
+
+
+def test_cpu_between_two_readings():
+    assert status.cpu_percent([1_000_000, 10.0], [1_500_000, 11.0]) == 50
+    assert status.cpu_percent(None, [1, 2]) is None
+    assert status.cpu_percent([5, 3.0], [1, 4.0]) is None  # a restarted unit: its counter began again
+
+
+def test_sizes_ages_disk_and_certificate_days():
+    assert status.human_bytes(512) == "512 B" and status.human_bytes(3 * 1024 ** 2) == "3.0 MiB"
+    assert [status.human_age(s) for s in (5, 600, 7300, 3 * 86400 + 3600)] == ["5s", "10m", "2h01m", "3d1h"]
+    assert status.disk_use({"total": 100 << 30, "free": 25 << 30, "used": 70 << 30}) == (75.0, "75.0 GiB of 100.0 GiB (75%)")
+    assert status.disk_use(None) is None
+    assert status.cert_days("Dec 24 06:30:15 2026 GMT", NOW.timestamp()) == 30
+    assert status.cert_days("Dec  4 06:30:14 2026 GMT", NOW.timestamp()) == 9
+    assert status.cert_days("unknown", NOW.timestamp()) is None
+
+
+LOG = "\n".join(json.dumps(e) for e in [
+    {"action": "deploy", "release": "r1", "time": "2026-11-23T06:30:15Z", "by": "ann"},
+    {"action": "deploy", "release": "r2", "time": "2026-11-24T05:30:15Z", "by": "bob"},
+    {"action": "rollback", "release": "r1", "time": "2026-11-24T06:00:15Z", "by": "ann"},
+]) + "\n"
+
+
+def collected(**over):
+    got = {"now": NOW.timestamp(), "health": {"status": 200, "error": None, "seconds": 0.004},
+           "units": {"hello@a": {"active": True}, "hello@b": {"active": False}, "nginx": {"active": True}},
+           "cpu": {"before": [0, 1.0], "after": [250_000, 1.5]}, "memory": 50 << 20,
+           "requests": {"count": 60, "errors": 6, "log": True, "cut": False, "covered": 290, "window": 300},
+           "current": "r1", "release_log": LOG, "upstream": Layout("hello").upstream("a"), "uptime": 86400 * 2,
+           "os": "debian 12", "disk": {"total": 10 << 30, "free": 5 << 30, "used": 5 << 30}, "cert": None}
+    got.update(over)
+    return got
+
+
+def test_the_report_of_a_healthy_host():
+    r = status.report("web1", build(), collected())
+    assert r.problems == []
+    assert r.lines == [
+        "web1: release r1; hello@a running, nginx running; up 2.0 days; debian 12; live for 30m",
+        "web1: health ok (200, 4 ms); 0.20 req/s, 5xx 10.0% over 5 min (HIGH)",
+        "web1: memory 50.0 MiB; cpu 50.0%; disk 5.0 GiB of 10.0 GiB (50%)",
+        "web1: last rollback r1 at 2026-11-24T06:00:15Z by ann",
+    ]
+
+
+def test_the_report_says_what_is_wrong_and_counts_it():
+    r = status.report("web1", build(tls=True, server_name="example.com"), collected(
+        health={"status": 0, "error": "timed out", "seconds": 5}, units={"hello@a": {"active": False}, "nginx": {"active": True}},
+        cpu={"before": None, "after": [5, 2.0]}, cert="Dec  4 06:30:14 2026 GMT",
+        requests={"count": 0, "errors": 0, "log": True, "cut": False, "covered": 0, "window": 300}))
+    assert r.problems == ["hello@a not running", "health check / DOWN (timed out)"]
+    assert "hello@a STOPPED" in r.lines[0]
+    assert r.lines[1] == "web1: health DOWN (timed out); no requests over 5 min"
+    assert r.lines[2].endswith("cpu ?; disk 5.0 GiB of 10.0 GiB (50%); certificate expires in 9 days (SOON)")
+    # --watch: the CPU since the last refresh's reading
+    r = status.report("web1", build(), collected(cpu={"before": None, "after": [1_000_000, 3.0]}), [0, 1.0])
+    assert "cpu 50.0%" in r.lines[2]
+
+
+# -- status: the program collecting the numbers, run here
+
+
+def test_the_status_program_collects_the_numbers(tmp_path):
+    now = time.time()
+
+    def stamp(t):
+        return time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(t))
+
+    lines = [f'10.0.0.1 - - [{stamp(now - 900)}] "GET /old HTTP/1.1" 500 5 "-" "x"']  # outside the window
+    lines += [f'10.0.0.1 - - [{stamp(now - 100 + i)}] "GET /p HTTP/1.1" {500 if i % 4 == 0 else 200} 5 "-" "x"'
+              for i in range(20)]
+    (tmp_path / "access.log").write_text("\n".join(lines) + "\n")
+    (tmp_path / "releases.log").write_text(LOG)
+    (tmp_path / "releases" / "r1").mkdir(parents=True)
+    (tmp_path / "current").symlink_to("releases/r1")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nprintf 'Id=hello@a.service\\nActiveState=active\\n"
+                                                "ControlGroup=\\n\\nId=nginx.service\\nActiveState=failed\\nControlGroup=\\n'\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    s = build()
+    args = json.loads(shlex.split(status.command(s))[-1])
+    args.update(url="http://127.0.0.1:9/", units=["hello@a", "nginx"], access_log=str(tmp_path / "access.log"),
+                release_log=str(tmp_path / "releases.log"), current=str(tmp_path / "current"),
+                upstream_file=str(tmp_path / "none"), root=str(tmp_path), sample=0.05)
+    res = run(remote.python("status.py", args), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["health"]["status"] == 0 and got["health"]["error"]  # nothing listens on port 9
+    assert got["units"] == {"hello@a": {"active": True}, "nginx": {"active": False}}
+    assert (got["requests"]["count"], got["requests"]["errors"], got["requests"]["cut"]) == (20, 5, False)
+    assert got["current"] == "r1" and got["release_log"] == LOG and got["cert"] is None
+    assert 0 < got["disk"]["free"] <= got["disk"]["total"]
+    # only the newest bytes are read: then the rate is over what they hold
+    args["tail_bytes"] = len(lines[-1]) * 5
+    got = json.loads(run(remote.python("status.py", args), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}").stdout)
+    assert got["requests"]["cut"] and 3 <= got["requests"]["count"] <= 4 and got["requests"]["covered"] < 100
+
+
+@pytest.mark.parametrize("openssl", [True, False])
+def test_the_status_program_reads_the_certificates_expiry(tmp_path, openssl):
+    cert = tmp_path / "fullchain.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(cert), "-days", "30", "-subj", "/CN=example.com"], capture_output=True, check=True)
+    args = json.loads(shlex.split(status.command(build(tls=True, server_name="example.com")))[-1])
+    assert args["certificate"] == "/etc/letsencrypt/live/hello/fullchain.pem"
+    args.update(url="http://127.0.0.1:9/", units=[], certificate=str(cert), sample=0, access_log=str(tmp_path / "none"),
+                current=str(tmp_path / "none"), release_log=str(tmp_path / "none"), upstream_file=str(tmp_path / "none"),
+                root=str(tmp_path))
+    (tmp_path / "bin").mkdir()
+    for fake in ["systemctl"] + ([] if openssl else ["openssl"]):  # a missing openssl: exec fails like one absent
+        (tmp_path / "bin" / fake).write_text("#!/bin/sh\nexit 0\n" if fake == "systemctl" else "")
+        (tmp_path / "bin" / fake).chmod(0o755 if fake == "systemctl" else 0o644)
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"} if openssl else {"PATH": f"{tmp_path / 'bin'}"}
+    res = subprocess.run([sys.executable, "-c", remote.source("status.py"), json.dumps(args)],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 0, res.stderr
+    assert status.cert_days(json.loads(res.stdout)["cert"], time.time()) in (29, 30)
+
+
+def test_nginx_log_times_and_statuses():
+    t = lib("lib_logtime.py")
+    line = '1.2.3.4 - - [24/Nov/2026:06:30:15 +0100] "GET /a\\x22 b HTTP/1.1" 503 12 "-" "curl"'
+    assert t["access_time"](line) == NOW.timestamp() - 3600
+    assert t["access_status"](line) == 503 and t["line_time"](line) == NOW.timestamp() - 3600
+    assert t["access_time"]("garbage [x]") is None and t["access_status"]("garbage") is None
+    assert t["error_time"]("2026/11/24 06:30:15 [error] 12#12: boom") == time.mktime((2026, 11, 24, 6, 30, 15, 0, 0, -1))
+
+
+# -- logs
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("10m", datetime(2026, 11, 24, 6, 20, 15, tzinfo=timezone.utc)),
+    ("2h", datetime(2026, 11, 24, 4, 30, 15, tzinfo=timezone.utc)),
+    ("1d", datetime(2026, 11, 23, 6, 30, 15, tzinfo=timezone.utc)),
+    ("30s ago", datetime(2026, 11, 24, 6, 29, 45, tzinfo=timezone.utc)),
+    ("today", datetime(2026, 11, 24, tzinfo=timezone.utc)),
+    ("Yesterday", datetime(2026, 11, 23, tzinfo=timezone.utc)),
+    ("2026-11-24 05:00", datetime(2026, 11, 24, 5, 0, tzinfo=timezone.utc)),
+    ("2026-11-24T05:00:07Z", datetime(2026, 11, 24, 5, 0, 7, tzinfo=timezone.utc)),
+    ("2026-11-20", datetime(2026, 11, 20, tzinfo=timezone.utc)),
+])
+def test_since_is_one_utc_time(text, expected):
+    assert logs.parse_since(text, NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["next tuesday", "10 parsecs", "2026-13-01", ""])
+def test_since_that_means_nothing_is_one_line(text):
+    with pytest.raises(ProvisionError, match="expected 10m, 2h, 1d, today"):
+        logs.parse_since(text, NOW)
+
+
+def test_the_logs_command_chooses_lines_on_the_host():
+    plain = logs.command(["hello@a", "nginx"], ["/a.log"], 20, False)
+    assert plain == ("journalctl -u hello@a -u nginx --no-pager -o short-iso -n 20 & "
+                     "tail -q -n 20 /a.log 2>/dev/null & wait")
+    since = datetime(2026, 11, 24, 5, 0, tzinfo=timezone.utc)
+    cmd = logs.command(["hello@a"], ["/a.log"], 5, False, since, "it's (a|b)")
+    assert "--since '2026-11-24 05:00:00 UTC'" in cmd and " -n 5" not in cmd.split(" | ")[0]
+    assert "grep -E --line-buffered -e 'it'\"'\"'s (a|b)' | tail -n 5" in cmd
+    assert "grep -hE -e 'it'\"'\"'s (a|b)' \"$f\"" in cmd and "log_filter.py" in cmd
+    follow = logs.command(["x.worker.service"], [], 5, True, None, "boom")
+    assert follow == "journalctl -u x.worker.service --no-pager -o short-iso -n 5 -f | grep -E --line-buffered -e boom"
+    with pytest.raises(ProvisionError, match="--grep"):
+        logs.command(["u"], [], 5, False, None, "a\nb")
+
+
+def test_the_logs_command_runs_here(tmp_path):
+    log = tmp_path / "a.log"
+    log.write_text('1 - - [24/Nov/2026:04:59:59 +0000] "GET /old HTTP/1.1" 200 1\n'
+                   '1 - - [24/Nov/2026:05:00:00 +0000] "GET /new HTTP/1.1" 200 1\n'
+                   '1 - - [24/Nov/2026:05:00:01 +0000] "GET /other HTTP/1.1" 200 1\n')
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "journalctl").write_text("#!/bin/sh\necho 'journal GET /new line'; echo 'journal else'\n")
+    (tmp_path / "bin" / "journalctl").chmod(0o755)
+    cmd = logs.command(["u"], [str(log)], 10, False, datetime(2026, 11, 24, 5, 0, tzinfo=timezone.utc), "GET /(new|old)")
+    res = run(cmd, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert sorted(res.stdout.splitlines()) == ['1 - - [24/Nov/2026:05:00:00 +0000] "GET /new HTTP/1.1" 200 1',
+                                               "journal GET /new line"]
+
+
+def test_the_since_filter_keeps_continuation_lines():
+    res = subprocess.run(["bash", "-c", remote.python("log_filter.py", {"since": NOW.timestamp()})],
+                         input="2026/11/24 06:30:14 [error] old\n  more old\n2026/11/24 06:30:16 [error] new\n  more new\n",
+                         capture_output=True, text=True, timeout=30, env=dict(os.environ, TZ="UTC"))
+    assert res.stdout == "2026/11/24 06:30:16 [error] new\n  more new\n"
+
+
+# -- the monitor: settings
+
+
+def test_the_monitor_settings():
+    s = build()
+    assert (s.monitor, s.monitor_failures, s.monitor_webhook) == (0, 3, "")
+    s = build(monitor="30", monitor_failures="2", monitor_webhook="https://hooks.example/T0/secret")
+    assert (s.monitor, s.monitor_failures) == (30, 2) and "https://hooks.example/T0/secret" in s.secrets
+    assert build(monitor=False).monitor == 0 and build(monitor="off").monitor == 0
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"monitor": "2"}, "invalid setting app.monitor='2': expected a whole number from 5 to 86400"),
+    ({"monitor": True}, "invalid setting app.monitor=True: expected the seconds between checks"),
+    ({"monitor": 30, "monitor_failures": 0}, "app.monitor_failures=0: expected a whole number from 1 to 100"),
+    ({"monitor": 30, "monitor_webhook": "ftp://x/very-secret"}, "app.monitor_webhook='****': expected an http:// or https:// URL"),
+    ({"monitor_webhook": "https://x/very-secret"}, "app.monitor_webhook='****': it is called by the health monitor, which is off"),
+])
+def test_bad_monitor_settings_give_one_line(over, message):
+    with pytest.raises(ProvisionError) as e:
+        build(**over)
+    assert message in str(e.value) and "very-secret" not in str(e.value) and "\n" not in str(e.value)
+
+
+# -- the monitor: its steps
+
+
+def test_the_monitor_is_installed_root_only_and_its_timer_runs_every_n_seconds():
+    s = build(monitor=20, monitor_webhook="https://hooks.example/very-secret")
+    by_path = {getattr(st, "path", st.name): st for st in monitor.steps(s)}
+    lay = s.layout
+    config = by_path[lay.monitor_config]
+    assert config.mode == 0o600 and config.sensitive and b"very-secret" in config.content
+    assert json.loads(config.content)["slots"]["a"] == {"socket": lay.socket("a"), "unit": "hello@a",
+                                                       "link": lay.slot_link("a")}
+    assert by_path[lay.monitor_dir].mode == 0o700 and by_path[lay.monitor_program].mode == 0o700
+    timer = by_path[lay.monitor_timer_file].content.decode()
+    assert "OnActiveSec=20s\nOnUnitActiveSec=20s\nAccuracySec=1s" in timer
+    unit = by_path[lay.monitor_service_file].content.decode()
+    assert "very-secret" not in unit and f"ExecStart=/usr/bin/python3 {lay.monitor_program} {lay.monitor_config}" in unit
+    assert f"ReadWritePaths={lay.monitor_dir}" in unit and "ProtectSystem=strict" in unit
+    planned = plan(monitor.steps(s), Facts({f: None for st in monitor.steps(s) for f in st.facts()}))
+    assert [p.status for p in planned].count("change") == len(planned)
+    assert planned[-1].change.commands[-1] == "systemctl reload-or-restart provision-monitor-hello.timer"
+    secrets.remember(s.secrets)
+    assert "very-secret" not in config.diff(None) and "very-secret" not in secrets.mask(str(planned))
+
+
+def test_without_the_setting_the_monitor_goes():
+    lay = Layout("hello")
+    gone = monitor.steps(build())
+    assert plan(gone, Facts({("file", lay.monitor_timer_file): None, ("file", lay.monitor_service_file): None,
+                             ("file", lay.monitor_dir): None}))[0].change is None
+    change = plan(gone, Facts({("file", lay.monitor_timer_file): {"type": "file"}, ("file", lay.monitor_service_file): None,
+                               ("file", lay.monitor_dir): None}))[0].change
+    assert change.commands[0].startswith("systemctl disable --now --quiet provision-monitor-hello.timer")
+    assert lay.monitor_dir in change.commands[1]
+
+
+# -- the monitor: its program, run here
+
+
+def test_the_monitor_state_machine():
+    space: dict = {"__name__": "monitor"}  # not "__main__": the program defines, runs nothing
+    exec(remote.source("monitor.py"), space)
+    decide = space["decide"]
+    state, seen = {"failures": 0, "down": False}, []
+    for ok in [False, True, False, False, False, False, False, True, True]:
+        state, actions = decide(state, ok, 2)
+        seen.append(actions)
+    assert seen == [[], [], [], ["restart", "down"], [], ["restart"], [], ["recovered"], []]
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A local app (answers 200 or 503 as ``world.healthy`` says), a webhook recording what it gets, a fake
+    systemctl recording its arguments, and the monitor's config pointing at them."""
+
+    class App(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if srv.healthy else 503)
+            self.end_headers()
+
+        def do_POST(self):
+            srv.posts.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.send_response(200 if srv.hook_ok else 500)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), App)
+    srv.healthy, srv.hook_ok, srv.posts = True, True, []
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    port = srv.server_address[1]
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/systemctl.log\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    lay = Layout("hello", nginx_dir=str(tmp_path / "nginx"), run_dir=str(tmp_path / "run"), srv_dir=str(tmp_path / "srv"))
+    (tmp_path / "nginx" / "provision").mkdir(parents=True)
+    Path(lay.upstream_file).write_text(lay.upstream("b"))
+    Path(lay.slots).mkdir(parents=True)
+    Path(lay.slot_link("b")).symlink_to("../releases/r7")
+    s = build(monitor=5, monitor_failures=2, monitor_webhook=f"http://127.0.0.1:{port}/hook/secret")
+    config = monitor.config(s)
+    config.update(url=f"http://127.0.0.1:{port}/", state=str(tmp_path / "state.json"), upstream_file=lay.upstream_file,
+                  lock=lay.lock, timeout=2,
+                  slots={slot: {"socket": lay.socket(slot), "unit": lay.unit(slot), "link": lay.slot_link(slot)}
+                         for slot in "ab"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "monitor.py").write_text(remote.source("monitor.py"))
+    srv.tmp, srv.config = tmp_path, config
+    yield srv
+    srv.shutdown()
+
+
+def tick(world):
+    res = subprocess.run(["python3", str(world.tmp / "monitor.py"), str(world.tmp / "config.json")], capture_output=True,
+                         text=True, timeout=30, env=dict(os.environ, PATH=f"{world.tmp / 'bin'}:{os.environ['PATH']}"))
+    assert res.returncode == 0, res.stderr
+    return res.stdout + res.stderr
+
+
+def restarts(world) -> list[str]:
+    log = world.tmp / "systemctl.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_the_monitor_restarts_the_live_slot_after_k_failures_and_says_so_once(world):
+    tick(world)
+    assert restarts(world) == [] and world.posts == []
+    world.healthy = False
+    assert "health check failed (1 in a row): HTTP 503" in tick(world)
+    assert restarts(world) == [] and world.posts == []
+    out = tick(world)
+    assert restarts(world) == ["restart --no-block hello@b"] and "restarted hello@b" in out
+    (path, body), = world.posts
+    assert path == "/hook/secret"
+    assert {k: body[k] for k in ("app", "event", "failures", "release")} == {
+        "app": "hello", "event": "down", "failures": 2, "release": "r7"}
+    assert body["text"] and body["host"]
+    tick(world), tick(world)  # still down: restarted again, the webhook told nothing new
+    assert restarts(world) == ["restart --no-block hello@b"] * 2 and len(world.posts) == 1
+    world.healthy = True
+    assert "passes again" in tick(world)
+    assert [b["event"] for _, b in world.posts] == ["down", "recovered"]
+    tick(world)
+    assert len(world.posts) == 2 and json.loads((world.tmp / "state.json").read_text()) == {"failures": 0, "down": False}
+    assert (world.tmp / "state.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_failing_webhook_is_logged_and_never_stops_the_restart(world):
+    world.hook_ok, world.healthy = False, False
+    tick(world)
+    out = tick(world)
+    assert restarts(world) == ["restart --no-block hello@b"]
+    assert "webhook: down not sent: HTTP Error 500" in out and "secret" not in out
+    world.config["webhook"] = "http://127.0.0.1:9/nothing-listens/secret"  # refused
+    (world.tmp / "config.json").write_text(json.dumps(world.config))
+    world.healthy = True
+    out = tick(world)
+    assert "webhook: recovered not sent" in out and "secret" not in out
+
+
+def test_the_monitor_skips_a_round_while_a_deploy_holds_the_lock(world):
+    import fcntl
+    lock = Path(world.config["lock"])
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        world.healthy = False
+        assert "a deploy is running" in tick(world)
+    assert not (world.tmp / "state.json").exists()
+
+
+@pytest.mark.parametrize("interval", ["0.1", "soon", "7200"])
+def test_a_watch_interval_out_of_range_is_one_line_before_any_host(interval):
+    from invoke import Exit
+
+    from provision.cli.info import show_status
+    with pytest.raises(Exit) as e:
+        show_status(None, watch=True, interval=interval)  # no context needed: it stops first
+    assert e.value.code == 2 and e.value.message == f"error: --interval {interval!r}: expected seconds from 0.5 to 3600"

@@ -180,9 +180,15 @@ def test_local_lines_arrive_before_the_command_ends():
     assert [s[0] for s in seen] == ["first", "second"] and seen[1][1] - seen[0][1] > 0.5  # the first line came before the sleep
 
 
-def test_local_times_out():
+def test_local_times_out_and_kills_what_the_command_started(tmp_path):
+    # a compound command: bash does not exec sleep, whose copy holds stdout open
+    marker = tmp_path / "done"
+    t0 = time.monotonic()
     with pytest.raises(StepFailed, match="timed out after 1s"):
-        Local("here").exec("sleep 30", timeout=1)
+        Local("here").exec(f"sleep 4; echo done > {marker}", timeout=1)
+    assert time.monotonic() - t0 < 3
+    time.sleep(4)
+    assert not marker.exists()  # the rest of the command never ran
 
 
 def tree_tar(files: dict[str, bytes], path):

@@ -82,7 +82,27 @@ PUSH_CODE = f"{PUSH_HOME}/code"  # provision's package (provision/), as the loca
 PUSH_PROGRAM = f"{PUSH_HOME}/receive"  # what the hook runs as root: deploys a pushed tree read on its stdin
 GIT_ROOT = f"{PROVISION_VAR}/git"  # root's: each app's bare repository, <name>.git (the pushing user's)
 PUSH_SETTINGS = f"{PROVISION_ETC}/push"  # root's alone: each app's settings that are not in fabric.yaml
-PUSH_TMP = "/var/tmp"  # where a push's tree is unpacked, in a fresh root-only folder
+PUSH_TMP = f"{PROVISION_VAR}/push-tmp"  # root's alone (0700): each push's tree, unpacked in a fresh folder
+PUSH_WORK_PREFIX = "provision-push-"  # a push's folder under PUSH_TMP (removed when it ends; a stale one by the next push)
+PUSH_STALE_SECONDS = 3600  # a push's folder older than this, its receive gone, is removed by the next push
+PUSH_MARKER = ".provision-"  # <dir>/.provision-<key>: that install of provision's venv or code is complete
+PIP_WHEELS = "/usr/share/python-wheels/pip-*.whl"  # Debian's pip wheel (python3-pip-whl): run from there, no ensurepip
+
+
+def push_code(digest: str) -> str:
+    """One version of provision's code on the host; ``PUSH_CODE`` links to the current one (a push
+    that runs keeps the version it started with)."""
+    return f"{PUSH_CODE}-{digest}"
+
+
+def push_tree(work: str) -> str:
+    """The pushed commit's tree, in a push's folder."""
+    return f"{work}/tree"
+
+
+def push_ca_file(work: str) -> str:
+    """The recorded CA bundle, written for a push's deploy."""
+    return f"{work}/ca-bundle.pem"
 
 
 @dataclass(frozen=True)

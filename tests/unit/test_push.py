@@ -4,7 +4,9 @@ host records and layers, the code sent, and the local transport with a real bash
 import io
 import json
 import os
+import signal
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -136,6 +138,28 @@ def test_dependencies_are_pinned_to_the_local_versions():
     assert push.pins() == tuple(f"{n}=={version(n)}" for n in push.HOST_DEPENDENCIES)
 
 
+BLOCKER = """
+import sys
+allowed = set(sys.stdlib_module_names) - {"tomllib"} | {"provision", *HOST}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in allowed:
+            raise ModuleNotFoundError(f"No module named {name!r} (not on the host)", name=name)
+sys.meta_path.insert(0, Block())
+import provision.receive, provision.app, provision.local, provision.lock
+print("ok")
+"""
+
+
+def test_receive_imports_with_only_the_hosts_dependencies_and_no_tomllib():
+    # a Python 3.10 host: no tomllib; the host's virtualenv: HOST_DEPENDENCIES only (tomli when needed)
+    from pathlib import Path
+    root = Path(push.__file__).resolve().parent.parent
+    code = f"HOST = {push.HOST_DEPENDENCIES!r}\n" + BLOCKER
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+
+
 def test_setup_records_settings_root_only_and_the_hook_as_root(tmp_path):
     from provision.config import build
     from provision.steps import File
@@ -218,3 +242,148 @@ def test_recorded_settings_that_are_wrong_stop_the_push_in_one_line(tmp_path):
     with pytest.raises(ProvisionError, match="app.workers"):
         deploy({"app": "hello", "vars": {"workers": "many"}}, tar, SHA, "main", "deploy", tmp_path,
                Printer(io.StringIO()))
+
+
+def tree_tar_with(path, files: dict[str, bytes], links: dict[str, str]):
+    """A pushed tree holding symlinks too."""
+    with tarfile.open(path, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in links.items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return open(path, "rb")
+
+
+APP_FILES = {"app.py": b"app = None\n", "requirements.txt": b"flask\n"}
+
+
+@pytest.mark.parametrize("fabric, links, problem", [
+    (b"app:\n  name: hello\n  templates: ../../tpl\n", {}, "app.templates of commit 3333333 leads out of the repository"),
+    (b"app:\n  name: hello\n  source: site\n  include: [../../../shared]\n", {}, "app.include of commit 3333333 leads out"),
+    (b"app:\n  name: hello\n  source: ../..\n", {}, "app.source of commit 3333333 leads out"),
+    (b"app:\n  name: hello\n  ca_bundle: ../../ca.pem\n", {}, "app.ca_bundle of commit 3333333 leads out"),
+    (b"app:\n  name: hello\n  checks: ../../checks\n", {}, "app.checks of commit 3333333 leads out"),
+    (None, {"fabric.yaml": "/SHARED/fabric.yaml"}, "fabric.yaml is a link leading out of the repository"),
+    (b"app:\n  name: hello\n", {"templates": "/SHARED/tpl"}, "templates is a link leading out of the repository"),
+])
+def test_a_pushed_tree_leading_out_of_itself_is_refused_before_anything_runs(tmp_path, fabric, links, problem):
+    # S1: ../.. of the tree is a folder of the host (any user may have planted files there)
+    from provision.output import Printer
+    from provision.receive import deploy
+    planted = tmp_path / "push"  # ../.. of the tree: where the pushes' folders are (once, /var/tmp)
+    shared = planted / "shared"
+    for d in ("tpl", "shared", "checks", "shared/tpl"):
+        (planted / d).mkdir(parents=True, exist_ok=True)
+    (planted / "ca.pem").write_text("PEM\n")
+    (shared / "fabric.yaml").write_text("app:\n  name: hello\n")
+    (shared / "x.py").write_text("")
+    work = planted / "work"
+    work.mkdir()
+    files = dict(APP_FILES, **({"fabric.yaml": fabric} if fabric else {}), **{"site/app.py": b"app = None\n",
+                                                                              "site/requirements.txt": b"flask\n"})
+    links = {k: v.replace("/SHARED", str(shared)) for k, v in links.items()}
+    out = io.StringIO()
+    with pytest.raises(ProvisionError, match=problem):
+        deploy({"app": "hello", "vars": {}}, tree_tar_with(tmp_path / "t.tar", files, links), SHA, "main", "deploy",
+               work, Printer(out))
+    assert out.getvalue() == ""
+
+
+@pytest.fixture
+def received(tmp_path, monkeypatch):
+    """receive.main with its host folders in tmp_path, root's, and a fake deploy that records
+    what it saw; returns (run, seen)."""
+    from provision import layout, receive
+    monkeypatch.setattr(layout, "PUSH_SETTINGS", str(tmp_path / "etc"))
+    monkeypatch.setattr(receive, "PUSH_TMP", str(tmp_path / "push-tmp"))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "hello.json").write_text(json.dumps({"app": "hello", "vars": {}, "label": "web1"}))
+    for k in ("PATH", "XDG_CACHE_HOME", "GIT_CEILING_DIRECTORIES"):
+        monkeypatch.setenv(k, os.environ.get(k, ""))
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+
+    def fake_deploy(behave):
+        def deploy(rec, tar, sha, branch, pusher, work, printer):
+            seen.update(work=work, exists=work.is_dir(), cwd=os.getcwd(), path=os.environ["PATH"],
+                        git={k: v for k, v in os.environ.items() if k.startswith("GIT_") and k != "GIT_CEILING_DIRECTORIES"})
+            return behave()
+        return deploy
+
+    def run(behave=lambda: 0, argv=("--app", "hello", "--commit", SHA, "--branch", "main", "--old", "1" * 40)):
+        monkeypatch.setattr(receive, "deploy", fake_deploy(behave))
+        try:
+            return receive.main(list(argv))
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+    yield run, seen
+
+
+def test_receive_runs_only_as_root(received, monkeypatch, capsys):
+    run, seen = received
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert run() == 2 and not seen
+    assert "runs as root" in capsys.readouterr().err
+
+
+def test_receive_drops_gits_environment_and_leaves_the_repository(received, monkeypatch, tmp_path):
+    # S3: the hook's environment (the quarantine, GIT_DIR=.) and cwd (the bare repository) never reach root's steps
+    run, seen = received
+    for k, v in {"GIT_DIR": ".", "GIT_QUARANTINE_PATH": "/r/objects/q", "GIT_OBJECT_DIRECTORY": "/r/objects/q",
+                 "GIT_ALTERNATE_OBJECT_DIRECTORIES": "/r/objects", "GIT_PUSH_OPTION_COUNT": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PATH", f"{tmp_path}/evil:/usr/bin")
+    assert run() == 0
+    assert seen["git"] == {} and seen["cwd"] == "/" and seen["path"] == receive_safe_path()
+
+
+def receive_safe_path():
+    from provision.receive import SAFE_PATH
+    return SAFE_PATH
+
+
+def test_receive_removes_its_folder_on_success_failure_and_signals(received, tmp_path):
+    run, seen = received
+    assert run() == 0 and seen["exists"] and not seen["work"].exists()
+    assert run(lambda: 1) == 1 and not seen["work"].exists()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with pytest.raises(SystemExit) as e:
+            run(lambda: os.kill(os.getpid(), sig) or time.sleep(5))
+        assert e.value.code == 128 + sig and not seen["work"].exists()
+    assert oct(os.stat(tmp_path / "push-tmp").st_mode & 0o777) == "0o700"
+
+
+def test_receive_reports_unexpected_errors_and_bad_settings_in_one_line(received, tmp_path, capsys):
+    # B5: no traceback, whatever happens
+    run, seen = received
+    assert run(lambda: (_ for _ in ()).throw(OSError(28, "No space left on device"))) == 1
+    err = capsys.readouterr().err
+    assert err == "error: the push's deploy failed unexpectedly: OSError: [Errno 28] No space left on device\n"
+    for bad in ("[1, 2]", '{"vars": {}}', '{"app": "hello", "vars": [1]}'):
+        (tmp_path / "etc" / "hello.json").write_text(bad)
+        assert run() == 2
+        assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_push_removes_the_folders_of_pushes_that_died(tmp_path):
+    from provision.receive import work_folder
+    base = tmp_path / "push-tmp"
+    base.mkdir(mode=0o700)
+    old = time.time() - 2 * 3600
+    dead, running, fresh = (base / f"provision-push-{n}-x" for n in (99999999, os.getpid(), 99999998))
+    for d, t in ((dead, old), (running, old), (fresh, time.time())):
+        (d / "tree").mkdir(parents=True)
+        os.utime(d, (t, t))
+    new = work_folder(str(base))
+    assert new.parent == base and new.name.startswith(f"provision-push-{os.getpid()}-")
+    assert not dead.exists() and running.exists() and fresh.exists()
+    os.chmod(base, 0o755)  # not root's alone: refused
+    with pytest.raises(ProvisionError, match="must be a folder of root's alone"):
+        work_folder(str(base))

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from .app import trust_steps
 from .config import CONNECTION_KEYS, Settings
-from .layout import (GIT_ROOT, PIP_WHEELS, PROVISION_ETC, PROVISION_VAR, PUSH_CODE, PUSH_HOME, PUSH_MARKER, PUSH_PROGRAM,
-                     PUSH_SETTINGS, PUSH_TMP, PUSH_VENV, push_code)
+from .layout import (GIT_ROOT, PIP_WHEELS, PROVISION_ETC, PROVISION_VAR, PUSH_CODE, PUSH_CODE_LINK, PUSH_HOME,
+                     PUSH_MARKER, PUSH_PROGRAM, PUSH_SETTINGS, PUSH_TMP, PUSH_VENV, PUSH_VENV_NEW, PUSH_VENV_OLD,
+                     git_repo_new, push_code, push_code_new)
 from .steps import Command, Directory, File, Packages, Step
 
 q = shlex.quote
@@ -201,7 +202,8 @@ def setup_steps(s: Settings, login_user: str, rec: dict, files: dict[str, bytes]
     owner = login_user
     hook_file = f"{hooks}/pre-receive"
     hook_text = hook(s.name, s.git_branch, login_user != "root").encode()
-    venv_new, venv_old = f"{PUSH_VENV}.new", f"{PUSH_VENV}.old"
+    venv_new, venv_old = PUSH_VENV_NEW, PUSH_VENV_OLD
+    code_new, repo_new = push_code_new(code), git_repo_new(repo)
     venv_marker = f"{PUSH_VENV}/{PUSH_MARKER}{key}-py{PYVER}"  # the host's python version in the key
     return trust_steps(s) + [
         Packages(PACKAGES),
@@ -218,14 +220,14 @@ def setup_steps(s: Settings, login_user: str, rec: dict, files: dict[str, bytes]
             f"mv {q(venv_new)} {q(PUSH_VENV)} && rm -rf {q(venv_old)}",
         ), unless=f'test -f "{venv_marker}"'),
         Command(f"provision's code ({len(files)} files, {code})", (
-            f"rm -rf {q(code_dir)}.new && mkdir -m 755 {q(code_dir)}.new",
-            f"base64 -d <<'__PROVISION_EOF__' | tar -xz --no-same-owner -C {q(code_dir)}.new\n{packed}__PROVISION_EOF__",
-            f"chmod -R go-w,a+rX {q(code_dir)}.new && touch {q(f'{code_dir}.new/{PUSH_MARKER}{code}')}",
-            f"rm -rf {q(code_dir)} && mv {q(code_dir)}.new {q(code_dir)}",
+            f"rm -rf {q(code_new)} && mkdir -m 755 {q(code_new)}",
+            f"base64 -d <<'__PROVISION_EOF__' | tar -xz --no-same-owner -C {q(code_new)}\n{packed}__PROVISION_EOF__",
+            f"chmod -R go-w,a+rX {q(code_new)} && touch {q(f'{code_new}/{PUSH_MARKER}{code}')}",
+            f"rm -rf {q(code_dir)} && mv {q(code_new)} {q(code_dir)}",
             # the switch: a link replaced in one rename (a running push keeps the folder it resolved)
             f"prev=$(readlink {q(PUSH_CODE)} || true); if [ -d {q(PUSH_CODE)} ] && [ ! -L {q(PUSH_CODE)} ]; then "
             f"rm -rf {q(PUSH_CODE)}; fi",
-            f"ln -sfn {q(code_dir)} {q(PUSH_CODE)}.link && mv -T {q(PUSH_CODE)}.link {q(PUSH_CODE)}",
+            f"ln -sfn {q(code_dir)} {q(PUSH_CODE_LINK)} && mv -T {q(PUSH_CODE_LINK)} {q(PUSH_CODE)}",
             # the previous version stays for a push still running it; older ones go
             f'for d in {q(PUSH_CODE)}-*; do [ "$d" = {q(code_dir)} ] || [ "$d" = "$prev" ] || rm -rf "$d"; done',
         ), unless=f"[ \"$(readlink {q(PUSH_CODE)})\" = {q(code_dir)} ] && test -f {q(f'{code_dir}/{PUSH_MARKER}{code}')}"),
@@ -236,11 +238,11 @@ def setup_steps(s: Settings, login_user: str, rec: dict, files: dict[str, bytes]
         Directory(GIT_ROOT, owner="root", group="root", mode=0o755),
         Command(f"repository {repo} ({owner}'s)", (
             # a new repository is made beside its place, its hook in it, and renamed: never one without the hook
-            f"if [ -L {q(repo)} ] || [ ! -f {q(repo + '/HEAD')} ]; then rm -rf {q(repo)}.new && git init --bare "
-            f"--quiet --template= --shared=0700 --initial-branch={q(s.git_branch)} {q(repo)}.new && "
-            f"chown -R -h {q(owner)}: {q(repo)}.new && install -d -m 755 -o root -g root {q(repo)}.new/hooks && "
-            f"{hook_write(f'{repo}.new/hooks/pre-receive', hook_text)} && rm -rf {q(repo)} && "
-            f"mv {q(repo)}.new {q(repo)}; fi",
+            f"if [ -L {q(repo)} ] || [ ! -f {q(repo + '/HEAD')} ]; then rm -rf {q(repo_new)} && git init --bare "
+            f"--quiet --template= --shared=0700 --initial-branch={q(s.git_branch)} {q(repo_new)} && "
+            f"chown -R -h {q(owner)}: {q(repo_new)} && install -d -m 755 -o root -g root {q(repo_new)}/hooks && "
+            f"{hook_write(f'{repo_new}/hooks/pre-receive', hook_text)} && rm -rf {q(repo)} && "
+            f"mv {q(repo_new)} {q(repo)}; fi",
             # the pushing user's (never the app's), its alone; links changed themselves, never followed
             f"chown -R -h {q(owner)}: {q(repo)} && chmod 700 {q(repo)} && "
             f"find {q(repo)} -mindepth 1 -maxdepth 1 ! -name hooks -exec chmod -R go-rwx {{}} +",

@@ -14,7 +14,9 @@ lock) against the host itself through provision.local, with git's hook environme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -30,7 +32,8 @@ from . import config as cfg
 from . import secrets
 from .app import Deploy, proxy_env
 from .errors import ProvisionError
-from .layout import PUSH_STALE_SECONDS, PUSH_TMP, PUSH_WORK_PREFIX, Layout, push_ca_file, push_tree
+from .layout import (PUSH_LANDING_SECONDS, PUSH_STALE_SECONDS, PUSH_TMP, PUSH_WORK_PREFIX, Layout, push_ca_file,
+                     push_landed, push_lock, push_tree)
 from .local import Local
 from .lock import Lock
 from .output import Printer, summary_line
@@ -203,12 +206,44 @@ def alive(pid: str) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def one_push(app: str, branch: str, old: str, base: str | None = None):
+    """Hold ``app``'s push lock (one receive at a time, refused when another holds it), then refuse
+    a push that began before the previous push's commit landed on ``branch``: the hook compared
+    ``old`` with the branch, but git names the new commit only after the previous receive exited,
+    so within ``PUSH_LANDING_SECONDS`` of it the commit it deployed must be ``old``. Yields a
+    function recording the commit this push deployed."""
+    fd = os.open(push_lock(app, base), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ProvisionError(f"another push of {app} is deploying on this host; push again when it ends", code=1)
+        landed = Path(push_landed(app, base))
+        try:
+            sha, when = landed.read_text().strip(), landed.lstat().st_mtime
+        except OSError:
+            sha, when = "", 0.0
+        if old and sha and sha != old and time.time() - when < PUSH_LANDING_SECONDS:
+            raise ProvisionError(f"{branch} moved on the host (to {sha[:7]}) while you pushed; fetch and push again",
+                                 code=1)
+
+        def record(commit: str) -> None:
+            tmp = landed.with_name(landed.name + ".new")
+            tmp.unlink(missing_ok=True)
+            tmp.write_text(commit + "\n")
+            os.replace(tmp, landed)
+        yield record
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="provision-receive", description=__doc__.splitlines()[0])
     ap.add_argument("--app", required=True)
     ap.add_argument("--commit", required=True)
     ap.add_argument("--branch", required=True)
-    ap.add_argument("--old", default="")  # the branch's value the push started from (checked by the hook)
+    ap.add_argument("--old", default="")  # the branch's value the push started from (checked by the hook, and here)
     args = ap.parse_args(argv)
     printer = Printer(stream=sys.stdout)
     for sig in (signal.SIGHUP, signal.SIGTERM):  # the push went away: the temporary tree goes too (finally)
@@ -229,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XDG_CACHE_HOME"] = str(work / "cache")  # the source's hash cache: nothing kept in root's home
         # the tree is not a checkout: git, asked by the source scan, never looks for one above it
         os.environ["GIT_CEILING_DIRECTORIES"] = str(work)
-        return deploy(rec, sys.stdin.buffer, args.commit, args.branch, pusher, work, printer)
+        with one_push(args.app, args.branch, args.old, PUSH_TMP) as landed:
+            rc = deploy(rec, sys.stdin.buffer, args.commit, args.branch, pusher, work, printer)
+            if rc == 0:
+                landed(args.commit)
+            return rc
     except ProvisionError as e:
         printer.error(str(e))
         return e.code

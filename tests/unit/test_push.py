@@ -462,6 +462,7 @@ def received(tmp_path, monkeypatch):
 
     def run(behave=lambda: 0, argv=("--app", "hello", "--commit", SHA, "--branch", "main", "--old", "1" * 40)):
         monkeypatch.setattr(receive, "deploy", fake_deploy(behave))
+        (tmp_path / "push-tmp" / "hello.landed").unlink(missing_ok=True)  # each run a push of its own
         try:
             return receive.main(list(argv))
         finally:
@@ -531,3 +532,35 @@ def test_a_push_removes_the_folders_of_pushes_that_died(tmp_path):
     os.chmod(base, 0o755)  # not root's alone: refused
     with pytest.raises(ProvisionError, match="must be a folder of root's alone"):
         work_folder(str(base))
+
+
+def test_a_push_that_began_before_the_previous_one_landed_is_refused_under_its_lock(tmp_path, monkeypatch):
+    # B2: A deployed and its receive exited; git has not yet moved main to A when B (begun at X) checks
+    from provision import receive
+    base = str(tmp_path)
+    x, a, b = "1" * 40, "a" * 40, "b" * 40
+    with receive.one_push("hello", "main", x, base) as landed:  # A
+        with pytest.raises(ProvisionError, match="another push of hello is deploying on this host") as e:
+            with receive.one_push("hello", "main", x, base):  # B, while A runs
+                pass
+        assert e.value.code == 1
+        landed(a)
+    with pytest.raises(ProvisionError, match=r"^main moved on the host \(to aaaaaaa\) while you pushed; fetch and push "
+                                             r"again$") as e:
+        with receive.one_push("hello", "main", x, base):  # B, after A, before git names A
+            pass
+    assert e.value.code == 1
+    with receive.one_push("hello", "main", a, base) as landed:  # B fetched and pushed again: it began at A
+        landed(b)
+    old = time.time() - 2 * receive.PUSH_LANDING_SECONDS  # A's ref update failed long ago: no longer holds pushes
+    os.utime(tmp_path / "hello.landed", (old, old))
+    with receive.one_push("hello", "main", x, base):
+        pass
+    with receive.one_push("hello", "main", "", base):  # an older hook passes no --old
+        pass
+
+
+def test_receive_records_the_commit_a_push_deployed(received, tmp_path):
+    run, seen = received
+    assert run(lambda: 1) == 1 and not (tmp_path / "push-tmp" / "hello.landed").exists()
+    assert run() == 0 and (tmp_path / "push-tmp" / "hello.landed").read_text() == SHA + "\n"

@@ -13,7 +13,7 @@ import shlex
 
 from . import appenv, monitor, secrets, tls
 from .config import Settings
-from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, RELEASE_ENV,
+from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, PIP_WHEELS, RELEASE_ENV,
                      SYSTEM_CA_BUNDLE, UPSTREAM_HEADER)
 from .errors import ProvisionError
 from .leftovers import data_fact, data_warning
@@ -106,7 +106,7 @@ def venv_step(s: Settings, key: str) -> Command:
     # venv skips ensurepip (about 3 s of a fresh deploy) and needs no other package.
     cmds = [
         f"rm -rf {q(path)}",
-        "pip_whl=$(ls /usr/share/python-wheels/pip-*.whl 2>/dev/null | tail -n 1)",
+        f"pip_whl=$(ls {PIP_WHEELS} 2>/dev/null | tail -n 1)",
         f'if [ -n "$pip_whl" ]; then {q(s.python)} -m venv --without-pip {q(path)}; '
         f'pip="{q(path)}/bin/python $pip_whl/pip"; '
         f'else {q(s.python)} -m venv {q(path)}; pip="{q(path)}/bin/pip"; fi',

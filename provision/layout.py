@@ -80,10 +80,54 @@ CERTBOT_PROXY_ENV = f"{LETSENCRYPT_DIR}/provision-proxy.env"  # root's alone: th
 PUSH_HOME = "/opt/provision"  # root's: provision's own install on the host, which a push runs
 PUSH_VENV = f"{PUSH_HOME}/venv"  # its dependencies (pinned to the versions fab runs with)
 PUSH_CODE = f"{PUSH_HOME}/code"  # provision's package (provision/), as the local install has it
+PUSH_VENV_NEW = f"{PUSH_VENV}.new"  # a virtualenv being built, moved to PUSH_VENV once complete
+PUSH_VENV_OLD = f"{PUSH_VENV}.old"  # the one it replaces, for the moment of the switch
+PUSH_CODE_LINK = f"{PUSH_CODE}.link"  # the next PUSH_CODE link, renamed over it
 PUSH_PROGRAM = f"{PUSH_HOME}/receive"  # what the hook runs as root: deploys a pushed tree read on its stdin
 GIT_ROOT = f"{PROVISION_VAR}/git"  # root's: each app's bare repository, <name>.git (the pushing user's)
 PUSH_SETTINGS = f"{PROVISION_ETC}/push"  # root's alone: each app's settings that are not in fabric.yaml
-PUSH_TMP = "/var/tmp"  # where a push's tree is unpacked, in a fresh root-only folder
+PUSH_TMP = f"{PROVISION_VAR}/push-tmp"  # root's alone (0700): each push's tree, unpacked in a fresh folder
+PUSH_WORK_PREFIX = "provision-push-"  # a push's folder under PUSH_TMP (removed when it ends; a stale one by the next push)
+PUSH_STALE_SECONDS = 3600  # a push's folder older than this, its receive gone, is removed by the next push
+PUSH_LANDING_SECONDS = 60  # how long after a push's deploy its ref update may still be landing (see receive.py)
+PUSH_MARKER = ".provision-"  # <dir>/.provision-<key>: that install of provision's venv or code is complete
+PIP_WHEELS = "/usr/share/python-wheels/pip-*.whl"  # Debian's pip wheel (python3-pip-whl): run from there, no ensurepip
+
+
+def push_code(digest: str) -> str:
+    """One version of provision's code on the host; ``PUSH_CODE`` links to the current one (a push
+    that runs keeps the version it started with)."""
+    return f"{PUSH_CODE}-{digest}"
+
+
+def push_code_new(digest: str) -> str:
+    """A version of provision's code being unpacked, renamed to :func:`push_code` once complete."""
+    return f"{push_code(digest)}.new"
+
+
+def git_repo_new(repo: str) -> str:
+    """A new repository being made (with its hook), renamed to ``repo`` once complete."""
+    return f"{repo}.new"
+
+
+def push_lock(app: str, base: str | None = None) -> str:
+    """Held (flock) by a push's receive of ``app`` from before its checks until it exits."""
+    return f"{base or PUSH_TMP}/{app}.lock"
+
+
+def push_landed(app: str, base: str | None = None) -> str:
+    """The commit the last push of ``app`` deployed: git names it on the branch just after."""
+    return f"{base or PUSH_TMP}/{app}.landed"
+
+
+def push_tree(work: str) -> str:
+    """The pushed commit's tree, in a push's folder."""
+    return f"{work}/tree"
+
+
+def push_ca_file(work: str) -> str:
+    """The recorded CA bundle, written for a push's deploy."""
+    return f"{work}/ca-bundle.pem"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import signal
 import subprocess
 import threading
 from typing import BinaryIO, Callable
@@ -41,7 +42,7 @@ class Local:
         (rc, stdout, stderr), ``on_line`` seeing each line of stdout as it comes."""
         self.round_trips += 1
         proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE, start_new_session=True)  # its own group: a timeout kills all of it
         err = bytearray()
 
         def feed():
@@ -65,7 +66,10 @@ class Local:
 
         def expire():
             timed_out.set()
-            proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # bash and what it started (they hold stdout open)
+            except ProcessLookupError:
+                pass
 
         threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
         for t in threads:

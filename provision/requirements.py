@@ -22,11 +22,6 @@ from pathlib import Path, PurePosixPath
 
 from .errors import ProvisionError
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # python < 3.11: its upstream, tomli (a dependency there only)
-    import tomli as tomllib
-
 GUNICORN = "gunicorn>=22"
 UVICORN = "uvicorn[standard]>=0.30"  # [standard]: a WebSocket library (websockets), uvloop, httptools
 DEFAULT_FILE = "requirements.txt"
@@ -186,6 +181,10 @@ def inside(source: Path, including: str, path: str, where: str, what: str) -> st
 
 def from_pyproject(source: Path, asgi: bool) -> Dependencies:
     """``[project] dependencies`` of ``pyproject.toml``, as a requirements file."""
+    try:  # here, not at import: provision.receive imports this module wherever tomllib is missing
+        import tomllib
+    except ModuleNotFoundError:  # python < 3.11: its upstream, tomli (a dependency there only)
+        import tomli as tomllib
     path = source / PYPROJECT
     fix = f"list your app's packages there or in {DEFAULT_FILE}"
     try:

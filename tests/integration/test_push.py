@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from provision.layout import Layout
+from provision.layout import PUSH_TMP, PUSH_WORK_PREFIX, Layout
 from provision.ssh import connect
 
 from .conftest import FAB, ROOT
@@ -53,17 +53,21 @@ def host(droplet):
     return droplet
 
 
+def git_env(sb) -> dict:
+    """This machine's git, pushing over SSH with the sandbox's key and known hosts only."""
+    return {**os.environ, "GIT_SSH_COMMAND": f"ssh -F /dev/null -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} "
+                                             "-o StrictHostKeyChecking=yes -o BatchMode=yes",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_GLOBAL": "/dev/null"}
+
+
 @pytest.fixture(scope="module")
 def repo(host, tmp_path_factory):
     """A git repository of the example app, with the production remote added as setup prints it."""
     d = tmp_path_factory.mktemp("push") / "hello"
     shutil.copytree(ROOT / "examples/hello", d)
     (d / "fabric.yaml").write_text("app:\n  name: hello\n")
-    sb = host.sandbox
-    env = {**os.environ, "GIT_SSH_COMMAND": f"ssh -F /dev/null -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} "
-                                            "-o StrictHostKeyChecking=yes -o BatchMode=yes",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_GLOBAL": "/dev/null"}
+    env = git_env(host.sandbox)
 
     def git(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         r = subprocess.run(["git", *args], cwd=d, env=env, capture_output=True, text=True, timeout=600)
@@ -108,11 +112,14 @@ def test_setup_prints_the_remote_and_a_second_setup_changes_nothing(host, repo):
     assert f"{host.name}: no changes, nothing restarted" in again.stdout, again.stdout
     rc, out, _ = as_deploy(host, f"stat -c '%U %a %n' {APP.git_repo} {APP.git_repo}/hooks "
                                  f"{APP.git_repo}/hooks/pre-receive {APP.push_settings} /opt/provision/receive "
-                                 "/opt/provision/code/provision/receive.py")
-    assert out.split("\n")[:6] == [f"deploy 755 {APP.git_repo}", f"root 755 {APP.git_repo}/hooks",
+                                 f"/opt/provision/code/provision/receive.py {PUSH_TMP}")
+    assert out.split("\n")[:7] == [f"deploy 700 {APP.git_repo}", f"root 755 {APP.git_repo}/hooks",
                                    f"root 755 {APP.git_repo}/hooks/pre-receive", f"root 600 {APP.push_settings}",
                                    "root 755 /opt/provision/receive",
-                                   "root 644 /opt/provision/code/provision/receive.py"], out
+                                   "root 644 /opt/provision/code/provision/receive.py", f"root 700 {PUSH_TMP}"], out
+    # the pushed history (fabric.yaml and all) is the pushing user's alone: not the app's, not anyone's
+    rc, _, err = as_deploy(host, f"runuser -u nobody -- cat {APP.git_repo}/HEAD")
+    assert rc != 0 and "Permission denied" in err, err
 
 
 def test_a_push_deploys_the_pushed_commit(host, repo):
@@ -141,21 +148,35 @@ def test_a_push_whose_app_fails_at_import_is_rejected_and_the_old_release_serves
     assert remote_main(repo) == live
     logged = last_logged(host)
     assert (logged["action"], logged["commit"]) == ("refused", bad)
-    rc, out, _ = as_deploy(host, "ls /var/tmp | grep -c provision-push- || true")
+    rc, out, _ = as_deploy(host, f"ls {PUSH_TMP} | grep -c {PUSH_WORK_PREFIX} || true")
     assert out.strip() == "0"  # the pushed tree is gone
     repo("reset", "-q", "--hard", "HEAD~1")
 
 
-def test_a_bad_fabric_yaml_rejects_the_push_in_one_line(host, repo):
+def refused_in_one_line(repo, message: str, fabric: str, needle: str) -> tuple[str, str]:
+    """Push a commit with this fabric.yaml: rejected, the branch unchanged, one line naming the
+    problem (the line and the commit returned), no traceback; the commit dropped again."""
     live = remote_main(repo)
-    bad = commit(repo, "bad yaml", fabric="app:\n  name: hello\n  workers: [2\n")
+    bad = commit(repo, message, fabric=fabric)
     res = repo("push", "production", "main", check=False)
     assert res.returncode == 1
-    problem = [line for line in res.stderr.splitlines() if "fabric.yaml of commit" in line]
-    assert len(problem) == 1 and f"fabric.yaml of commit {bad[:7]}, line" in problem[0], res.stderr
-    assert "; fix the YAML and push again" in problem[0] and "Traceback" not in res.stderr
+    problem = [line for line in res.stderr.splitlines() if needle in line]
+    assert len(problem) == 1 and "Traceback" not in res.stderr, res.stderr
     assert remote_main(repo) == live
     repo("reset", "-q", "--hard", "HEAD~1")
+    return problem[0], bad
+
+
+def test_a_bad_fabric_yaml_rejects_the_push_in_one_line(host, repo):
+    problem, bad = refused_in_one_line(repo, "bad yaml", "app:\n  name: hello\n  workers: [2\n", "fabric.yaml of commit")
+    assert f"fabric.yaml of commit {bad[:7]}, line" in problem and "; fix the YAML and push again" in problem
+
+
+def test_settings_leading_out_of_the_pushed_tree_reject_the_push_in_one_line(host, repo):
+    # ../.. of the tree on the host is a folder of the host: templates from there would be another user's
+    problem, bad = refused_in_one_line(repo, "templates outside", "app:\n  name: hello\n  templates: ../../tpl\n",
+                                       "leads out of the repository")
+    assert f"app.templates of commit {bad[:7]}" in problem
 
 
 def test_other_branches_are_stored_and_the_deploy_branch_cannot_be_deleted(host, repo):
@@ -214,3 +235,25 @@ def test_the_lock_is_shared_with_fab_deploy(host, repo):
         out, err = deploying.communicate(timeout=600)
     assert deploying.returncode == 0, out + err
 
+
+
+def test_one_push_deploys_at_a_time(host, repo):
+    # B, begun from the live commit, comes while A deploys: refused, A goes live and stays
+    live = remote_main(repo)
+    a = commit(repo, "push A", greeting="Hello from push A",
+               fabric="app:\n  name: hello\n  release_command: sleep 10\n")
+    repo("branch", "-f", "other", live)
+    pushing = subprocess.Popen(["git", "push", "production", "main"], cwd=repo.path, env=repo.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "(git push)" in wait_for_holder(host)
+        repo("checkout", "-q", "other")
+        commit(repo, "push B", greeting="Hello from push B")
+        res = repo("push", "production", "other:main", check=False)
+        assert res.returncode == 1
+        assert "another push of hello is deploying on this host; push again when it ends" in res.stderr, res.stderr
+    finally:
+        _, err = pushing.communicate(timeout=600)
+        repo("checkout", "-q", "main")
+    assert pushing.returncode == 0, err
+    assert get(host.address) == "Hello from push A\n" and remote_main(repo) == a

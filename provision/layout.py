@@ -54,6 +54,7 @@ SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # update-ca-certificate
 PROVISION_ETC = "/etc/provision"  # root's: what bootstrap keeps of its own
 BOOTSTRAP_MARKER = f"{PROVISION_ETC}/bootstrap.json"  # written last by a bootstrap that succeeded; `fab check` reads it
 SUDOERS_FILE = "/etc/sudoers.d/provision-deploy"  # the deploy user's passwordless sudo (no '.': sudo skips such names)
+CLOUD_INIT_SUDOERS = "/etc/sudoers.d/90-cloud-init-users"  # cloud-init's users module writes users' sudo rules here
 SSH_DIR = "/etc/ssh"
 SSHD_DROPIN = f"{SSH_DIR}/sshd_config.d/00-provision.conf"  # sshd takes the first value it reads: sorts first
 SSH_SERVICE = "ssh.service"  # Debian's and Ubuntu's sshd (Ubuntu 22.10+ may start it from ssh.socket)

@@ -19,6 +19,7 @@ PROVIDERS = ("sandbox", "digitalocean")
 # A droplet's inventory line ends with this comment: which provider made it (droplet.destroy reads it back).
 MARK = "# droplet:"
 MARK_RE = re.compile(r"#\s*droplet:\s*provider=(?P<provider>[a-z]+)(?:\s+id=(?P<id>\S+))?")
+PLAIN_WORD = re.compile(r"[\w@%+=:,./~-]+")  # an inventory word that needs no quotes
 SUDOERS_RULE = "ALL=(ALL) NOPASSWD:ALL"
 
 
@@ -119,7 +120,8 @@ def host_line(name: str, address: str, user: str, key: str, known_hosts: str | N
     if known_hosts:
         words.append(f"known_hosts={known_hosts}")
     words += [f"{k}={v}" for k, v in (extra or {}).items()]
-    return " ".join(shlex.quote(w) for w in words) + f"  {MARK} provider={provider} id={droplet_id}"
+    return " ".join(w if PLAIN_WORD.fullmatch(w) else shlex.quote(w) for w in words) + \
+        f"  {MARK} provider={provider} id={droplet_id}"
 
 
 def check_name_free(text: str, name: str, replace: bool, address: str | None = None) -> None:

@@ -1,0 +1,130 @@
+"""`fab droplet.create --provider sandbox`, then `fab -H NAME deploy`, in a project of its own: the droplet
+comes up with the deploy user and the operator's key (the cloud-init user data's users section),
+its host key recorded before the first connection (strict checking, no --accept-new-host-key), its
+line in inventory.ini among the file's other lines; `droplet.destroy` refuses without a terminal or
+--yes, then removes the droplet and its line. And the same with --bootstrap. Times are printed
+(pytest -s), never asserted.
+
+Traffic goes to the droplets' own addresses only; every wait is bounded; droplets are torn down by
+name."""
+
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import FAB, PREFIX, ROOT
+
+pytestmark = pytest.mark.integration
+
+INVENTORY = """\
+# hosts of this project
+[web]
+old1 host=203.0.113.5 user=deploy  # never contacted: only kept
+"""
+
+
+@pytest.fixture
+def project(tmp_path, sandbox):
+    """An app's repository: the example app, a fabfile, fabric.yaml, an inventory with a line of its own,
+    an operator key of its own."""
+    for f in ("app.py", "requirements.txt"):
+        shutil.copy(ROOT / "examples/hello" / f, tmp_path / f)
+    (tmp_path / "fabfile.py").write_text("from provision.tasks import ns  # noqa: F401\n")
+    (tmp_path / "fabric.yaml").write_text("tasks:\n  executor_class: provision.hosts.Executor\napp:\n  name: hello\n")
+    (tmp_path / "inventory.ini").write_text(INVENTORY)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "operator", "-f", str(tmp_path / "op_key")],
+                   check=True)
+    return tmp_path
+
+
+def fab(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("FABRIC_")}
+    return subprocess.run([FAB, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def create(project: Path, name: str, *more: str) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    res = fab(project, "droplet.create", "--provider", "sandbox", "--name", name, "--key", str(project / "op_key"),
+              "--known-hosts", str(project / "known_hosts"), *more)
+    return res, time.monotonic() - t0
+
+
+def host_keys(sandbox, name: str) -> set[str]:
+    """The droplet's own host keys, read from its root file system."""
+    d = sandbox.get(name)
+    return {" ".join(p.read_text().split()[:2]) for p in (Path(d.rootfs) / "etc/ssh").glob("ssh_host_*_key.pub")}
+
+
+def answer(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/", timeout=10) as r:
+        return r.read().decode()
+
+
+def test_create_then_deploy_then_destroy(project, sandbox):
+    name = PREFIX + "web1"
+    try:
+        res, seconds = create(project, name)
+        assert res.returncode == 0, res.stderr + res.stdout
+        d = sandbox.get(name)
+        ready = re.search(r"ready in ([\d.]+)s", res.stdout)
+        print(f"\ndroplet.create (sandbox): {seconds:.1f}s with fab's start, ready in {ready.group(1)}s")
+
+        # Its line, after the file's own lines; its provider in a comment.
+        text = (project / "inventory.ini").read_text()
+        assert text.startswith(INVENTORY)
+        assert re.search(rf"^\[droplets\]\n{name} host={re.escape(d.address)} user=deploy key={project}/op_key "
+                         rf"known_hosts={project}/known_hosts proxy=\S+ ca_bundle=\S+  # droplet: provider=sandbox "
+                         rf"id={name}$", text, re.M), text
+        # The droplet's own host keys, recorded before any connection to it as the deploy user.
+        recorded = {" ".join(l.split()[1:3]) for l in (project / "known_hosts").read_text().splitlines()
+                    if l.split()[0] == d.address}
+        assert recorded == host_keys(sandbox, name) and recorded
+
+        # The same name again: refused before anything starts.
+        again, _ = create(project, name)
+        assert again.returncode == 2 and again.stderr.strip().startswith(f"error: inventory already has a host {name!r}")
+
+        # Deploy as the deploy user, host keys checked strictly (no --accept-new-host-key).
+        t0 = time.monotonic()
+        res = fab(project, "-H", name, "deploy")
+        assert res.returncode == 0, res.stderr + res.stdout[-2000:]
+        print(f"fab deploy after droplet.create: {time.monotonic() - t0:.1f}s")
+        assert "Hello" in answer(d.address)
+
+        # No terminal and no --yes: refused in one line, the droplet and its line stay.
+        res = fab(project, "droplet.destroy", "--name", name)
+        assert res.returncode == 2
+        assert res.stderr.strip() == (f"error: droplet.destroy asks before destroying {name}, and there is no terminal "
+                                      "to ask on; pass --yes to destroy it without asking")
+        assert sandbox.get(name) is not None and f"\n{name} " in (project / "inventory.ini").read_text()
+
+        res = fab(project, "droplet.destroy", "--name", name, "--yes")  # the provider: from its inventory line
+        assert res.returncode == 0, res.stderr
+        assert sandbox.get(name) is None
+        assert (project / "inventory.ini").read_text() == INVENTORY + "\n[droplets]\n"
+        assert d.address not in (project / "known_hosts").read_text()
+    finally:
+        sandbox.down(name)
+
+
+def test_create_with_bootstrap(project, sandbox):
+    name = PREFIX + "boot1"
+    try:
+        res, seconds = create(project, name, "--bootstrap")
+        assert res.returncode == 0, res.stderr + res.stdout[-2000:]
+        print(f"\ndroplet.create --bootstrap (sandbox): {seconds:.1f}s with fab's start")
+        assert f"{name}: bootstrapped: root's login is off" in res.stdout
+        res = fab(project, "-H", name, "deploy")
+        assert res.returncode == 0, res.stderr + res.stdout[-2000:]
+        assert "Hello" in answer(sandbox.get(name).address)
+        res = fab(project, "droplet.destroy", "--name", name, "--yes", "--provider", "sandbox")
+        assert res.returncode == 0, res.stderr
+        assert sandbox.get(name) is None
+    finally:
+        sandbox.down(name)

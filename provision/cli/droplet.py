@@ -116,6 +116,15 @@ def create_droplet(c, name: str, provider: str | None, size: str | None = None, 
         ("size", size or prov.defaults.get("size")), ("region", region or prov.defaults.get("region")),
         ("image", image or prov.defaults.get("image"))) if v))
     d = prov.create(spec)
+    try:
+        _make_ready(c, prov, kind, d, spec, user, key, known_hosts, replace, inv, wait, printer, t0, bootstrap)
+    except ProvisionError as e:  # the droplet exists (and costs): say how to remove it
+        raise ProvisionError(f"{e} (droplet {name} exists at {kind}: remove it with `fab droplet.destroy --provider "
+                             f"{kind} --name {name} --yes`)", e.code) from None
+
+
+def _make_ready(c, prov, kind, d, spec, user, key, known_hosts, replace, inv, wait, printer, t0, bootstrap) -> None:
+    name = spec.name
     d = prov.wait_ready(d, wait)
     if not d.address:
         raise ProvisionError(f"{name}: {kind} reported no address for droplet {d.id}", code=1)

@@ -60,14 +60,18 @@ class SandboxProvider(Provider):
         droplet = self._droplet(d)
         # The droplet's first boot, as cloud-init would do it: over the sandbox's root login, whose
         # host keys the sandbox recorded before the droplet booted.
-        r = connect(d.address, "root", 22, str(self.sb.key), str(self.sb.known_hosts), label=spec.name)
         try:
-            rc, out, err = r.exec(programs.python("cloud_users.py", {"users": users, "sudoers": CLOUD_INIT_SUDOERS}),
-                                  timeout=60)
-        finally:
-            r.close()
-        if rc != 0:
-            raise StepFailed(f"{spec.name}: applying the user data's users failed: {(err or out).strip()}")
+            r = connect(d.address, "root", 22, str(self.sb.key), str(self.sb.known_hosts), label=spec.name)
+            try:
+                rc, out, err = r.exec(programs.python("cloud_users.py", {"users": users, "sudoers": CLOUD_INIT_SUDOERS}),
+                                      timeout=60)
+            finally:
+                r.close()
+            if rc != 0:
+                raise StepFailed(f"{spec.name}: applying the user data's users failed: {(err or out).strip()}")
+        except BaseException:
+            self.sb.down(spec.name)  # a droplet that did not come up as asked is not kept
+            raise
         return droplet
 
     def wait_ready(self, droplet: Droplet, timeout: float = 60) -> Droplet:

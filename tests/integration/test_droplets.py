@@ -8,7 +8,9 @@ line in inventory.ini among the file's other lines; `droplet.destroy` refuses wi
 Traffic goes to the droplets' own addresses only; every wait is bounded; droplets are torn down by
 name."""
 
+import os
 import re
+import select
 import shutil
 import subprocess
 import time
@@ -42,10 +44,41 @@ def project(tmp_path, sandbox):
     return tmp_path
 
 
+def fab_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FABRIC_")}
+
+
 def fab(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("FABRIC_")}
-    return subprocess.run([FAB, *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([FAB, *args], cwd=project, env=fab_env(), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
+
+
+def fab_on_terminal(project: Path, *args: str, answer: str, timeout: float = 60) -> tuple[int, str]:
+    """fab on a terminal of its own (a pty): ``answer`` typed once it asks. (exit status, what it showed)"""
+    master, slave = os.openpty()
+    proc = subprocess.Popen([FAB, *args], cwd=project, env=fab_env(), stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    shown, typed, deadline = b"", False, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 0.5)[0]:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the terminal's other end closed: fab is done
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if not typed and b"to confirm: " in shown:
+                os.write(master, answer.encode() + b"\n")
+                typed = True
+        return proc.wait(timeout=max(1.0, deadline - time.monotonic())), shown.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
 
 
 def create(project: Path, name: str, *more: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -104,6 +137,12 @@ def test_create_then_deploy_then_destroy(project, sandbox):
                                       "to ask on; pass --yes to destroy it without asking")
         assert sandbox.get(name) is not None and f"\n{name} " in (project / "inventory.ini").read_text()
 
+        # On a terminal it asks; an answer that is not the droplet's name destroys nothing.
+        rc, shown = fab_on_terminal(project, "droplet.destroy", "--name", name, answer="y")
+        assert f"Destroy droplet {name} at sandbox ({d.address}) and its line in inventory.ini?" in shown
+        assert rc == 1 and f"{name}: not destroyed" in shown, shown
+        assert sandbox.get(name) is not None
+
         res = fab(project, "droplet.destroy", "--name", name, "--yes")  # the provider: from its inventory line
         assert res.returncode == 0, res.stderr
         assert sandbox.get(name) is None
@@ -123,8 +162,8 @@ def test_create_with_bootstrap(project, sandbox):
         res = fab(project, "-H", name, "deploy")
         assert res.returncode == 0, res.stderr + res.stdout[-2000:]
         assert "Hello" in answer(sandbox.get(name).address)
-        res = fab(project, "droplet.destroy", "--name", name, "--yes", "--provider", "sandbox")
-        assert res.returncode == 0, res.stderr
+        rc, shown = fab_on_terminal(project, "droplet.destroy", "--name", name, answer=name)
+        assert rc == 0 and f"{name}: destroyed; removed from inventory.ini" in shown, shown
         assert sandbox.get(name) is None
     finally:
         sandbox.down(name)

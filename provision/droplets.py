@@ -45,7 +45,8 @@ def user_data(deploy_user: str, public_keys: tuple[str, ...] | list[str], host_k
     if host_key is not None:
         private, public = host_key
         doc["ssh_deletekeys"] = True  # the image's own keys go: only the one recorded here is offered
-        doc["ssh_genkeytypes"] = []
+        # ed25519 only: given above, so none is generated (cloud-init's schema refuses an empty list)
+        doc["ssh_genkeytypes"] = ["ed25519"]
         doc["ssh_keys"] = {"ed25519_private": private, "ed25519_public": public}
     return "#cloud-config\n" + yaml.safe_dump(doc, default_flow_style=False, sort_keys=False)
 

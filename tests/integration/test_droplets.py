@@ -167,3 +167,54 @@ def test_create_with_bootstrap(project, sandbox):
         assert sandbox.get(name) is None
     finally:
         sandbox.down(name)
+
+
+def test_digitalocean_user_data_under_real_cloud_init(sandbox, tmp_path):
+    """The user data DigitalOcean gets, run by Debian's own cloud-init (installed through the proxy, its
+    NoCloud seed in /var/lib/cloud/seed/nocloud): schema valid, the deploy user with the key and sudo,
+    and the droplet's SSH host key the one made locally, so a strict first connection passes."""
+    from invoke.util import yaml
+
+    from provision import droplets as plan
+    from provision.providers.digitalocean import new_host_key
+    from provision.ssh import connect
+
+    name = PREFIX + "cloudinit"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "op", "-f", str(tmp_path / "op")], check=True)
+    private, public = new_host_key()
+    text = plan.user_data("deploy", [(tmp_path / "op.pub").read_text().strip()], (private, public))
+    assert yaml.safe_load(text)["ssh_keys"]["ed25519_public"] == public
+    try:
+        d = sandbox.up(name)
+        root = connect(d.address, "root", 22, str(sandbox.key), str(sandbox.known_hosts))
+        proxy = f"-o Acquire::http::Proxy={sandbox.proxy_url} -o Acquire::https::Proxy={sandbox.proxy_url}"
+        seed = "/var/lib/cloud/seed/nocloud"
+        t0 = time.monotonic()
+        try:
+            rc, out, err = root.exec(
+                f"set -e; apt-get {proxy} update -q >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get {proxy} install "
+                f"-y -q --no-install-recommends cloud-init >/dev/null; mkdir -p {seed}; cat > {seed}/user-data; "
+                f"printf 'instance-id: {name}-1\\nlocal-hostname: {name}\\n' > {seed}/meta-data; "
+                # the sandbox's base has no locales: C.UTF-8 is always there (system config, not user data)
+                "printf 'datasource_list: [NoCloud, None]\\nlocale: C.UTF-8\\n' > /etc/cloud/cloud.cfg.d/90-sandbox.cfg; "
+                f"cloud-init schema --config-file {seed}/user-data; "
+                "for stage in 'init --local' init 'modules --mode config' 'modules --mode final'; do "
+                "cloud-init $stage >>/var/log/provision-cloud-init.log 2>&1; done; cloud-init status --wait; cloud-init schema --system; "
+                # sshd started before cloud-init here (unlike a first boot, where cloud-init runs before ssh.service)
+                "systemctl restart ssh", stdin=text.encode(), timeout=400)
+        finally:
+            root.close()
+        assert rc == 0, out + err
+        print(f"\ncloud-init installed and run in {time.monotonic() - t0:.1f}s")
+        keys = sorted(p.name for p in (Path(d.rootfs) / "etc/ssh").glob("ssh_host_*"))
+        assert keys == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]  # the image's own keys gone
+        known = tmp_path / "known_hosts"
+        known.write_text(f"{d.address} {' '.join(public.split()[:2])}\n")  # only the key made here
+        deploy = connect(d.address, "deploy", 22, str(tmp_path / "op"), str(known))
+        try:
+            assert deploy.exec("sudo -n id -u")[1] == "0\n"
+            assert deploy.exec("sudo -n passwd -S deploy")[1].split()[1] == "L"  # password locked
+        finally:
+            deploy.close()
+    finally:
+        sandbox.down(name)

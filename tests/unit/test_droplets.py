@@ -35,7 +35,7 @@ def test_user_data_with_a_host_key_replaces_the_images_keys():
     private, public = new_host_key()
     doc = yaml.safe_load(plan.user_data("deploy", [KEY], (private, public)))
     assert doc["ssh_keys"] == {"ed25519_private": private, "ed25519_public": public}
-    assert doc["ssh_deletekeys"] is True and doc["ssh_genkeytypes"] == []
+    assert doc["ssh_deletekeys"] is True and doc["ssh_genkeytypes"] == ["ed25519"]
 
 
 def test_user_data_without_a_key_is_refused():

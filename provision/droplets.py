@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from invoke.util import yaml
 
+from .bootstrap import ssh_reload
 from .errors import ProvisionError
 from .inventory import ALIAS_RE, SECTION_RE
+from .layout import SSH_HOST_KEY
 
 PROVIDERS = ("sandbox", "digitalocean")
 # A droplet's inventory line ends with this comment: which provider made it (droplet.destroy reads it back).
@@ -64,6 +66,28 @@ def users_section(text: str) -> list[dict]:
         out.append({"name": str(u["name"]), "shell": str(u.get("shell", "/bin/bash")),
                     "sudo": u.get("sudo") or None, "keys": [str(k) for k in u.get("ssh_authorized_keys") or []]})
     return out
+
+
+# -- replacing a host key that user data gave --------------------------------------------------------
+def rotate_host_key_command() -> str:
+    """Run as root over a connection checked with the host key the user data gave: a new ed25519 key in
+    its place (the old one kept as ``.old`` until :func:`rotate_cleanup_command` or
+    :func:`rotate_undo_command`), sshd reloaded; prints the new public key. The old key stays readable
+    from the metadata service, but nothing trusts it any more."""
+    k = shlex.quote(SSH_HOST_KEY)
+    return (f"set -e; k={k}; rm -f \"$k.new\" \"$k.new.pub\"; ssh-keygen -q -t ed25519 -N '' -C '' -f \"$k.new\" "
+            f">/dev/null; cp -p \"$k\" \"$k.old\"; cp -p \"$k.pub\" \"$k.old.pub\"; mv \"$k.new\" \"$k\"; "
+            f"mv \"$k.new.pub\" \"$k.pub\"; {ssh_reload()}; cat \"$k.pub\"")
+
+
+def rotate_cleanup_command() -> str:
+    k = shlex.quote(SSH_HOST_KEY)
+    return f"rm -f {k}.old {k}.old.pub"
+
+
+def rotate_undo_command() -> str:
+    k = shlex.quote(SSH_HOST_KEY)
+    return f"mv {k}.old {k} && mv {k}.old.pub {k}.pub && {{ {ssh_reload()}; }}"
 
 
 # -- providers -------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ CLOUD_INIT_SUDOERS = "/etc/sudoers.d/90-cloud-init-users"  # cloud-init's users 
 SSH_DIR = "/etc/ssh"
 SSHD_DROPIN = f"{SSH_DIR}/sshd_config.d/00-provision.conf"  # sshd takes the first value it reads: sorts first
 SSH_SERVICE = "ssh.service"  # Debian's and Ubuntu's sshd (Ubuntu 22.10+ may start it from ssh.socket)
+SSH_HOST_KEY = f"{SSH_DIR}/ssh_host_ed25519_key"  # the host key a droplet's user data gives; droplet.create replaces it
 FIREWALL_RULES = f"{PROVISION_ETC}/firewall.nft"
 FIREWALL_PREVIOUS = f"{FIREWALL_RULES}.previous"  # the rules a pending revert puts back
 FIREWALL_PENDING = f"{FIREWALL_RULES}.pending"  # a revert is pending: the first revert consumes it, a second does nothing

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..output import Printer
 from ..providers import Spec, load
 from ..ssh import connect
 from . import guarded
-from .bootstrap import public_key_of, run_bootstrap
+from .bootstrap import RELOAD_GRACE, public_key_of, run_bootstrap
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"  # where provision (and OpenSSH) look first
 
@@ -76,6 +77,41 @@ def wait_login(address: str, user: str, key: str, known_hosts: str, label: str, 
             raise ProvisionError(f"{label}: {user} logs in but cannot use sudo, or cloud-init failed: "
                                  f"{(err or out).strip()[:200]}; see /var/log/cloud-init-output.log there", code=1)
         return time.monotonic() - t0
+
+
+def replace_host_key(address: str, user: str, key: str, known_hosts: Path, label: str) -> str:
+    """The host key the user data gave (readable from the droplet's metadata service) replaced by one
+    made on the droplet, over a connection checked with the old one; the new one recorded in
+    ``known_hosts`` once a fresh login checked with it works (else the old one is put back). Returns
+    the new key ("TYPE BASE64")."""
+    r = connect(address, user, 22, key, str(known_hosts), label=label)
+    try:
+        rc, out, err = r.exec(f"sudo -n sh -c {shlex.quote(plan.rotate_host_key_command())}", timeout=60)
+        if rc != 0 or not out.strip():
+            raise ProvisionError(f"{label}: could not replace the host key the user data gave: "
+                                 f"{(err or out).strip()[:200]}; it stays in use (see README: Droplets)", code=1)
+        new = " ".join(out.split()[:2])
+        before = _read(known_hosts)
+        _write(known_hosts, plan.record_keys(before, address, [new]))
+        try:
+            deadline = time.monotonic() + RELOAD_GRACE
+            while True:  # sshd re-executes itself on reload: its socket is closed for a moment
+                try:
+                    connect(address, user, 22, key, str(known_hosts), label=label).close()
+                    break
+                except Unreachable as e:
+                    if "connection refused" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        except ProvisionError as e:
+            r.exec(f"sudo -n sh -c {shlex.quote(plan.rotate_undo_command())}", timeout=60)
+            _write(known_hosts, before)
+            raise ProvisionError(f"{label}: a login checked with the new host key failed ({e}); the key the user "
+                                 "data gave is back in use", code=1)
+        r.exec(f"sudo -n {plan.rotate_cleanup_command()}", timeout=60)
+        return new
+    finally:
+        r.close()
 
 
 @guarded
@@ -143,6 +179,9 @@ def _make_ready(c, prov, kind, d, spec, user, key, known_hosts, replace, inv, wa
                           d.inventory_vars)
     _write(inv, plan.add_host(_read(inv), line, name, replace, d.address))
     ready = wait_login(d.address, user, key, str(kh_path), name, wait)
+    if spec.host_keys:  # given in the user data, which the droplet's processes can read: replaced now
+        replace_host_key(d.address, user, key, kh_path, name)
+        printer.line(f"{name}: host key replaced over the checked connection (the user data's is no longer trusted)")
     total = time.monotonic() - t0
     printer.line(f"{name}: ready in {total:.1f}s (login as {user} with sudo {ready:.1f}s of it); added to {inv.name}: "
                  f"fab -H {name} deploy")

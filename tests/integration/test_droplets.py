@@ -176,6 +176,8 @@ def test_digitalocean_user_data_under_real_cloud_init(sandbox, tmp_path):
     from invoke.util import yaml
 
     from provision import droplets as plan
+    from provision.cli.droplet import replace_host_key
+    from provision.errors import ProvisionError
     from provision.providers.digitalocean import new_host_key
     from provision.ssh import connect
 
@@ -216,5 +218,19 @@ def test_digitalocean_user_data_under_real_cloud_init(sandbox, tmp_path):
             assert deploy.exec("sudo -n passwd -S deploy")[1].split()[1] == "L"  # password locked
         finally:
             deploy.close()
+
+        # What droplet.create does next: the key the user data gave (readable from the metadata service)
+        # replaced over the checked connection; from then on only the new one is trusted.
+        new = replace_host_key(d.address, "deploy", str(tmp_path / "op"), known, name)
+        assert new != " ".join(public.split()[:2])
+        assert known.read_text() == f"{d.address} {new}\n"
+        on_host = (Path(d.rootfs) / "etc/ssh/ssh_host_ed25519_key.pub").read_text()
+        assert " ".join(on_host.split()[:2]) == new
+        assert sorted(p.name for p in (Path(d.rootfs) / "etc/ssh").glob("ssh_host_*")) == keys  # no .old left
+        connect(d.address, "deploy", 22, str(tmp_path / "op"), str(known)).close()
+        stale = tmp_path / "stale"
+        stale.write_text(f"{d.address} {' '.join(public.split()[:2])}\n")
+        with pytest.raises(ProvisionError, match="has CHANGED"):  # sshd no longer offers the user data's key
+            connect(d.address, "deploy", 22, str(tmp_path / "op"), str(stale))
     finally:
         sandbox.down(name)

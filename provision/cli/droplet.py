@@ -120,8 +120,16 @@ def create_droplet(c, name: str, provider: str | None, size: str | None = None, 
                    replace: bool = False, bootstrap: bool = False, timeout: float | None = None) -> None:
     from ..inventory import ALIAS_RE
 
-    if not name or not ALIAS_RE.fullmatch(name) or "." in name:
+    if not name:
+        raise ProvisionError("name the droplet: --name web1 (it becomes its inventory alias)")
+    if not ALIAS_RE.fullmatch(name) or "." in name:
         raise ProvisionError(f"droplet name {name!r}: use letters, digits, '-' or '_' (--name web1)")
+    try:
+        wait = float(timeout) if timeout else None
+    except ValueError:
+        wait = -1.0
+    if wait is not None and not 0 < wait <= 3600:
+        raise ProvisionError(f"--timeout {timeout!r}: give seconds, from 1 to 3600")
     kind = plan.choose_provider(provider)
     user, deploy_keys = deploy_settings(c)
     inv = inventory_file(c)
@@ -145,7 +153,7 @@ def create_droplet(c, name: str, provider: str | None, size: str | None = None, 
         host_key = new_host_key()
     spec = Spec(name=name, user_data=plan.user_data(user, keys, host_key), size=size, region=region, image=image,
                 host_keys=(" ".join(host_key[1].split()[:2]),) if host_key else ())
-    wait = float(timeout) if timeout else (60.0 if kind == "sandbox" else 300.0)
+    wait = wait or (60.0 if kind == "sandbox" else 300.0)
 
     t0 = time.monotonic()
     printer.line(f"{name}: creating at {kind}" + "".join(f", {k} {v}" for k, v in (
@@ -205,6 +213,8 @@ def list_droplets(c, provider: str | None) -> None:
 
 @guarded
 def destroy_droplet(c, name: str, provider: str | None, yes: bool = False) -> None:
+    if not name:
+        raise ProvisionError("name the droplet: fab droplet.destroy --name web1")
     inv = inventory_file(c)
     found = plan.find_host(_read(inv), name)
     kind = plan.choose_provider(provider, found.provider if found else None)

@@ -77,6 +77,7 @@ class DigitalOcean(Provider):
             raise ProvisionError(f"set {TOKEN_VARIABLE} to a DigitalOcean API token (the control panel's API page)")
         secrets.remember([token])
         self._errors = AzureError
+        client_kwargs.setdefault("retry_total", 3)  # azure-core's default, 10 with backoff, would wait minutes
         self.client = pydo.Client(token=token, **client_kwargs)
         self.sleep, self.clock = sleep, clock
 
@@ -129,6 +130,14 @@ class DigitalOcean(Provider):
             if not ((res.get("links") or {}).get("pages") or {}).get("next"):
                 break
         return out
+
+    def get(self, name: str) -> Droplet | None:
+        """The droplet named ``name`` (DigitalOcean allows several of one name: that is refused)."""
+        found = [d for d in self.list() if d.name == name]
+        if len(found) > 1:
+            raise ProvisionError(f"digitalocean has {len(found)} droplets named {name!r} (ids "
+                                 f"{', '.join(d.id for d in found)}); destroy the extra ones in the control panel")
+        return found[0] if found else None
 
     def destroy(self, droplet: Droplet) -> None:
         self._call(f"destroying droplet {droplet.name}", self.client.droplets.destroy, droplet_id=int(droplet.id))

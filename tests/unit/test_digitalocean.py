@@ -103,6 +103,17 @@ def test_list_walks_the_pages_of_the_provision_tag():
     assert p.get("web2").id == "3164450"
 
 
+def test_several_droplets_of_one_name_are_refused(tmp_path, monkeypatch):
+    page = json.loads((DATA / "list_page1.json").read_text())
+    page["droplets"].append(dict(page["droplets"][0], id=3164999))
+    page["links"] = {}
+    (tmp_path / "twice.json").write_text(json.dumps(page))
+    monkeypatch.setattr(sys.modules[__name__], "DATA", tmp_path)
+    p, _ = provider([("GET", "/v2/droplets", 200, "twice.json")])
+    with pytest.raises(ProvisionError, match=r"digitalocean has 2 droplets named 'web1' \(ids 3164444, 3164999\)"):
+        p.get("web1")
+
+
 def test_destroy_deletes_by_id():
     p, api = provider([("DELETE", "/v2/droplets/3164444", 204, None)])
     p.destroy(Droplet("web1", "3164444", "digitalocean"))

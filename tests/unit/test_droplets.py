@@ -1,6 +1,12 @@
 """fab droplet.*'s decisions: the cloud-init user data, the provider, the inventory line edits,
 known_hosts lines, destroy's confirmation rule."""
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import paramiko
 import pytest
 from invoke.util import yaml
@@ -157,3 +163,53 @@ def test_destroy_goes_on_with_yes_asks_on_a_terminal_refuses_otherwise():
     assert plan.confirm_rule(yes=False, interactive=False) == "refuse"
     assert plan.confirmed(" web1\n", "web1")
     assert not plan.confirmed("y", "web1")
+
+
+# -- the command line: mistakes stop in one line, before any provider is asked ----------------------
+ROOT = Path(__file__).resolve().parents[2]
+FAB = Path(sys.executable).parent / "fab"
+TOKEN = "dop_v1_" + "0badc0ffee" * 6
+
+
+def fab(project, *args, **env):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("FABRIC_", "DIGITALOCEAN_"))}
+    environ.update(env)
+    return subprocess.run([str(FAB), *args], cwd=project, env=environ, capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def project(tmp_path):
+    shutil.copy(ROOT / "fabfile.py", tmp_path)
+    shutil.copy(ROOT / "fabric.yaml", tmp_path)
+    (tmp_path / "inventory.ini").write_text(INVENTORY)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, env, line", [
+    (["droplet.create", "--name", "web9"], {}, "name the provider: --provider sandbox or --provider digitalocean"),
+    (["droplet.create", "--provider", "sandbox"], {}, "name the droplet: --name web1 (it becomes its inventory alias)"),
+    (["droplet.create", "--provider", "linode", "--name", "web9"], {}, "unknown provider 'linode'; use one of: "
+     "sandbox, digitalocean"),
+    (["droplet.create", "--provider", "digitalocean", "--name", "web1"], {"DIGITALOCEAN_TOKEN": TOKEN},
+     "inventory already has a host 'web1' (host=203.0.113.10); pick another --name, or pass --replace to point that "
+     "line at the new droplet"),
+    (["droplet.create", "--provider", "digitalocean", "--name", "web9"], {},
+     "set DIGITALOCEAN_TOKEN to a DigitalOcean API token (the control panel's API page)"),
+    (["droplet.create", "--provider", "digitalocean", "--name", "web9", "--timeout", "soon"], {},
+     "--timeout 'soon': give seconds, from 1 to 3600"),
+    (["droplet.list"], {}, "name the provider: --provider sandbox or --provider digitalocean"),
+    (["droplet.destroy", "--name", "db1"], {}, "droplet.destroy asks before destroying db1, and there is no terminal "
+     "to ask on; pass --yes to destroy it without asking"),
+])
+def test_mistakes_stop_in_one_line(project, args, env, line):
+    res = fab(project, *args, **env)
+    assert (res.returncode, res.stderr, res.stdout) == (2, f"error: {line}\n", "")
+    assert (project / "inventory.ini").read_text() == INVENTORY
+
+
+def test_app_deploy_user_is_checked_before_anything(project):
+    (project / "fabric.yaml").write_text((project / "fabric.yaml").read_text() + "  deploy_user: root\n")
+    res = fab(project, "droplet.create", "--provider", "digitalocean", "--name", "web9", DIGITALOCEAN_TOKEN=TOKEN)
+    assert (res.returncode, res.stderr) == (2, "error: invalid setting app.deploy_user='root': that is a system "
+                                               "account; choose another login name, e.g. deploy\n")

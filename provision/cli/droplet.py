@@ -138,14 +138,18 @@ def create_droplet(c, name: str, provider: str | None, size: str | None = None, 
     prov = load(kind)
     if kind == "sandbox" and (size or region or image):
         printer.line(f"{name}: --size, --region and --image do not apply to sandbox droplets (Debian 12); ignored")
-    existing = prov.get(name)
-    if existing is not None:
-        raise ProvisionError(f"{kind} already has a droplet {name!r} ({existing.address or existing.id}); pick another "
-                             f"--name, or remove it first: fab droplet.destroy --provider {kind} --name {name}")
     key = key or prov.default_key
     if not os.path.isfile(os.path.expanduser(key)):
         raise ProvisionError(f"SSH key file {key} not found; pass --key with your private key (its .pub beside it)")
-    keys = deploy_keys or (public_key_of(key, name),)
+    own = public_key_of(key, name)
+    if deploy_keys and own not in {" ".join(k.split()[:2]) for k in deploy_keys}:
+        raise ProvisionError(f"the key {key} is not among app.deploy_keys, which the droplet's {user} gets: provision "
+                             f"could not log in; add {key}.pub to deploy_keys, or pass --key with one of them")
+    keys = deploy_keys or (own,)
+    existing = prov.get(name)  # the provider's first question: after everything decided here
+    if existing is not None:
+        raise ProvisionError(f"{kind} already has a droplet {name!r} ({existing.address or existing.id}); pick another "
+                             f"--name, or remove it first: fab droplet.destroy --provider {kind} --name {name}")
     host_key = None
     if prov.generates_host_key:
         from ..providers.digitalocean import new_host_key

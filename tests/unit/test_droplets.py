@@ -173,7 +173,8 @@ TOKEN = "dop_v1_" + "0badc0ffee" * 6
 
 def fab(project, *args, **env):
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("FABRIC_", "DIGITALOCEAN_"))}
-    environ.update(env)
+    # A request to the API that a mistake should have stopped would fail here, never leave the machine.
+    environ.update({"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}, **env)
     return subprocess.run([str(FAB), *args], cwd=project, env=environ, capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL)
 
@@ -213,3 +214,24 @@ def test_app_deploy_user_is_checked_before_anything(project):
     res = fab(project, "droplet.create", "--provider", "digitalocean", "--name", "web9", DIGITALOCEAN_TOKEN=TOKEN)
     assert (res.returncode, res.stderr) == (2, "error: invalid setting app.deploy_user='root': that is a system "
                                                "account; choose another login name, e.g. deploy\n")
+
+
+def test_a_key_the_deploy_user_will_not_get_is_refused(project):
+    for name in ("mine", "other"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(project / name)], check=True)
+    (project / "fabric.yaml").write_text((project / "fabric.yaml").read_text() + "  deploy_keys: other.pub\n")
+    res = fab(project, "droplet.create", "--provider", "digitalocean", "--name", "web9", "--key", str(project / "mine"),
+              DIGITALOCEAN_TOKEN=TOKEN)
+    assert (res.returncode, res.stderr) == (2, f"error: the key {project}/mine is not among app.deploy_keys, which the "
+                                               f"droplet's deploy gets: provision could not log in; add "
+                                               f"{project}/mine.pub to deploy_keys, or pass --key with one of them\n")
+
+
+def test_the_api_unreachable_is_one_line_exit_3(project):
+    """Everything decided, the provider's first question fails (here: its proxy, a closed local port)."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(project / "mine")], check=True)
+    res = fab(project, "droplet.create", "--provider", "digitalocean", "--name", "web9", "--key", str(project / "mine"),
+              DIGITALOCEAN_TOKEN=TOKEN)
+    assert res.returncode == 3 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert res.stderr.startswith("error: digitalocean: cannot reach the API while listing droplets: ")
+    assert res.stderr.endswith("; check the network\n") and TOKEN not in res.stderr + res.stdout

@@ -9,6 +9,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from invoke import Exit
@@ -17,7 +18,7 @@ from .. import config as cfg, droplets as plan
 from ..errors import AuthFailed, ProvisionError, Unreachable
 from ..hosts import ENV_APP, Selection, inventory_paths, project
 from ..output import Printer
-from ..providers import Spec, load
+from ..providers import Droplet, Provider, Spec, load
 from ..ssh import connect
 from . import guarded
 from .bootstrap import RELOAD_GRACE, public_key_of, run_bootstrap
@@ -164,15 +165,33 @@ def create_droplet(c, name: str, provider: str | None, size: str | None = None, 
         ("size", size or prov.defaults.get("size")), ("region", region or prov.defaults.get("region")),
         ("image", image or prov.defaults.get("image"))) if v))
     d = prov.create(spec)
+    order = Order(prov, spec, user, key, known_hosts or prov.default_known_hosts, replace, inv, wait)
     try:
-        _make_ready(c, prov, kind, d, spec, user, key, known_hosts, replace, inv, wait, printer, t0, bootstrap)
+        _make_ready(c, order, d, printer, t0, bootstrap)
     except ProvisionError as e:  # the droplet exists (and costs): say how to remove it
         raise ProvisionError(f"{e} (droplet {name} exists at {kind}: remove it with `fab droplet.destroy --provider "
                              f"{kind} --name {name} --yes`)", e.code) from None
 
 
-def _make_ready(c, prov, kind, d, spec, user, key, known_hosts, replace, inv, wait, printer, t0, bootstrap) -> None:
-    name = spec.name
+@dataclass(frozen=True)
+class Order:
+    """What droplet.create decided before the provider created the droplet."""
+
+    prov: Provider
+    spec: Spec
+    user: str  # the deploy user
+    key: str  # the private key it logs in with
+    known_hosts: str
+    replace: bool
+    inventory: Path
+    wait: float  # seconds
+
+
+def _make_ready(c, o: Order, d: Droplet, printer: Printer, t0: float, bootstrap: bool) -> None:
+    """The droplet ready for deploys: its address, its host keys recorded, its inventory line, a login as
+    the deploy user with sudo; then, with ``bootstrap``, fab bootstrap."""
+    prov, spec, user, key, kh, inv, wait = o.prov, o.spec, o.user, o.key, o.known_hosts, o.inventory, o.wait
+    name, kind = spec.name, prov.name
     d = prov.wait_ready(d, wait)
     if not d.address:
         raise ProvisionError(f"{name}: {kind} reported no address for droplet {d.id}", code=1)
@@ -181,7 +200,6 @@ def _make_ready(c, prov, kind, d, spec, user, key, known_hosts, replace, inv, wa
         raise ProvisionError(f"{name}: {kind} reports no host key for {d.address}; connect once with "
                              f"`fab -H {name} check --accept-new-host-key` after checking its fingerprint on the "
                              "provider's console", code=1)
-    kh = known_hosts or prov.default_known_hosts
     kh_path = Path(os.path.expanduser(kh))
     if not prov.records_host_keys(kh):  # the sandbox records its own file itself, under its lock
         _write(kh_path, plan.record_keys(_read(kh_path), d.address, host_keys))
@@ -189,7 +207,7 @@ def _make_ready(c, prov, kind, d, spec, user, key, known_hosts, replace, inv, wa
                  f"waiting for {user} to log in")
     line = plan.host_line(name, d.address, user, key, None if kh == DEFAULT_KNOWN_HOSTS else kh, kind, d.id,
                           d.inventory_vars)
-    _write(inv, plan.add_host(_read(inv), line, name, replace, d.address))
+    _write(inv, plan.add_host(_read(inv), line, name, o.replace, d.address))
     ready = wait_login(d.address, user, key, str(kh_path), name, wait)
     if spec.host_keys:  # given in the user data, which the droplet's processes can read: replaced now
         replace_host_key(d.address, user, key, kh_path, name)

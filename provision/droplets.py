@@ -138,6 +138,12 @@ def find_host(text: str, name: str) -> HostLine | None:
     return None
 
 
+def recorded_providers(text: str) -> list[str]:
+    """The providers the droplet lines of an inventory's ``text`` record, each once, in order."""
+    found = (MARK_RE.search(line) for line in text.splitlines() if not line.lstrip().startswith(("#", ";")))
+    return list(dict.fromkeys(m.group("provider") for m in found if m))
+
+
 def host_line(name: str, address: str, user: str, key: str, known_hosts: str | None, provider: str,
               droplet_id: str, extra: dict | None = None) -> str:
     """The inventory line of a new droplet, its provider and id in a trailing comment."""

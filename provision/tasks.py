@@ -287,7 +287,7 @@ def droplet_create(c, name=None, provider=None, size=None, region=None, image=No
                             known_hosts=known_hosts, replace=replace, bootstrap=bootstrap, timeout=timeout)
 
 
-@task(name="list", help={"provider": DROPLET_HELP["provider"]})
+@task(name="list", help={"provider": DROPLET_HELP["provider"] + "; default: the one inventory.ini's droplets record"})
 def droplet_list(c, provider=None):
     """The provider's droplets: name, address, status, size, region."""
     droplets.list_droplets(c, provider)

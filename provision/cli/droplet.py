@@ -223,7 +223,8 @@ def _make_ready(c, o: Order, d: Droplet, printer: Printer, t0: float, bootstrap:
 
 @guarded
 def list_droplets(c, provider: str | None) -> None:
-    kind = plan.choose_provider(provider)
+    recorded = plan.recorded_providers(_read(inventory_file(c)))
+    kind = plan.choose_provider(provider, recorded[0] if len(recorded) == 1 else None)
     rows = load(kind).list()
     if not rows:
         print(f"no droplets at {kind}")

@@ -141,6 +141,13 @@ def test_a_vars_line_is_not_a_host():
     plan.check_name_free(INVENTORY, "web2", replace=False)
 
 
+def test_recorded_providers_are_those_of_droplet_lines():
+    assert plan.recorded_providers(INVENTORY) == ["digitalocean"]
+    two = INVENTORY + line("s1").replace("digitalocean", "sandbox") + "\n" + line("d2") + "\n# x  # droplet: provider=y\n"
+    assert plan.recorded_providers(two) == ["digitalocean", "sandbox"]
+    assert plan.recorded_providers("[web]\nweb1 host=a\n") == []
+
+
 def test_remove_host_takes_only_its_line():
     out = plan.remove_host(INVENTORY, "db1")
     assert out.splitlines() == [l for l in INVENTORY.splitlines() if not l.startswith("db1 ")]
@@ -199,7 +206,7 @@ def project(tmp_path):
      "set DIGITALOCEAN_TOKEN to a DigitalOcean API token (the control panel's API page)"),
     (["droplet.create", "--provider", "digitalocean", "--name", "web9", "--timeout", "soon"], {},
      "--timeout 'soon': give seconds, from 1 to 3600"),
-    (["droplet.list"], {}, "name the provider: --provider sandbox or --provider digitalocean"),
+    (["droplet.list"], {}, "set DIGITALOCEAN_TOKEN to a DigitalOcean API token (the control panel's API page)"),
     (["droplet.destroy", "--name", "db1"], {}, "droplet.destroy asks before destroying db1, and there is no terminal "
      "to ask on; pass --yes to destroy it without asking"),
 ])

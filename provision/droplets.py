@@ -144,6 +144,18 @@ def recorded_providers(text: str) -> list[str]:
     return list(dict.fromkeys(m.group("provider") for m in found if m))
 
 
+def without_created(sandbox_inventory: str, inventory: str) -> str:
+    """The sandbox inventory's text without the droplets ``inventory`` has lines of ``droplet.create``'s
+    for (read after it, the sandbox's root login would replace the deploy user's)."""
+    lines = sandbox_inventory.splitlines()
+    for line in list(lines):
+        words = line.split()
+        found = find_host(inventory, words[0]) if words and "=" in line and not line.startswith(("#", "[")) else None
+        if found is not None and found.provider == "sandbox":
+            lines.remove(line)
+    return "\n".join(lines) + ("\n" if sandbox_inventory.endswith("\n") else "")
+
+
 def host_line(name: str, address: str, user: str, key: str, known_hosts: str | None, provider: str,
               droplet_id: str, extra: dict | None = None) -> str:
     """The inventory line of a new droplet, its provider and id in a trailing comment."""

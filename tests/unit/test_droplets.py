@@ -148,6 +148,14 @@ def test_recorded_providers_are_those_of_droplet_lines():
     assert plan.recorded_providers("[web]\nweb1 host=a\n") == []
 
 
+def test_the_sandbox_inventory_leaves_out_droplets_created_here():
+    sandbox = ("# Written by `fab sandbox.up`; local sandbox droplets.\n[sandbox]\nweb1 host=10.231.0.10 user=root key=k\n"
+               "s1 host=10.231.0.11 user=root key=k\n\n[sandbox:vars]\nproxy=http://10.231.0.1:8888\n")
+    mine = "[droplets]\n" + plan.host_line("s1", "10.231.0.11", "deploy", "op", None, "sandbox", "s1") + "\n"
+    assert plan.without_created(sandbox, mine) == sandbox.replace("s1 host=10.231.0.11 user=root key=k\n", "")
+    assert plan.without_created(sandbox, INVENTORY) == sandbox  # web1 there is not a sandbox droplet
+
+
 def test_remove_host_takes_only_its_line():
     out = plan.remove_host(INVENTORY, "db1")
     assert out.splitlines() == [l for l in INVENTORY.splitlines() if not l.startswith("db1 ")]

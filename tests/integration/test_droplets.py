@@ -123,6 +123,13 @@ def test_create_then_deploy_then_destroy(project, sandbox):
         again, _ = create(project, name)
         assert again.returncode == 2 and again.stderr.strip().startswith(f"error: inventory already has a host {name!r}")
 
+        # The sandbox's own inventory (written by fab sandbox.up/down, read after inventory.ini) leaves it out:
+        # its root login would replace the deploy user's.
+        res = fab(project, "sandbox.down", "--name", PREFIX + "nosuch")
+        assert res.returncode == 0 and (project / ".sandbox/inventory.ini").exists()
+        assert f"\n{name} " not in (project / ".sandbox/inventory.ini").read_text()
+        assert f"deploy@{d.address}:22" in fab(project, "-H", name, "inventory").stdout
+
         # Deploy as the deploy user, host keys checked strictly (no --accept-new-host-key).
         t0 = time.monotonic()
         res = fab(project, "-H", name, "deploy")

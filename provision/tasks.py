@@ -11,6 +11,7 @@ from invoke import Collection
 from invoke.parser import Argument
 
 from . import scaffold
+from .cli import droplet as droplets
 from .cli import apply as applying, bootstrap as booting, check as checking, env as environment, guarded, info as showing, sandbox as sandboxes
 from .cli.git import run_setup
 from .cli.ship import run_ship
@@ -53,7 +54,8 @@ class ProvisionTask(Task):
     parameter that takes the words after ``fab ... <invoked_as>`` (env.set A=1 B=2);
     ``takes_remainder``: what follows ``--`` reaches the task (``c.remainder``)."""
 
-    LONG_ONLY = {"serial", "no_atomic", "allow_dirty", "junit"}
+    LONG_ONLY = {"serial", "no_atomic", "allow_dirty", "junit", "size", "region", "image", "key", "known_hosts", "replace",
+                 "bootstrap", "timeout"}
 
     def __init__(self, *args, words: str | None = None, invoked_as: str = "", takes_remainder: bool = False,
                  **kwargs):
@@ -266,11 +268,46 @@ def git_setup(c, dry_run=False, verbose=False, accept_new_host_key=False):
     run_setup(c, verbose=verbose, dry_run=dry_run, accept_new_host_key=accept_new_host_key)
 
 
+DROPLET_HELP = {"name": "the droplet's name (its inventory alias)",
+                "provider": "sandbox (local droplets) or digitalocean (token in DIGITALOCEAN_TOKEN)"}
+
+
+@task(name="create", help={**DROPLET_HELP, "size": "provider's size slug (digitalocean default s-1vcpu-1gb)",
+                           "region": "provider's region slug (digitalocean default fra1)",
+                           "image": "provider's image slug (digitalocean default debian-12-x64)",
+                           "key": "private key the deploy user logs in with (its public half goes in the user data; "
+                                  "default ~/.ssh/id_ed25519, the sandbox's key for sandbox)",
+                           "known_hosts": "file the droplet's host key is recorded in (default ~/.ssh/known_hosts; "
+                                          "the sandbox's own for sandbox)",
+                           "replace": "point an existing inventory line of that name at the new droplet",
+                           "bootstrap": "run fab bootstrap on it once it is ready",
+                           "timeout": "seconds to wait for it to be ready (sandbox 60, digitalocean 300)"})
+def droplet_create(c, name=None, provider=None, size=None, region=None, image=None, key=None, known_hosts=None,
+                   replace=False, bootstrap=False, timeout=None):
+    """Create a droplet with the deploy user and your key in place; record its host key; add it to inventory.ini."""
+    droplets.create_droplet(c, name, provider, size=size, region=region, image=image, key=key,
+                            known_hosts=known_hosts, replace=replace, bootstrap=bootstrap, timeout=timeout)
+
+
+@task(name="list", help={"provider": DROPLET_HELP["provider"] + "; default: the one inventory.ini's droplets record"})
+def droplet_list(c, provider=None):
+    """The provider's droplets: name, address, status, size, region."""
+    droplets.list_droplets(c, provider)
+
+
+@task(name="destroy", help={**DROPLET_HELP, "provider": "default: the one its inventory line records",
+                            "yes": "do not ask (scripts); without a terminal, droplet.destroy refuses unless --yes"})
+def droplet_destroy(c, name=None, provider=None, yes=False):
+    """Destroy a droplet and remove its inventory line (asks first; --yes for scripts)."""
+    droplets.destroy_droplet(c, name, provider, yes=yes)
+
+
 def task_names(collection: Collection) -> list[str]:
     return [*collection.task_names, *(a for names in collection.task_names.values() for a in names)]
 
 
 ns = Collection(bootstrap, deploy, ship, plan, provision_, rollback, releases, status, logs, check, inventory, template, run_,
                 Collection("sandbox", up, down, list_, info, snapshot), Collection("env", env_set, env_unset, env_list),
-                Collection("maintenance", maintenance_on, maintenance_off), Collection("git", git_setup))
+                Collection("maintenance", maintenance_on, maintenance_off), Collection("git", git_setup),
+                Collection("droplet", droplet_create, droplet_list, droplet_destroy))
 ns.configure({"inventory": DEFAULT_INVENTORY})

@@ -37,10 +37,15 @@ def operator_keys(job: Job) -> tuple[str, ...]:
     if not t.key:
         raise ProvisionError(f"{t.alias}: no public key to give {s.deploy_user}; pass -i KEY, set key= in the "
                              "inventory, or list public key files in app.deploy_keys")
-    path = os.path.expanduser(t.key)
+    return (public_key_of(t.key, t.alias),)
+
+
+def public_key_of(key: str, label: str) -> str:
+    """The public key ("TYPE BASE64") of private key file ``key``: read from it, else from its .pub file."""
+    path = os.path.expanduser(key)
     try:
         k = paramiko.PKey.from_path(path)
-        return (f"{k.get_name()} {k.get_base64()}",)
+        return f"{k.get_name()} {k.get_base64()}"
     except (paramiko.SSHException, OSError, ValueError):
         pass
     try:
@@ -49,9 +54,9 @@ def operator_keys(job: Job) -> tuple[str, ...]:
     except OSError:
         line = ""
     if not line or not line.split()[0].startswith(("ssh-", "ecdsa-", "sk-")):
-        raise ProvisionError(f"{t.alias}: cannot read the public key of {t.key} (protected by a passphrase, and no "
-                             f"{t.key}.pub beside it); list public key files in app.deploy_keys")
-    return (" ".join(line.split()[:2]),)
+        raise ProvisionError(f"{label}: cannot read the public key of {key} (protected by a passphrase, or not a "
+                             f"key, and no {key}.pub beside it); list public key files in app.deploy_keys")
+    return " ".join(line.split()[:2])
 
 
 RELOAD_GRACE = 5  # seconds a fresh login waits for sshd's socket, which a reload closes for a moment

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..droplets import without_created
 from ..errors import ProvisionError
 from ..hosts import SANDBOX_INVENTORY, project
 from . import guarded
@@ -24,7 +25,8 @@ def _sandbox():
 def _write_sandbox_inventory(sb, c) -> Path:
     path = project(c) / SANDBOX_INVENTORY
     path.parent.mkdir(exist_ok=True)
-    path.write_text(sb.inventory())
+    made = project(c) / "inventory.ini"  # droplet.create's lines for sandbox droplets win over the sandbox's
+    path.write_text(without_created(sb.inventory(), made.read_text() if made.exists() else ""))
     return path
 
 

@@ -8,7 +8,8 @@ when its tests pass, and exactly the tree they passed on.
 3. The tests (``app.test_command``, default ``python -m pytest`` when the app has tests) run locally
    in a virtualenv of the app's own requirements (cached in ~/.cache/provision/test-venvs), their
    output shown as it comes. A failure ends the run, exit 1, before any connection is opened.
-4. The export is deployed as ``fab deploy`` deploys (one host, or a fleet's transaction), its
+4. The plans made in 1 (hosts, settings, templates: the commit's) are deployed, nothing read again,
+   as ``fab deploy`` deploys (one host, or a fleet's transaction), its
    origin (commit, tests, duration) in the release's meta and the release log.
 """
 
@@ -30,8 +31,9 @@ from pathlib import Path
 from .. import secrets, ship
 from ..config import Settings
 from ..errors import ProvisionError
-from ..hosts import jobs
+from ..hosts import jobs, targets
 from ..output import Printer
+from ..render import NAMES as TEMPLATES
 from ..requirements import FROM_PYPROJECT, read_tree
 from ..source import Source, scan, untracked_note
 from . import guarded
@@ -272,10 +274,11 @@ EMPTY_JUNIT = ('<?xml version="1.0" encoding="utf-8"?>\n<testsuites><testsuite n
                'failures="0" skipped="0" time="0"/></testsuites>\n')
 
 
-def release_tree(c, s: Settings, flags: dict, repo: Path, commit: str, dirty: list[str], tree: Path,
-                 printer: Printer) -> tuple[dict, Settings, Source]:
+def release_tree(c, s: Settings, flags: dict, selected: list, repo: Path, commit: str, dirty: list[str], tree: Path,
+                 printer: Printer) -> tuple[list, Settings, Source]:
     """The tree to ship, made in ``tree`` (the commit's export; with ``dirty``, the tracked files as
-    they are), with the task's flags and the settings pointing at it, and its files by a deploy's
+    they are); every host's job with settings read from it (``selected``: the hosts, the inventory
+    read once), the app's templates too when they lie in the repository; and its files by a deploy's
     rules (the deploy's own files left out wherever they lie in it), named after the commit."""
     if dirty:
         copy_tracked(repo, tree)
@@ -288,12 +291,20 @@ def release_tree(c, s: Settings, flags: dict, repo: Path, commit: str, dirty: li
     else:
         export(repo, commit, tree)
     flags = dict(flags, source=str(ship.in_tree(s.source, repo, tree)))
+    templates = ship.in_tree(s.templates, repo, tree)
+    if templates is not None:  # the templates of the commit, as they were checked: not the working tree's
+        for name in TEMPLATES:
+            if (s.templates / name).is_file() and not (templates / name).is_file():
+                raise ProvisionError(f"template {s.templates / name} is not in commit {commit[:7]} (git does not track "
+                                     "it), and fab ship deploys the commit's: commit it, or deploy with fab deploy")
+        flags["templates"] = str(templates)
     try:
-        es = the_app(jobs(c, flags))  # the settings again, read from the export (requirements, include, ...)
+        work = jobs(c, flags, selected)  # the settings again, read from the export (requirements, include, ...)
+        es = the_app(work)
     except ProvisionError as e:
         raise ProvisionError(f"in the export of commit {commit[:7]}: {e}", e.code) from None
-    own = [p for p in (ship.in_tree(f, repo, tree) for f in own_files(c, es)) if p is not None]
-    return flags, es, replace(scan(*source_key(es, own), remember=False), revision=commit[:7], dirty=bool(dirty))
+    own = [p for p in (ship.in_tree(f, repo, tree) for f in own_files(c, s)) if p is not None]
+    return work, es, replace(scan(*source_key(es, own), remember=False), revision=commit[:7], dirty=bool(dirty))
 
 
 def test_command(s: Settings, source: Source) -> str:
@@ -336,7 +347,8 @@ def run_ship(c, flags: dict, *, allow_dirty: bool = False, junit: str | None = N
              json_file: str | None = None, break_lock: bool = False, fleet: dict | None = None,
              atomic: bool = True) -> None:
     printer = Printer(verbose=verbose)
-    s = the_app(jobs(c, flags))  # inventory and settings, as a deploy reads them
+    selected = targets(c)  # the inventory, read once: the deploy goes to the hosts checked before the tests
+    s = the_app(jobs(c, flags, selected))  # inventory and settings, as a deploy reads them
     repo = repository(s.source)
     commit = head(repo)
     dirty = ship.dirty_paths(git(repo, "status", "--porcelain=v1", "-z", "--untracked-files=normal").stdout)
@@ -352,13 +364,16 @@ def run_ship(c, flags: dict, *, allow_dirty: bool = False, junit: str | None = N
     tmp = Path(tempfile.mkdtemp(prefix="provision-ship-")).resolve()
     try:
         tree = tmp / "release"
-        flags, es, source = release_tree(c, s, flags, repo, commit, dirty, tree, printer)
-        # every host's plan made now, so a bad template or setting stops before the tests run
-        plan_hosts(c, flags, source=source, origin={"commit": commit, "via": "ship"})
+        work, es, source = release_tree(c, s, flags, selected, repo, commit, dirty, tree, printer)
+        # every host's plan made now, once: a bad template or setting stops before the tests run, and
+        # what is deployed after them is exactly what was checked (nothing is read again from disk);
+        # the origin gets the tests' result once they pass (the meta and the log are written from it)
+        origin = {"commit": commit, "via": "ship"}
+        plans, _ = plan_hosts(c, flags, source=source, origin=origin, work=work)
         command = test_command(es, source)
         result, seconds, count = tested(es, command, report, tree, tmp, commit, bool(dirty), printer)
-        origin = ship.ship_origin(commit, result, seconds, secrets.mask(command), count, bool(dirty))
+        origin.update(ship.ship_origin(commit, result, seconds, secrets.mask(command), count, bool(dirty)))
         run_apply(c, flags, verbose=verbose, json_file=json_file, break_lock=break_lock, fleet=fleet, atomic=atomic,
-                  origin=origin, source=source)
+                  plans=plans)
     finally:
         remove(tmp)

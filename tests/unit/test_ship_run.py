@@ -1,0 +1,109 @@
+"""fab ship through the real `fab` command line, up to the deploy: a task only these tests add to
+their copy of the fabfile runs `fab ship` with the deploy replaced by one that prints what it was
+given (each host's user, site config, origin and the release's files), so no host is needed. The
+app's repository is the project itself (fabfile, fabric.yaml, inventory and templates committed
+beside the app), as a real app's is."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FAB = Path(sys.executable).parent / "fab"
+SHIP_CAPTURE = '''
+from fabric import task
+
+
+@task
+def ship_capture(c, allow_dirty=False, junit=None):
+    """fab ship, its deploy replaced by a print of what it would deploy."""
+    import json
+    from provision.cli import ship as shipping
+    from provision.cli.apply import plan_hosts
+
+    def deploy(c, flags, *, plans=None, origin=None, source=None, **kw):
+        if plans is None:  # planned again, from the working tree
+            plans, _ = plan_hosts(c, flags, source=source, origin=origin)
+        print("DEPLOY " + json.dumps({
+            "users": [job.target.user for job, _, _ in plans],
+            "sites": [steps.site.decode() for _, steps, _ in plans],
+            "origin": plans[0][1].origin,
+            "files": sorted(plans[0][1].release.files)}))
+
+    shipping.run_apply = deploy
+    shipping.run_ship(c, {}, allow_dirty=allow_dirty, junit=junit)
+
+
+ns.add_task(ship_capture)
+'''
+APP = "def app(environ, start_response):\\n    start_response('200 OK', [])\\n    return [b'hi']\\n"
+
+
+def git(repo, *args) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def commit(repo, **files: str) -> str:
+    for rel, text in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(text)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "change")
+    return git(repo, "rev-parse", "HEAD")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # the test virtualenvs: one, for the empty requirements
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """An app's repository, its deploy files beside it: ``app/`` the app (no requirements)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(ROOT / "fabfile.py", root)
+    with open(root / "fabfile.py", "a") as fh:
+        fh.write(SHIP_CAPTURE)
+    shutil.copytree(ROOT / "provision/templates", root / "templates")
+    (root / "fabric.yaml").write_text((ROOT / "fabric.yaml").read_text().split("\napp:")[0] +
+                                      "\napp:\n  name: hello\n  source: app\n  wsgi: wsgi:app\n")
+    (root / "inventory.ini").write_text("web1 host=192.0.2.1 user=deploy\n")
+    git(root, "init", "-q", "-b", "main")
+    commit(root, **{"app/wsgi.py": APP, "app/requirements.txt": ""})
+    return root
+
+
+def ship(repo, cache, *args, **env):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FABRIC_")}
+    environ.update(XDG_CACHE_HOME=str(cache), TMPDIR=str(repo.parent), **env)
+    return subprocess.run([str(FAB), "-H", "web1", "ship-capture", *args], cwd=repo, env=environ,
+                          capture_output=True, text=True, timeout=300)
+
+
+def deployed(res) -> dict:
+    lines = [line for line in res.stdout.splitlines() if line.startswith("DEPLOY ")]
+    assert res.returncode == 0 and len(lines) == 1, res.stdout + res.stderr
+    return json.loads(lines[0].removeprefix("DEPLOY "))
+
+
+def leftovers(repo) -> list[str]:
+    return [p.name for p in repo.parent.iterdir() if p.name.startswith("provision-ship-")]
+
+
+def test_the_deploy_is_the_plan_checked_before_the_tests_whatever_they_change_in_the_working_tree(repo, cache):
+    commit(repo, **{"fabric.yaml": (repo / "fabric.yaml").read_text() + f"  test_command: >-\n    "
+                    f"sed -i s/user=deploy/user=intruder/ {repo}/inventory.ini &&\n    "
+                    f"echo '{{{{ no_such_variable }}}}' > {repo}/templates/nginx-site.conf.j2\n"})
+    got = deployed(ship(repo, cache))
+    assert got["users"] == ["deploy"]
+    assert "server_name" in got["sites"][0] and "no_such_variable" not in got["sites"][0]
+    assert got["origin"]["tests"]["result"] == "passed" and got["origin"]["via"] == "ship"
+    assert not leftovers(repo)
+

@@ -3,7 +3,7 @@ when its tests pass, and exactly the tree they passed on.
 
 1. Everything a deploy validates is validated first (inventory, settings, source, templates), and
    the repository holding the app must be clean (``--allow-dirty``: its tracked files as they are).
-2. The commit (``git archive HEAD``) is exported into a temporary folder: the release is made from
+2. The commit (``git read-tree`` + ``git checkout-index``) is exported into a temporary folder: the release is made from
    that export (the deploy's file rules, its revision the commit's), and a copy of it runs the tests.
 3. The tests (``app.test_command``, default ``python -m pytest`` when the app has tests) run locally
    in a virtualenv of the app's own requirements (cached in ~/.cache/provision/test-venvs), their
@@ -67,27 +67,64 @@ def head(repo: Path) -> str:
     return sha.stdout.decode().strip()
 
 
-def export(repo: Path, commit: str, tree: Path) -> None:
-    """The commit's files into ``tree`` (``git archive``: its export-ignore and export-subst
-    attributes apply, as to any archive of it)."""
-    tree.mkdir()
-    archive = subprocess.Popen(["git", "-C", str(repo), "archive", "--format=tar", commit], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-    untar = subprocess.run(["tar", "-x", "-f", "-", "-C", str(tree)], stdin=archive.stdout, capture_output=True)
-    archive.stdout.close()
-    err = archive.stderr.read().decode(errors="replace").strip()
-    if archive.wait() != 0 or untar.returncode != 0:
-        why = err or untar.stderr.decode(errors="replace").strip()
-        raise ProvisionError(f"cannot export commit {commit[:7]} of {repo}: {why.splitlines()[-1] if why else '?'}")
+def export(repo: Path, commit: str, tree: Path, index: Path | None = None) -> None:
+    """The commit's files into ``tree``, exactly as a checkout of it makes them (its smudge filters
+    and line endings apply; not the ``export-ignore`` / ``export-subst`` attributes ``git archive``
+    would: those are for archives, and could hide the tests or change what is deployed): its tree
+    read into an index of its own (``index``, beside ``tree``), then checked out under ``tree``; each
+    submodule at the commit it records, from its checkout here."""
+    index = index or tree.parent / "export.index"
+    tree.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, GIT_INDEX_FILE=str(index))
+    for args in (["read-tree", commit], ["checkout-index", "-a", f"--prefix={tree}/"]):
+        done = subprocess.run(["git", "-C", str(repo), *args], env=env, capture_output=True)
+        if done.returncode != 0:
+            why = done.stderr.decode(errors="replace").strip()
+            raise ProvisionError(f"cannot export commit {commit[:7]} of {repo}: {why.splitlines()[-1] if why else '?'}")
+    index.unlink()
+    for rel, sha in submodules(git(repo, "ls-tree", "-r", "-z", commit).stdout):
+        export(submodule(repo, rel, sha), sha, tree / rel, index)
+
+
+def submodules(listing: bytes) -> list[tuple[str, str]]:
+    """The submodules (path, commit) among ``git ls-tree -r -z`` or ``git ls-files -s -z``'s entries."""
+    out = []
+    for entry in listing.split(b"\0"):
+        meta, _, name = entry.partition(b"\t")
+        fields = meta.split()
+        if fields and fields[0] == b"160000":
+            out.append((os.fsdecode(name), next(f for f in fields[1:] if len(f) >= 40).decode()))
+    return out
+
+
+def submodule(repo: Path, rel: str, sha: str) -> Path:
+    """The checkout of ``repo``'s submodule ``rel``, which must hold its commit ``sha``."""
+    path = repo / rel
+    top = git(path, "rev-parse", "--show-toplevel") if path.is_dir() else None
+    if (top is None or top.returncode != 0 or Path(os.fsdecode(top.stdout.strip())).resolve() != path.resolve()
+            or git(path, "cat-file", "-e", f"{sha}^{{commit}}").returncode != 0):
+        raise ProvisionError(f"submodule {rel} of {repo} (commit {sha[:7]}) is not checked out here, and fab ship "
+                             "ships it at that commit: git submodule update --init --recursive, then ship")
+    return path
 
 
 def copy_tracked(repo: Path, tree: Path) -> None:
-    """The repository's tracked files as they are in the working tree (``--allow-dirty``), into ``tree``."""
-    tree.mkdir()
-    for name in git(repo, "ls-files", "-z", "--cached").stdout.split(b"\0"):
-        rel = os.fsdecode(name)
+    """The repository's tracked files as they are in the working tree (``--allow-dirty``), into ``tree``;
+    its submodules' too, as they are in theirs."""
+    tree.mkdir(parents=True, exist_ok=True)
+    listing = git(repo, "ls-files", "-z", "--cached", "-s").stdout
+    links, seen = dict(submodules(listing)), set()
+    for entry in listing.split(b"\0"):
+        rel = os.fsdecode(entry.partition(b"\t")[2])
         src, dest = repo / rel, tree / rel
-        if not rel or not (src.is_symlink() or src.is_file()):  # deleted, or a submodule
+        if rel in seen:  # a conflict's stages: the working tree's file once
+            continue
+        seen.add(rel)
+        if rel in links:
+            submodule(repo, rel, git(src, "rev-parse", "HEAD").stdout.decode().strip() or links[rel])
+            copy_tracked(src, dest)
+            continue
+        if not rel or not (src.is_symlink() or src.is_file()):  # deleted
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         if src.is_symlink():

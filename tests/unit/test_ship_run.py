@@ -107,3 +107,34 @@ def test_the_deploy_is_the_plan_checked_before_the_tests_whatever_they_change_in
     assert got["origin"]["tests"]["result"] == "passed" and got["origin"]["via"] == "ship"
     assert not leftovers(repo)
 
+
+def test_export_attributes_neither_hide_the_tests_nor_change_the_release(repo, cache):
+    commit(repo, **{".gitattributes": "app/tests export-ignore\napp/NOTES export-ignore\napp/VERSION export-subst\n",
+                    "app/NOTES": "kept\n", "app/VERSION": "$Format:%H$\n",
+                    "fabric.yaml": (repo / "fabric.yaml").read_text() + "  test_command: sh tests/run.sh\n",
+                    "app/tests/run.sh": "grep -q Format: VERSION\n"})
+    got = deployed(ship(repo, cache))
+    assert {"NOTES", "VERSION", "tests/run.sh"} <= set(got["files"])
+    commit(repo, **{"app/tests/run.sh": "echo the test fails; exit 1\n"})
+    res = ship(repo, cache)
+    assert res.returncode == 1 and "the test fails" in res.stdout and "DEPLOY" not in res.stdout, res.stdout + res.stderr
+
+
+def test_a_submodule_is_shipped_at_its_commit_and_one_not_checked_out_is_refused(repo, cache, tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    git(lib, "init", "-q", "-b", "main")
+    commit(lib, **{"helpers.py": "X = 1\n"})
+    git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "app/lib")
+    commit(repo, **{"fabric.yaml": (repo / "fabric.yaml").read_text() + "  test_command: test -f lib/helpers.py\n"})
+    commit(lib, **{"helpers.py": "X = 2\n", "later.py": ""})  # the submodule moved on: its recorded commit ships
+    got = deployed(ship(repo, cache))
+    assert "lib/helpers.py" in got["files"] and "lib/later.py" not in got["files"]
+    (repo / "app/wsgi.py").write_text(APP + "# changed\n")
+    res = ship(repo, cache, "--allow-dirty")  # its tracked files as they are, the submodule's too
+    git(repo, "checkout", "app/wsgi.py")
+    assert "lib/helpers.py" in deployed(res)["files"]
+    git(repo, "submodule", "deinit", "-q", "-f", "app/lib")
+    res = ship(repo, cache)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()], res.stdout + res.stderr
+    assert "submodule app/lib" in res.stderr and "git submodule update --init" in res.stderr

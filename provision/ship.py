@@ -118,6 +118,24 @@ def requirement_names(files: Iterable[tuple[str, bytes]]) -> set[str]:
             if (n := requirement_name(line))}
 
 
+# a requirement installed from what may change under the same requirements text: a local path
+# (``.``, ``./mylib``, ``libs/x``, ``file:``), an editable install, a VCS URL, a local wheel folder
+UNCACHED_RE = re.compile(r"^(-e|--editable|-f|--find-links)(\s|=|$)|^[.~/]|(^|@\s*)(file:|git\+|hg\+|svn\+|bzr\+)"
+                         r"|^[^\s;@:]*[/\\]")
+
+
+def uncached(files: Iterable[tuple[str, bytes]]) -> str | None:
+    """The first requirement line (``file: line``) whose install a cached test virtualenv would
+    keep stale: a copy of a local folder as it was at its first ship, an editable install pointing
+    into a folder since removed, a VCS branch as it was. None when the requirements name only
+    distributions (and URLs of archives)."""
+    for path, data in files:
+        for _, line in logical_lines(data.decode("utf-8", "replace")):
+            if UNCACHED_RE.search(line):
+                return f"{path}: {line}"
+    return None
+
+
 def venv_key(files: Iterable[tuple[str, bytes]], python: str, added: Iterable[str] = ()) -> str:
     """The test virtualenv's key: every requirements file (path and content), the python that builds
     it (its version and path) and what is installed besides."""

@@ -164,11 +164,14 @@ def pip_problem(output: bytes) -> str:
     return (errors or lines or ["no output"])[-1]
 
 
-def test_venv(s: Settings, pytest: bool, printer: Printer) -> Path:
+def test_venv(s: Settings, pytest: bool, printer: Printer, app: Path, scratch: Path) -> Path:
     """The test virtualenv: the app's requirements (its own files: those of the export), those of a
     requirements-dev.txt / requirements-test.txt beside them, and pytest when the command runs
-    it (``pytest``: the default, say) and none of them names it. Built once per key with the python running fab, in a folder of its
-    own that a link named after the key publishes when complete."""
+    it (``pytest``: the default, say) and none of them names it. Built once per key with the python
+    running fab, in a folder of its own that a link named after the key publishes when complete.
+    pip reads them in ``app``, the app's folder in the tests' copy (never the release's tree, which
+    it would write into); requirements from local paths, editable or VCS ones get a virtualenv of
+    this run alone, in ``scratch``: a cached one would test what they were at its first ship."""
     deps = s.dependencies
     files = dict(deps.files)
     dev = []
@@ -180,7 +183,13 @@ def test_venv(s: Settings, pytest: bool, printer: Printer) -> Path:
     added = ("pytest",) if pytest and "pytest" not in ship.requirement_names(files.items()) else ()
     python = f"{platform.python_implementation()} {platform.python_version()} {os.path.realpath(sys.executable)}"
     key = ship.venv_key(sorted(files.items()), python, added)
-    link = cache_dir() / key
+    local = ship.uncached(sorted(files.items()))
+    if local:
+        link = scratch / "venv"
+        printer.line(f"ship: the requirements install from a path, in editable mode or from VCS ({local}): "
+                     "a test virtualenv for this run alone, not cached")
+    else:
+        link = cache_dir() / key
     if (link / "bin" / "python").exists():
         printer.line(f"ship: test virtualenv {key} (cached, {link})")
         os.utime(link.resolve())  # in use: kept by prune()
@@ -197,7 +206,7 @@ def test_venv(s: Settings, pytest: bool, printer: Printer) -> Path:
         if made.returncode != 0:
             raise ProvisionError(f"the test virtualenv could not be made ({sys.executable} -m venv): "
                                  f"{pip_problem(made.stdout + made.stderr)}; nothing deployed", code=1)
-        main = deps.origin
+        main = app / deps.main
         if deps.main == FROM_PYPROJECT:  # pyproject.toml's dependencies, as a requirements file
             main = build / FROM_PYPROJECT
             main.write_bytes(files[FROM_PYPROJECT])
@@ -206,7 +215,7 @@ def test_venv(s: Settings, pytest: bool, printer: Printer) -> Path:
             if not args:
                 continue
             pip = subprocess.run([str(build / "bin" / "python"), "-m", "pip", "install", "-q",
-                                  "--disable-pip-version-check", *args], cwd=s.source, capture_output=True)
+                                  "--disable-pip-version-check", *args], cwd=app, capture_output=True)
             if pip.returncode != 0:
                 raise ProvisionError(f"the test virtualenv could not be built: pip install {named} failed: "
                                      f"{pip_problem(pip.stdout + pip.stderr)}; fix the app's requirements "
@@ -219,7 +228,8 @@ def test_venv(s: Settings, pytest: bool, printer: Printer) -> Path:
         remove(build)
         raise
     printer.line(f"ship: test virtualenv built in {time.monotonic() - t0:.1f}s")
-    prune(link.parent)
+    if not local:
+        prune(link.parent)
     return link.resolve()
 
 
@@ -364,11 +374,12 @@ def tested(s: Settings, command: str, report: Path | None, tree: Path, tmp: Path
             report.write_text(EMPTY_JUNIT)
         return "none", 0.0, None
     line = ship.command_line(command, str(report) if report else None)
-    venv = test_venv(s, ship.is_pytest(command), printer)
     copy = tmp / "test"
     shutil.copytree(tree, copy, symlinks=True)
+    app = copy / s.source.relative_to(tree)
+    venv = test_venv(s, ship.is_pytest(command), printer, app, tmp)
     printer.line(f"ship: testing {rev} in {'a copy' if dirty else 'a clean export'}: {line}")
-    code, seconds, tail = run_tests(line, copy / s.source.relative_to(tree), venv)
+    code, seconds, tail = run_tests(line, app, venv)
     count = ship.pytest_count(tail) if ship.is_pytest(command) else None
     counted = f", {count} test{'s' if count != 1 else ''}" if count is not None else ""
     if code != 0:

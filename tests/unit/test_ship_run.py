@@ -138,3 +138,38 @@ def test_a_submodule_is_shipped_at_its_commit_and_one_not_checked_out_is_refused
     res = ship(repo, cache)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()], res.stdout + res.stderr
     assert "submodule app/lib" in res.stderr and "git submodule update --init" in res.stderr
+
+
+LIB = {"app/libsrc/pyproject.toml": '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+                                    '[project]\nname = "mylib"\nversion = "0"\n[tool.setuptools]\npy-modules = ["mylib"]\n',
+       "fabric.yaml": None, "app/requirements.txt": None}
+
+
+def with_lib(repo, requirement: str, value: int) -> dict:
+    return {**LIB, "app/libsrc/mylib.py": f"VALUE = {value}\n", "app/requirements.txt": requirement + "\n",
+            "fabric.yaml": (repo / "fabric.yaml").read_text().split("  test_command")[0] +
+            "  test_command: python -c 'import mylib; print(\"VALUE\", mylib.VALUE)'\n"}
+
+
+@pytest.mark.parametrize("requirement", ["./libsrc", "-e ./libsrc"])
+def test_requirements_from_a_local_folder_are_tested_as_committed_every_time(repo, cache, requirement):
+    for value in (1, 2):
+        commit(repo, **with_lib(repo, requirement, value))
+        res = ship(repo, cache)
+        got = deployed(res)
+        assert f"VALUE {value}" in res.stdout and "not cached" in res.stdout
+        assert not [f for f in got["files"] if "egg-info" in f or f.startswith("libsrc/build")]  # pip wrote not there
+    assert not leftovers(repo)
+
+
+@pytest.mark.parametrize("line, local", [
+    ("flask>=3", False), ("https://example.com/pkg-1.0.tar.gz", False), ("pkg @ https://example.com/p.whl", False),
+    ("--index-url https://pypi.example/simple", False), ("-r base.txt", False), ("Django==5.0; python_version>'3'", False),
+    (".", True), ("./mylib", True), ("libs/mylib", True), ("-e ./pkg", True), ("--editable=../x", True),
+    ("mylib @ file:///src/mylib", True), ("git+https://github.com/o/r@main#egg=r", True),
+    ("r @ git+https://github.com/o/r", True), ("-f ./wheels", True), ("~/src/lib", True)])
+def test_requirements_a_cached_virtualenv_would_keep_stale_are_found(line, local):
+    from provision import ship as pure
+    found = pure.uncached([("requirements.txt", b"flask\n"), ("dev.txt", f"{line}  # why\n".encode())])
+    assert found == (f"dev.txt: {line}" if local else None)
+

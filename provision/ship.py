@@ -16,11 +16,12 @@ from .errors import ProvisionError
 from .requirements import logical_lines, requirement_name
 
 DEFAULT_TEST_COMMAND = "python -m pytest"
+DJANGO_TEST_COMMAND = "python manage.py test"  # an app with manage.py and no pytest configuration
 DEV_REQUIREMENTS = ("requirements-dev.txt", "requirements-test.txt")  # read beside app.requirements
 JUNIT = "{junit}"  # where a test_command that is not pytest's takes the --junit file
 SHOWN = 3  # dirty paths named in the refusal
 TEST_DIRS = {"tests", "test"}
-TEST_FILE_RE = re.compile(r"test_.*\.py|.*_test\.py")
+TEST_FILE_RE = re.compile(r"test_.*\.py|.*_test\.py|tests\.py")  # tests.py: Django's
 # pytest's own configuration: the file, and the section that makes a shared file one
 PYTEST_CONFIG = {"pytest.ini": None, "pyproject.toml": "[tool.pytest.ini_options]", "setup.cfg": "[tool:pytest]",
                  "tox.ini": "[pytest]"}
@@ -61,9 +62,9 @@ def in_tree(path: Path, repository: Path, tree: Path) -> Path | None:
 
 def has_tests(files: Iterable[str], read: Callable[[str], str], leave_out: str | None = None) -> str | None:
     """What shows the app has tests, among its ``files`` (paths relative to the app): a ``tests/``
-    or ``test/`` folder, a ``test_*.py`` or ``*_test.py`` file, or pytest's configuration (``read``
-    gives a file's text); files under ``leave_out`` (the smoke checks' folder) do not count.
-    None when it has none."""
+    or ``test/`` folder, a ``test_*.py``, ``*_test.py`` or ``tests.py`` file, or pytest's
+    configuration (``read`` gives a file's text); files under ``leave_out`` (the smoke checks'
+    folder) do not count. None when it has none."""
     files = [f for f in files if not (leave_out and (f == leave_out or f.startswith(leave_out + "/")))]
     for f in files:
         parts = PurePosixPath(f).parts
@@ -72,15 +73,36 @@ def has_tests(files: Iterable[str], read: Callable[[str], str], leave_out: str |
             return f"{'/'.join(parts[:parts.index(folder) + 1])}/"
         if TEST_FILE_RE.fullmatch(parts[-1]):
             return f
+    return pytest_config(files, read)
+
+
+def pytest_config(files: Iterable[str], read: Callable[[str], str]) -> str | None:
+    """The file among ``files`` that configures pytest, None without one."""
+    files = set(files)
     for name, section in PYTEST_CONFIG.items():
         if name in files and (section is None or any(line.strip() == section for line in read(name).splitlines())):
             return name
     return None
 
 
-def default_command(checks: str | None) -> str:
+def tests_above(folders: Iterable[tuple[str, list[str]]], read: Callable[[str], str]) -> str | None:
+    """Tests beside the app's folder or above it, up to the repository's root: ``folders`` are
+    those (path relative to the root, ``""`` the root; the names in each, a folder's ending in
+    ``/``); ``read`` gives a file's text by its path from the root. What shows them, else None."""
+    for folder, names in folders:
+        prefix = f"{folder}/" if folder else ""
+        found = has_tests([n + "_" if n.endswith("/") else n for n in names], lambda n: read(prefix + n))
+        if found:
+            return prefix + found
+    return None
+
+
+def default_command(checks: str | None, django: bool = False) -> str:
     """``python -m pytest``, leaving out the app's smoke checks' folder (``checks``, relative to the
-    app, when it has one): those are `fab check`'s, run against a host."""
+    app, when it has one): those are `fab check`'s, run against a host. ``django``: ``python
+    manage.py test`` (an app with ``manage.py`` that does not configure pytest)."""
+    if django:
+        return DJANGO_TEST_COMMAND
     return DEFAULT_TEST_COMMAND + (f" --ignore={shlex.quote(checks)}" if checks else "")
 
 

@@ -354,13 +354,30 @@ def release_tree(c, s: Settings, flags: dict, selected: list, repo: Path, commit
     return work, es, replace(scan(*source_key(es, own), remember=False), revision=commit[:7], dirty=bool(dirty))
 
 
-def test_command(s: Settings, source: Source) -> str:
-    """``app.test_command``; else the default when the app has tests (its smoke checks aside); else ""."""
+def test_command(s: Settings, source: Source, tree: Path) -> str:
+    """``app.test_command``; else the default when the app has tests (its smoke checks aside):
+    ``python manage.py test`` for an app with ``manage.py`` and no pytest configuration, else
+    pytest; else "". Tests outside the app's folder (beside it or above, in ``tree``, the export)
+    are refused: the default would not run them."""
+    if s.test_command:
+        return s.test_command
     checks = str(s.checks.relative_to(s.source)) if s.checks.is_relative_to(s.source) else None
     files = [f for f in source.files if f.split("/")[0] not in source.included]
-    found = ship.has_tests(files, lambda f: (s.source / f).read_text(errors="replace"), checks)
+    read = lambda f: (s.source / f).read_text(errors="replace")  # noqa: E731
+    found = ship.has_tests(files, read, checks)
+    if not found:
+        folders = [("" if d == tree else str(d.relative_to(tree)), sorted(
+                       f"{p.name}/" if p.is_dir() else p.name for p in d.iterdir() if p != s.source))
+                   for d in s.source.parents if d.is_relative_to(tree)]
+        above = ship.tests_above(folders, lambda f: (tree / f).read_text(errors="replace"))
+        if above:
+            raise ProvisionError(f"tests found at {above}, outside the app's folder "
+                                 f"{s.source.relative_to(tree)}, and fab ship would not run them: set "
+                                 "app.test_command to the command that does (it runs in the app's folder of the "
+                                 "commit's export, e.g. cd .. && python -m pytest)")
+        return ""
     checks = checks if checks and any(f.startswith(checks + "/") for f in files) else None
-    return s.test_command or (ship.default_command(checks) if found else "")
+    return ship.default_command(checks, django="manage.py" in files and not ship.pytest_config(files, read))
 
 
 def tested(s: Settings, command: str, report: Path | None, tree: Path, tmp: Path, commit: str, dirty: bool,
@@ -368,7 +385,7 @@ def tested(s: Settings, command: str, report: Path | None, tree: Path, tmp: Path
     """The tests run on a copy of ``tree``: (result, seconds, count); a failure is the run's end (exit 1)."""
     rev = f"commit {commit[:7]}" + (" with uncommitted changes" if dirty else "")
     if not command:
-        printer.line(f"ship: {rev}: no tests found (no tests/ folder, test_*.py file or pytest configuration) "
+        printer.line(f"ship: {rev}: no tests found (no tests/ folder, test_*.py or tests.py file or pytest configuration) "
                      "and no app.test_command: deploying it untested")
         if report is not None:
             report.write_text(EMPTY_JUNIT)
@@ -418,7 +435,7 @@ def run_ship(c, flags: dict, *, allow_dirty: bool = False, junit: str | None = N
         # the origin gets the tests' result once they pass (the meta and the log are written from it)
         origin = {"commit": commit, "via": "ship"}
         plans, _ = plan_hosts(c, flags, source=source, origin=origin, work=work)
-        command = test_command(es, source)
+        command = test_command(es, source, tree)
         result, seconds, count = tested(es, command, report, tree, tmp, commit, bool(dirty), printer)
         origin.update(ship.ship_origin(commit, result, seconds, secrets.mask(command), count, bool(dirty)))
         run_apply(c, flags, verbose=verbose, json_file=json_file, break_lock=break_lock, fleet=fleet, atomic=atomic,

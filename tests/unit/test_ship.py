@@ -195,3 +195,19 @@ def test_what_the_tests_leave_running_is_stopped_when_they_end(tmp_path):
         for _ in range(50):  # reaped by init: a moment at most
             os.kill(pid, 0)
             time.sleep(0.1)
+
+
+def test_django_s_tests_py_counts_and_manage_py_runs_them_unless_pytest_is_configured():
+    assert ship.has_tests(["manage.py", "polls/tests.py"], text_of({})) == "polls/tests.py"
+    assert ship.default_command(None, django=True) == "python manage.py test"
+    assert ship.pytest_config(["manage.py", "pytest.ini"], text_of({})) == "pytest.ini"
+    assert ship.pytest_config(["manage.py", "setup.cfg"], text_of({"setup.cfg": "[metadata]\n"})) is None
+
+
+def test_tests_above_the_app_are_found_from_its_folder_up_to_the_root():
+    files = {"pyproject.toml": "[tool.pytest.ini_options]\n", "apps/conftest.py": ""}
+    assert ship.tests_above([("apps", ["api/", "web/"]), ("", ["apps/", "README"])], text_of(files)) is None
+    assert ship.tests_above([("apps", ["api/", "tests/"]), ("", ["apps/"])], text_of(files)) == "apps/tests/"
+    assert ship.tests_above([("apps", ["api/"]), ("", ["apps/", "pyproject.toml"])], text_of(files)) == "pyproject.toml"
+    assert ship.tests_above([("", ["apps/", "test_all.py"])], text_of(files)) == "test_all.py"
+

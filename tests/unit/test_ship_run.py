@@ -173,3 +173,18 @@ def test_requirements_a_cached_virtualenv_would_keep_stale_are_found(line, local
     found = pure.uncached([("requirements.txt", b"flask\n"), ("dev.txt", f"{line}  # why\n".encode())])
     assert found == (f"dev.txt: {line}" if local else None)
 
+
+def test_tests_outside_the_app_s_folder_are_refused_rather_than_skipped(repo, cache):
+    commit(repo, **{"tests/test_app.py": "def test_fails():\n    assert False\n",
+                    "pyproject.toml": "[tool.pytest.ini_options]\ntestpaths = ['tests']\n"})
+    res = ship(repo, cache)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()], res.stdout + res.stderr
+    assert "tests found at tests/" in res.stderr and "app.test_command" in res.stderr and "DEPLOY" not in res.stdout
+
+
+def test_django_s_tests_py_is_run_with_manage_py_test(repo, cache):
+    commit(repo, **{"app/manage.py": "import sys\nprint('DJANGO', sys.argv[1:])\nsys.exit(1)\n",
+                    "app/polls/tests.py": "", "app/polls/__init__.py": ""})
+    res = ship(repo, cache)
+    assert res.returncode == 1 and "DJANGO ['test']" in res.stdout and "DEPLOY" not in res.stdout, res.stdout + res.stderr
+    assert "error: tests failed (exit 1 after" in res.stderr and "python manage.py test" in res.stderr

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
 from .errors import ProvisionError
+from .secrets import MASK
 from .requirements import logical_lines, requirement_name
 
 DEFAULT_TEST_COMMAND = "python -m pytest"
@@ -156,6 +157,27 @@ def uncached(files: Iterable[tuple[str, bytes]]) -> str | None:
             if UNCACHED_RE.search(line):
                 return f"{path}: {line}"
     return None
+
+
+SECRET_NAME_RE = re.compile(r"pass|secret|token|key|credential|auth", re.I)  # as config.SECRET_VAR_RE, and more
+URL_PASSWORD_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)([^\s'\"]+)@")
+ASSIGNMENT_RE = re.compile(r"(?<![\w-])([A-Za-z_][A-Za-z0-9_]*)=('[^']*'|\"(?:[^\"\\]|\\.)*\"|[^\s;&|]+)")
+
+
+def command_secrets(command: str) -> list[str]:
+    """The secrets a test command line holds: URLs' passwords (``postgres://u:PASSWORD@db``), and
+    the values of ``NAME=value`` assignments whose name looks secret (pass, secret, token, key,
+    credential, auth): for :func:`masked_command`, and for :func:`provision.secrets.remember`."""
+    found = [m[2] for m in URL_PASSWORD_RE.finditer(command)]
+    found += [m[2] for m in ASSIGNMENT_RE.finditer(command) if SECRET_NAME_RE.search(m[1])]
+    return [v for v in found if v]
+
+
+def masked_command(command: str) -> str:
+    """The test command line as it may be shown and recorded (the output, the release's meta, the
+    release log): its secrets (:func:`command_secrets`) as ****."""
+    command = URL_PASSWORD_RE.sub(lambda m: m[1] + MASK + "@", command)
+    return ASSIGNMENT_RE.sub(lambda m: f"{m[1]}={MASK}" if SECRET_NAME_RE.search(m[1]) else m[0], command)
 
 
 def venv_key(files: Iterable[tuple[str, bytes]], python: str, added: Iterable[str] = ()) -> str:

@@ -15,6 +15,7 @@ when its tests pass, and exactly the tree they passed on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import selectors
@@ -251,49 +252,85 @@ def prune(base: Path, now: float | None = None) -> None:
 def run_tests(command: str, cwd: Path, venv: Path) -> tuple[int, float, str]:
     """The tests' exit status, duration and output's end; their output shown as it comes. They run
     in a process group of their own, which goes with them: whatever they left running when they
-    exit, and all of it when fab is interrupted (Ctrl-C, or a SIGTERM as a CI's cancel sends)."""
+    exit, and all of it when fab is interrupted (Ctrl-C, or a SIGTERM or SIGHUP: see :func:`interrupting`)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "__PYVENV_LAUNCHER__")}
     env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}")
     sys.stdout.flush()
     out = getattr(sys.stdout, "buffer", None)
     t0 = time.monotonic()
-    proc = subprocess.Popen(command, shell=True, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    os.set_blocking(proc.stdout.fileno(), False)
-    tail = b""
-    main = threading.current_thread() is threading.main_thread()  # where signal handlers are set
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
-    try:
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while True:
-                if not sel.select(timeout=0.2):
-                    if proc.poll() is not None:  # it ended; something it started may hold its output open
+    tail, proc = b"", None
+    # interrupted at any point once it started (a signal may come at once: the tests' own kill, a
+    # cancel), its group goes with it
+    with interrupting():
+        try:
+            with held():  # a signal while it starts is for once it has started: its group then goes too
+                proc = subprocess.Popen(command, shell=True, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            os.set_blocking(proc.stdout.fileno(), False)
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                while True:
+                    if not sel.select(timeout=0.2):
+                        if proc.poll() is not None:  # it ended; something it started may hold its output open
+                            break
+                        continue
+                    try:
+                        chunk = os.read(proc.stdout.fileno(), 65536)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:  # the end of its output
                         break
-                    continue
-                try:
-                    chunk = os.read(proc.stdout.fileno(), 65536)
-                except BlockingIOError:
-                    continue
-                if not chunk:  # the end of its output
-                    break
-                if out is not None:
-                    out.write(chunk)
-                    out.flush()
-                else:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                tail = (tail + chunk)[-65536:]
-        code = proc.wait()
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        stop_group(proc)
-        proc.stdout.close()
+                    if out is not None:
+                        out.write(chunk)
+                        out.flush()
+                    else:
+                        sys.stdout.write(chunk.decode(errors="replace"))
+                    tail = (tail + chunk)[-65536:]
+            code = proc.wait()
+        finally:
+            if proc is not None:
+                stop_group(proc)
+                proc.stdout.close()
     return code, time.monotonic() - t0, tail.decode(errors="replace")
 
 
+_HELD: list = []  # while :func:`held`: [the signal that came, or None]
+
+
 def _interrupt(signum, frame):
+    if _HELD:
+        _HELD[-1] = signum
+        return
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def held():
+    """An interruption (:func:`interrupting`) that comes inside waits for its end: a process is
+    started inside, and once the handle exists that stops it."""
+    _HELD.append(None)
+    try:
+        yield
+    finally:
+        if _HELD.pop() is not None:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupting():
+    """SIGTERM (a CI's cancel) and SIGHUP (a closed terminal or SSH session) end what runs inside
+    as Ctrl-C (SIGINT) does: a KeyboardInterrupt, so the tests' process group is stopped, the temporary
+    folder removed, and fab exits 130. Python's default would end fab at once, leaving both.
+    Signal handlers are the main thread's: elsewhere, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
@@ -382,8 +419,10 @@ def test_command(s: Settings, source: Source, tree: Path) -> str:
 
 def tested(s: Settings, command: str, report: Path | None, tree: Path, tmp: Path, commit: str, dirty: bool,
            printer: Printer) -> tuple[str, float, int | None]:
-    """The tests run on a copy of ``tree``: (result, seconds, count); a failure is the run's end (exit 1)."""
+    """The tests run on a copy of ``tree``: (result, seconds, count); a failure is the run's end (exit 1).
+    The command is shown with its secrets masked (``ship.masked_command``), which every later line masks too."""
     rev = f"commit {commit[:7]}" + (" with uncommitted changes" if dirty else "")
+    secrets.remember(ship.command_secrets(command))
     if not command:
         printer.line(f"ship: {rev}: no tests found (no tests/ folder, test_*.py or tests.py file or pytest configuration) "
                      "and no app.test_command: deploying it untested")
@@ -395,13 +434,14 @@ def tested(s: Settings, command: str, report: Path | None, tree: Path, tmp: Path
     shutil.copytree(tree, copy, symlinks=True)
     app = copy / s.source.relative_to(tree)
     venv = test_venv(s, ship.is_pytest(command), printer, app, tmp)
-    printer.line(f"ship: testing {rev} in {'a copy' if dirty else 'a clean export'}: {line}")
+    printer.line(f"ship: testing {rev} in {'a copy' if dirty else 'a clean export'}: {ship.masked_command(line)}")
     code, seconds, tail = run_tests(line, app, venv)
     count = ship.pytest_count(tail) if ship.is_pytest(command) else None
     counted = f", {count} test{'s' if count != 1 else ''}" if count is not None else ""
     if code != 0:
         what = "pytest collected no tests" if code == ship.PYTEST_NO_TESTS and ship.is_pytest(command) else "tests failed"
-        raise ProvisionError(f"{what} (exit {code} after {seconds:.1f}s{counted}: {command}): nothing deployed, "
+        raise ProvisionError(f"{what} (exit {code} after {seconds:.1f}s{counted}: {ship.masked_command(command)}): "
+                             "nothing deployed, "
                              "no host touched", code=1)
     printer.line(f"ship: tests passed in {seconds:.1f}s{counted}; deploying {rev}")
     return "passed", seconds, count
@@ -411,6 +451,13 @@ def tested(s: Settings, command: str, report: Path | None, tree: Path, tmp: Path
 def run_ship(c, flags: dict, *, allow_dirty: bool = False, junit: str | None = None, verbose: bool = False,
              json_file: str | None = None, break_lock: bool = False, fleet: dict | None = None,
              atomic: bool = True) -> None:
+    with interrupting():  # from its first step to its last (a hangup, a CI's cancel: exit 130, nothing left)
+        ship_it(c, flags, allow_dirty=allow_dirty, junit=junit, verbose=verbose, json_file=json_file,
+                break_lock=break_lock, fleet=fleet, atomic=atomic)
+
+
+def ship_it(c, flags: dict, *, allow_dirty: bool, junit: str | None, verbose: bool, json_file: str | None,
+            break_lock: bool, fleet: dict | None, atomic: bool) -> None:
     printer = Printer(verbose=verbose)
     selected = targets(c)  # the inventory, read once: the deploy goes to the hosts checked before the tests
     s = the_app(jobs(c, flags, selected))  # inventory and settings, as a deploy reads them
@@ -437,7 +484,7 @@ def run_ship(c, flags: dict, *, allow_dirty: bool = False, junit: str | None = N
         plans, _ = plan_hosts(c, flags, source=source, origin=origin, work=work)
         command = test_command(es, source, tree)
         result, seconds, count = tested(es, command, report, tree, tmp, commit, bool(dirty), printer)
-        origin.update(ship.ship_origin(commit, result, seconds, secrets.mask(command), count, bool(dirty)))
+        origin.update(ship.ship_origin(commit, result, seconds, ship.masked_command(command), count, bool(dirty)))
         run_apply(c, flags, verbose=verbose, json_file=json_file, break_lock=break_lock, fleet=fleet, atomic=atomic,
                   plans=plans)
     finally:

@@ -211,3 +211,13 @@ def test_tests_above_the_app_are_found_from_its_folder_up_to_the_root():
     assert ship.tests_above([("apps", ["api/"]), ("", ["apps/", "pyproject.toml"])], text_of(files)) == "pyproject.toml"
     assert ship.tests_above([("", ["apps/", "test_all.py"])], text_of(files)) == "test_all.py"
 
+
+@pytest.mark.parametrize("command, shown", [
+    ("DATABASE_URL=postgres://u:hunter2@db/t API_TOKEN=abc pytest", "DATABASE_URL=postgres://u:****@db/t API_TOKEN=**** pytest"),
+    ("export SECRET_KEY='a b' && DB_PASSWORD=\"x y\" pytest", "export SECRET_KEY=**** && DB_PASSWORD=**** pytest"),
+    ("pytest --db=mysql://root:pw@localhost/x", "pytest --db=mysql://root:****@localhost/x"),
+    ("DEBUG=1 TOKENS_DIR=/tmp pytest -k 'not slow'", "DEBUG=1 TOKENS_DIR=**** pytest -k 'not slow'"),
+    ("python -m pytest", "python -m pytest")])
+def test_secrets_in_a_test_command_are_masked(command, shown):
+    assert ship.masked_command(command) == shown
+

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from fabric import task
 def ship_capture(c, allow_dirty=False, junit=None):
     """fab ship, its deploy replaced by a print of what it would deploy."""
     import json
+    import os
+    import signal
+    import time
     from provision.cli import ship as shipping
     from provision.cli.apply import plan_hosts
 
@@ -34,6 +38,10 @@ def ship_capture(c, allow_dirty=False, junit=None):
             "sites": [steps.site.decode() for _, steps, _ in plans],
             "origin": plans[0][1].origin,
             "files": sorted(plans[0][1].release.files)}))
+
+        if os.environ.get("SHIP_SIGNAL"):  # a hangup, or a CI's cancel, during the deploy
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ["SHIP_SIGNAL"]))
+            time.sleep(30)
 
     shipping.run_apply = deploy
     shipping.run_ship(c, {}, allow_dirty=allow_dirty, junit=junit)
@@ -188,3 +196,35 @@ def test_django_s_tests_py_is_run_with_manage_py_test(repo, cache):
     res = ship(repo, cache)
     assert res.returncode == 1 and "DJANGO ['test']" in res.stdout and "DEPLOY" not in res.stdout, res.stdout + res.stderr
     assert "error: tests failed (exit 1 after" in res.stderr and "python manage.py test" in res.stderr
+
+
+@pytest.mark.parametrize("when, signal", [("tests", "HUP"), ("deploy", "HUP"), ("deploy", "TERM")])
+def test_a_hangup_or_sigterm_stops_what_the_tests_started_and_removes_the_export(repo, cache, when, signal):
+    pid = repo.parent / "pid"
+    command = f"sleep 60 & echo $! > {pid}; " + (f"kill -{signal} $PPID; wait" if when == "tests" else "true")
+    commit(repo, **{"fabric.yaml": (repo / "fabric.yaml").read_text() + f"  test_command: {command}\n"})
+    res = ship(repo, cache, **({"SHIP_SIGNAL": signal} if when == "deploy" else {}))
+    assert res.returncode == 130 and res.stderr.strip() == "interrupted", res.stdout + res.stderr
+    assert not leftovers(repo)
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(int(pid.read_text()), 0)
+            time.sleep(0.1)
+
+
+SECRET_COMMAND = "DATABASE_URL=postgres://u:hunter2@db/t API_TOKEN='abc 1' DEBUG=1 sh -c 'echo ran; exit {}'"
+
+
+def test_secrets_in_the_test_command_reach_neither_output_nor_the_release_s_record(repo, cache):
+    commit(repo, **{"fabric.yaml": (repo / "fabric.yaml").read_text() + "  test_command: >-\n    "
+                    + SECRET_COMMAND.format(0) + "\n"})
+    res = ship(repo, cache)
+    got = deployed(res)
+    assert "hunter2" not in res.stdout + res.stderr and "abc 1" not in res.stdout + res.stderr
+    assert got["origin"]["tests"]["command"] == ("DATABASE_URL=postgres://u:****@db/t API_TOKEN=**** DEBUG=1 "
+                                                 "sh -c 'echo ran; exit 0'")
+    commit(repo, **{"fabric.yaml": (repo / "fabric.yaml").read_text().replace("exit 0", "exit 1")})
+    res = ship(repo, cache)
+    assert res.returncode == 1 and "ran" in res.stdout and "API_TOKEN=****" in res.stderr
+    assert "hunter2" not in res.stdout + res.stderr and "abc 1" not in res.stdout + res.stderr
+

@@ -56,6 +56,10 @@ def repository(source: Path) -> Path:
     """The git repository holding the app, with its commit (HEAD)."""
     top = git(source, "rev-parse", "--show-toplevel")
     if top.returncode != 0:
+        said = [line.strip() for line in top.stderr.decode(errors="replace").splitlines() if line.strip()]
+        if said and "not a git repository" not in said[0]:  # another refusal (dubious ownership, ...): git's own words
+            why = said[0] + (f"; {said[-1]}" if len(said) > 1 else "")
+            raise ProvisionError(f"git cannot use the repository holding {source}: {why}")
         raise ProvisionError(f"{source} is not in a git repository: fab ship ships a commit (tested in a clean "
                              "export of it); fab deploy deploys a directory as it is")
     return Path(os.fsdecode(top.stdout.strip())).resolve()
@@ -200,8 +204,14 @@ def test_venv(s: Settings, pytest: bool, printer: Printer, app: Path, scratch: P
     what = ", ".join([deps.main, *dev, *added])
     printer.line(f"ship: building the test virtualenv {key} (python {platform.python_version()}: {what}) ...")
     t0 = time.monotonic()
-    link.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=link.parent))
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=link.parent))
+    except OSError as e:
+        cache = os.environ.get("XDG_CACHE_HOME")
+        raise ProvisionError(f"cannot make the test virtualenv's folder in {link.parent}: {e.strerror}; "
+                             f"{'XDG_CACHE_HOME is ' + repr(cache) if cache else 'XDG_CACHE_HOME is not set (~/.cache)'}: "
+                             "point XDG_CACHE_HOME at a folder you can write") from None
     try:
         made = subprocess.run([sys.executable, "-m", "venv", str(build)], capture_output=True)
         if made.returncode != 0:

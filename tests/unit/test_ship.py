@@ -221,3 +221,18 @@ def test_tests_above_the_app_are_found_from_its_folder_up_to_the_root():
 def test_secrets_in_a_test_command_are_masked(command, shown):
     assert ship.masked_command(command) == shown
 
+
+def test_a_repository_git_refuses_is_reported_with_git_s_own_reason(tmp_path, monkeypatch):
+    import subprocess
+    from provision.cli.ship import repository
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    os_chown = __import__("os").chown
+    os_chown(tmp_path, 12345, 12345)  # another user's checkout, as in a CI container: git refuses it
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-gitconfig"))
+    with pytest.raises(ProvisionError) as e:
+        repository(tmp_path)
+    assert "dubious ownership" in str(e.value) and "safe.directory" in str(e.value) and "\n" not in str(e.value)
+    assert "not in a git repository" not in str(e.value)
+    with pytest.raises(ProvisionError) as e:
+        repository(tmp_path.parent)
+    assert "not in a git repository" in str(e.value)

@@ -228,3 +228,12 @@ def test_secrets_in_the_test_command_reach_neither_output_nor_the_release_s_reco
     assert res.returncode == 1 and "ran" in res.stdout and "API_TOKEN=****" in res.stderr
     assert "hunter2" not in res.stdout + res.stderr and "abc 1" not in res.stdout + res.stderr
 
+
+def test_a_cache_folder_that_cannot_be_made_is_one_line_naming_xdg_cache_home(repo, tmp_path):
+    commit(repo, **{"fabric.yaml": (repo / "fabric.yaml").read_text() + "  test_command: 'true'\n"})
+    (tmp_path / "a-file").write_text("")
+    res = ship(repo, tmp_path / "a-file")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()], res.stdout + res.stderr
+    assert "XDG_CACHE_HOME" in res.stderr and "Traceback" not in res.stderr
+    assert not leftovers(repo)
+

@@ -123,6 +123,10 @@ def command_line(command: str, junit: str | None) -> str:
     """The command run for the tests: ``command`` with the JUnit report's path (absolute) in place of
     ``{junit}``, or, for a lone pytest command, ``--junitxml=PATH`` added; else one line saying how."""
     if JUNIT in command:
+        if quoted(command, JUNIT):
+            raise ProvisionError(f"app.test_command {command!r}: {JUNIT} is inside quotes, where the report's path "
+                                 "(quoted for the shell by provision) would keep its quotes; write it unquoted: "
+                                 f"--junitxml={JUNIT}")
         return command.replace(JUNIT, shlex.quote(junit or "/dev/null"))
     if junit is None:
         return command
@@ -133,6 +137,24 @@ def command_line(command: str, junit: str | None) -> str:
         raise ProvisionError(f"--junit: the test command {command!r} is more than one command, and --junitxml added at "
                              f"its end would go to the last one; put --junitxml={JUNIT} after pytest in app.test_command")
     return f"{command} --junitxml={shlex.quote(junit)}"
+
+
+def quoted(command: str, word: str) -> bool:
+    """Whether ``word`` occurs inside single or double quotes of the shell line ``command``."""
+    quote, i = None, 0
+    while i < len(command):
+        ch = command[i]
+        if command.startswith(word, i) and quote:
+            return True
+        if ch == "\\" and quote != "'":
+            i += 2
+            continue
+        if quote is None and ch in "'\"":
+            quote = ch
+        elif ch == quote:
+            quote = None
+        i += 1
+    return False
 
 
 def requirement_names(files: Iterable[tuple[str, bytes]]) -> set[str]:

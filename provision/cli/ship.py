@@ -474,13 +474,15 @@ def ship_it(c, flags: dict, *, allow_dirty: bool, junit: str | None, verbose: bo
     repo = repository(s.source)
     commit = head(repo)
     dirty = ship.dirty_paths(git(repo, "status", "--porcelain=v1", "-z", "--untracked-files=normal").stdout)
+    report = Path(junit).resolve() if junit else None
+    if report is not None and report.is_relative_to(repo):  # the last ship's report: not a change of the app
+        dirty = [p for p in dirty if p != str(report.relative_to(repo))]
     if dirty and not allow_dirty:
         raise ProvisionError(ship.dirty_refusal(dirty, repo))
     for p in s.include:
         if ship.in_tree(p, repo, repo) is None:
             raise ProvisionError(f"app.include {p} lies outside the git repository {repo}, and fab ship ships one "
                                  "commit of it: move it into the repository, or deploy with fab deploy")
-    report = Path(junit).resolve() if junit else None
     if report is not None and not report.parent.is_dir():
         raise ProvisionError(f"--junit {junit}: no folder {report.parent}; create it or name another file")
     tmp = Path(tempfile.mkdtemp(prefix="provision-ship-")).resolve()

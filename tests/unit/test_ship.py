@@ -236,3 +236,13 @@ def test_a_repository_git_refuses_is_reported_with_git_s_own_reason(tmp_path, mo
     with pytest.raises(ProvisionError) as e:
         repository(tmp_path.parent)
     assert "not in a git repository" in str(e.value)
+
+
+@pytest.mark.parametrize("command", ['pytest --junitxml="{junit}"', "make test REPORT='{junit}'",
+                                     'sh -c "pytest --junitxml={junit}"'])
+def test_junit_inside_quotes_is_refused_as_the_path_is_quoted_for_the_shell_already(command):
+    with pytest.raises(ProvisionError) as e:
+        ship.command_line(command, "/ci/my report.xml")
+    assert "inside quotes" in str(e.value) and "\n" not in str(e.value) and e.value.code == 2
+    assert ship.command_line("echo 'a' {junit} \"b\"", "/ci/my report.xml") == "echo 'a' '/ci/my report.xml' \"b\""
+

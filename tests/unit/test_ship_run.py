@@ -237,3 +237,9 @@ def test_a_cache_folder_that_cannot_be_made_is_one_line_naming_xdg_cache_home(re
     assert "XDG_CACHE_HOME" in res.stderr and "Traceback" not in res.stderr
     assert not leftovers(repo)
 
+
+def test_the_junit_report_inside_the_repository_does_not_make_the_next_ship_dirty(repo, cache):
+    commit(repo, **{"fabric.yaml": (repo / "fabric.yaml").read_text() + "  test_command: echo '<testsuites/>' > {junit}\n"})
+    for _ in range(2):
+        got = deployed(ship(repo, cache, "--junit", "report.xml"))
+        assert (repo / "report.xml").read_text() == "<testsuites/>\n" and "report.xml" not in got["files"]

@@ -222,6 +222,34 @@ def test_secrets_in_a_test_command_are_masked(command, shown):
     assert ship.masked_command(command) == shown
 
 
+@pytest.mark.parametrize("command", ['pytest --junitxml="{junit}"', "make test REPORT='{junit}'",
+                                     'sh -c "pytest --junitxml={junit}"'])
+def test_junit_inside_quotes_is_refused_as_the_path_is_quoted_for_the_shell_already(command):
+    with pytest.raises(ProvisionError) as e:
+        ship.command_line(command, "/ci/my report.xml")
+    assert "inside quotes" in str(e.value) and "\n" not in str(e.value) and e.value.code == 2
+    assert ship.command_line("echo 'a' {junit} \"b\"", "/ci/my report.xml") == "echo 'a' '/ci/my report.xml' \"b\""
+
+
+def test_the_ci_examples_cache_by_python_version_read_only_and_every_requirements_file():
+    from invoke.util import yaml
+    github = yaml.safe_load((ROOT / "docs/ci/github-actions.yml").read_text())
+    assert github["permissions"] == {"contents": "read"}
+    steps = github["jobs"]["ship"]["steps"]
+    python = next(s for s in steps if s.get("uses", "").startswith("actions/setup-python"))
+    key = next(s for s in steps if s.get("uses", "").startswith("actions/cache"))["with"]["key"]
+    assert f"steps.{python['id']}.outputs.python-version" in key and "**/requirements*.txt" in key
+    gitlab = yaml.safe_load((ROOT / "docs/ci/gitlab-ci.yml").read_text())["ship"]["cache"]["key"]
+    assert gitlab != {"files": ["requirements.txt"]} and "$CI_JOB_IMAGE" in str(gitlab)
+
+
+def test_the_readme_s_exit_code_table_has_every_code_fab_ship_promises():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Exit codes"):]
+    codes = {line.split("|")[1].strip() for line in table.splitlines()[:20] if line.startswith("| ")}
+    assert {"0", "1", "2", "3", "130"} <= codes
+
+
 def test_a_repository_git_refuses_is_reported_with_git_s_own_reason(tmp_path, monkeypatch):
     import subprocess
     from provision.cli.ship import repository
@@ -236,13 +264,3 @@ def test_a_repository_git_refuses_is_reported_with_git_s_own_reason(tmp_path, mo
     with pytest.raises(ProvisionError) as e:
         repository(tmp_path.parent)
     assert "not in a git repository" in str(e.value)
-
-
-@pytest.mark.parametrize("command", ['pytest --junitxml="{junit}"', "make test REPORT='{junit}'",
-                                     'sh -c "pytest --junitxml={junit}"'])
-def test_junit_inside_quotes_is_refused_as_the_path_is_quoted_for_the_shell_already(command):
-    with pytest.raises(ProvisionError) as e:
-        ship.command_line(command, "/ci/my report.xml")
-    assert "inside quotes" in str(e.value) and "\n" not in str(e.value) and e.value.code == 2
-    assert ship.command_line("echo 'a' {junit} \"b\"", "/ci/my report.xml") == "echo 'a' '/ci/my report.xml' \"b\""
-

@@ -1,6 +1,7 @@
 """``fab ship``'s decisions, pure: is the working tree clean, where a path lies in the commit's
-export, does the app have tests, the test command line (with ``--junit``), the test virtualenv's
-key, and what a test run says. :mod:`provision.cli.ship` does the git, the virtualenv, the test
+export, does the app have tests (in its folder, or above it), the test command line (with
+``--junit``) and its secrets masked, the test virtualenv's key and whether it may be cached, and
+what a test run says. :mod:`provision.cli.ship` does the git, the virtualenv, the test
 run and the deploy.
 """
 
@@ -166,7 +167,7 @@ def requirement_names(files: Iterable[tuple[str, bytes]]) -> set[str]:
 # a requirement installed from what may change under the same requirements text: a local path
 # (``.``, ``./mylib``, ``libs/x``, ``file:``), an editable install, a VCS URL, a local wheel folder
 UNCACHED_RE = re.compile(r"^(-e|--editable|-f|--find-links)(\s|=|$)|^[.~/]|(^|@\s*)(file:|git\+|hg\+|svn\+|bzr\+)"
-                         r"|^[^\s;@:]*[/\\]")
+                         r"|^(?!-)[^\s;@:]*[/\\]")
 
 
 def uncached(files: Iterable[tuple[str, bytes]]) -> str | None:
@@ -193,6 +194,12 @@ def command_secrets(command: str) -> list[str]:
     found = [m[2] for m in URL_PASSWORD_RE.finditer(command)]
     found += [m[2] for m in ASSIGNMENT_RE.finditer(command) if SECRET_NAME_RE.search(m[1])]
     return [v for v in found if v]
+
+
+def remembered_secrets(command: str) -> list[str]:
+    """Those of :func:`command_secrets` masked in every later line too: of 4 characters or more (a
+    shorter value, ``USE_AUTH=1``, would mask every ``1`` printed)."""
+    return [v for v in command_secrets(command) if len(v) >= 4]
 
 
 def masked_command(command: str) -> str:

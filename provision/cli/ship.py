@@ -432,7 +432,7 @@ def tested(s: Settings, command: str, report: Path | None, tree: Path, tmp: Path
     """The tests run on a copy of ``tree``: (result, seconds, count); a failure is the run's end (exit 1).
     The command is shown with its secrets masked (``ship.masked_command``), which every later line masks too."""
     rev = f"commit {commit[:7]}" + (" with uncommitted changes" if dirty else "")
-    secrets.remember(ship.command_secrets(command))
+    secrets.remember(ship.remembered_secrets(command))
     if not command:
         printer.line(f"ship: {rev}: no tests found (no tests/ folder, test_*.py or tests.py file or pytest configuration) "
                      "and no app.test_command: deploying it untested")

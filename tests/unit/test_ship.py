@@ -222,6 +222,10 @@ def test_secrets_in_a_test_command_are_masked(command, shown):
     assert ship.masked_command(command) == shown
 
 
+def test_only_secrets_long_enough_not_to_garble_the_output_are_masked_in_every_line():
+    assert ship.remembered_secrets("USE_AUTH=1 DB=postgres://u:hunter2@db/t API_KEY=abcd pytest") == ["hunter2", "abcd"]
+
+
 @pytest.mark.parametrize("command", ['pytest --junitxml="{junit}"', "make test REPORT='{junit}'",
                                      'sh -c "pytest --junitxml={junit}"'])
 def test_junit_inside_quotes_is_refused_as_the_path_is_quoted_for_the_shell_already(command):

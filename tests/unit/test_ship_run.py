@@ -173,6 +173,7 @@ def test_requirements_from_a_local_folder_are_tested_as_committed_every_time(rep
 @pytest.mark.parametrize("line, local", [
     ("flask>=3", False), ("https://example.com/pkg-1.0.tar.gz", False), ("pkg @ https://example.com/p.whl", False),
     ("--index-url https://pypi.example/simple", False), ("-r base.txt", False), ("Django==5.0; python_version>'3'", False),
+    ("--requirement=reqs/base.txt", False), ("-c constraints/pins.txt", False),
     (".", True), ("./mylib", True), ("libs/mylib", True), ("-e ./pkg", True), ("--editable=../x", True),
     ("mylib @ file:///src/mylib", True), ("git+https://github.com/o/r@main#egg=r", True),
     ("r @ git+https://github.com/o/r", True), ("-f ./wheels", True), ("~/src/lib", True)])

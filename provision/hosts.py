@@ -142,9 +142,10 @@ def targets(c) -> list[Target]:
                        default_port=c.config.port or 22)
 
 
-def jobs(c, flags: dict) -> list[Job]:
+def jobs(c, flags: dict, selected: list[Target] | None = None) -> list[Job]:
     """Every selected host with its settings, validated: defaults < fabric.yaml (``app:``) <
-    inventory vars < FABRIC_APP_* < task flags."""
+    inventory vars < FABRIC_APP_* < task flags. ``selected``: the hosts, as :func:`targets` read
+    them once (fab ship: the inventory read once for its whole run)."""
     key_flag = (c.config.connect_kwargs.get("key_filename") or [None])
     key_flag = key_flag[0] if isinstance(key_flag, list) else key_flag
     project_app = c.config.get("app") or {}
@@ -152,7 +153,7 @@ def jobs(c, flags: dict) -> list[Job]:
         raise ProvisionError(f"`app` in fabric.yaml must be a mapping of settings (name: value lines), "
                              f"not a {type(project_app).__name__}; fix fabric.yaml")
     out = []
-    for t in targets(c):
+    for t in targets(c) if selected is None else selected:
         if key_flag:
             t = Target(t.alias, t.host, t.user, t.port, key_flag, t.known_hosts, t.vars)
         if t.key and not os.path.isfile(os.path.expanduser(t.key)):

@@ -69,13 +69,14 @@ def source_key(s: cfg.Settings, own: list[Path]) -> tuple:
 
 
 def plan_hosts(c, flags: dict, *, mode: str = "deploy", break_lock: bool = False, to: str | None = None,
-               origin: dict | None = None, source: Source | None = None) -> tuple[list, list[tuple[Source, list[str]]]]:
+               origin: dict | None = None, source: Source | None = None,
+               work: list | None = None) -> tuple[list, list[tuple[Source, list[str]]]]:
     """Every selected host's (job, steps, lock), decided locally, and each source read with the
     hosts that read it. ``source``: the app's files for every host (fab ship's tested export),
     instead of each host's ``app.source``; ``origin``: where the release comes from (its meta and
-    the release log)."""
+    the release log); ``work``: the jobs, already read (fab ship's)."""
     plans, sources, readers = [], {}, {}
-    for job in jobs(c, flags):  # decide everything locally before touching any host
+    for job in jobs(c, flags) if work is None else work:  # decide everything locally before touching any host
         s = job.settings
         if mode == "deploy":
             if source is None:
@@ -98,11 +99,16 @@ def plan_hosts(c, flags: dict, *, mode: str = "deploy", break_lock: bool = False
 def run_apply(c, flags: dict, *, mode: str = "deploy", dry_run: bool = False, verbose: bool = False,
               json_file: str | None = None, break_lock: bool = False, to: str | None = None,
               fleet: dict | None = None, atomic: bool = True, origin: dict | None = None,
-              source: Source | None = None) -> list[HostResult]:
-    """deploy, provision or rollback the selected hosts (``origin``, ``source``: see :func:`plan_hosts`)."""
+              source: Source | None = None, plans: list | None = None) -> list[HostResult]:
+    """deploy, provision or rollback the selected hosts (``origin``, ``source``: see :func:`plan_hosts`).
+    ``plans``: those :func:`plan_hosts` made already (fab ship's, made before its tests), deployed
+    as they are: nothing is read again."""
     fleet = fleet or {}
     start = time.monotonic()
-    plans, read = plan_hosts(c, flags, mode=mode, break_lock=break_lock, to=to, origin=origin, source=source)
+    if plans is None:
+        plans, read = plan_hosts(c, flags, mode=mode, break_lock=break_lock, to=to, origin=origin, source=source)
+    else:
+        read = []
     printer = Printer(verbose=verbose)
     for app, hosts in read:  # once per source, before any host is touched
         note = untracked_note(app)

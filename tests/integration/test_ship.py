@@ -170,3 +170,18 @@ def test_a_mistake_a_deploy_would_find_stops_the_ship_before_its_tests_run(dropl
     assert res.returncode == 2, res.stdout + res.stderr
     assert "no_such_variable" in res.stderr and res.stderr.strip().splitlines() == [res.stderr.strip()]
     assert not marker.exists() and live(droplet) == was
+
+
+def test_secrets_in_the_test_command_reach_neither_the_release_s_meta_nor_the_log(droplet, repo, cache):
+    sha = commit(repo, "v4", **{"app.py": APP.format(greeting="Hello v4")})
+    command = "DATABASE_URL=postgres://u:hunter2@db/t API_TOKEN=abcd1234 python -m pytest"
+    res = droplet.fab("-H", droplet.name, "ship", "--source", str(repo),
+                      env={"XDG_CACHE_HOME": str(cache), "FABRIC_APP_TEST_COMMAND": command})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 passed" in res.stdout and live(droplet).endswith(f"-{sha[:7]}")
+    shown = "DATABASE_URL=postgres://u:****@db/t API_TOKEN=**** python -m pytest"
+    meta = droplet.sh("cat /srv/hello/current/.provision/release.json")
+    log = droplet.sh("cat /srv/hello/releases.log")
+    for text in (res.stdout + res.stderr, meta, log):
+        assert "hunter2" not in text and "abcd1234" not in text
+    assert json.loads(meta)["origin"]["tests"]["command"] == shown == last_log(droplet)["tests"]["command"]

@@ -195,3 +195,76 @@ def test_what_the_tests_leave_running_is_stopped_when_they_end(tmp_path):
         for _ in range(50):  # reaped by init: a moment at most
             os.kill(pid, 0)
             time.sleep(0.1)
+
+
+def test_django_s_tests_py_counts_and_manage_py_runs_them_unless_pytest_is_configured():
+    assert ship.has_tests(["manage.py", "polls/tests.py"], text_of({})) == "polls/tests.py"
+    assert ship.default_command(None, django=True) == "python manage.py test"
+    assert ship.pytest_config(["manage.py", "pytest.ini"], text_of({})) == "pytest.ini"
+    assert ship.pytest_config(["manage.py", "setup.cfg"], text_of({"setup.cfg": "[metadata]\n"})) is None
+
+
+def test_tests_above_the_app_are_found_from_its_folder_up_to_the_root():
+    files = {"pyproject.toml": "[tool.pytest.ini_options]\n", "apps/conftest.py": ""}
+    assert ship.tests_above([("apps", ["api/", "web/"]), ("", ["apps/", "README"])], text_of(files)) is None
+    assert ship.tests_above([("apps", ["api/", "tests/"]), ("", ["apps/"])], text_of(files)) == "apps/tests/"
+    assert ship.tests_above([("apps", ["api/"]), ("", ["apps/", "pyproject.toml"])], text_of(files)) == "pyproject.toml"
+    assert ship.tests_above([("", ["apps/", "test_all.py"])], text_of(files)) == "test_all.py"
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("DATABASE_URL=postgres://u:hunter2@db/t API_TOKEN=abc pytest", "DATABASE_URL=postgres://u:****@db/t API_TOKEN=**** pytest"),
+    ("export SECRET_KEY='a b' && DB_PASSWORD=\"x y\" pytest", "export SECRET_KEY=**** && DB_PASSWORD=**** pytest"),
+    ("pytest --db=mysql://root:pw@localhost/x", "pytest --db=mysql://root:****@localhost/x"),
+    ("DEBUG=1 TOKENS_DIR=/tmp pytest -k 'not slow'", "DEBUG=1 TOKENS_DIR=**** pytest -k 'not slow'"),
+    ("python -m pytest", "python -m pytest")])
+def test_secrets_in_a_test_command_are_masked(command, shown):
+    assert ship.masked_command(command) == shown
+
+
+def test_only_secrets_long_enough_not_to_garble_the_output_are_masked_in_every_line():
+    assert ship.remembered_secrets("USE_AUTH=1 DB=postgres://u:hunter2@db/t API_KEY=abcd pytest") == ["hunter2", "abcd"]
+
+
+@pytest.mark.parametrize("command", ['pytest --junitxml="{junit}"', "make test REPORT='{junit}'",
+                                     'sh -c "pytest --junitxml={junit}"'])
+def test_junit_inside_quotes_is_refused_as_the_path_is_quoted_for_the_shell_already(command):
+    with pytest.raises(ProvisionError) as e:
+        ship.command_line(command, "/ci/my report.xml")
+    assert "inside quotes" in str(e.value) and "\n" not in str(e.value) and e.value.code == 2
+    assert ship.command_line("echo 'a' {junit} \"b\"", "/ci/my report.xml") == "echo 'a' '/ci/my report.xml' \"b\""
+
+
+def test_the_ci_examples_cache_by_python_version_read_only_and_every_requirements_file():
+    from invoke.util import yaml
+    github = yaml.safe_load((ROOT / "docs/ci/github-actions.yml").read_text())
+    assert github["permissions"] == {"contents": "read"}
+    steps = github["jobs"]["ship"]["steps"]
+    python = next(s for s in steps if s.get("uses", "").startswith("actions/setup-python"))
+    key = next(s for s in steps if s.get("uses", "").startswith("actions/cache"))["with"]["key"]
+    assert f"steps.{python['id']}.outputs.python-version" in key and "**/requirements*.txt" in key
+    gitlab = yaml.safe_load((ROOT / "docs/ci/gitlab-ci.yml").read_text())["ship"]["cache"]["key"]
+    assert gitlab != {"files": ["requirements.txt"]} and "$CI_JOB_IMAGE" in str(gitlab)
+
+
+def test_the_readme_s_exit_code_table_has_every_code_fab_ship_promises():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Exit codes"):]
+    codes = {line.split("|")[1].strip() for line in table.splitlines()[:20] if line.startswith("| ")}
+    assert {"0", "1", "2", "3", "130"} <= codes
+
+
+def test_a_repository_git_refuses_is_reported_with_git_s_own_reason(tmp_path, monkeypatch):
+    import subprocess
+    from provision.cli.ship import repository
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    os_chown = __import__("os").chown
+    os_chown(tmp_path, 12345, 12345)  # another user's checkout, as in a CI container: git refuses it
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-gitconfig"))
+    with pytest.raises(ProvisionError) as e:
+        repository(tmp_path)
+    assert "dubious ownership" in str(e.value) and "safe.directory" in str(e.value) and "\n" not in str(e.value)
+    assert "not in a git repository" not in str(e.value)
+    with pytest.raises(ProvisionError) as e:
+        repository(tmp_path.parent)
+    assert "not in a git repository" in str(e.value)

@@ -104,9 +104,18 @@ def post(c, event, failures, release, why):
         with opener.open(request, timeout=5) as answer:
             answer.read()
         print("webhook: %s sent" % event)
-    except Exception as e:  # never the URL in the journal: it is a secret
-        print("webhook: %s not sent: %s" % (event, str(e).replace(c["webhook"], "****") or type(e).__name__),
-              file=sys.stderr)
+    except Exception as e:  # never the URL, nor any part of it, in the journal: it is a secret
+        print("webhook: %s not sent: %s" % (event, webhook_error(e)), file=sys.stderr)
+
+
+def webhook_error(e):
+    """What went wrong, said without any text of the exception's: that may quote the URL (a port, a host,
+    a path). An HTTP status, or the name of the error's type (of its cause, for urllib's URLError)."""
+    code = getattr(e, "code", None)
+    if isinstance(code, int):
+        return "HTTP Error %d" % code
+    reason = getattr(e, "reason", None)
+    return type(reason if isinstance(reason, BaseException) else e).__name__
 
 
 def main(config):

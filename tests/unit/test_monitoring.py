@@ -264,6 +264,8 @@ def test_the_monitor_settings():
     ({"monitor": 30, "monitor_failures": 0}, "app.monitor_failures=0: expected a whole number from 1 to 100"),
     ({"monitor": 30, "monitor_webhook": "ftp://x/very-secret"}, "app.monitor_webhook='****': expected an http:// or https:// URL"),
     ({"monitor_webhook": "https://x/very-secret"}, "app.monitor_webhook='****': it is called by the health monitor, which is off"),
+    ({"monitor": 30, "monitor_webhook": "https://user:very-secret@x/hook"}, "expected an http:// or https:// URL without"),
+    ({"monitor": 30, "monitor_webhook": "https://very-secret@x/hook"}, "expected an http:// or https:// URL without"),
 ])
 def test_bad_monitor_settings_give_one_line(over, message):
     with pytest.raises(ProvisionError) as e:
@@ -408,7 +410,19 @@ def test_a_failing_webhook_is_logged_and_never_stops_the_restart(world):
     (world.tmp / "config.json").write_text(json.dumps(world.config))
     world.healthy = True
     out = tick(world)
-    assert "webhook: recovered not sent" in out and "secret" not in out
+    assert "webhook: recovered not sent: ConnectionRefusedError" in out and "secret" not in out
+
+
+def test_the_monitor_never_prints_any_part_of_the_webhook(world):
+    """A URL urllib cannot use (user:password@, which the settings refuse, written here by hand): its error
+    quotes the netloc ("nonnumeric port: 'TOKEN@host'"); the monitor says only the error's type."""
+    world.config["webhook"] = "http://user:TOKEN@127.0.0.1/hook"
+    (world.tmp / "config.json").write_text(json.dumps(world.config))
+    world.healthy = False
+    tick(world)
+    out = tick(world)
+    assert restarts(world) == ["restart --no-block hello@b"]
+    assert "webhook: down not sent: InvalidURL" in out and "TOKEN" not in out and world.posts == []
 
 
 def test_the_monitor_skips_a_round_while_a_deploy_holds_the_lock(world):

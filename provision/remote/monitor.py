@@ -52,9 +52,12 @@ def deploy_running(lock):
             locks = fh.read().splitlines()
     except OSError:
         return False
+    # the whole of what /proc/locks names a file by: its device (the kernel's "%02x:%02x", major and minor)
+    # and inode; the inode alone, the app could lock a file of its own (in /dev/shm, say) with that number
+    mine = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
     for line in locks:
         words = line.split()
-        if len(words) > 5 and words[1] == "FLOCK" and words[5].rsplit(":", 1)[-1] == str(st.st_ino):
+        if len(words) > 5 and words[1] == "FLOCK" and words[5] == mine:
             return True
     return False
 

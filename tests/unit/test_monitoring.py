@@ -436,6 +436,26 @@ def test_the_monitor_skips_a_round_while_a_deploy_holds_the_lock(world):
     assert not (world.tmp / "state.json").exists()
 
 
+def test_a_lock_on_another_files_inode_number_is_no_deploy(tmp_path):
+    """/proc/locks names a file by device and inode: a flock the app holds on a file of its own (a tmpfs
+    hands out inode numbers in turn) with the lock's inode number, on another device, is not the deploy's."""
+    space: dict = {"__name__": "monitor"}
+    exec(remote.source("monitor.py"), space)
+    lock = tmp_path / "hello.lock"
+    lock.write_text("")
+    st = lock.stat()
+    real = open
+
+    def proc_locks(dev):
+        line = "1: FLOCK  ADVISORY  WRITE 4242 %s:%d 0 EOF\n" % (dev, st.st_ino)
+        return lambda path, *a, **k: __import__("io").StringIO(line) if path == "/proc/locks" else real(path, *a, **k)
+
+    space["open"] = proc_locks("%02x:%02x" % (os.major(st.st_dev) + 1, os.minor(st.st_dev)))  # /dev/shm's, say
+    assert space["deploy_running"](str(lock)) is False
+    space["open"] = proc_locks("%02x:%02x" % (os.major(st.st_dev), os.minor(st.st_dev)))
+    assert space["deploy_running"](str(lock)) is True
+
+
 @pytest.mark.parametrize("interval", ["0.1", "soon", "7200"])
 def test_a_watch_interval_out_of_range_is_one_line_before_any_host(interval):
     from invoke import Exit

@@ -5,7 +5,8 @@
 # first good check after that POSTs "recovered". A failing webhook is logged, never blocks a restart.
 # argv[1]: its config file (root's alone: it holds the webhook), JSON: app, url, host, timeout,
 # failures, webhook (or ""), state (root's alone), upstream_file, lock (the deploy lock), slots:
-# {slot: {socket, unit, link}}. Its count lives in the state file between runs.
+# {slot: {socket, unit, link}}. Its count lives in the state file between runs, with the live slot and
+# release it counts for: a deploy or rollback (another live slot or release) starts it again from 0.
 import json
 import os
 import socket
@@ -18,7 +19,7 @@ STATE = {"failures": 0, "down": False}
 def decide(state, healthy, needed):
     """(new state, actions): the pure heart. Actions, in order: "restart", "down", "recovered"."""
     if healthy:
-        return dict(STATE), (["recovered"] if state.get("down") else [])
+        return dict(STATE, live=state.get("live")), (["recovered"] if state.get("down") else [])
     failures = state.get("failures", 0) + 1
     if failures < needed or failures % needed:
         return dict(state, failures=failures), []
@@ -128,10 +129,17 @@ def main(config):
         print("a deploy is running: no check this time")
         return 0
     state = load_state(c["state"])
+    slot = live_slot(c)  # before the check: what it checks, and what a restart would restart
+    release = release_of(c, slot)
+    live = "%s %s" % (slot, release)
+    if state.get("live") != live:  # a deploy or rollback since the last check: its failures were another's
+        state = dict(state, failures=0, live=live)
     ok, why = healthy(c)
     state, actions = decide(state, ok, c["failures"])
-    slot = live_slot(c)
-    release = release_of(c, slot)
+    if deploy_running(c["lock"]) or live_slot(c) != slot:  # a deploy began during the check (up to 5 s)
+        print("a deploy began during the check: it does not count")
+        return 0
+    state["live"] = live
     save_state(c["state"], state)  # first: what comes next may take long (a webhook) or fail
     if not ok:
         print("health check failed (%d in a row): %s" % (state["failures"], why))

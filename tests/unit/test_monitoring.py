@@ -329,6 +329,8 @@ def world(tmp_path):
 
     class App(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if srv.on_get:
+                srv.on_get()
             self.send_response(200 if srv.healthy else 503)
             self.end_headers()
 
@@ -341,7 +343,7 @@ def world(tmp_path):
             pass
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), App)
-    srv.healthy, srv.hook_ok, srv.posts = True, True, []
+    srv.healthy, srv.hook_ok, srv.posts, srv.on_get = True, True, [], None
     threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     port = srv.server_address[1]
     (tmp_path / "bin").mkdir()
@@ -396,7 +398,8 @@ def test_the_monitor_restarts_the_live_slot_after_k_failures_and_says_so_once(wo
     assert "passes again" in tick(world)
     assert [b["event"] for _, b in world.posts] == ["down", "recovered"]
     tick(world)
-    assert len(world.posts) == 2 and json.loads((world.tmp / "state.json").read_text()) == {"failures": 0, "down": False}
+    assert len(world.posts) == 2 and json.loads((world.tmp / "state.json").read_text()) == {"failures": 0, "down": False,
+                                                                                         "live": "b r7"}
     assert (world.tmp / "state.json").stat().st_mode & 0o777 == 0o600
 
 
@@ -454,6 +457,39 @@ def test_a_lock_on_another_files_inode_number_is_no_deploy(tmp_path):
     assert space["deploy_running"](str(lock)) is False
     space["open"] = proc_locks("%02x:%02x" % (os.major(st.st_dev), os.minor(st.st_dev)))
     assert space["deploy_running"](str(lock)) is True
+
+
+def test_a_deploy_that_begins_during_the_check_is_never_restarted(world):
+    """The deploy takes the lock and switches the upstream while the monitor's check waits: the failure does
+    not count and nothing is restarted (the slot the deploy just switched to is warming up)."""
+    import fcntl
+    world.healthy = False
+    tick(world)
+    lock = Path(world.config["lock"])
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    held = []
+
+    def deploy():
+        held.append(open(lock, "w"))
+        fcntl.flock(held[0], fcntl.LOCK_EX)
+        Path(world.config["upstream_file"]).write_text(Layout("hello").upstream("a").replace(
+            Layout("hello").socket("a"), world.config["slots"]["a"]["socket"]))
+
+    world.on_get = deploy
+    out = tick(world)
+    held[0].close()
+    assert restarts(world) == [] and world.posts == [] and "a deploy began during the check" in out
+
+
+def test_a_deploy_starts_the_count_again(world):
+    """Failures counted against the release before a deploy do not restart the one it made live."""
+    world.healthy = False
+    tick(world)
+    assert json.loads((world.tmp / "state.json").read_text())["failures"] == 1
+    Path(world.config["slots"]["b"]["link"]).unlink()
+    Path(world.config["slots"]["b"]["link"]).symlink_to("../releases/r8")  # deployed (to the same slot)
+    assert "failed (1 in a row)" in tick(world) and restarts(world) == []
+    assert "failed (2 in a row)" in tick(world) and restarts(world) == ["restart --no-block hello@b"]
 
 
 @pytest.mark.parametrize("interval", ["0.1", "soon", "7200"])

@@ -4,7 +4,7 @@
 # live slot read from the nginx upstream file, root's) and POSTs the webhook (event "down"); the
 # first good check after that POSTs "recovered". A failing webhook is logged, never blocks a restart.
 # argv[1]: its config file (root's alone: it holds the webhook), JSON: app, url, host, timeout,
-# failures, webhook (or ""), state (root's alone), upstream_file, lock (the deploy lock), slots:
+# restart_timeout (seconds systemctl restart may take), failures, webhook (or ""), state (root's alone), upstream_file, lock (the deploy lock), slots:
 # {slot: {socket, unit, link}}. Its count lives in the state file between runs, with the live slot and
 # release it counts for: a deploy or rollback (another live slot or release) starts it again from 0.
 import json
@@ -151,8 +151,14 @@ def main(config):
             unit = c["slots"][slot]["unit"]
             # queued, not waited for: a hung app's stop takes up to its graceful timeout, and the webhook
             # and the next checks go on meanwhile
-            res = subprocess.run(["systemctl", "restart", "--no-block", unit], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, universal_newlines=True)
+            try:  # a busy systemd: given up after restart_timeout s (the next `failures` checks try again)
+                res = subprocess.run(["systemctl", "restart", "--no-block", unit], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, universal_newlines=True,
+                                     timeout=c.get("restart_timeout", 15))
+            except subprocess.TimeoutExpired:
+                print("restart of %s: systemctl gave no answer within %ss" % (unit, c.get("restart_timeout", 15)),
+                      file=sys.stderr)
+                continue
             print("restarted %s (exit %d) %s" % (unit, res.returncode, res.stdout.strip()))
         else:
             post(c, action, state["failures"] if action == "down" else 0, release, why)

@@ -481,6 +481,18 @@ def test_a_deploy_that_begins_during_the_check_is_never_restarted(world):
     assert restarts(world) == [] and world.posts == [] and "a deploy began during the check" in out
 
 
+def test_a_restart_systemd_does_not_answer_is_given_up(world):
+    (world.tmp / "bin" / "systemctl").write_text("#!/bin/sh\nexec sleep 30\n")
+    world.config["restart_timeout"] = 1
+    (world.tmp / "config.json").write_text(json.dumps(world.config))
+    world.healthy = False
+    tick(world)
+    started = time.time()
+    out = tick(world)
+    assert time.time() - started < 10
+    assert "restart of hello@b: systemctl gave no answer within 1s" in out and [b["event"] for _, b in world.posts] == ["down"]
+
+
 def test_a_deploy_starts_the_count_again(world):
     """Failures counted against the release before a deploy do not restart the one it made live."""
     world.healthy = False

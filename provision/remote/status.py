@@ -96,26 +96,39 @@ else:
 
 out["usage_from"] = source["from"]
 
-# requests over the window, from the newest part of the access log (read backwards from its end)
+# requests over the window, from the newest part of the access log, read backwards from its end, and on
+# into the one before it (<log>.1, logrotate's) when the window began before the log did; at most
+# tail_bytes of the two. "cut": the window is not all there (the bytes read, or the logs, began within
+# it): the figures are over the `covered` seconds since the oldest request read.
 since, requests, errors, oldest = out["now"] - a["window"], 0, 0, None
-text = read(a["access_log"], a["tail_bytes"])
-lines = (text or "").splitlines()
-cut = text is not None and len(text.encode("utf-8", "replace")) >= a["tail_bytes"]
-if cut:
-    lines = lines[1:]  # the first line is cut
-for line in reversed(lines):
-    when = access_time(line)
-    if when is None:
-        continue
-    if when < since:
-        cut = False  # the window is all there
+budget, complete, cut, found = a["tail_bytes"], False, False, False
+for path in (a["access_log"], a["access_log"] + ".1"):
+    try:
+        size = os.stat(path).st_size
+    except OSError:
         break
-    oldest = when
-    code = access_status(line)
-    requests += 1
-    errors += 1 if code is not None and code >= 500 else 0
-# cut: the bytes read hold only the last `covered` seconds of the window
-out["requests"] = {"count": requests, "errors": errors, "log": text is not None, "cut": cut,
+    text = read(path, budget)
+    if text is None:
+        break
+    found = True
+    lines = text.splitlines()
+    if size > budget:
+        lines, cut = lines[1:], True  # the first line read is cut (decided by the file's size, not the text's)
+    for line in reversed(lines):
+        when = access_time(line)
+        if when is None:
+            continue
+        if when < since:
+            complete = True  # the window is all there
+            break
+        oldest = when
+        code = access_status(line)
+        requests += 1
+        errors += 1 if code is not None and code >= 500 else 0
+    budget -= size
+    if complete or cut or budget <= 0:
+        break
+out["requests"] = {"count": requests, "errors": errors, "log": found, "cut": not complete and oldest is not None,
                    "covered": out["now"] - (oldest if oldest is not None else out["now"]), "window": a["window"]}
 
 # the live release and its history, uptime, OS, disk

@@ -157,6 +157,53 @@ def test_the_status_program_collects_the_numbers(tmp_path):
     assert got["requests"]["cut"] and 3 <= got["requests"]["count"] <= 4 and got["requests"]["covered"] < 100
 
 
+def status_of_log(tmp_path, lines: list[str] | bytes, before: list[str] | None = None, **over) -> dict:
+    """The requests the status program counts in an access log of ``lines`` (and ``before`` in <log>.1)."""
+    (tmp_path / "access.log").write_bytes(lines if isinstance(lines, bytes) else "".join(l + "\n" for l in lines).encode())
+    if before is not None:
+        (tmp_path / "access.log.1").write_text("".join(l + "\n" for l in before))
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    args = json.loads(shlex.split(status.command(build()))[-1])
+    none = str(tmp_path / "none")
+    args.update(url="http://127.0.0.1:9/", units=[], access_log=str(tmp_path / "access.log"), release_log=none,
+                current=none, upstream_file=none, root=str(tmp_path), sample=0, **over)
+    res = run(remote.python("status.py", args), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)["requests"]
+
+
+def access_line(t: float, code: int = 200, user: str = "-") -> str:
+    return f'10.0.0.1 - {user} [{time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(t))}] "GET /p HTTP/1.1" {code} 5 "-" "x"'
+
+
+def test_a_log_rotated_within_the_window_gives_the_rate_since(tmp_path):
+    """30 s of log at 1 request a second, nothing older (rotated 30 s ago, no access.log.1): 1 req/s, not
+    30 requests over the whole 5 minutes."""
+    now = time.time()
+    req = status_of_log(tmp_path, [access_line(now - 30 + i) for i in range(30)])
+    rate, _, seconds = status.request_rate(req)
+    assert req["count"] == 30 and 28 <= seconds <= 35 and 0.85 <= rate <= 1.05
+
+
+def test_the_log_before_rotation_is_read_too(tmp_path):
+    now = time.time()
+    before = [access_line(now - 400)] + [access_line(now - 200 + i, 500) for i in range(10)]
+    req = status_of_log(tmp_path, [access_line(now - 30 + i) for i in range(30)], before)
+    assert (req["count"], req["errors"], req["cut"]) == (40, 10, False)
+    assert status.request_rate(req)[2] == 300
+
+
+def test_the_whole_log_read_is_not_cut_whatever_its_bytes_decode_to(tmp_path):
+    """Bytes that are not UTF-8 (a user agent's) decode to U+FFFD, 3 bytes each: the text re-encoded is longer
+    than the file; whether the read was cut is the file's size against tail_bytes."""
+    now = time.time()
+    data = "".join(access_line(now - 60 + i).replace('"x"', '"\udcff\udcff\udcff"') + "\n" for i in range(3))
+    req = status_of_log(tmp_path, data.encode("utf-8", "surrogateescape"), tail_bytes=len(data) + 2)
+    assert (req["count"], req["cut"]) == (3, True) and 58 <= req["covered"] <= 65
+
+
 @pytest.mark.parametrize("openssl", [True, False])
 def test_the_status_program_reads_the_certificates_expiry(tmp_path, openssl):
     cert = tmp_path / "fullchain.pem"

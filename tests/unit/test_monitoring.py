@@ -231,6 +231,10 @@ def test_nginx_log_times_and_statuses():
     assert t["access_time"](line) == NOW.timestamp() - 3600
     assert t["access_status"](line) == 503 and t["line_time"](line) == NOW.timestamp() - 3600
     assert t["access_time"]("garbage [x]") is None and t["access_status"]("garbage") is None
+    # a user name (from any Authorization: Basic header) with brackets: the time is still the request's
+    for user in ("[x", "x]", "[24/Nov/2026:01:00:00 +0000]", "]["):
+        tricky = line.replace(" - - ", f" - {user} ")
+        assert t["access_time"](tricky) == NOW.timestamp() - 3600 and t["access_status"](tricky) == 503, user
     assert t["error_time"]("2026/11/24 06:30:15 [error] 12#12: boom") == time.mktime((2026, 11, 24, 6, 30, 15, 0, 0, -1))
 
 

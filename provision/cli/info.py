@@ -167,9 +167,15 @@ def show_logs(c, follow: bool = False, lines: int = 20, process: str | None = No
         cmd = logs.command(units, files, lines, follow, when, grep)
         remote = connect_job(job, c)
         try:
-            remote.exec(f"{remote.sudo}bash -c {shlex.quote(cmd)}", on_line=lambda l: printer.line(f"{label} | {l}"))
+            rc, _, err = remote.exec(f"{remote.sudo}bash -c {shlex.quote(cmd)}",
+                                     on_line=lambda l: printer.line(f"{label} | {l}"))
         finally:
             remote.close()
+        if rc != 0:  # 2: the host's grep -E refused the pattern; else journalctl's failure (its message)
+            why = " ".join(err.strip().splitlines()[-3:]) or f"exit {rc}"
+            if rc == 2 and grep is not None:
+                raise ProvisionError(f"{label}: --grep {grep!r}: {why}", code=2)
+            raise ProvisionError(f"{label}: reading the logs failed ({rc}): {why}", code=1)
         return HostResult(label)
 
     results = run_fleet(work, lambda j: j.target.alias, one, parallel=max(1, len(work)))

@@ -264,15 +264,16 @@ def test_since_that_means_nothing_is_one_line(text):
 
 def test_the_logs_command_chooses_lines_on_the_host():
     plain = logs.command(["hello@a", "nginx"], ["/a.log"], 20, False)
-    assert plain == ("journalctl -u hello@a -u nginx --no-pager -o short-iso -n 20 & "
-                     "tail -q -n 20 /a.log 2>/dev/null & wait")
+    assert plain == ("journalctl -u hello@a -u nginx --no-pager -o short-iso -n 20 & j=$!; "
+                     'for f in /a.log; do tail -n 20 "$f" 2>/dev/null; done & f=$!; wait $j; s=$?; wait $f; exit $s')
     since = datetime(2026, 11, 24, 5, 0, tzinfo=timezone.utc)
     cmd = logs.command(["hello@a"], ["/a.log"], 5, False, since, "it's (a|b)")
     assert "--since '2026-11-24 05:00:00 UTC'" in cmd and " -n 5" not in cmd.split(" | ")[0]
     assert "grep -E --line-buffered -e 'it'\"'\"'s (a|b)' | tail -n 5" in cmd
     assert "grep -hE -e 'it'\"'\"'s (a|b)' \"$f\"" in cmd and "log_filter.py" in cmd
     follow = logs.command(["x.worker.service"], [], 5, True, None, "boom")
-    assert follow == "journalctl -u x.worker.service --no-pager -o short-iso -n 5 -f | grep -E --line-buffered -e boom"
+    assert follow.endswith('{ journalctl -u x.worker.service --no-pager -o short-iso -n 5 -f | grep -E --line-buffered '
+                           '-e boom; exit "${PIPESTATUS[0]}"; }')
     with pytest.raises(ProvisionError, match="--grep"):
         logs.command(["u"], [], 5, False, None, "a\nb")
 
@@ -289,6 +290,106 @@ def test_the_logs_command_runs_here(tmp_path):
     res = run(cmd, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     assert sorted(res.stdout.splitlines()) == ['1 - - [24/Nov/2026:05:00:00 +0000] "GET /new HTTP/1.1" 200 1',
                                                "journal GET /new line"]
+
+
+def fake_journal(tmp_path, script="echo 'journal line'") -> dict:
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    (tmp_path / "bin" / "journalctl").write_text(f"#!/bin/sh\n{script}\n")
+    (tmp_path / "bin" / "journalctl").chmod(0o755)
+    return {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("files", [True, False])
+def test_a_pattern_the_hosts_grep_refuses_is_one_line_and_exit_2(tmp_path, files):
+    (tmp_path / "a.log").write_text("x\n")
+    res = run(logs.command(["u"], [str(tmp_path / "a.log")] if files else [], 5, False, None, "("), **fake_journal(tmp_path))
+    assert res.returncode == 2 and "grep: Unmatched ( or \\(" in res.stderr and res.stdout == ""
+
+
+@pytest.mark.parametrize("grep", [None, "boom"])
+def test_journalctls_failure_is_the_commands(tmp_path, grep):
+    (tmp_path / "a.log").write_text("boom\n")
+    env = fake_journal(tmp_path, "echo 'Failed to parse timestamp: x' >&2; exit 1")
+    res = run(logs.command(["u"], [str(tmp_path / "a.log")], 5, False, None, grep), **env)
+    assert res.returncode == 1 and "Failed to parse timestamp" in res.stderr and res.stdout == "boom\n"
+    # no line matching is no failure
+    res = run(logs.command(["u"], [str(tmp_path / "a.log")], 5, False, None, "nothing"), **fake_journal(tmp_path))
+    assert res.returncode == 0 and res.stdout == ""
+
+
+@pytest.mark.parametrize("text", ["999999d", "999999w", "0001-01-01", "1969-12-31 23:59"])
+def test_since_long_ago_is_1970(text):
+    assert logs.parse_since(text, NOW) == datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class LocalRemote:
+    """A host's connection that runs each command here (sudo dropped), with ``env``."""
+    sudo = ""
+
+    def __init__(self, env):
+        self.env, self.closed = env, False
+
+    def exec(self, command, timeout=None, on_line=None, **kw):
+        res = run(command, **self.env)
+        for line in res.stdout.splitlines():
+            on_line(line) if on_line else None
+        return res.returncode, res.stdout, res.stderr
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def one_host(monkeypatch):
+    """`fab` tasks of provision.cli.info on one host, web1, whose commands run here."""
+    from provision.cli import info
+    from provision.hosts import Job
+    from provision.inventory import Target
+    host = {"env": {}, "remotes": []}
+
+    def connect(job, c):
+        host["remotes"].append(LocalRemote(host["env"]))
+        return host["remotes"][-1]
+
+    monkeypatch.setattr(info, "jobs", lambda c, flags: [Job(Target("web1", "10.0.0.1"), build())])
+    monkeypatch.setattr(info, "connect_job", connect)
+    return host
+
+
+def test_fab_logs_says_what_the_host_refused_in_one_line(one_host, tmp_path, capsys):
+    from invoke import Exit
+
+    from provision.cli.info import show_logs
+    one_host["env"] = fake_journal(tmp_path)
+    with pytest.raises(Exit) as e:
+        show_logs(None, grep="(")
+    assert e.value.code == 2 and "\n" not in str(e.value.message or "")
+    assert "web1: --grep '(': grep: Unmatched ( or \\(" in capsys.readouterr().err + str(e.value.message or "")
+    one_host["env"] = fake_journal(tmp_path, "echo 'Failed to parse timestamp: x' >&2; exit 1")
+    with pytest.raises(Exit) as e:
+        show_logs(None, since="1d")
+    assert e.value.code == 1
+    assert "web1: reading the logs failed (1): Failed to parse timestamp: x" in capsys.readouterr().err
+    one_host["env"] = fake_journal(tmp_path)
+    show_logs(None, since="999999d")  # before 1970: since 1970
+    assert "web1 | journal line" in capsys.readouterr().out
+
+
+def test_the_since_filter_starts_afresh_in_each_file(tmp_path):
+    """The access log's last line is new; the error log's first lines go with an old entry whose stamped
+    line was before the lines read: they are not the access log's."""
+    (tmp_path / "access.log").write_text('1 - - [24/Nov/2026:06:30:16 +0000] "GET /new HTTP/1.1" 200 1\n')
+    (tmp_path / "error.log").write_text("  old trace\n2026/11/24 06:30:17 [error] new\n")
+    cmd = logs.command(["u"], [str(tmp_path / "access.log"), str(tmp_path / "error.log")], 5, False, NOW)
+    res = run(cmd, TZ="UTC", **fake_journal(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "old trace" not in res.stdout and "[error] new" in res.stdout and "GET /new" in res.stdout
+    # --follow: one tail -F for both files, its headers telling the filter where each part begins
+    follow = remote.python("log_filter.py", {"since": NOW.timestamp(), "headers": True})
+    res = subprocess.run(["bash", "-c", follow], capture_output=True, text=True, timeout=30, env=dict(os.environ, TZ="UTC"),
+                         input="==> a <==\n2026/11/24 06:30:16 [error] new\n\n==> b <==\n  old trace\n"
+                               "2026/11/24 06:30:14 [error] old\n\n==> a <==\n  more new\n\n  after a blank\n")
+    assert res.stdout == "2026/11/24 06:30:16 [error] new\n  more new\n\n  after a blank\n"
 
 
 def test_the_since_filter_keeps_continuation_lines():

@@ -3,15 +3,38 @@
 # argv[1] is JSON: url, host (Host header), units (every unit to report), cgroups (the units whose
 # memory and CPU count), access_log, window (seconds of it), tail_bytes (most of it read), release_log,
 # current, upstream_file, root (disk), certificate (path or null), sample (seconds between two CPU
-# readings; 0: one reading). Prints one JSON object.
+# readings; 0: one reading), systemd_timeout (seconds `systemctl show` may take), alarm (seconds the whole
+# may take). Prints one JSON object; on stderr, the seconds each step took (and, stopped by the alarm,
+# the step it was stuck in: exit 1).
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 a = json.loads(sys.argv[1])
 out = {"now": time.time()}
+steps = [["start", time.time()]]  # [step, when it began]
+
+
+def step(name):
+    steps.append([name, time.time()])
+
+
+def timings():
+    ends = [t for _, t in steps[1:]] + [time.time()]
+    return ", ".join("%s %.3fs" % (name, end - t) for (name, t), end in zip(steps, ends))
+
+
+def stuck(signum, frame):
+    print("status: stopped after %ss, stuck in %s (%s)" % (a["alarm"], steps[-1][0], timings()), file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+signal.signal(signal.SIGALRM, stuck)
+signal.alarm(a["alarm"])
 
 
 def read(path, limit=None):
@@ -25,6 +48,7 @@ def read(path, limit=None):
 
 
 # health: through nginx, as a visitor (the deploy's own check)
+step("health")
 where, path = split_url(a["url"])
 t0 = time.time()
 try:
@@ -35,18 +59,19 @@ except OSError as e:
 out["health"]["seconds"] = round(time.time() - t0, 3)
 
 # services and their cgroups
+step("services")
 units = {}
 try:
     shown = subprocess.run(["systemctl", "show", "--property=Id,ActiveState,ControlGroup", "--"] + a["units"],
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                           universal_newlines=True, timeout=20).stdout
-except subprocess.TimeoutExpired:  # a busy systemd: every unit unknown (not running) this time
-    shown = ""
-blocks = shown.split("\n\n")
+                           universal_newlines=True, timeout=a["systemd_timeout"]).stdout
+except subprocess.TimeoutExpired:  # a busy systemd: the states unknown this time (units: null), not stopped
+    shown = None
+blocks = (shown or "").split("\n\n")
 for unit, block in zip(a["units"], blocks + [""] * (len(a["units"]) - len(blocks))):  # none: not running
     props = dict(l.partition("=")[::2] for l in block.splitlines() if "=" in l)
     units[unit] = {"active": props.get("ActiveState") == "active", "cgroup": props.get("ControlGroup") or ""}
-out["units"] = {u: {"active": v["active"]} for u, v in units.items()}
+out["units"] = {u: {"active": v["active"]} for u, v in units.items()} if shown is not None else None
 
 
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd")  # v2, hybrid's v2, v1's
@@ -84,6 +109,7 @@ def usage():
     return mem, cpu, time.time()
 
 
+step("usage")
 first = usage()
 if a["sample"]:
     time.sleep(a["sample"])
@@ -96,6 +122,7 @@ else:
 
 out["usage_from"] = source["from"]
 
+step("access log")
 # requests over the window, from the newest part of the access log, read backwards from its end, and on
 # into the one before it (<log>.1, logrotate's) when the window began before the log did; at most
 # tail_bytes of the two. "cut": the window is not all there (the bytes read, or the logs, began within
@@ -132,6 +159,7 @@ out["requests"] = {"count": requests, "errors": errors, "log": found, "cut": not
                    "covered": out["now"] - (oldest if oldest is not None else out["now"]), "window": a["window"]}
 
 # the live release and its history, uptime, OS, disk
+step("release, disk")
 out["current"] = os.path.basename(os.readlink(a["current"])) if os.path.islink(a["current"]) else None
 out["release_log"] = read(a["release_log"], 65536)
 out["upstream"] = read(a["upstream_file"])
@@ -145,6 +173,7 @@ try:
 except OSError:
     out["disk"] = None
 
+step("certificate")
 # the certificate's expiry, as openssl says it (no openssl: as python's ssl module decodes it, or unknown)
 out["cert"] = None
 if a["certificate"] and os.path.exists(a["certificate"]):
@@ -160,4 +189,6 @@ if a["certificate"] and os.path.exists(a["certificate"]):
             out["cert"] = "unknown"
 elif a["certificate"]:
     out["cert"] = "missing"
+signal.alarm(0)
 print(json.dumps(out))
+print("status: " + timings(), file=sys.stderr)

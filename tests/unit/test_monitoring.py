@@ -162,15 +162,17 @@ def status_of_log(tmp_path, lines: list[str] | bytes, before: list[str] | None =
     (tmp_path / "access.log").write_bytes(lines if isinstance(lines, bytes) else "".join(l + "\n" for l in lines).encode())
     if before is not None:
         (tmp_path / "access.log.1").write_text("".join(l + "\n" for l in before))
-    (tmp_path / "bin").mkdir(exist_ok=True)
-    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nexit 0\n")
-    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    if not (tmp_path / "bin" / "systemctl").exists():
+        (tmp_path / "bin").mkdir(exist_ok=True)
+        (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nexit 0\n")
+        (tmp_path / "bin" / "systemctl").chmod(0o755)
     args = json.loads(shlex.split(status.command(build()))[-1])
     none = str(tmp_path / "none")
-    args.update(url="http://127.0.0.1:9/", units=[], access_log=str(tmp_path / "access.log"), release_log=none,
-                current=none, upstream_file=none, root=str(tmp_path), sample=0, **over)
+    args.update(dict(url="http://127.0.0.1:9/", units=[], access_log=str(tmp_path / "access.log"), release_log=none,
+                     current=none, upstream_file=none, root=str(tmp_path), sample=0), **over)
     res = run(remote.python("status.py", args), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     assert res.returncode == 0, res.stderr
+    (tmp_path / "status.json").write_text(res.stdout)
     return json.loads(res.stdout)["requests"]
 
 
@@ -202,6 +204,28 @@ def test_the_whole_log_read_is_not_cut_whatever_its_bytes_decode_to(tmp_path):
     data = "".join(access_line(now - 60 + i).replace('"x"', '"\udcff\udcff\udcff"') + "\n" for i in range(3))
     req = status_of_log(tmp_path, data.encode("utf-8", "surrogateescape"), tail_bytes=len(data) + 2)
     assert (req["count"], req["cut"]) == (3, True) and 58 <= req["covered"] <= 65
+
+
+def test_a_busy_systemd_is_no_app_down(tmp_path):
+    """`systemctl show` gives no answer in time: the services' states are unknown, not stopped."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nexec sleep 10\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    req = status_of_log(tmp_path, [access_line(time.time() - 5)], systemd_timeout=1, units=["hello@a", "nginx"])
+    got = json.loads((tmp_path / "status.json").read_text())
+    assert got["units"] is None and req["count"] == 1
+    got.update(upstream=Layout("hello").upstream("a"), health={"status": 200, "error": None, "seconds": 0.01})
+    r = status.report("web1", build(), got)
+    assert r.problems == [] and "service states unknown (systemd busy)" in r.lines[0]
+    assert r.lines[2].startswith("web1: memory ?; cpu ?;") and status.cpu_reading(got) is None
+
+
+def test_a_stuck_status_says_where(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nexec sleep 10\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    with pytest.raises(AssertionError, match="stopped after 1s, stuck in services"):
+        status_of_log(tmp_path, [], alarm=1, units=["nginx"])
 
 
 @pytest.mark.parametrize("openssl", [True, False])

@@ -74,19 +74,23 @@ for unit, block in zip(a["units"], blocks + [""] * (len(a["units"]) - len(blocks
 out["units"] = {u: {"active": v["active"]} for u, v in units.items()} if shown is not None else None
 
 
-CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd")  # v2, hybrid's v2, v1's
+CGROUP_ROOTS = tuple(a.get("cgroup_roots") or  # v2, hybrid's v2, v1's
+                     ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"))
 TICK = os.sysconf("SC_CLK_TCK")
 source = {"from": "cgroup"}
 
 
 def group_usage(group):
-    """(memory bytes, CPU microseconds) of one unit's cgroup: its v2 counters, or (a hybrid host without
-    the memory controller there, a container) the sum over its processes: their RSS and CPU time."""
+    """(memory bytes, CPU microseconds) of one unit's cgroup: its v2 counters (memory.current less the
+    page cache, memory.stat's file: what its processes use, as RSS says), or (a hybrid host without the
+    memory controller there, a container) the sum over its processes: their RSS and CPU time."""
     for root in CGROUP_ROOTS[:2]:
         m, c = read(root + group + "/memory.current"), read(root + group + "/cpu.stat")
         if m and m.strip().isdigit() and c:
             usec = [int(l.split()[1]) for l in c.splitlines() if l.startswith("usage_usec ")]
-            return int(m), usec[0] if usec else 0
+            cache = [int(l.split()[1]) for l in (read(root + group + "/memory.stat") or "").splitlines()
+                     if l.startswith("file ") and l.split()[1].isdigit()]
+            return max(0, int(m) - (cache[0] if cache else 0)), usec[0] if usec else 0
     source["from"] = "processes"
     pids = next((p.split() for p in (read(r + group + "/cgroup.procs") for r in CGROUP_ROOTS) if p is not None), [])
     mem, cpu = 0, 0

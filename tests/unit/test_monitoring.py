@@ -206,6 +206,23 @@ def test_the_whole_log_read_is_not_cut_whatever_its_bytes_decode_to(tmp_path):
     assert (req["count"], req["cut"]) == (3, True) and 58 <= req["covered"] <= 65
 
 
+def test_a_cgroups_memory_is_without_its_page_cache(tmp_path):
+    """memory.current counts the page cache (the files the app read); the fallback, RSS, does not: the
+    figure is memory.current less memory.stat's file, as close to RSS as the cgroup says."""
+    group = tmp_path / "cg" / "system.slice" / "hello@a.service"
+    group.mkdir(parents=True)
+    (group / "memory.current").write_text(str(300 << 20) + "\n")
+    (group / "memory.stat").write_text(f"anon {40 << 20}\nfile {250 << 20}\nkernel 0\n")
+    (group / "cpu.stat").write_text("usage_usec 1000\n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nprintf 'Id=hello@a.service\\nActiveState=active\\n"
+                                                "ControlGroup=/system.slice/hello@a.service\\n'\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    status_of_log(tmp_path, [], units=["hello@a"], cgroups=["hello@a"], cgroup_roots=[str(tmp_path / "cg")])
+    got = json.loads((tmp_path / "status.json").read_text())
+    assert (got["memory"], got["usage_from"]) == (50 << 20, "cgroup")
+
+
 def test_a_busy_systemd_is_no_app_down(tmp_path):
     """`systemctl show` gives no answer in time: the services' states are unknown, not stopped."""
     (tmp_path / "bin").mkdir()
@@ -378,6 +395,62 @@ def one_host(monkeypatch):
     monkeypatch.setattr(info, "jobs", lambda c, flags: [Job(Target("web1", "10.0.0.1"), build())])
     monkeypatch.setattr(info, "connect_job", connect)
     return host
+
+
+class ScriptedRemote:
+    """A connection whose exec does what ``act`` says: waits until closed (then -1, as paramiko's lost
+    channel), or returns what it is given."""
+    sudo = ""
+
+    def __init__(self, act):
+        self.act, self.closed = act, threading.Event()
+
+    def exec(self, command, timeout=None, on_line=None, **kw):
+        what = self.act()
+        if what == "hang":
+            self.closed.wait(timeout)
+            return -1, "", ""
+        return what
+
+    def close(self):
+        self.closed.set()
+
+
+def test_ctrl_c_in_watch_ends_the_command_in_flight_at_once(one_host, monkeypatch):
+    import signal
+    from provision.cli import info
+    monkeypatch.setattr(info, "connect_job", lambda job, c: one_host["remotes"].append(ScriptedRemote(lambda: "hang"))
+                        or one_host["remotes"][-1])
+    main = threading.get_ident()
+    timer = threading.Timer(0.5, lambda: signal.pthread_kill(main, signal.SIGINT))
+    started = time.time()
+    timer.start()
+    info.show_status(None, watch=True)  # Ctrl-C: the way out, exit 0
+    assert time.time() - started < 10 and one_host["remotes"][0].closed.is_set()
+
+
+def test_a_connection_lost_in_watch_is_dropped_and_made_again(one_host, monkeypatch, capsys):
+    from invoke import Exit
+
+    from provision.cli import info
+    acts = iter([(-1, "", ""), KeyboardInterrupt])
+
+    def act():
+        what = next(acts)
+        if what is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return what
+
+    monkeypatch.setattr(info, "connect_job", lambda job, c: one_host["remotes"].append(ScriptedRemote(act))
+                        or one_host["remotes"][-1])
+    monkeypatch.setattr(info.time, "sleep", lambda s: None)
+    info.show_status(None, watch=True)
+    assert len(one_host["remotes"]) == 2 and one_host["remotes"][0].closed.is_set()
+    assert "web1: lost the SSH connection; check the host; the next refresh connects again" in capsys.readouterr().err
+    acts = iter([(-1, "", "")])
+    with pytest.raises(Exit) as e:
+        info.show_status(None)
+    assert e.value.code == 3
 
 
 def test_fab_logs_says_what_the_host_refused_in_one_line(one_host, tmp_path, capsys):

@@ -266,6 +266,15 @@ def test_the_status_program_reads_the_certificates_expiry(tmp_path, openssl):
     assert status.cert_days(json.loads(res.stdout)["cert"], time.time()) in (29, 30)
 
 
+def test_provisions_own_health_checks_are_not_in_the_access_log():
+    """From the host itself to health_path: provision's checks (deploy, status, the monitor), not visitors."""
+    from provision.app import rendered
+    site = rendered(build(health_path='/up"\\'), "nginx-site.conf.j2").decode()
+    assert ('map "$remote_addr $request_uri" $provision_access_hello {\n    "127.0.0.1 /up\\"\\\\" 0;\n'
+            '    "::1 /up\\"\\\\" 0;\n    default 1;\n}') in site
+    assert "access_log /var/log/nginx/hello.access.log combined if=$provision_access_hello;" in site
+
+
 def test_nginx_log_times_and_statuses():
     t = lib("lib_logtime.py")
     line = '1.2.3.4 - - [24/Nov/2026:06:30:15 +0100] "GET /a\\x22 b HTTP/1.1" 503 12 "-" "curl"'

@@ -62,8 +62,9 @@ def health_verdict(health: dict) -> tuple[bool, str]:
 
 
 def request_rate(requests: dict) -> tuple[float, float | None, float]:
-    """(requests per second, 5xx ratio or None without requests, seconds covered) over the window,
-    or over what of it the bytes read held."""
+    """(requests per second, 5xx ratio or None without requests, seconds covered) over the window, or,
+    when it is not all there ("cut": the bytes read, or the access logs, began within it), over the time
+    since the oldest request read."""
     seconds = max(1.0, requests["covered"]) if requests.get("cut") else float(requests["window"])
     n, errors = requests["count"], requests["errors"]
     return n / seconds, (errors / n if n else None), seconds

@@ -4,6 +4,7 @@ the health monitor (app.monitor) restarting a frozen app and calling a webhook t
 
 import json
 import re
+import shlex
 import statistics
 import threading
 import time
@@ -159,6 +160,19 @@ def test_monitor_restarts_a_frozen_app_and_calls_the_webhook(droplet, app, hook)
     assert [c[1]["event"] for c in hook.calls] == ["down", "recovered"]  # once each
     journal = droplet.sh(f"journalctl -u {LAY.monitor_unit} --no-pager")
     assert f"restarted {unit}" in journal and TOKEN not in journal
+
+
+def test_a_webhook_urllib_cannot_use_is_not_quoted_in_the_journal(droplet, app, hook):
+    """The installed program, on the host's python, with a URL holding user:TOKEN@ (the settings refuse
+    it; written here by hand): urllib's error quotes the netloc, the monitor only the error's type. What
+    it writes on stderr is what its journal gets."""
+    config = json.loads(droplet.sh(f"cat {LAY.monitor_config}"))
+    config.update(url="http://127.0.0.1:9/", failures=1, state="/root/monfix-state.json", slots={},  # no restart
+                  webhook=f"http://user:{TOKEN}@{GATEWAY}/hook")
+    droplet.sh(f"umask 077 && printf '%s' {shlex.quote(json.dumps(config))} > /root/monfix-config.json")
+    rc, out, err = droplet.run(f"python3 {LAY.monitor_program} /root/monfix-config.json; "
+                               "rm -f /root/monfix-config.json /root/monfix-state.json")
+    assert rc == 0 and "webhook: down not sent: InvalidURL" in err and TOKEN not in out + err, out + err
 
 
 def test_logs_since_and_grep_return_only_matching_lines(droplet, app, hook):

@@ -77,7 +77,7 @@ PATH_RE = re.compile(r"[\w./-]+")
 PROXY_RE = re.compile(r"https?://([^\s/:@]+(:[^\s/@]*)?@)?[^\s/@:]+(:\d+)?/?")  # [user[:password]@]host[:port]
 SIZE_RE = re.compile(r"\d{1,9}[kKmMgG]?")  # an nginx size: 10m, 512k, 0 (no limit)
 URL_RE = re.compile(r"https://[^\s/@]+(/[^\s]*)?")
-WEBHOOK_RE = re.compile(r"https?://[^\s/]+(/\S*)?")
+WEBHOOK_RE = re.compile(r"https?://[^\s/@]+(/\S*)?")  # no user:password@ (urllib cannot send it)
 EMAIL_RE = re.compile(r"[^\s@,;]+@[^\s@,;]+\.[^\s@,;]+")
 BRANCH_RE = re.compile(r"(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,100}(?<![./])")  # a plain git branch name
 SECRET_VAR_RE = re.compile(r"pass|secret|token|key", re.I)
@@ -332,7 +332,8 @@ def build(raw: dict, base_dir: Path) -> Settings:
     monitor = _monitor(v["monitor"])
     webhook = str(v["monitor_webhook"] or "").strip()
     if webhook and not WEBHOOK_RE.fullmatch(webhook):
-        raise _bad("monitor_webhook", secrets.MASK, "expected an http:// or https:// URL (its value is not shown)")
+        raise _bad("monitor_webhook", secrets.MASK, "expected an http:// or https:// URL without user:password@ "
+                                                    "(its value is not shown)")
     if webhook and not monitor:
         raise _bad("monitor_webhook", secrets.MASK, "it is called by the health monitor, which is off; set "
                                                     "app.monitor to the seconds between checks (30)")

@@ -21,12 +21,15 @@ def batches(items: Sequence[T], serial: int | None) -> list[list[T]]:
 
 def run_fleet(items: Sequence[T], label: Callable[[T], str], fn: Callable[[T], HostResult], *,
               parallel: int = DEFAULT_PARALLEL, serial: int | None = None, max_fail: int = 0,
-              on_skip: Callable[[str], None] | None = None) -> list[HostResult]:
+              on_skip: Callable[[str], None] | None = None,
+              on_interrupt: Callable[[], None] | None = None) -> list[HostResult]:
     """Run ``fn`` for every item, ``parallel`` at a time, batch after batch.
 
     A host's failure (a failed step, an unreachable host, a refused key) is its
     own: the others in its batch go on. After a batch with more than
-    ``max_fail`` failed hosts in total, later batches are skipped.
+    ``max_fail`` failed hosts in total, later batches are skipped. On Ctrl-C,
+    ``on_interrupt`` runs before the batch's threads are waited for (closing
+    their connections ends the commands they wait on).
     """
 
     def one(item: T) -> HostResult:
@@ -39,7 +42,12 @@ def run_fleet(items: Sequence[T], label: Callable[[T], str], fn: Callable[[T], H
     todo = batches(items, serial)
     for n, batch in enumerate(todo):
         with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(batch)))) as pool:
-            results += list(pool.map(one, batch))
+            try:
+                results += list(pool.map(one, batch))
+            except KeyboardInterrupt:
+                if on_interrupt:
+                    on_interrupt()
+                raise
         failed = sum(1 for r in results if r.failed)
         if failed > max_fail and n + 1 < len(todo):
             for rest in todo[n + 1:]:

@@ -452,6 +452,7 @@ class Layout:
                 "maintenance_file": self.maintenance_file, "maintenance_dir": self.nginx_own_dir,
                 "maintenance_uri": self.maintenance_file[len(self.nginx_own_dir):],
                 "maintenance_var": self.nginx_var("maintenance"), "local_var": self.nginx_var("local"),
+                "access_var": self.nginx_var("access"),
                 "static_cache_var": self.nginx_var("static_cache"), "redirect_var": self.nginx_var("redirect"),
                 "header_vars": {h: self.nginx_var(h) for h in ("nosniff", "referrer", "frame", "hsts")},
                 "acme_webroot": ACME_WEBROOT, "acme_challenge_path": ACME_CHALLENGE_PATH,

@@ -15,6 +15,7 @@ from .steps import Change, Directory, File, Service, Step, q
 
 CHANGED = "monitor-unit"  # notified by the monitor's unit files: systemd reloads, the timer restarts
 CHECK_TIMEOUT = 5  # seconds a check waits for the app's answer
+RESTART_TIMEOUT = 15  # seconds `systemctl restart --no-block` may take (a busy systemd)
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # The monitor runs as root (it restarts units): everything else it does not need is closed
@@ -50,6 +51,7 @@ def config(s) -> dict:
     """What the monitor reads (root's alone on the host: the webhook is a secret)."""
     lay = s.layout
     return {"app": s.name, "url": NGINX_LOCAL + s.health_path, "host": host_header(s), "timeout": CHECK_TIMEOUT,
+            "restart_timeout": RESTART_TIMEOUT,
             "failures": s.monitor_failures, "webhook": s.monitor_webhook, "state": lay.monitor_state,
             "upstream_file": lay.upstream_file, "lock": lay.lock,
             "slots": {slot: {"socket": lay.socket(slot), "unit": lay.unit(slot), "link": lay.slot_link(slot)}

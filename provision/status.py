@@ -16,6 +16,8 @@ from .release import host_header
 WINDOW = 300  # seconds of the access log the request rate and 5xx ratio cover
 TAIL_BYTES = 4 << 20  # the most of the access log read (from its end)
 SAMPLE = 0.5  # seconds between the two CPU readings of one status
+SYSTEMD_TIMEOUT = 20  # seconds `systemctl show` may take: then the services' states are unknown (systemd busy)
+ALARM = 50  # seconds the collector may take in all (fab status waits 60): then it says where it was stuck
 ERROR_RATIO = 0.05  # a 5xx ratio above this is flagged (a note, not a failure)
 DISK_FULL = 90.0  # % used of the app's file system that is flagged
 CERT_SOON = 14  # days left that are flagged
@@ -38,7 +40,8 @@ def command(s: Settings, sample: float = SAMPLE) -> str:
         "cgroups": [*(lay.unit(slot) for slot in SLOTS), *map(lay.process_unit, s.processes)],
         "access_log": lay.access_log, "window": WINDOW, "tail_bytes": TAIL_BYTES, "release_log": lay.release_log,
         "current": lay.current, "upstream_file": lay.upstream_file, "root": lay.root,
-        "certificate": lay.certificate if s.tls else None, "sample": sample})
+        "certificate": lay.certificate if s.tls else None, "sample": sample,
+        "systemd_timeout": SYSTEMD_TIMEOUT, "alarm": ALARM})
 
 
 def parse(stdout: str) -> dict:
@@ -59,8 +62,9 @@ def health_verdict(health: dict) -> tuple[bool, str]:
 
 
 def request_rate(requests: dict) -> tuple[float, float | None, float]:
-    """(requests per second, 5xx ratio or None without requests, seconds covered) over the window,
-    or over what of it the bytes read held."""
+    """(requests per second, 5xx ratio or None without requests, seconds covered) over the window, or,
+    when it is not all there ("cut": the bytes read, or the access logs, began within it), over the time
+    since the oldest request read."""
     seconds = max(1.0, requests["covered"]) if requests.get("cut") else float(requests["window"])
     n, errors = requests["count"], requests["errors"]
     return n / seconds, (errors / n if n else None), seconds
@@ -156,8 +160,8 @@ def report(alias: str, s: Settings, got: dict, before: list | None = None) -> Re
     CPU reading of an earlier refresh (``--watch``) when this one has a single reading."""
     lay, now, r = s.layout, got["now"], Report()
     slot = lay.live_slot(got.get("upstream"))
-    states = []
-    for u, st in got["units"].items():
+    states = [] if got["units"] is not None else ["service states unknown (systemd busy)"]
+    for u, st in (got["units"] or {}).items():
         if st["active"] or u == "nginx" or (slot and u == lay.unit(slot)) or u in app_units(s):
             up = "waiting" if u.endswith(".timer") else "running"  # an active timer waits for its time
             states.append(f"{u} {up if st['active'] else 'STOPPED'}")
@@ -184,7 +188,11 @@ def report(alias: str, s: Settings, got: dict, before: list | None = None) -> Re
     cpu = cpu_percent(got["cpu"]["before"] or before, got["cpu"]["after"])
     disk = disk_use(got.get("disk"))
     rss = " (RSS of its processes)" if got.get("usage_from") == "processes" else ""  # no cgroup counters
-    usage = [f"memory {human_bytes(got['memory'])}{rss}", f"cpu {cpu:.1f}%" if cpu is not None else "cpu ?",
+    if got["units"] is None:  # no cgroups known: no figures
+        cpu, memory = None, "memory ?"
+    else:
+        memory = f"memory {human_bytes(got['memory'])}{rss}"
+    usage = [memory, f"cpu {cpu:.1f}%" if cpu is not None else "cpu ?",
              (f"disk {disk[1]}" + (" (NEARLY FULL)" if disk[0] >= DISK_FULL else "")) if disk else "disk ?"]
     if got.get("cert") is not None:
         days = cert_days(got["cert"], now)
@@ -199,6 +207,7 @@ def report(alias: str, s: Settings, got: dict, before: list | None = None) -> Re
 
 
 def cpu_reading(got: dict) -> list:
-    """This status's last CPU reading, for the next refresh of ``--watch``."""
-    return got["cpu"]["after"]
+    """This status's last CPU reading, for the next refresh of ``--watch`` (none when the services'
+    cgroups were unknown: it read nothing)."""
+    return got["cpu"]["after"] if got["units"] is not None else None
 

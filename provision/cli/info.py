@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from .. import config as cfg
 from .. import logs, secrets, status
 from ..facts import gather
-from ..errors import ProvisionError
+from ..errors import ProvisionError, Unreachable
 from ..history import DONE, History
 from ..hosts import Job, jobs, targets
 from ..output import Printer
@@ -99,6 +99,9 @@ def show_status(c, watch: bool = False, interval: float | str = 2.0) -> None:
         try:
             rc, out, err = remotes[alias].exec(
                 f"{remotes[alias].sudo}{status.command(s, 0 if alias in cpu else status.SAMPLE)}", timeout=60)
+            if rc == -1:  # no exit status: the connection went during the command
+                raise Unreachable(f"{alias}: lost the SSH connection; check the host" +
+                                  ("; the next refresh connects again" if watch else ""))
         except ProvisionError:  # a lost connection: --watch's next refresh connects again
             remotes.pop(alias).close()
             cpu.pop(alias, None)
@@ -114,10 +117,14 @@ def show_status(c, watch: bool = False, interval: float | str = 2.0) -> None:
                                            "missing, `fab logs` says why")
         return HostResult(alias)
 
+    def close_all() -> None:  # Ctrl-C: the commands in flight end now, not after their 60 s
+        for remote in list(remotes.values()):
+            remote.close()
+
     try:
         while True:
             blocks.clear()
-            results = run_fleet(work, lambda j: j.target.alias, one)
+            results = run_fleet(work, lambda j: j.target.alias, one, on_interrupt=close_all)
             if watch and sys.stdout.isatty():
                 print(CLEAR, end="")
             elif watch:
@@ -134,8 +141,7 @@ def show_status(c, watch: bool = False, interval: float | str = 2.0) -> None:
     except KeyboardInterrupt:  # the way out of --watch
         return
     finally:
-        for remote in remotes.values():
-            remote.close()
+        close_all()
     exit_for_failures(results, printer)
 
 
@@ -167,9 +173,15 @@ def show_logs(c, follow: bool = False, lines: int = 20, process: str | None = No
         cmd = logs.command(units, files, lines, follow, when, grep)
         remote = connect_job(job, c)
         try:
-            remote.exec(f"{remote.sudo}bash -c {shlex.quote(cmd)}", on_line=lambda l: printer.line(f"{label} | {l}"))
+            rc, _, err = remote.exec(f"{remote.sudo}bash -c {shlex.quote(cmd)}",
+                                     on_line=lambda l: printer.line(f"{label} | {l}"))
         finally:
             remote.close()
+        if rc != 0:  # 2: the host's grep -E refused the pattern; else journalctl's failure (its message)
+            why = " ".join(err.strip().splitlines()[-3:]) or f"exit {rc}"
+            if rc == 2 and grep is not None:
+                raise ProvisionError(f"{label}: --grep {grep!r}: {why}", code=2)
+            raise ProvisionError(f"{label}: reading the logs failed ({rc}): {why}", code=1)
         return HostResult(label)
 
     results = run_fleet(work, lambda j: j.target.alias, one, parallel=max(1, len(work)))

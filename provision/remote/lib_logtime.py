@@ -8,10 +8,12 @@ MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct No
 
 
 def access_time(line):
-    """The epoch seconds of a combined-format line, or None."""
-    start = line.find("[")
-    end = line.find("]", start)
-    if start < 0 or end < 0:
+    """The epoch seconds of a combined-format line, or None. The time is the [...] just before the quoted
+    request: $remote_user before it (any Basic authorization's user name) may hold brackets, never a
+    quote (nginx writes it \\x22)."""
+    end = line.find('] "')
+    start = line.rfind("[", 0, end) if end >= 0 else -1
+    if start < 0:
         return None
     try:
         stamp, zone = line[start + 1:end].split(" ")

@@ -4,8 +4,9 @@
 # live slot read from the nginx upstream file, root's) and POSTs the webhook (event "down"); the
 # first good check after that POSTs "recovered". A failing webhook is logged, never blocks a restart.
 # argv[1]: its config file (root's alone: it holds the webhook), JSON: app, url, host, timeout,
-# failures, webhook (or ""), state (root's alone), upstream_file, lock (the deploy lock), slots:
-# {slot: {socket, unit, link}}. Its count lives in the state file between runs.
+# restart_timeout (seconds systemctl restart may take), failures, webhook (or ""), state (root's alone), upstream_file, lock (the deploy lock), slots:
+# {slot: {socket, unit, link}}. Its count lives in the state file between runs, with the live slot and
+# release it counts for: a deploy or rollback (another live slot or release) starts it again from 0.
 import json
 import os
 import socket
@@ -18,7 +19,7 @@ STATE = {"failures": 0, "down": False}
 def decide(state, healthy, needed):
     """(new state, actions): the pure heart. Actions, in order: "restart", "down", "recovered"."""
     if healthy:
-        return dict(STATE), (["recovered"] if state.get("down") else [])
+        return dict(STATE, live=state.get("live")), (["recovered"] if state.get("down") else [])
     failures = state.get("failures", 0) + 1
     if failures < needed or failures % needed:
         return dict(state, failures=failures), []
@@ -52,9 +53,12 @@ def deploy_running(lock):
             locks = fh.read().splitlines()
     except OSError:
         return False
+    # the whole of what /proc/locks names a file by: its device (the kernel's "%02x:%02x", major and minor)
+    # and inode; the inode alone, the app could lock a file of its own (in /dev/shm, say) with that number
+    mine = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
     for line in locks:
         words = line.split()
-        if len(words) > 5 and words[1] == "FLOCK" and words[5].rsplit(":", 1)[-1] == str(st.st_ino):
+        if len(words) > 5 and words[1] == "FLOCK" and words[5] == mine:
             return True
     return False
 
@@ -104,9 +108,18 @@ def post(c, event, failures, release, why):
         with opener.open(request, timeout=5) as answer:
             answer.read()
         print("webhook: %s sent" % event)
-    except Exception as e:  # never the URL in the journal: it is a secret
-        print("webhook: %s not sent: %s" % (event, str(e).replace(c["webhook"], "****") or type(e).__name__),
-              file=sys.stderr)
+    except Exception as e:  # never the URL, nor any part of it, in the journal: it is a secret
+        print("webhook: %s not sent: %s" % (event, webhook_error(e)), file=sys.stderr)
+
+
+def webhook_error(e):
+    """What went wrong, said without any text of the exception's: that may quote the URL (a port, a host,
+    a path). An HTTP status, or the name of the error's type (of its cause, for urllib's URLError)."""
+    code = getattr(e, "code", None)
+    if isinstance(code, int):
+        return "HTTP Error %d" % code
+    reason = getattr(e, "reason", None)
+    return type(reason if isinstance(reason, BaseException) else e).__name__
 
 
 def main(config):
@@ -116,10 +129,17 @@ def main(config):
         print("a deploy is running: no check this time")
         return 0
     state = load_state(c["state"])
+    slot = live_slot(c)  # before the check: what it checks, and what a restart would restart
+    release = release_of(c, slot)
+    live = "%s %s" % (slot, release)
+    if state.get("live") != live:  # a deploy or rollback since the last check: its failures were another's
+        state = dict(state, failures=0, live=live)
     ok, why = healthy(c)
     state, actions = decide(state, ok, c["failures"])
-    slot = live_slot(c)
-    release = release_of(c, slot)
+    if deploy_running(c["lock"]) or live_slot(c) != slot:  # a deploy began during the check (up to 5 s)
+        print("a deploy began during the check: it does not count")
+        return 0
+    state["live"] = live
     save_state(c["state"], state)  # first: what comes next may take long (a webhook) or fail
     if not ok:
         print("health check failed (%d in a row): %s" % (state["failures"], why))
@@ -131,8 +151,14 @@ def main(config):
             unit = c["slots"][slot]["unit"]
             # queued, not waited for: a hung app's stop takes up to its graceful timeout, and the webhook
             # and the next checks go on meanwhile
-            res = subprocess.run(["systemctl", "restart", "--no-block", unit], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, universal_newlines=True)
+            try:  # a busy systemd: given up after restart_timeout s (the next `failures` checks try again)
+                res = subprocess.run(["systemctl", "restart", "--no-block", unit], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, universal_newlines=True,
+                                     timeout=c.get("restart_timeout", 15))
+            except subprocess.TimeoutExpired:
+                print("restart of %s: systemctl gave no answer within %ss" % (unit, c.get("restart_timeout", 15)),
+                      file=sys.stderr)
+                continue
             print("restarted %s (exit %d) %s" % (unit, res.returncode, res.stdout.strip()))
         else:
             post(c, action, state["failures"] if action == "down" else 0, release, why)

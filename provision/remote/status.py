@@ -3,15 +3,38 @@
 # argv[1] is JSON: url, host (Host header), units (every unit to report), cgroups (the units whose
 # memory and CPU count), access_log, window (seconds of it), tail_bytes (most of it read), release_log,
 # current, upstream_file, root (disk), certificate (path or null), sample (seconds between two CPU
-# readings; 0: one reading). Prints one JSON object.
+# readings; 0: one reading), systemd_timeout (seconds `systemctl show` may take), alarm (seconds the whole
+# may take). Prints one JSON object; on stderr, the seconds each step took (and, stopped by the alarm,
+# the step it was stuck in: exit 1).
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 a = json.loads(sys.argv[1])
 out = {"now": time.time()}
+steps = [["start", time.time()]]  # [step, when it began]
+
+
+def step(name):
+    steps.append([name, time.time()])
+
+
+def timings():
+    ends = [t for _, t in steps[1:]] + [time.time()]
+    return ", ".join("%s %.3fs" % (name, end - t) for (name, t), end in zip(steps, ends))
+
+
+def stuck(signum, frame):
+    print("status: stopped after %ss, stuck in %s (%s)" % (a["alarm"], steps[-1][0], timings()), file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+signal.signal(signal.SIGALRM, stuck)
+signal.alarm(a["alarm"])
 
 
 def read(path, limit=None):
@@ -25,6 +48,7 @@ def read(path, limit=None):
 
 
 # health: through nginx, as a visitor (the deploy's own check)
+step("health")
 where, path = split_url(a["url"])
 t0 = time.time()
 try:
@@ -35,33 +59,38 @@ except OSError as e:
 out["health"]["seconds"] = round(time.time() - t0, 3)
 
 # services and their cgroups
+step("services")
 units = {}
 try:
     shown = subprocess.run(["systemctl", "show", "--property=Id,ActiveState,ControlGroup", "--"] + a["units"],
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                           universal_newlines=True, timeout=20).stdout
-except subprocess.TimeoutExpired:  # a busy systemd: every unit unknown (not running) this time
-    shown = ""
-blocks = shown.split("\n\n")
+                           universal_newlines=True, timeout=a["systemd_timeout"]).stdout
+except subprocess.TimeoutExpired:  # a busy systemd: the states unknown this time (units: null), not stopped
+    shown = None
+blocks = (shown or "").split("\n\n")
 for unit, block in zip(a["units"], blocks + [""] * (len(a["units"]) - len(blocks))):  # none: not running
     props = dict(l.partition("=")[::2] for l in block.splitlines() if "=" in l)
     units[unit] = {"active": props.get("ActiveState") == "active", "cgroup": props.get("ControlGroup") or ""}
-out["units"] = {u: {"active": v["active"]} for u, v in units.items()}
+out["units"] = {u: {"active": v["active"]} for u, v in units.items()} if shown is not None else None
 
 
-CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd")  # v2, hybrid's v2, v1's
+CGROUP_ROOTS = tuple(a.get("cgroup_roots") or  # v2, hybrid's v2, v1's
+                     ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"))
 TICK = os.sysconf("SC_CLK_TCK")
 source = {"from": "cgroup"}
 
 
 def group_usage(group):
-    """(memory bytes, CPU microseconds) of one unit's cgroup: its v2 counters, or (a hybrid host without
-    the memory controller there, a container) the sum over its processes: their RSS and CPU time."""
+    """(memory bytes, CPU microseconds) of one unit's cgroup: its v2 counters (memory.current less the
+    page cache, memory.stat's file: what its processes use, as RSS says), or (a hybrid host without the
+    memory controller there, a container) the sum over its processes: their RSS and CPU time."""
     for root in CGROUP_ROOTS[:2]:
         m, c = read(root + group + "/memory.current"), read(root + group + "/cpu.stat")
         if m and m.strip().isdigit() and c:
             usec = [int(l.split()[1]) for l in c.splitlines() if l.startswith("usage_usec ")]
-            return int(m), usec[0] if usec else 0
+            cache = [int(l.split()[1]) for l in (read(root + group + "/memory.stat") or "").splitlines()
+                     if l.startswith("file ") and l.split()[1].isdigit()]
+            return max(0, int(m) - (cache[0] if cache else 0)), usec[0] if usec else 0
     source["from"] = "processes"
     pids = next((p.split() for p in (read(r + group + "/cgroup.procs") for r in CGROUP_ROOTS) if p is not None), [])
     mem, cpu = 0, 0
@@ -84,6 +113,7 @@ def usage():
     return mem, cpu, time.time()
 
 
+step("usage")
 first = usage()
 if a["sample"]:
     time.sleep(a["sample"])
@@ -96,29 +126,44 @@ else:
 
 out["usage_from"] = source["from"]
 
-# requests over the window, from the newest part of the access log (read backwards from its end)
+step("access log")
+# requests over the window, from the newest part of the access log, read backwards from its end, and on
+# into the one before it (<log>.1, logrotate's) when the window began before the log did; at most
+# tail_bytes of the two. "cut": the window is not all there (the bytes read, or the logs, began within
+# it): the figures are over the `covered` seconds since the oldest request read.
 since, requests, errors, oldest = out["now"] - a["window"], 0, 0, None
-text = read(a["access_log"], a["tail_bytes"])
-lines = (text or "").splitlines()
-cut = text is not None and len(text.encode("utf-8", "replace")) >= a["tail_bytes"]
-if cut:
-    lines = lines[1:]  # the first line is cut
-for line in reversed(lines):
-    when = access_time(line)
-    if when is None:
-        continue
-    if when < since:
-        cut = False  # the window is all there
+budget, complete, cut, found = a["tail_bytes"], False, False, False
+for path in (a["access_log"], a["access_log"] + ".1"):
+    try:
+        size = os.stat(path).st_size
+    except OSError:
         break
-    oldest = when
-    code = access_status(line)
-    requests += 1
-    errors += 1 if code is not None and code >= 500 else 0
-# cut: the bytes read hold only the last `covered` seconds of the window
-out["requests"] = {"count": requests, "errors": errors, "log": text is not None, "cut": cut,
+    text = read(path, budget)
+    if text is None:
+        break
+    found = True
+    lines = text.splitlines()
+    if size > budget:
+        lines, cut = lines[1:], True  # the first line read is cut (decided by the file's size, not the text's)
+    for line in reversed(lines):
+        when = access_time(line)
+        if when is None:
+            continue
+        if when < since:
+            complete = True  # the window is all there
+            break
+        oldest = when
+        code = access_status(line)
+        requests += 1
+        errors += 1 if code is not None and code >= 500 else 0
+    budget -= size
+    if complete or cut or budget <= 0:
+        break
+out["requests"] = {"count": requests, "errors": errors, "log": found, "cut": not complete and oldest is not None,
                    "covered": out["now"] - (oldest if oldest is not None else out["now"]), "window": a["window"]}
 
 # the live release and its history, uptime, OS, disk
+step("release, disk")
 out["current"] = os.path.basename(os.readlink(a["current"])) if os.path.islink(a["current"]) else None
 out["release_log"] = read(a["release_log"], 65536)
 out["upstream"] = read(a["upstream_file"])
@@ -132,6 +177,7 @@ try:
 except OSError:
     out["disk"] = None
 
+step("certificate")
 # the certificate's expiry, as openssl says it (no openssl: as python's ssl module decodes it, or unknown)
 out["cert"] = None
 if a["certificate"] and os.path.exists(a["certificate"]):
@@ -147,4 +193,6 @@ if a["certificate"] and os.path.exists(a["certificate"]):
             out["cert"] = "unknown"
 elif a["certificate"]:
     out["cert"] = "missing"
+signal.alarm(0)
 print(json.dumps(out))
+print("status: " + timings(), file=sys.stderr)

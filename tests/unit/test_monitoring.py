@@ -157,6 +157,94 @@ def test_the_status_program_collects_the_numbers(tmp_path):
     assert got["requests"]["cut"] and 3 <= got["requests"]["count"] <= 4 and got["requests"]["covered"] < 100
 
 
+def status_of_log(tmp_path, lines: list[str] | bytes, before: list[str] | None = None, **over) -> dict:
+    """The requests the status program counts in an access log of ``lines`` (and ``before`` in <log>.1)."""
+    (tmp_path / "access.log").write_bytes(lines if isinstance(lines, bytes) else "".join(l + "\n" for l in lines).encode())
+    if before is not None:
+        (tmp_path / "access.log.1").write_text("".join(l + "\n" for l in before))
+    if not (tmp_path / "bin" / "systemctl").exists():
+        (tmp_path / "bin").mkdir(exist_ok=True)
+        (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nexit 0\n")
+        (tmp_path / "bin" / "systemctl").chmod(0o755)
+    args = json.loads(shlex.split(status.command(build()))[-1])
+    none = str(tmp_path / "none")
+    args.update(dict(url="http://127.0.0.1:9/", units=[], access_log=str(tmp_path / "access.log"), release_log=none,
+                     current=none, upstream_file=none, root=str(tmp_path), sample=0), **over)
+    res = run(remote.python("status.py", args), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    assert res.returncode == 0, res.stderr
+    (tmp_path / "status.json").write_text(res.stdout)
+    return json.loads(res.stdout)["requests"]
+
+
+def access_line(t: float, code: int = 200, user: str = "-") -> str:
+    return f'10.0.0.1 - {user} [{time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(t))}] "GET /p HTTP/1.1" {code} 5 "-" "x"'
+
+
+def test_a_log_rotated_within_the_window_gives_the_rate_since(tmp_path):
+    """30 s of log at 1 request a second, nothing older (rotated 30 s ago, no access.log.1): 1 req/s, not
+    30 requests over the whole 5 minutes."""
+    now = time.time()
+    req = status_of_log(tmp_path, [access_line(now - 30 + i) for i in range(30)])
+    rate, _, seconds = status.request_rate(req)
+    assert req["count"] == 30 and 28 <= seconds <= 35 and 0.85 <= rate <= 1.05
+
+
+def test_the_log_before_rotation_is_read_too(tmp_path):
+    now = time.time()
+    before = [access_line(now - 400)] + [access_line(now - 200 + i, 500) for i in range(10)]
+    req = status_of_log(tmp_path, [access_line(now - 30 + i) for i in range(30)], before)
+    assert (req["count"], req["errors"], req["cut"]) == (40, 10, False)
+    assert status.request_rate(req)[2] == 300
+
+
+def test_the_whole_log_read_is_not_cut_whatever_its_bytes_decode_to(tmp_path):
+    """Bytes that are not UTF-8 (a user agent's) decode to U+FFFD, 3 bytes each: the text re-encoded is longer
+    than the file; whether the read was cut is the file's size against tail_bytes."""
+    now = time.time()
+    data = "".join(access_line(now - 60 + i).replace('"x"', '"\udcff\udcff\udcff"') + "\n" for i in range(3))
+    req = status_of_log(tmp_path, data.encode("utf-8", "surrogateescape"), tail_bytes=len(data) + 2)
+    assert (req["count"], req["cut"]) == (3, True) and 58 <= req["covered"] <= 65
+
+
+def test_a_cgroups_memory_is_without_its_page_cache(tmp_path):
+    """memory.current counts the page cache (the files the app read); the fallback, RSS, does not: the
+    figure is memory.current less memory.stat's file, as close to RSS as the cgroup says."""
+    group = tmp_path / "cg" / "system.slice" / "hello@a.service"
+    group.mkdir(parents=True)
+    (group / "memory.current").write_text(str(300 << 20) + "\n")
+    (group / "memory.stat").write_text(f"anon {40 << 20}\nfile {250 << 20}\nkernel 0\n")
+    (group / "cpu.stat").write_text("usage_usec 1000\n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nprintf 'Id=hello@a.service\\nActiveState=active\\n"
+                                                "ControlGroup=/system.slice/hello@a.service\\n'\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    status_of_log(tmp_path, [], units=["hello@a"], cgroups=["hello@a"], cgroup_roots=[str(tmp_path / "cg")])
+    got = json.loads((tmp_path / "status.json").read_text())
+    assert (got["memory"], got["usage_from"]) == (50 << 20, "cgroup")
+
+
+def test_a_busy_systemd_is_no_app_down(tmp_path):
+    """`systemctl show` gives no answer in time: the services' states are unknown, not stopped."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nexec sleep 10\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    req = status_of_log(tmp_path, [access_line(time.time() - 5)], systemd_timeout=1, units=["hello@a", "nginx"])
+    got = json.loads((tmp_path / "status.json").read_text())
+    assert got["units"] is None and req["count"] == 1
+    got.update(upstream=Layout("hello").upstream("a"), health={"status": 200, "error": None, "seconds": 0.01})
+    r = status.report("web1", build(), got)
+    assert r.problems == [] and "service states unknown (systemd busy)" in r.lines[0]
+    assert r.lines[2].startswith("web1: memory ?; cpu ?;") and status.cpu_reading(got) is None
+
+
+def test_a_stuck_status_says_where(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nexec sleep 10\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    with pytest.raises(AssertionError, match="stopped after 1s, stuck in services"):
+        status_of_log(tmp_path, [], alarm=1, units=["nginx"])
+
+
 @pytest.mark.parametrize("openssl", [True, False])
 def test_the_status_program_reads_the_certificates_expiry(tmp_path, openssl):
     cert = tmp_path / "fullchain.pem"
@@ -178,12 +266,25 @@ def test_the_status_program_reads_the_certificates_expiry(tmp_path, openssl):
     assert status.cert_days(json.loads(res.stdout)["cert"], time.time()) in (29, 30)
 
 
+def test_provisions_own_health_checks_are_not_in_the_access_log():
+    """From the host itself to health_path: provision's checks (deploy, status, the monitor), not visitors."""
+    from provision.app import rendered
+    site = rendered(build(health_path='/up"\\'), "nginx-site.conf.j2").decode()
+    assert ('map "$remote_addr $request_uri" $provision_access_hello {\n    "127.0.0.1 /up\\"\\\\" 0;\n'
+            '    "::1 /up\\"\\\\" 0;\n    default 1;\n}') in site
+    assert "access_log /var/log/nginx/hello.access.log combined if=$provision_access_hello;" in site
+
+
 def test_nginx_log_times_and_statuses():
     t = lib("lib_logtime.py")
     line = '1.2.3.4 - - [24/Nov/2026:06:30:15 +0100] "GET /a\\x22 b HTTP/1.1" 503 12 "-" "curl"'
     assert t["access_time"](line) == NOW.timestamp() - 3600
     assert t["access_status"](line) == 503 and t["line_time"](line) == NOW.timestamp() - 3600
     assert t["access_time"]("garbage [x]") is None and t["access_status"]("garbage") is None
+    # a user name (from any Authorization: Basic header) with brackets: the time is still the request's
+    for user in ("[x", "x]", "[24/Nov/2026:01:00:00 +0000]", "]["):
+        tricky = line.replace(" - - ", f" - {user} ")
+        assert t["access_time"](tricky) == NOW.timestamp() - 3600 and t["access_status"](tricky) == 503, user
     assert t["error_time"]("2026/11/24 06:30:15 [error] 12#12: boom") == time.mktime((2026, 11, 24, 6, 30, 15, 0, 0, -1))
 
 
@@ -213,15 +314,16 @@ def test_since_that_means_nothing_is_one_line(text):
 
 def test_the_logs_command_chooses_lines_on_the_host():
     plain = logs.command(["hello@a", "nginx"], ["/a.log"], 20, False)
-    assert plain == ("journalctl -u hello@a -u nginx --no-pager -o short-iso -n 20 & "
-                     "tail -q -n 20 /a.log 2>/dev/null & wait")
+    assert plain == ("journalctl -u hello@a -u nginx --no-pager -o short-iso -n 20 & j=$!; "
+                     'for f in /a.log; do tail -n 20 "$f" 2>/dev/null; done & f=$!; wait $j; s=$?; wait $f; exit $s')
     since = datetime(2026, 11, 24, 5, 0, tzinfo=timezone.utc)
     cmd = logs.command(["hello@a"], ["/a.log"], 5, False, since, "it's (a|b)")
     assert "--since '2026-11-24 05:00:00 UTC'" in cmd and " -n 5" not in cmd.split(" | ")[0]
     assert "grep -E --line-buffered -e 'it'\"'\"'s (a|b)' | tail -n 5" in cmd
     assert "grep -hE -e 'it'\"'\"'s (a|b)' \"$f\"" in cmd and "log_filter.py" in cmd
     follow = logs.command(["x.worker.service"], [], 5, True, None, "boom")
-    assert follow == "journalctl -u x.worker.service --no-pager -o short-iso -n 5 -f | grep -E --line-buffered -e boom"
+    assert follow.endswith('{ journalctl -u x.worker.service --no-pager -o short-iso -n 5 -f | grep -E --line-buffered '
+                           '-e boom; exit "${PIPESTATUS[0]}"; }')
     with pytest.raises(ProvisionError, match="--grep"):
         logs.command(["u"], [], 5, False, None, "a\nb")
 
@@ -238,6 +340,162 @@ def test_the_logs_command_runs_here(tmp_path):
     res = run(cmd, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     assert sorted(res.stdout.splitlines()) == ['1 - - [24/Nov/2026:05:00:00 +0000] "GET /new HTTP/1.1" 200 1',
                                                "journal GET /new line"]
+
+
+def fake_journal(tmp_path, script="echo 'journal line'") -> dict:
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    (tmp_path / "bin" / "journalctl").write_text(f"#!/bin/sh\n{script}\n")
+    (tmp_path / "bin" / "journalctl").chmod(0o755)
+    return {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("files", [True, False])
+def test_a_pattern_the_hosts_grep_refuses_is_one_line_and_exit_2(tmp_path, files):
+    (tmp_path / "a.log").write_text("x\n")
+    res = run(logs.command(["u"], [str(tmp_path / "a.log")] if files else [], 5, False, None, "("), **fake_journal(tmp_path))
+    assert res.returncode == 2 and "grep: Unmatched ( or \\(" in res.stderr and res.stdout == ""
+
+
+@pytest.mark.parametrize("grep", [None, "boom"])
+def test_journalctls_failure_is_the_commands(tmp_path, grep):
+    (tmp_path / "a.log").write_text("boom\n")
+    env = fake_journal(tmp_path, "echo 'Failed to parse timestamp: x' >&2; exit 1")
+    res = run(logs.command(["u"], [str(tmp_path / "a.log")], 5, False, None, grep), **env)
+    assert res.returncode == 1 and "Failed to parse timestamp" in res.stderr and res.stdout == "boom\n"
+    # no line matching is no failure
+    res = run(logs.command(["u"], [str(tmp_path / "a.log")], 5, False, None, "nothing"), **fake_journal(tmp_path))
+    assert res.returncode == 0 and res.stdout == ""
+
+
+@pytest.mark.parametrize("text", ["999999d", "999999w", "0001-01-01", "1969-12-31 23:59"])
+def test_since_long_ago_is_1970(text):
+    assert logs.parse_since(text, NOW) == datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class LocalRemote:
+    """A host's connection that runs each command here (sudo dropped), with ``env``."""
+    sudo = ""
+
+    def __init__(self, env):
+        self.env, self.closed = env, False
+
+    def exec(self, command, timeout=None, on_line=None, **kw):
+        res = run(command, **self.env)
+        for line in res.stdout.splitlines():
+            on_line(line) if on_line else None
+        return res.returncode, res.stdout, res.stderr
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def one_host(monkeypatch):
+    """`fab` tasks of provision.cli.info on one host, web1, whose commands run here."""
+    from provision.cli import info
+    from provision.hosts import Job
+    from provision.inventory import Target
+    host = {"env": {}, "remotes": []}
+
+    def connect(job, c):
+        host["remotes"].append(LocalRemote(host["env"]))
+        return host["remotes"][-1]
+
+    monkeypatch.setattr(info, "jobs", lambda c, flags: [Job(Target("web1", "10.0.0.1"), build())])
+    monkeypatch.setattr(info, "connect_job", connect)
+    return host
+
+
+class ScriptedRemote:
+    """A connection whose exec does what ``act`` says: waits until closed (then -1, as paramiko's lost
+    channel), or returns what it is given."""
+    sudo = ""
+
+    def __init__(self, act):
+        self.act, self.closed = act, threading.Event()
+
+    def exec(self, command, timeout=None, on_line=None, **kw):
+        what = self.act()
+        if what == "hang":
+            self.closed.wait(timeout)
+            return -1, "", ""
+        return what
+
+    def close(self):
+        self.closed.set()
+
+
+def test_ctrl_c_in_watch_ends_the_command_in_flight_at_once(one_host, monkeypatch):
+    import signal
+    from provision.cli import info
+    monkeypatch.setattr(info, "connect_job", lambda job, c: one_host["remotes"].append(ScriptedRemote(lambda: "hang"))
+                        or one_host["remotes"][-1])
+    main = threading.get_ident()
+    timer = threading.Timer(0.5, lambda: signal.pthread_kill(main, signal.SIGINT))
+    started = time.time()
+    timer.start()
+    info.show_status(None, watch=True)  # Ctrl-C: the way out, exit 0
+    assert time.time() - started < 10 and one_host["remotes"][0].closed.is_set()
+
+
+def test_a_connection_lost_in_watch_is_dropped_and_made_again(one_host, monkeypatch, capsys):
+    from invoke import Exit
+
+    from provision.cli import info
+    acts = iter([(-1, "", ""), KeyboardInterrupt])
+
+    def act():
+        what = next(acts)
+        if what is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return what
+
+    monkeypatch.setattr(info, "connect_job", lambda job, c: one_host["remotes"].append(ScriptedRemote(act))
+                        or one_host["remotes"][-1])
+    monkeypatch.setattr(info.time, "sleep", lambda s: None)
+    info.show_status(None, watch=True)
+    assert len(one_host["remotes"]) == 2 and one_host["remotes"][0].closed.is_set()
+    assert "web1: lost the SSH connection; check the host; the next refresh connects again" in capsys.readouterr().err
+    acts = iter([(-1, "", "")])
+    with pytest.raises(Exit) as e:
+        info.show_status(None)
+    assert e.value.code == 3
+
+
+def test_fab_logs_says_what_the_host_refused_in_one_line(one_host, tmp_path, capsys):
+    from invoke import Exit
+
+    from provision.cli.info import show_logs
+    one_host["env"] = fake_journal(tmp_path)
+    with pytest.raises(Exit) as e:
+        show_logs(None, grep="(")
+    assert e.value.code == 2 and "\n" not in str(e.value.message or "")
+    assert "web1: --grep '(': grep: Unmatched ( or \\(" in capsys.readouterr().err + str(e.value.message or "")
+    one_host["env"] = fake_journal(tmp_path, "echo 'Failed to parse timestamp: x' >&2; exit 1")
+    with pytest.raises(Exit) as e:
+        show_logs(None, since="1d")
+    assert e.value.code == 1
+    assert "web1: reading the logs failed (1): Failed to parse timestamp: x" in capsys.readouterr().err
+    one_host["env"] = fake_journal(tmp_path)
+    show_logs(None, since="999999d")  # before 1970: since 1970
+    assert "web1 | journal line" in capsys.readouterr().out
+
+
+def test_the_since_filter_starts_afresh_in_each_file(tmp_path):
+    """The access log's last line is new; the error log's first lines go with an old entry whose stamped
+    line was before the lines read: they are not the access log's."""
+    (tmp_path / "access.log").write_text('1 - - [24/Nov/2026:06:30:16 +0000] "GET /new HTTP/1.1" 200 1\n')
+    (tmp_path / "error.log").write_text("  old trace\n2026/11/24 06:30:17 [error] new\n")
+    cmd = logs.command(["u"], [str(tmp_path / "access.log"), str(tmp_path / "error.log")], 5, False, NOW)
+    res = run(cmd, TZ="UTC", **fake_journal(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "old trace" not in res.stdout and "[error] new" in res.stdout and "GET /new" in res.stdout
+    # --follow: one tail -F for both files, its headers telling the filter where each part begins
+    follow = remote.python("log_filter.py", {"since": NOW.timestamp(), "headers": True})
+    res = subprocess.run(["bash", "-c", follow], capture_output=True, text=True, timeout=30, env=dict(os.environ, TZ="UTC"),
+                         input="==> a <==\n2026/11/24 06:30:16 [error] new\n\n==> b <==\n  old trace\n"
+                               "2026/11/24 06:30:14 [error] old\n\n==> a <==\n  more new\n\n  after a blank\n")
+    assert res.stdout == "2026/11/24 06:30:16 [error] new\n  more new\n\n  after a blank\n"
 
 
 def test_the_since_filter_keeps_continuation_lines():
@@ -264,6 +522,8 @@ def test_the_monitor_settings():
     ({"monitor": 30, "monitor_failures": 0}, "app.monitor_failures=0: expected a whole number from 1 to 100"),
     ({"monitor": 30, "monitor_webhook": "ftp://x/very-secret"}, "app.monitor_webhook='****': expected an http:// or https:// URL"),
     ({"monitor_webhook": "https://x/very-secret"}, "app.monitor_webhook='****': it is called by the health monitor, which is off"),
+    ({"monitor": 30, "monitor_webhook": "https://user:very-secret@x/hook"}, "expected an http:// or https:// URL without"),
+    ({"monitor": 30, "monitor_webhook": "https://very-secret@x/hook"}, "expected an http:// or https:// URL without"),
 ])
 def test_bad_monitor_settings_give_one_line(over, message):
     with pytest.raises(ProvisionError) as e:
@@ -292,7 +552,20 @@ def test_the_monitor_is_installed_root_only_and_its_timer_runs_every_n_seconds()
     assert [p.status for p in planned].count("change") == len(planned)
     assert planned[-1].change.commands[-1] == "systemctl reload-or-restart provision-monitor-hello.timer"
     secrets.remember(s.secrets)
-    assert "very-secret" not in config.diff(None) and "very-secret" not in secrets.mask(str(planned))
+    assert "very-secret" not in config.diff(None)
+    # the commands carry the config as base64 (never masked: the secret is not there as text); what is
+    # shown of them, --verbose's lines, must hold none of it
+    import base64
+    import io
+
+    from provision.output import Printer
+    payload = [l for l in base64.encodebytes(config.content).decode().splitlines() if len(l) > 8]
+    assert any(l in c for c in planned[4].change.commands for l in payload)  # the place looked at
+    shown = io.StringIO()
+    printer = Printer(shown, verbose=True)
+    for p in planned:
+        printer.step("web1", "change", p)
+    assert "very-secret" not in shown.getvalue() and not [l for l in payload if l in shown.getvalue()]
 
 
 def test_without_the_setting_the_monitor_goes():
@@ -327,6 +600,8 @@ def world(tmp_path):
 
     class App(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if srv.on_get:
+                srv.on_get()
             self.send_response(200 if srv.healthy else 503)
             self.end_headers()
 
@@ -339,7 +614,7 @@ def world(tmp_path):
             pass
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), App)
-    srv.healthy, srv.hook_ok, srv.posts = True, True, []
+    srv.healthy, srv.hook_ok, srv.posts, srv.on_get = True, True, [], None
     threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     port = srv.server_address[1]
     (tmp_path / "bin").mkdir()
@@ -394,7 +669,8 @@ def test_the_monitor_restarts_the_live_slot_after_k_failures_and_says_so_once(wo
     assert "passes again" in tick(world)
     assert [b["event"] for _, b in world.posts] == ["down", "recovered"]
     tick(world)
-    assert len(world.posts) == 2 and json.loads((world.tmp / "state.json").read_text()) == {"failures": 0, "down": False}
+    assert len(world.posts) == 2 and json.loads((world.tmp / "state.json").read_text()) == {"failures": 0, "down": False,
+                                                                                         "live": "b r7"}
     assert (world.tmp / "state.json").stat().st_mode & 0o777 == 0o600
 
 
@@ -408,7 +684,19 @@ def test_a_failing_webhook_is_logged_and_never_stops_the_restart(world):
     (world.tmp / "config.json").write_text(json.dumps(world.config))
     world.healthy = True
     out = tick(world)
-    assert "webhook: recovered not sent" in out and "secret" not in out
+    assert "webhook: recovered not sent: ConnectionRefusedError" in out and "secret" not in out
+
+
+def test_the_monitor_never_prints_any_part_of_the_webhook(world):
+    """A URL urllib cannot use (user:password@, which the settings refuse, written here by hand): its error
+    quotes the netloc ("nonnumeric port: 'TOKEN@host'"); the monitor says only the error's type."""
+    world.config["webhook"] = "http://user:TOKEN@127.0.0.1/hook"
+    (world.tmp / "config.json").write_text(json.dumps(world.config))
+    world.healthy = False
+    tick(world)
+    out = tick(world)
+    assert restarts(world) == ["restart --no-block hello@b"]
+    assert "webhook: down not sent: InvalidURL" in out and "TOKEN" not in out and world.posts == []
 
 
 def test_the_monitor_skips_a_round_while_a_deploy_holds_the_lock(world):
@@ -420,6 +708,71 @@ def test_the_monitor_skips_a_round_while_a_deploy_holds_the_lock(world):
         world.healthy = False
         assert "a deploy is running" in tick(world)
     assert not (world.tmp / "state.json").exists()
+
+
+def test_a_lock_on_another_files_inode_number_is_no_deploy(tmp_path):
+    """/proc/locks names a file by device and inode: a flock the app holds on a file of its own (a tmpfs
+    hands out inode numbers in turn) with the lock's inode number, on another device, is not the deploy's."""
+    space: dict = {"__name__": "monitor"}
+    exec(remote.source("monitor.py"), space)
+    lock = tmp_path / "hello.lock"
+    lock.write_text("")
+    st = lock.stat()
+    real = open
+
+    def proc_locks(dev):
+        line = "1: FLOCK  ADVISORY  WRITE 4242 %s:%d 0 EOF\n" % (dev, st.st_ino)
+        return lambda path, *a, **k: __import__("io").StringIO(line) if path == "/proc/locks" else real(path, *a, **k)
+
+    space["open"] = proc_locks("%02x:%02x" % (os.major(st.st_dev) + 1, os.minor(st.st_dev)))  # /dev/shm's, say
+    assert space["deploy_running"](str(lock)) is False
+    space["open"] = proc_locks("%02x:%02x" % (os.major(st.st_dev), os.minor(st.st_dev)))
+    assert space["deploy_running"](str(lock)) is True
+
+
+def test_a_deploy_that_begins_during_the_check_is_never_restarted(world):
+    """The deploy takes the lock and switches the upstream while the monitor's check waits: the failure does
+    not count and nothing is restarted (the slot the deploy just switched to is warming up)."""
+    import fcntl
+    world.healthy = False
+    tick(world)
+    lock = Path(world.config["lock"])
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    held = []
+
+    def deploy():
+        held.append(open(lock, "w"))
+        fcntl.flock(held[0], fcntl.LOCK_EX)
+        Path(world.config["upstream_file"]).write_text(Layout("hello").upstream("a").replace(
+            Layout("hello").socket("a"), world.config["slots"]["a"]["socket"]))
+
+    world.on_get = deploy
+    out = tick(world)
+    held[0].close()
+    assert restarts(world) == [] and world.posts == [] and "a deploy began during the check" in out
+
+
+def test_a_restart_systemd_does_not_answer_is_given_up(world):
+    (world.tmp / "bin" / "systemctl").write_text("#!/bin/sh\nexec sleep 30\n")
+    world.config["restart_timeout"] = 1
+    (world.tmp / "config.json").write_text(json.dumps(world.config))
+    world.healthy = False
+    tick(world)
+    started = time.time()
+    out = tick(world)
+    assert time.time() - started < 10
+    assert "restart of hello@b: systemctl gave no answer within 1s" in out and [b["event"] for _, b in world.posts] == ["down"]
+
+
+def test_a_deploy_starts_the_count_again(world):
+    """Failures counted against the release before a deploy do not restart the one it made live."""
+    world.healthy = False
+    tick(world)
+    assert json.loads((world.tmp / "state.json").read_text())["failures"] == 1
+    Path(world.config["slots"]["b"]["link"]).unlink()
+    Path(world.config["slots"]["b"]["link"]).symlink_to("../releases/r8")  # deployed (to the same slot)
+    assert "failed (1 in a row)" in tick(world) and restarts(world) == []
+    assert "failed (2 in a row)" in tick(world) and restarts(world) == ["restart --no-block hello@b"]
 
 
 @pytest.mark.parametrize("interval", ["0.1", "soon", "7200"])

@@ -158,7 +158,7 @@ def healthy():
 def through_nginx():
     """None once nginx answers the health path from the new socket (its site says which socket
     answered a request from the host itself), else what it answered."""
-    want = "unix:" + new["socket"]
+    want = new.get("address") or "unix:" + new["socket"]
     # nginx answers at once after a reload: no longer than 10 s, nor than the gate waits
     deadline, last = time.time() + min(10, health["timeout"]), "no answer"
     while time.time() < deadline:
@@ -204,11 +204,18 @@ if old and old["slot"] == new["slot"]:  # it would stop the instance it just mad
 own_dir = os.path.join(release_dir, a["release_own_dir"])
 if not os.path.isdir(release_dir):
     fail("release %s does not exist on this host (see `fab releases`)" % release)
-if not os.path.exists(os.path.join(a["venv"], "bin", "gunicorn")):
-    fail("release %s has no complete virtualenv (it was pruned?); deploy it again instead" % release)
+container = a.get("container")  # a container app: its slots run the release's image (container-run.py)
+if container:
+    if run(container["engine"], "image", "inspect", container["image"], check=False).returncode != 0:
+        fail("release %s has no image %s on this host (it was pruned?); deploy it again instead"
+             % (release, container["image"]))
+    runs = [os.path.join(own_dir, "container-run.py"), os.path.join(own_dir, "container.json")]
+else:
+    if not os.path.exists(os.path.join(a["venv"], "bin", "gunicorn")):
+        fail("release %s has no complete virtualenv (it was pruned?); deploy it again instead" % release)
+    runs = [os.path.join(own_dir, "gunicorn.conf.py"), os.path.realpath(a["venv"])]
 # What a slot runs must be root's: a release of an older layout (app-owned) may be tampered with.
-for path in (release_dir, own_dir, os.path.join(own_dir, "unit"), os.path.join(own_dir, "gunicorn.conf.py"),
-             os.path.realpath(a["venv"])):
+for path in [release_dir, own_dir, os.path.join(own_dir, "unit")] + runs:
     if not roots(path):
         fail("release %s is not root's alone (%s): made by an older provision or tampered with; deploy "
              "again instead" % (release, path))
@@ -236,7 +243,8 @@ else:
     if daemon_reload:
         run("systemctl", "daemon-reload")
     run("systemctl", "stop", unit + ".service", check=False)
-    run("systemctl", "restart", unit + ".socket", check=False)
+    if not container:
+        run("systemctl", "restart", unit + ".socket", check=False)
     # --no-block: a release that crashes would hold `start` through systemd's restarts (seconds);
     # the health gate sees the crash at once instead.
     run("systemctl", "start", "--no-block", unit + ".service", check=False)
@@ -272,7 +280,7 @@ link(a["current"], a["current_target"])
 record(a["action"])
 # Enabled at boot = wants links, as `systemctl enable` makes them (without its daemon reload).
 for wants, name, target in ((a["wants"], unit + ".service", unit_file),
-                            (a["sockets_wants"], unit + ".socket", a["socket_unit_file"])):
+                            (a["sockets_wants"], unit + ".socket", a["socket_unit_file"]))[:1 if container else 2]:
     os.makedirs(wants, exist_ok=True)
     link(os.path.join(wants, name), target)
 if old:
@@ -282,5 +290,6 @@ if old:
     # No new request reaches it now; it finishes the ones it has (gunicorn's graceful
     # stop) without holding up the deploy. A commit keeps it: the fleet may still come back to it.
     if stage != "commit":
-        run("systemctl", "stop", "--no-block", old["unit"] + ".service", old["unit"] + ".socket", check=False)
+        run("systemctl", "stop", "--no-block", old["unit"] + ".service", *([] if container else [old["unit"] + ".socket"]),
+            check=False)
 print("%s now serves %s" % (unit, release))

@@ -78,12 +78,12 @@ def test_a_container_release_runs_its_image_and_holds_no_release_id_in_its_confi
 
 
 def test_the_image_is_built_with_the_proxy_from_the_environment_or_pulled(tmp_path):
-    s = app(tmp_path, proxy="http://user:secret@10.0.0.1:3128")
+    s = app(tmp_path, proxy="http://user:Xq9pw0rd7@10.0.0.1:3128")
     step = image_step(s, "r2")
     assert isinstance(step, Command) and step.when == ("code",)
     build = step.commands[0]
     assert build.startswith("docker build -q --build-arg http_proxy --build-arg https_proxy --build-arg no_proxy ")
-    assert "secret" not in build and build.endswith("-t localhost/hello:r2 /srv/hello/releases/r2 >/dev/null")
+    assert "Xq9pw0rd7" not in build and build.endswith("-t localhost/hello:r2 /srv/hello/releases/r2 >/dev/null")
     pulled = image_step(app(tmp_path, image="reg.example.com/hello:1", engine="podman"), "r2").commands
     assert pulled == ("podman pull -q reg.example.com/hello:1 >/dev/null", "podman tag reg.example.com/hello:1 localhost/hello:r2")
 

@@ -258,7 +258,7 @@ class Deploy(Recipe):
                 image_step(s, target),
                 *release_phase(s, target, self.deployer, self.fills, self.app_unit),
                 self.switch(target, stage),
-            ] + after
+            ] + ([] if stage == "prepare" else unit_steps(s, target, self.app_unit)) + after
         # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
         # the other packages install and the release and configs are written; the switch waits.
         return trust_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
@@ -410,7 +410,7 @@ class Rollback(Recipe):
             return []
         return [Switch(self.s, target, action="rollback", by=self.by, restart_on=(), prove=self.prove,
                        stage=self.stage),
-                *([] if self.s.container else unit_steps(self.s, target, self.app_unit)), health_check(self.s, self.prove)]
+                *unit_steps(self.s, target, self.app_unit), health_check(self.s, self.prove)]
 
 
 class Revert(Rollback):

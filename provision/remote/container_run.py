@@ -5,14 +5,17 @@
 #
 #   container-run.py serve SLOT      the slot's service (its unit's ExecStart): becomes `<engine> run`
 #                                    of the image, its port published on 127.0.0.1:<the slot's port>
-#   container-run.py once [-t] CMD.. CMD in a one-off container of the image (the release command,
-#                                    fab run); exits with CMD's status
+#   container-run.py once [-t] [--name NAME] CMD..
+#                                    CMD in a one-off container of the image (the release command, fab
+#                                    run, a process's or timer's unit, NAME its container); exits with
+#                                    CMD's status
 #
 # The app's environment (the release's app.env, the secrets, shared/.env: later ones win) reaches the
 # engine as an --env-file that only root can read, written fresh at each start (never a command line:
 # `ps` shows those). The container gets no capabilities and no new privileges.
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -66,9 +69,14 @@ elif sys.argv[1] == "once":
     args = sys.argv[2:]
     tty = args[:1] == ["-t"]
     args = args[1:] if tty else args
+    named = []  # a process's container (its unit's): named, one left by a killed one removed first
+    if args[:1] == ["--name"]:
+        named, args = ["--name", args[1]], args[2:]
+        subprocess.run([engine, "rm", "-f", named[1]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the env file goes all the same
     envs = env_file(os.path.join(c["run_dir"], "once-%d.env" % os.getpid()))
     try:
-        rc = subprocess.run([engine, "run", "--rm", "-i"] + (["-t"] if tty else []) + [
+        rc = subprocess.run([engine, "run", "--rm", "-i"] + (["-t"] if tty else []) + named + [
             "--env-file", envs, "--label", "provision.app=" + c["name"]] + HARDENING + [image] + args).returncode
     finally:
         os.unlink(envs)

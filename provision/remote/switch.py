@@ -243,6 +243,8 @@ else:
     if daemon_reload:
         run("systemctl", "daemon-reload")
     run("systemctl", "stop", unit + ".service", check=False)
+    # a unit that failed before (a refused release) would read as failed until the start job runs
+    run("systemctl", "reset-failed", unit + ".service", check=False)
     if not container:
         run("systemctl", "restart", unit + ".socket", check=False)
     # --no-block: a release that crashes would hold `start` through systemd's restarts (seconds);

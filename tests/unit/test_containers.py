@@ -66,7 +66,7 @@ def test_a_container_release_runs_its_image_and_holds_no_release_id_in_its_confi
     assert settings["env_files"] == ["env", "/srv/hello/secrets.env", "/srv/hello/shared/.env"]
     unit = configs["unit"].decode()
     assert "ExecStart=/usr/bin/python3 -I /srv/hello/slots/%i/.provision/container-run.py serve %i" in unit
-    assert "ExecStop=/usr/bin/docker stop --time 30 hello-%i" in unit and "Requires=docker.service" in unit
+    assert "ExecStop=-/usr/bin/docker stop --time 30 hello-%i" in unit and "Requires=docker.service" in unit
     assert configs == container_configs(s)  # the same settings, the same release: a no-op stays one
     src = scan(s.source)
     d = Deploy(s, src, "r9")
@@ -148,3 +148,14 @@ def test_container_run_gives_the_engine_the_apps_environment_in_a_root_only_file
         "--cap-drop=ALL --security-opt=no-new-privileges --init localhost/hello:r5 /bin/sh -c true")
     assert lines[1:] == ["ONLY=env", "PLAIN=3", 'TOKEN=s3cr=t "x"']
     assert not list((tmp_path / "run").iterdir())  # a one-off's env file goes with it
+
+
+def test_a_container_apps_processes_run_in_containers_of_the_live_release(tmp_path):
+    from provision.processes import unit_steps
+
+    s = app(tmp_path, processes={"worker": "celery -A app worker"})
+    files = {st.path: st.content.decode() for st in unit_steps(s, "r3", "") if hasattr(st, "content")}
+    unit = files["/etc/systemd/system/hello.worker.service"]
+    assert ("ExecStart=/usr/bin/python3 -I /srv/hello/releases/r3/.provision/container-run.py once --name hello-worker "
+            '/bin/sh -c "celery -A app worker"') in unit
+    assert "User=" not in unit  # the image says who runs it

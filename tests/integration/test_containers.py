@@ -5,6 +5,11 @@ back by switching images. Skipped with one line where this machine cannot run dr
 
 from __future__ import annotations
 
+import shlex
+import threading
+import time
+import urllib.request
+
 import pytest
 
 from .conftest import PREFIX, Host
@@ -57,6 +62,161 @@ def test_a_container_droplet_builds_from_the_local_base_image_and_serves(cdrople
 
 
 def _q(text: str) -> str:
-    import shlex
-
     return shlex.quote(text)
+
+
+# -- a Dockerfile app deployed with `container: true` --------------------------------------------------
+
+SERVER = """import http.server, os, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("%s %s\\n" % (os.environ.get("GREETING", ""), sys.argv[1])).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+print("serving", sys.argv[1], flush=True)
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
+"""
+BROKEN = """import sys
+print("boom: DATABASE_URL is not set", flush=True)
+sys.exit(3)
+"""
+
+
+def container_app(tmp_path, version: str, program: str = SERVER) -> str:
+    d = tmp_path / version
+    d.mkdir(exist_ok=True)
+    (d / "Dockerfile").write_text(f'FROM localhost/debian:12\nCOPY app.py /srv/app.py\nCMD ["python3", "/srv/app.py", "{version}"]\n')
+    (d / "app.py").write_text(program)
+    return str(d)
+
+
+APP_ENV = {"FABRIC_APP_NAME": "capp", "FABRIC_APP_CONTAINER": "true"}
+
+
+def deploy(host: Host, source: str, *args: str, env: dict | None = None):
+    t0 = time.monotonic()
+    res = host.fab("-H", host.name, "deploy", "--source", source, *args, env={**APP_ENV, **(env or {})})
+    return res, time.monotonic() - t0
+
+
+def get(address: str) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{address}/", timeout=10) as r:
+        assert r.status == 200
+        return r.read().decode().strip()
+
+
+class Load:
+    """``clients`` clients hitting the droplet's site until stopped, at most ``count`` requests in all
+    and ``limit`` seconds; every failed request is kept."""
+
+    def __init__(self, address: str, clients: int = 4, count: int = 5000, limit: float = 90):
+        self.address, self.count, self.limit = address, count, limit
+        self.ok, self.failed, self.seen = 0, [], set()
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self):
+        end = time.monotonic() + self.limit
+        while not self._stop.is_set() and time.monotonic() < end:
+            with self._lock:
+                if self.ok + len(self.failed) >= self.count:
+                    return
+            try:
+                body = get(self.address)
+                with self._lock:
+                    self.ok += 1
+                    self.seen.add(body)
+            except Exception as e:  # noqa: BLE001 - every failure counts
+                with self._lock:
+                    self.failed.append(repr(e))
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def test_a_dockerfile_app_deploys_serves_through_nginx_and_a_no_op_is_one_round_trip(cdroplet, tmp_path_factory):
+    apps = tmp_path_factory.mktemp("capps")
+    res, took = deploy(cdroplet, container_app(apps, "v1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "changed image localhost/capp:" in res.stdout
+    print(f"container deploy, fresh host (engine there): {took:.1f}s")
+    assert get(cdroplet.address) == "v1"
+    # the live slot's container publishes on 127.0.0.1 only
+    ports = cdroplet.sh("docker ps --filter name=capp-a --format '{{.Ports}}'").strip()
+    assert ports.startswith("127.0.0.1:") and "->8000/tcp" in ports, ports
+    assert cdroplet.live_slot("capp") == "a"
+    res, took = deploy(cdroplet, container_app(apps, "v1"), "-v")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 SSH round trip(s)" in res.stdout and "nothing restarted" in res.stdout, res.stdout
+    print(f"container deploy, no-op: {took:.2f}s")
+
+
+def test_a_redeploy_under_load_drops_no_request(cdroplet, tmp_path_factory):
+    apps = tmp_path_factory.mktemp("capps")
+    with Load(cdroplet.address) as load:
+        res, took = deploy(cdroplet, container_app(apps, "v2"))
+        time.sleep(0.5)  # and a little after the switch
+    assert res.returncode == 0, res.stdout + res.stderr
+    print(f"container deploy, code change: {took:.1f}s; {load.ok} requests under load, {len(load.failed)} failed")
+    assert load.failed == [], load.failed[:5]
+    assert {"v1", "v2"} <= load.seen and load.ok > 20
+    assert get(cdroplet.address) == "v2" and cdroplet.live_slot("capp") == "b"
+    # the old slot's container is gone, its image kept for a rollback
+    assert cdroplet.sh("docker ps --format '{{.Names}}'").split() == ["capp-b"]
+    assert len(cdroplet.sh("docker images -q localhost/capp").split()) == 2
+
+
+def test_a_broken_image_is_refused_with_its_log_and_traffic_stays(cdroplet, tmp_path_factory):
+    apps = tmp_path_factory.mktemp("capps")
+    res, _ = deploy(cdroplet, container_app(apps, "v3", BROKEN))
+    assert res.returncode == 1, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "traffic stays on the previous release" in out and "boom: DATABASE_URL is not set" in out, out
+    assert get(cdroplet.address) == "v2" and cdroplet.live_slot("capp") == "b"
+    assert '"refused"' in cdroplet.sh("tail -n 1 /srv/capp/releases.log")
+
+
+def test_rollback_switches_images_in_about_a_second_without_a_rebuild(cdroplet, tmp_path_factory):
+    images = cdroplet.sh("docker images -q localhost/capp | sort")
+    project = {**APP_ENV, "FABRIC_APP_SOURCE": container_app(tmp_path_factory.mktemp("capps"), "v2")}
+    t0 = time.monotonic()
+    res = cdroplet.fab("-H", cdroplet.name, "rollback", env=project)
+    took = time.monotonic() - t0
+    assert res.returncode == 0, res.stdout + res.stderr
+    print(f"container rollback: {took:.1f}s (fab's own start included)")
+    assert get(cdroplet.address) == "v1" and cdroplet.live_slot("capp") == "a"
+    assert cdroplet.sh("docker images -q localhost/capp | sort") == images  # nothing built
+    assert "image" not in res.stdout
+    assert took < 20  # about a second here; a loaded machine gets room
+
+
+def test_secrets_reach_the_container_and_the_release_command_runs_in_a_one_off_container(cdroplet, tmp_path_factory):
+    apps = tmp_path_factory.mktemp("capps")
+    project = {**APP_ENV, "FABRIC_APP_SOURCE": container_app(apps, "v1")}
+    res = cdroplet.fab("-H", cdroplet.name, "env.set", "GREETING=howdy-s3cr3t", env=project)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert get(cdroplet.address) == "howdy-s3cr3t v1"
+    env = {"FABRIC_APP_RELEASE_COMMAND": "echo migrating with $GREETING in $(cat /etc/hostname | wc -c)-char host"}
+    res, _ = deploy(cdroplet, container_app(apps, "v4"), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "migrating with **** in" in res.stdout and "s3cr3t" not in res.stdout, res.stdout
+    assert get(cdroplet.address) == "howdy-s3cr3t v4"
+    # the environment reached the engine in a file only root reads, never on a command line
+    assert cdroplet.sh("stat -c '%U %a' /run/provision/capp/a.env /run/provision/capp/b.env").split() == [
+        "root", "600", "root", "600"]
+    assert "s3cr3t" not in cdroplet.sh("ps -eo args")
+    run = cdroplet.fab("-H", cdroplet.name, "run", "--", "sh", "-c", "echo $GREETING from $(id -un)", env=project)
+    assert run.returncode == 0 and "howdy-s3cr3t from root" in run.stdout, run.stdout + run.stderr

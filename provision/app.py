@@ -30,8 +30,8 @@ from .render import render
 q = shlex.quote
 BASE_PACKAGES = ("python3-venv", "python3-pip-whl", "nginx")
 # A container app's host: nginx and the engine (docker.io brings containerd, runc and tini; podman's
-# networks need iptables); no virtualenv.
-ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman", "iptables")}
+# --init is catatonit, its networks need iptables, runc where crun cannot run); no virtualenv.
+ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman", "runc", "catatonit", "iptables")}
 ENGINE_PROXY_DROPIN = f"{SYSTEMD_DIR}/docker.service.d/provision-proxy.conf"  # dockerd pulls through app.proxy
 ENGINE_PROXY_ENV = f"{SYSTEMD_DIR}/docker.service.d/provision-proxy.env"  # root's alone: may hold a password
 NO_PROXY = "localhost,127.0.0.1,::1"  # the health checks talk to nginx on the host itself
@@ -158,7 +158,7 @@ def container_configs(s: Settings) -> dict[str, bytes]:
     every release of the same settings, so a release with nothing new is no new release."""
     lay = s.layout
     settings = {"engine": s.engine, "name": s.name, "port": s.port, "repo": lay.image_repo, "run_dir": lay.socket_dir,
-                "slot_ports": {slot: lay.slot_port(slot) for slot in SLOTS}, "init": s.engine == "docker",
+                "slot_ports": {slot: lay.slot_port(slot) for slot in SLOTS}, "init": True,
                 "env_files": [RELEASE_ENV, lay.secrets_file, lay.env_file], "image": s.image}
     return {"unit": rendered(s, "container@.service.j2"),
             "container.json": json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n",

@@ -80,7 +80,7 @@ CONTAINER_NSPAWN_ARGS = ("--system-call-filter=add_key keyctl bpf",)  # else run
 ENGINE_STORAGE = ("/var/lib/docker", "/var/lib/containers")
 ENGINES = ("docker", "podman")
 # The engine's Debian packages, without recommends (docker.io brings containerd, runc, tini, iptables).
-ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman", "runc", "iptables")}
+ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman", "runc", "catatonit", "iptables")}
 # podman here: crun raises RLIMIT_MEMLOCK, which this machine does not allow (runc does not), and the
 # droplet's cgroup tree has no pids controller.
 PODMAN_CONF = '[containers]\npids_limit = 0\n\n[engine]\nruntime = "runc"\n'

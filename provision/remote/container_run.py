@@ -55,6 +55,7 @@ def env_file(path):
     return path
 
 
+# --init: an init process (docker's tini, podman's catatonit) passes the engine's stop signal on to the app
 HARDENING = ["--cap-drop=ALL", "--security-opt=no-new-privileges"] + (["--init"] if c.get("init") else [])
 
 if sys.argv[1] == "serve":

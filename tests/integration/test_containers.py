@@ -220,3 +220,43 @@ def test_secrets_reach_the_container_and_the_release_command_runs_in_a_one_off_c
     assert "s3cr3t" not in cdroplet.sh("ps -eo args")
     run = cdroplet.fab("-H", cdroplet.name, "run", "--", "sh", "-c", "echo $GREETING from $(id -un)", env=project)
     assert run.returncode == 0 and "howdy-s3cr3t from root" in run.stdout, run.stdout + run.stderr
+
+
+@pytest.fixture(scope="module")
+def pdroplet(sandbox):
+    """A container droplet with no engine yet: the deploy installs podman."""
+    name = PREFIX + "podman"
+    d = sandbox.up(name, containers=True)
+    try:
+        yield d
+    finally:
+        sandbox.down(name)
+
+
+def test_podman_installed_by_the_deploy_serves_and_rolls_back(pdroplet, sandbox, tmp_path_factory):
+    inv = tmp_path_factory.mktemp("inv") / "inventory.ini"
+    inv.write_text(sandbox.inventory())
+    host = Host(pdroplet, sandbox, inv)
+    apps = tmp_path_factory.mktemp("papps")
+    env = {"FABRIC_APP_ENGINE": "podman"}
+    # no engine on the droplet: the deploy installs it; the build then needs the base image, which
+    # no registry here has: the release is refused at its build, nothing goes live
+    res, _ = deploy(host, container_app(apps, "p1"), env=env)
+    assert res.returncode == 1 and "FAILED  image localhost/capp:" in res.stdout, res.stdout + res.stderr
+    assert host.run("test -e /srv/capp/current")[0] != 0
+    sandbox.engine_ready(pdroplet, "podman")  # finds podman there, imports localhost/debian:12
+    for version in ("p1", "p2"):
+        res, took = deploy(host, container_app(apps, version), env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert get(host.address) == version
+    print(f"podman: code change {took:.1f}s")
+    t0 = time.monotonic()
+    res = host.fab("-H", host.name, "rollback", env={**APP_ENV, **env, "FABRIC_APP_SOURCE": container_app(apps, "p2")})
+    took = time.monotonic() - t0
+    assert res.returncode == 0, res.stdout + res.stderr
+    print(f"podman rollback: {took:.1f}s")
+    assert get(host.address) == "p1"
+    assert took < 20
+    # the old container stops within seconds (its init passes the signal on: no 30 s wait for a kill)
+    assert host.sh("for i in $(seq 50); do [ \"$(podman ps --format '{{.Names}}')\" = capp-a ] && exit 0; sleep 0.2; "
+                   "done; podman ps --format '{{.Names}}'") == ""

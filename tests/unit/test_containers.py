@@ -43,7 +43,7 @@ def test_a_container_app_needs_a_dockerfile_or_an_image_and_no_requirements(tmp_
         app(tmp_path, engine="lxc")
     with pytest.raises(ProvisionError, match=r"app.image=.*set app.container: true too"):
         cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello", image="x:1"), ROOT)
-    assert packages(app(tmp_path, engine="podman")) == ("nginx", "podman", "iptables")
+    assert packages(app(tmp_path, engine="podman")) == ("nginx", "podman", "runc", "catatonit", "iptables")
 
 
 def test_each_slot_of_a_container_app_listens_on_a_local_port_of_its_own():

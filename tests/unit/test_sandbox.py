@@ -123,7 +123,7 @@ def test_the_engine_script_installs_when_missing_and_imports_the_base_image_once
     from provision.sandbox import BASE_IMAGE, Sandbox
 
     script = Sandbox.engine_script("podman", "http://10.231.0.1:8888")
-    assert "apt-get install -y -qq --no-install-recommends podman runc iptables" in script
+    assert "apt-get install -y -qq --no-install-recommends podman runc catatonit iptables" in script
     assert f"podman image inspect {BASE_IMAGE} >/dev/null 2>&1 || podman import" in script
     assert script.index("podman info") > script.index("apt-get install")
     assert "docker.io" in Sandbox.engine_script("docker", "http://10.231.0.1:8888")

@@ -162,6 +162,10 @@ def test_a_dockerfile_app_deploys_serves_through_nginx_and_a_no_op_is_one_round_
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 SSH round trip(s)" in res.stdout and "nothing restarted" in res.stdout, res.stdout
     print(f"container deploy, no-op: {took:.2f}s")
+    # the kit's smoke checks know a container app's slots (ports, no sockets, no virtualenv)
+    check = cdroplet.fab("-H", cdroplet.name, "check", env={**APP_ENV, "FABRIC_APP_SOURCE": container_app(apps, "v1")})
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "is a container app" in check.stdout or "SKIPPED" in check.stdout, check.stdout
 
 
 def test_a_redeploy_under_load_drops_no_request(cdroplet, tmp_path_factory):

@@ -169,6 +169,38 @@ def _stop_pid(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 15.0)
         pass
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (none when it is gone)."""
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out += [int(c) for c in fh.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _stop_nspawn(pid: int | None, timeout: float = 15.0) -> None:
+    """Stop a droplet's systemd-nspawn: TERM (the droplet shuts down), and when it has not ended within
+    ``timeout``, KILL its children first (the droplet's init), then it: nspawn killed alone would leave
+    the droplet's init running, reparented."""
+    if not _alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if not _alive(pid):
+            return
+        time.sleep(0.1)
+    for child in _children(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    _stop_pid(pid, signal.SIGKILL, timeout=5)
+
+
 def _own_cgroups(name: str) -> list[Path]:
     """A new cgroup for droplet ``name`` in each hierarchy, beside this process's own. Without one,
     every droplet's systemd shares this machine's groups: two droplets' ``hello.worker.service``
@@ -628,7 +660,7 @@ class Sandbox:
         d = self.get(name)
         if d is None:
             return False
-        _stop_pid(d.pid)  # systemd-nspawn shuts the droplet down on SIGTERM (SIGKILL after 15 s)
+        _stop_nspawn(d.pid)  # systemd-nspawn shuts the droplet down on SIGTERM (its init killed after 15 s)
         for group in d.cgroups:
             _remove_cgroup(Path(group))
         self._drop_netns(d.netns, d.veth)
@@ -688,7 +720,7 @@ class Sandbox:
         if not os.path.ismount(mdir / "rootfs"):
             raise ProvisionError(f"sandbox: droplet {droplet_name} has no overlay (overlayfs missing here); "
                                  "snapshots need one")
-        _stop_pid(d.pid)
+        _stop_nspawn(d.pid)
         self._release_rootfs(mdir, keep=True)
         self.snapshots.mkdir(parents=True, exist_ok=True)
         layer, partial = self.snapshots / snapshot_name, self.snapshots / f"{snapshot_name}.partial"

@@ -129,3 +129,22 @@ def test_the_engine_script_installs_when_missing_and_imports_the_base_image_once
     assert "docker.io" in Sandbox.engine_script("docker", "http://10.231.0.1:8888")
     with pytest.raises(ProvisionError, match="unknown container engine 'lxc'"):
         Sandbox.engine_script("lxc", "http://10.231.0.1:8888")
+
+
+def test_a_droplet_that_will_not_stop_loses_its_init_before_its_nspawn():
+    """nspawn killed alone would leave the droplet's init running, reparented (docs/containers-in-droplets.md)."""
+    import subprocess
+    import time
+
+    from provision.sandbox import _alive, _children, _stop_nspawn
+
+    # a stand-in for nspawn that ignores TERM, with a child standing in for the droplet's init
+    proc = subprocess.Popen(["/bin/sh", "-c", "trap '' TERM; sleep 60 & wait"])
+    deadline = time.monotonic() + 5
+    while not _children(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (child,) = _children(proc.pid)
+    _stop_nspawn(proc.pid, timeout=0.3)
+    assert proc.wait(timeout=5) is not None
+    time.sleep(0.1)
+    assert not _alive(child)

@@ -114,7 +114,7 @@ class Load:
     """``clients`` clients hitting the droplet's site until stopped, at most ``count`` requests in all
     and ``limit`` seconds; every failed request is kept."""
 
-    def __init__(self, address: str, clients: int = 4, count: int = 5000, limit: float = 90):
+    def __init__(self, address: str, clients: int = 4, count: int = 20000, limit: float = 90):
         self.address, self.count, self.limit = address, count, limit
         self.ok, self.failed, self.seen = 0, [], set()
         self._stop, self._lock = threading.Event(), threading.Lock()
@@ -162,6 +162,11 @@ def test_a_dockerfile_app_deploys_serves_through_nginx_and_a_no_op_is_one_round_
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 SSH round trip(s)" in res.stdout and "nothing restarted" in res.stdout, res.stdout
     print(f"container deploy, no-op: {took:.2f}s")
+    # a dry run of a change says what it would build and switch, and changes nothing
+    res, _ = deploy(cdroplet, container_app(apps, "v2"), "--dry-run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "would   image localhost/capp:" in res.stdout and "would   switch capp" in res.stdout, res.stdout
+    assert get(cdroplet.address) == "v1" and len(cdroplet.sh("docker images -q localhost/capp").split()) == 1
     # the kit's smoke checks know a container app's slots (ports, no sockets, no virtualenv)
     check = cdroplet.fab("-H", cdroplet.name, "check", env={**APP_ENV, "FABRIC_APP_SOURCE": container_app(apps, "v1")})
     assert check.returncode == 0, check.stdout + check.stderr

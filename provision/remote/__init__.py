@@ -78,6 +78,7 @@ def switch_command(layout: Layout, release: str, slot: str, old: str | None, act
         "new": {"slot": slot, "unit": layout.unit(slot), "unit_file": layout.unit_file(slot),
                 "socket": layout.answers(slot), "address": layout.address(slot), "slot_link": layout.slot_link(slot),
                 "slot_target": layout.slot_target(release), "upstream": layout.upstream(slot)},
-        "container": {"engine": engine, "image": layout.image(release)} if engine else None,
+        "container": {"engine": engine, "image": layout.image(release), "name": layout.container_name(slot)}
+        if engine else None,
         "old": {"slot": old, "unit": layout.unit(old)} if old else None, "stage": stage, "log": log or {},
     })

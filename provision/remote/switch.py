@@ -198,6 +198,16 @@ def roots(path):
     return st.st_uid == 0 and not st.st_mode & 0o022 and not acl
 
 
+def taken(where):
+    """Something accepts connections on ``where`` (host:port)."""
+    name, _, port = where.partition(":")
+    try:
+        socket.create_connection((name, int(port)), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 release_dir = a["release_dir"]
 if old and old["slot"] == new["slot"]:  # it would stop the instance it just made live
     fail("the new slot %s is the live one; the switch starts a release in the idle slot only" % new["slot"])
@@ -245,14 +255,34 @@ else:
     run("systemctl", "stop", unit + ".service", check=False)
     # a unit that failed before (a refused release) would read as failed until the start job runs
     run("systemctl", "reset-failed", unit + ".service", check=False)
+    if container and taken(new["socket"]):
+        # another program would answer the health gate in the container's stead (and the container
+        # could not publish its port)
+        fail("port %s of slot %s is taken by another program (`ss -ltnp` names it); stop it or rename the "
+             "app (its ports come from its name); traffic stays on the previous release" % (new["socket"], new["slot"]))
     if not container:
         run("systemctl", "restart", unit + ".socket", check=False)
     # --no-block: a release that crashes would hold `start` through systemd's restarts (seconds);
     # the health gate sees the crash at once instead.
     run("systemctl", "start", "--no-block", unit + ".service", check=False)
 
-# 2. health gate
-problem = healthy()
+def container_running():
+    """None when the slot's container runs (so its port is the container's), else why not."""
+    name = container["name"]
+    deadline = time.time() + health["timeout"]
+    while time.time() < deadline:
+        res = run(container["engine"], "inspect", "-f", "{{.State.Running}}", name, check=False)
+        if res.stdout.strip() == "true":
+            return None
+        why = exited()
+        if why:
+            return why
+        time.sleep(0.05)
+    return "container %s is not running" % name
+
+
+# 2. health gate (a container app's answer counts once its container runs: only then is the port its own)
+problem = healthy() or (container and container_running())
 if problem:
     fail("health check of release %s failed: %s; traffic stays on the previous release" % (release, problem),
          stop_new=True)

@@ -231,6 +231,26 @@ def test_secrets_reach_the_container_and_the_release_command_runs_in_a_one_off_c
     assert run.returncode == 0 and "howdy-s3cr3t from root" in run.stdout, run.stdout + run.stderr
 
 
+def test_a_program_holding_the_idle_slots_port_is_named_and_never_taken_for_the_release(cdroplet, tmp_path_factory):
+    """Something else answering on the port the new container publishes on would pass the health gate
+    in its stead: the switch refuses the release, naming the port."""
+    from provision.layout import Layout
+
+    live = cdroplet.live_slot("capp")
+    idle = "b" if live == "a" else "a"
+    port = Layout("capp", container=True).slot_port(idle)
+    cdroplet.sh(f"systemd-run --unit=cont-squatter python3 -m http.server -b 127.0.0.1 {port}; "
+                f"for i in $(seq 50); do ss -ltn | grep -q 127.0.0.1:{port} && exit 0; sleep 0.1; done; exit 1")
+    try:
+        before = get(cdroplet.address)
+        res, _ = deploy(cdroplet, container_app(tmp_path_factory.mktemp("capps"), "v9"))
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert f"port 127.0.0.1:{port} of slot {idle} is taken by another program" in res.stdout, res.stdout
+        assert get(cdroplet.address) == before and cdroplet.live_slot("capp") == live
+    finally:
+        cdroplet.run("systemctl stop cont-squatter")
+
+
 @pytest.fixture(scope="module")
 def pdroplet(sandbox):
     """A container droplet with no engine yet: the deploy installs podman."""

@@ -93,7 +93,7 @@ def test_the_switch_of_a_container_app_gates_on_the_slots_port_and_checks_its_im
     args = json.loads(shlex.split(Switch(s, "r2", prove=True).plan(host(), set()).commands[0])[-1])
     port = s.layout.slot_port("b")
     assert args["new"]["socket"] == f"127.0.0.1:{port}" and args["new"]["address"] == f"127.0.0.1:{port}"
-    assert args["container"] == {"engine": "docker", "image": "localhost/hello:r2"}
+    assert args["container"] == {"engine": "docker", "image": "localhost/hello:r2", "name": "hello-b"}
     # no socket units to stop
     assert stop_idle(s, host(live="a", b="r0", b_state=UP), "a")[-1] == "systemctl stop hello@b.service"
     rollback = Rollback(s, None)

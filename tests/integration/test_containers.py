@@ -154,6 +154,9 @@ def test_a_dockerfile_app_deploys_serves_through_nginx_and_a_no_op_is_one_round_
     assert "changed image localhost/capp:" in res.stdout
     print(f"container deploy, fresh host (engine there): {took:.1f}s")
     assert get(cdroplet.address) == "v1"
+    # docker's daemon pulls through the proxy (the sandbox inventory's), read from a root-only file
+    assert f"https_proxy={cdroplet.sandbox.proxy_url}" in cdroplet.sh("tr '\\0' '\\n' < /proc/$(pidof dockerd)/environ")
+    assert cdroplet.sh("stat -c %a /etc/systemd/system/docker.service.d/provision-proxy.env").strip() == "600"
     # the live slot's container publishes on 127.0.0.1 only
     ports = cdroplet.sh("docker ps --filter name=capp-a --format '{{.Ports}}'").strip()
     assert ports.startswith("127.0.0.1:") and "->8000/tcp" in ports, ports

@@ -593,10 +593,10 @@ class Sandbox:
         partial.rename(tar)
         return tar
 
-    @staticmethod
-    def _engine_binds(mdir: Path) -> list[str]:
-        """nspawn's options that give the engines storage of the droplet's own (ENGINE_STORAGE)."""
-        out = []
+    def _engine_binds(self, mdir: Path) -> list[str]:
+        """nspawn's options that give the engines storage of the droplet's own (ENGINE_STORAGE), and
+        the base image's tarball, read-only."""
+        out = [f"--bind-ro={self.image_tar}:{DROPLET_IMAGE_TAR}"]
         for path in ENGINE_STORAGE:
             own = mdir / "engine" / path.rsplit("/", 1)[-1]
             own.mkdir(parents=True, exist_ok=True)
@@ -604,15 +604,12 @@ class Sandbox:
         return out
 
     def _container_files(self, rootfs: Path) -> None:
-        """What a container droplet holds besides the base: the base image's tarball (hard-linked
-        when the state directory and the droplet's upper layer share a file system) and podman's
+        """What a container droplet holds besides the base: where the base image's tarball is bound
+        (read-only: the droplet's root can never change the cache other droplets import) and podman's
         settings for this machine (PODMAN_CONF; docker needs none)."""
         target = rootfs / DROPLET_IMAGE_TAR.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(self.image_tar, target)
-        except OSError:
-            shutil.copyfile(self.image_tar, target)
+        target.touch()
         conf = rootfs / "etc/containers/containers.conf"
         conf.parent.mkdir(parents=True, exist_ok=True)
         conf.write_text(PODMAN_CONF)

@@ -114,7 +114,9 @@ def test_only_container_droplets_get_what_an_engine_needs(tmp_path):
     assert plain.containers is False  # a droplet recorded before container droplets existed
     with pytest.raises(ProvisionError, match=r"droplet plain was not started for containers; .*--containers"):
         sb.engine_ready(plain)
-    assert [b.split(":")[1] for b in sb._engine_binds(tmp_path / "m")] == ["/var/lib/docker", "/var/lib/containers"]
+    binds = sb._engine_binds(tmp_path / "m")
+    assert binds[0] == f"--bind-ro={sb.image_tar}:/var/lib/provision-sandbox/debian-12.tar"
+    assert [b.split(":")[1] for b in binds[1:]] == ["/var/lib/docker", "/var/lib/containers"]
     assert isinstance(Droplet("x", "10.231.0.9", 0, "n", "v", containers=True).containers, bool)
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import shlex
 
-from . import appenv, monitor, secrets, tls
+from . import appenv, monitor, remote, secrets, tls
 from .config import Settings
 from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, PIP_WHEELS, RELEASE_ENV,
-                     SYSTEM_CA_BUNDLE, UPSTREAM_HEADER)
+                     SYSTEM_CA_BUNDLE, SYSTEMD_DIR, UPSTREAM_HEADER)
 from .errors import ProvisionError
 from .leftovers import data_fact, data_warning
 from .nginx import NGINX_CHECK, Site
@@ -28,6 +29,11 @@ from .render import render
 
 q = shlex.quote
 BASE_PACKAGES = ("python3-venv", "python3-pip-whl", "nginx")
+# A container app's host: nginx and the engine (docker.io brings containerd, runc and tini; podman's
+# --init is catatonit, its networks need iptables, runc where crun cannot run); no virtualenv.
+ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman", "runc", "catatonit", "iptables")}
+ENGINE_PROXY_DROPIN = f"{SYSTEMD_DIR}/docker.service.d/provision-proxy.conf"  # dockerd pulls through app.proxy
+ENGINE_PROXY_ENV = f"{SYSTEMD_DIR}/docker.service.d/provision-proxy.env"  # root's alone: may hold a password
 NO_PROXY = "localhost,127.0.0.1,::1"  # the health checks talk to nginx on the host itself
 
 
@@ -51,7 +57,8 @@ def provision_steps(s: Settings) -> list[Step]:
 
 
 def packages(s: Settings) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(BASE_PACKAGES + (tls.PACKAGES if s.tls else ()) + s.packages))
+    base = ("nginx",) + ENGINE_PACKAGES[s.engine] if s.container else BASE_PACKAGES
+    return tuple(dict.fromkeys(base + (tls.PACKAGES if s.tls else ()) + s.packages))
 
 
 def trust_steps(s: Settings) -> list[Step]:
@@ -93,7 +100,7 @@ def layout_steps(s: Settings) -> list[Step]:
 
 
 def venv_key(s: Settings) -> str:
-    return s.dependencies.key(s.python)
+    return f"container-{s.engine}" if s.container else s.dependencies.key(s.python)
 
 
 def venv_step(s: Settings, key: str) -> Command:
@@ -146,6 +153,47 @@ def rendered(s: Settings, template: str, https: bool | None = None) -> bytes:
     return text.encode()
 
 
+def container_configs(s: Settings) -> dict[str, bytes]:
+    """What a container app's release runs its image with (remote/container_run.py): the same in
+    every release of the same settings, so a release with nothing new is no new release."""
+    lay = s.layout
+    settings = {"engine": s.engine, "name": s.name, "port": s.port, "repo": lay.image_repo, "run_dir": lay.socket_dir,
+                "slot_ports": {slot: lay.slot_port(slot) for slot in SLOTS}, "init": True,
+                "env_files": [RELEASE_ENV, lay.secrets_file, lay.env_file], "image": s.image}
+    return {"unit": rendered(s, "container@.service.j2"),
+            "container.json": json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n",
+            "container-run.py": remote.source("container_run.py").encode()}
+
+
+def engine_steps(s: Settings) -> list[Step]:
+    """docker's daemon pulls images: it gets app.proxy from a drop-in (its value in a root-only file)
+    and restarts when it changes (podman pulls in the deploy's own environment)."""
+    if s.engine != "docker" or not s.proxy:
+        return []
+    env = "".join(f"{k}={v}\n" for k, v in sorted(proxy_vars(s).items()))
+    return [Directory(ENGINE_PROXY_DROPIN.rsplit("/", 1)[0], owner="root", group="root", mode=0o755),
+            File(ENGINE_PROXY_DROPIN, f"[Service]\nEnvironmentFile={ENGINE_PROXY_ENV}\n".encode(), notify=("engine",)),
+            File(ENGINE_PROXY_ENV, env.encode(), mode=0o600, sensitive=True, notify=("engine",)),
+            Command("docker proxy", ("systemctl daemon-reload", "systemctl try-restart docker.service"),
+                    when=("engine",))]
+
+
+def image_step(s: Settings, target: str | None) -> Command:
+    """The new release's image, tagged with its id (a rollback runs it again, no rebuild): built on the
+    host from the release's Dockerfile, the proxy and extra CA given as build arguments (the proxy's
+    from the deploy's environment, never on a command line; Docker leaves them out of the image's
+    history), or pulled (app.image) and tagged. Only when this deploy made a release."""
+    lay, image = s.layout, s.layout.image(target or "none")
+    if s.image:
+        cmds = [f"{s.engine} pull -q {q(s.image)} >/dev/null", f"{s.engine} tag {q(s.image)} {q(image)}"]
+    else:
+        args = "".join(f" --build-arg {k}" for k in ("http_proxy", "https_proxy", "no_proxy") if s.proxy)
+        if s.ca_bundle:
+            args += f' --build-arg PROVISION_CA_BUNDLE="$(cat {EXTRA_CA})"'
+        cmds = [f"{s.engine} build -q{args} -t {q(image)} {q(lay.release(target or 'none'))} >/dev/null"]
+    return Command(f"image {image}", tuple(cmds), when=("code",), barrier=True)
+
+
 class Deploy(Recipe):
     """The whole deploy: the machine, a release of ``source`` (uploaded only when the live one
     differs), its virtualenv and configs, the switch, pruning, nginx, the final health check.
@@ -158,8 +206,9 @@ class Deploy(Recipe):
         self.s, self.deployer = s, deployer
         self.origin = origin or {}  # where the release comes from (commit, tests): in its meta and the release log
         key = venv_key(s)
-        self.venv = venv_step(s, key)
-        configs = {"unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
+        self.venv = None if s.container else venv_step(s, key)
+        configs = container_configs(s) if s.container else {
+            "unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
         configs.update(release_configs(s))
         # with app.tls, the site serves HTTPS once the certificate exists; before, it serves the CA's challenges
         self.site = rendered(s, "nginx-site.conf.j2")
@@ -192,6 +241,26 @@ class Deploy(Recipe):
         """Every step; ``stage`` is the switch's (see :class:`Switch`): ``prepare`` ends with it."""
         s, lay, prove = self.s, self.s.layout, proves_upstream(self.site)
         site_steps, after_reload = ([Site(lay, self.site)], []) if not s.tls else tls.site_steps(s, self.site, self.bootstrap)
+        after = [] if stage == "prepare" else [
+            Prune(s, target),
+            # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
+            Absent(f"{lay.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
+            *site_steps,
+            Service("nginx", reload_on=("nginx",), check=NGINX_CHECK, pidfile=lay.nginx_pid),
+            *after_reload,
+            # the health monitor (app.monitor): its first check comes app.monitor seconds after it starts
+            *monitor.steps(s),
+            health_check(s, prove),
+        ]
+        if s.container:
+            # the engine (its proxy first, so a fresh install starts with it), the release, its image
+            return trust_steps(s) + engine_steps(s) + [Packages(packages(s))] + layout_steps(s) + [
+                *(tls.machine_steps(s, proxy_vars(s)) if s.tls else ()),
+                self.release,
+                image_step(s, target),
+                *release_phase(s, target, self.deployer, self.fills, self.app_unit),
+                self.switch(target, stage),
+            ] + ([] if stage == "prepare" else unit_steps(s, target, self.app_unit)) + after
         # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
         # the other packages install and the release and configs are written; the switch waits.
         return trust_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
@@ -207,17 +276,7 @@ class Deploy(Recipe):
             self.switch(target, stage),
         ] + ([] if stage == "prepare" else [
             # processes and timers move to the new release once traffic has
-            *unit_steps(s, target, self.app_unit),
-            Prune(s, target),
-            # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
-            Absent(f"{lay.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
-            *site_steps,
-            Service("nginx", reload_on=("nginx",), check=NGINX_CHECK, pidfile=lay.nginx_pid),
-            *after_reload,
-            # the health monitor (app.monitor): its first check comes app.monitor seconds after it starts
-            *monitor.steps(s),
-            health_check(s, prove),
-        ])
+            *unit_steps(s, target, self.app_unit)]) + after
 
 
 class Prepare(Recipe):
@@ -328,7 +387,8 @@ def release_phase(s: Settings, target: str | None, by: str, fills: tuple[str, ..
     (the rendered web unit); it may write only ``fills`` and the app's data dirs."""
     if not s.release_command:
         return []
-    return [appenv.ReleaseCommand(s.layout, s.user, s.release_command, target, app_unit, by, fills)]
+    return [appenv.ReleaseCommand(s.layout, s.user, s.release_command, target, app_unit, by, fills,
+                                  container=s.container)]
 
 
 class Rollback(Recipe):
@@ -337,7 +397,7 @@ class Rollback(Recipe):
     def __init__(self, s: Settings, to: str | None, by: str = ""):
         self.s, self.to, self.by = s, to, by
         self.prove = proves_upstream(rendered(s, "nginx-site.conf.j2"))
-        self.app_unit = rendered(s, "app@.service.j2").decode()
+        self.app_unit = rendered(s, "container@.service.j2" if s.container else "app@.service.j2").decode()
 
     stage = "all"
 
@@ -385,4 +445,4 @@ def health_check(s: Settings, prove: bool) -> HttpCheck:
     """The end-to-end check: through nginx on the host, as a visitor would, answered by this
     app's gunicorn (not nginx's welcome page or another app's site)."""
     return HttpCheck(NGINX_LOCAL + s.health_path, host_header=host_header(s), timeout=s.health_timeout,
-                     expect=(UPSTREAM_HEADER, f"unix:{s.layout.socket_dir}/") if prove else None)
+                     expect=(UPSTREAM_HEADER, s.layout.address_prefix) if prove else None)

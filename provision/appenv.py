@@ -18,7 +18,7 @@ import shlex
 
 from . import remote
 from .errors import ProvisionError
-from .layout import TMP, VENV, Layout
+from .layout import RELEASE_DIR, TMP, VENV, Layout
 from .remote.lib_envfile import env_text
 from .sandboxing import run_properties
 from .steps import Change, Step
@@ -91,8 +91,9 @@ class ReleaseCommand(Step):
     barrier = True
 
     def __init__(self, lay: Layout, user: str, command: str, release: str | None, app_unit: str, by: str = "",
-                 fills: tuple[str, ...] = ()):
+                 fills: tuple[str, ...] = (), container: bool = False):
         self.lay, self.user, self.command, self.release, self.by = lay, user, command, release, by
+        self.container = container  # a container app: in a one-off container of the release's image
         self.app_unit = app_unit  # the rendered web unit: the command runs in its sandbox
         self.fills = fills  # directories of the release the command may write (made for it, then root's)
 
@@ -104,6 +105,12 @@ class ReleaseCommand(Step):
         if "code" not in notified or not self.release:
             return None
         release = self.lay.release(self.release)
+        if self.container:
+            argv = ["/usr/bin/python3", "-I", f"{release}/{RELEASE_DIR}/container-run.py", "once", "/bin/sh", "-c",
+                    self.command]
+            return Change([remote.python("release_command.py", {
+                "argv": argv, "secrets_file": self.lay.secrets_file, "env_file": self.lay.env_file,
+                "release_log": self.lay.release_log, "release": self.release, "by": self.by})], summary=self.command)
         argv = app_process(self.lay, self.user, release, ["/bin/sh", "-c", self.command], self.app_unit,
                            tuple(f"{release}/{d}" for d in self.fills))
         run = remote.python("release_command.py", {

@@ -65,7 +65,15 @@ DEFAULTS: dict = {
     "monitor": 0,  # seconds between checks through nginx; 0 or false: no monitor
     "monitor_failures": 3,  # failed checks in a row before the live slot restarts and the webhook is called
     "monitor_webhook": "",  # http(s) URL POSTed JSON on "down" and "recovered" (a secret: never shown)
+    # container apps (README: Container apps)
+    "container": False,  # the app runs as a container image built on the host from the release's Dockerfile
+    "engine": "docker",  # the container engine: docker or podman (installed when missing)
+    "image": "",  # an image to pull instead of building one (registry/name:tag)
+    "port": 8000,  # the port the app listens on inside its container
 }
+ENGINES = ("docker", "podman")
+IMAGE_RE = re.compile(r"[a-z0-9][a-z0-9._/:@-]{0,254}", re.I)  # registry/name[:tag][@sha256:...]
+DOCKERFILE = "Dockerfile"
 
 # Each used with fullmatch: the whole value must match (no trailing newline).
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,30}")
@@ -162,6 +170,10 @@ class Settings:
     monitor_failures: int
     monitor_webhook: str
     extra: dict  # other vars (var_*), available to templates
+    container: bool = False
+    engine: str = "docker"
+    image: str = ""
+    port: int = 8000
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -171,7 +183,7 @@ class Settings:
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.name)
+        return Layout(self.name, container=self.container)
 
     @property
     def user(self) -> str:
@@ -263,7 +275,19 @@ def build(raw: dict, base_dir: Path) -> Settings:
     if not source.is_dir():
         raise _bad("source", v["source"], f"no such directory {source}; point --source at your app")
     asgi = _bool("asgi", v["asgi"])
-    dependencies = deps.load(source, str(v["requirements"]), asgi)
+    container = _bool("container", v["container"])
+    engine, image = str(v["engine"]).strip(), str(v["image"] or "").strip()
+    if engine not in ENGINES:
+        raise _bad("engine", engine, f"expected {' or '.join(ENGINES)}")
+    if image and not IMAGE_RE.fullmatch(image):
+        raise _bad("image", image, "expected an image reference such as registry.example.com/app:1.2")
+    if container and not image and not (source / DOCKERFILE).is_file():
+        raise _bad("container", True, f"no {DOCKERFILE} in {source}: add one, or name an image to pull with app.image")
+    if image and not container:
+        raise _bad("image", image, "an image is for a container app: set app.container: true too")
+    # a container app's image holds its dependencies: no virtualenv, no requirements needed
+    dependencies = (deps.Dependencies(source / DOCKERFILE, ((DOCKERFILE, b""),), False, ()) if container
+                    else deps.load(source, str(v["requirements"]), asgi))
     wsgi = str(v["wsgi"])
     if not WSGI_RE.fullmatch(wsgi):
         raise _bad("wsgi", wsgi, "expected module:callable or module:factory(), e.g. app:app, "
@@ -385,6 +409,10 @@ def build(raw: dict, base_dir: Path) -> Settings:
         deploy_keys=_public_keys(_list("deploy_keys", v["deploy_keys"]), base_dir),
         open_ports=_ports(v["open_ports"]),
         unattended_upgrades=_bool("unattended_upgrades", v["unattended_upgrades"]),
+        container=container,
+        engine=engine,
+        image=image,
+        port=_int("port", v["port"], 1, 65535),
     )
 
 

@@ -25,6 +25,7 @@ deploy lock and sockets under /run/provision (root's).
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 SLOTS = ("a", "b")
@@ -130,6 +131,10 @@ def push_tree(work: str) -> str:
 def push_ca_file(work: str) -> str:
     """The recorded CA bundle, written for a push's deploy."""
     return f"{work}/ca-bundle.pem"
+# Container apps: each slot's container publishes its port on 127.0.0.1 only, on a port of its own
+# (CONTAINER_PORTS + 2 * (a hash of the app's name) + the slot's index), which nginx proxies to.
+CONTAINER_PORTS = (20000, 29999)
+IMAGE_REPO = "localhost"  # a release's image: localhost/<app>:<release id> (never pushed anywhere)
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,7 @@ class Layout:
     run_dir: str = RUN_DIR
     srv_dir: str = SRV_DIR
     systemd_dir: str = SYSTEMD_DIR
+    container: bool = False  # each slot runs a container (app.container): it listens on a local port, not a socket
 
     # -- /srv/<name>
     @property
@@ -338,14 +344,53 @@ class Layout:
         """An nginx variable of this app's site (nginx variables are global: each app has its own)."""
         return f"provision_{kind}_{self.name.replace('-', '_')}"
 
+    def slot_port(self, slot: str) -> int:
+        """A container app's slot publishes its container's port here, on 127.0.0.1 (see CONTAINER_PORTS)."""
+        low, high = CONTAINER_PORTS
+        return low + 2 * (zlib.crc32(self.name.encode()) % ((high - low + 1) // 2)) + SLOTS.index(slot)
+
+    def address(self, slot: str) -> str:
+        """Where nginx reaches ``slot``, as nginx names it (``$upstream_addr``): its socket, or a container
+        app's local port."""
+        return f"127.0.0.1:{self.slot_port(slot)}" if self.container else f"unix:{self.socket(slot)}"
+
+    def answers(self, slot: str) -> str:
+        """Where provision's health gate talks to ``slot`` directly (lib_http's ``where``)."""
+        return f"127.0.0.1:{self.slot_port(slot)}" if self.container else self.socket(slot)
+
+    @property
+    def address_prefix(self) -> str:
+        """What every slot's address starts with (the final health check's proof)."""
+        return "127.0.0.1:" if self.container else f"unix:{self.socket_dir}/"
+
     def upstream(self, slot: str) -> str:
         """The upstream file's content that sends traffic to ``slot``."""
-        return f"server unix:{self.socket(slot)} fail_timeout=0;\n"
+        return f"server {self.address(slot)} fail_timeout=0;\n"
 
     def live_slot(self, upstream: str | None) -> str | None:
-        """The slot the upstream file's content sends traffic to: the live slot."""
-        found = re.search(r"server unix:(\S+) ", upstream or "")
-        return next((s for s in SLOTS if found and found.group(1) == self.socket(s)), None)
+        """The slot the upstream file's content sends traffic to: the live slot (a socket's, or a
+        container app's port)."""
+        found = re.search(r"server (\S+) ", upstream or "")
+        return next((s for s in SLOTS for c in (False, True) if found and found.group(1) == Layout(
+            self.name, self.nginx_dir, self.nginx_pid, self.run_dir, self.srv_dir, self.systemd_dir, c).address(s)),
+            None)
+
+    # -- container apps
+    def image(self, release_id: str) -> str:
+        """The image a container app's release runs (built or pulled for it; rollbacks reuse it)."""
+        return f"{IMAGE_REPO}/{self.name}:{release_id}"
+
+    @property
+    def image_repo(self) -> str:
+        return f"{IMAGE_REPO}/{self.name}"
+
+    def container_name(self, slot: str) -> str:
+        return f"{self.name}-{slot}"
+
+    def container_env(self, slot: str) -> str:
+        """Root's alone, made at each start of a slot's container: the app's environment as the engine's
+        --env-file reads it (KEY=VALUE lines, unquoted)."""
+        return f"{self.socket_dir}/{slot}.env"
 
     @property
     def access_log(self) -> str:
@@ -456,4 +501,5 @@ class Layout:
                 "static_cache_var": self.nginx_var("static_cache"), "redirect_var": self.nginx_var("redirect"),
                 "header_vars": {h: self.nginx_var(h) for h in ("nosniff", "referrer", "frame", "hsts")},
                 "acme_webroot": ACME_WEBROOT, "acme_challenge_path": ACME_CHALLENGE_PATH,
-                "certificate": self.certificate, "certificate_key": self.certificate_key}
+                "certificate": self.certificate, "certificate_key": self.certificate_key,
+                "slot_ports": {s: self.slot_port(s) for s in SLOTS}, "image_repo": self.image_repo}

@@ -175,6 +175,17 @@ def systemd_quote(command: str) -> str:
 
 def _service(lay: Layout, user: str, what: str, release: str, command: str, app_unit: str, extra: list[str]) -> bytes:
     rel = lay.release(release)
+    if lay.container:  # in a container of the release's image, named after the process (remote/container_run.py)
+        name = f"{lay.name}-{what.split()[-1]}"
+        lines = [
+            "# Managed by provision: changes here are overwritten on the next deploy.",
+            f"# Runs in release {release}'s image: each new live release rewrites it.",
+            "[Unit]", f"Description={lay.name} {what} (container)", "After=network-online.target", "",
+            "[Service]", "NoNewPrivileges=true",  # no PrivateTmp= (see container@.service.j2)
+            f"ExecStart=/usr/bin/python3 -I {rel}/{RELEASE_DIR}/container-run.py once --name {name} "
+            f"/bin/sh -c {systemd_quote(command)}", *extra,
+        ]
+        return ("\n".join(lines) + "\n").encode()
     lines = [
         "# Managed by provision: changes here are overwritten on the next deploy.",
         f"# Runs in release {release}: each new live release rewrites it.",

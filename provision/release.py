@@ -225,8 +225,9 @@ class Release(Step):
                 "tmp": tmp, "manifest": f"{tmp}/{RELEASE_DIR}/{MANIFEST}", "link_tag": LINK_TAG.hex(),
                 "base": lay.release(base_id) if base_id else None,
                 "base_manifest": f"{lay.release(base_id)}/{RELEASE_DIR}/{MANIFEST}" if base_id else None}),
-            f"ln -sfn {q(lay.venv_link(self.venv_key))} {q(tmp + '/' + VENV)}",
         ]
+        if not s.container:  # a container app's image holds its dependencies
+            cmds.append(f"ln -sfn {q(lay.venv_link(self.venv_key))} {q(tmp + '/' + VENV)}")
         # shared/ files and dirs outlive releases (the layout steps make them); each release links to them
         for path in s.linked_files + s.linked_dirs:
             inside = q(f"{tmp}/{path}")
@@ -356,7 +357,7 @@ class Switch(Step):
                       "header": UPSTREAM_HEADER if self.prove else None}
             return Change([switch_command(s.layout, target, slot, live, self.action, self.by, health,
                                           bool(notified & set(self.daemon_reload_on)),
-                                          stage=self.stage, log=self.log)],
+                                          stage=self.stage, log=self.log, engine=s.engine if s.container else None)],
                           summary=f"{target} -> slot {slot}" + (" (traffic stays)" if self.stage == "prepare" else ""))
         cmds = []
         if current_release(s, facts) != target:
@@ -378,8 +379,9 @@ def stop_idle(s: Settings, facts: Facts, live: str | None, wait: bool = True) ->
         unit = s.layout.unit(slot)
         state = facts.service(unit)
         if (state and state["active"]) or facts.file(f"{wants}/{unit}.service"):
+            socket = "" if s.container else f" {q(unit + '.socket')}"  # a container app's slots have no socket
             cmds += [f"rm -f {q(f'{wants}/{unit}.service')} {q(f'{sockets_wants}/{unit}.socket')}",
-                     f"systemctl stop{'' if wait else ' --no-block'} {q(unit + '.socket')} {q(unit + '.service')}"]
+                     f"systemctl stop{'' if wait else ' --no-block'}{socket} {q(unit + '.service')}"]
     return cmds
 
 
@@ -453,7 +455,13 @@ class Prune(Step):
             '[ "$(basename "$(readlink "$l")")" = "$k" ] '
             f"&& used=1 && break; done; [ -n \"$used\" ] || rm -rf \"$v\"; done"
         )
-        return Change(cmds, summary=f"remove {len(doomed)}" if doomed else "unused virtualenvs")
+        if self.s.container:
+            # the images of releases no longer here go with them (one a container still runs stays)
+            engine, repo = self.s.engine, lay.image_repo
+            cmds.append(f"for t in $({engine} images --format '{{{{.Tag}}}}' {q(repo)}); do "
+                        f'[ -d {q(lay.releases)}/"$t" ] || {engine} rmi {q(repo)}:"$t" >/dev/null 2>&1 || true; done')
+        return Change(cmds, summary=f"remove {len(doomed)}" if doomed else
+                      "unused images" if self.s.container else "unused virtualenvs")
 
 
 def rollback_facts(s: Settings) -> list:

@@ -16,7 +16,7 @@ from .errors import ProvisionError
 
 
 KIT_TEMPLATES = Path(__file__).with_name("templates")
-NAMES = ("nginx-site.conf.j2", "app@.service.j2", "gunicorn.conf.py.j2")
+NAMES = ("nginx-site.conf.j2", "app@.service.j2", "gunicorn.conf.py.j2", "container@.service.j2")
 
 
 def default_template(name: str) -> str:

@@ -67,6 +67,28 @@ INOTIFY_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")
 # A droplet's own SSH host keys: no RSA one (`ssh-keygen -A` spends 0.4 s of CPU on it, 20 s for 50
 # droplets booting at once; sshd goes without it).
 HOST_KEY_TYPES = ("ed25519", "ecdsa")
+# Droplets that can run a container engine (`fab sandbox.up --containers`): measured facts in
+# docs/containers-in-droplets.md. Each of these was needed (left out, the engine failed); only such droplets
+# get them, since writable /proc/sys/net lets the droplet's root change its own network settings.
+CONTAINER_NSPAWN_ENV = {
+    "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1",  # else runc: mkdir /sys/fs/cgroup/cpuset/...: read-only file system
+    "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network",  # else dockerd: enabling IP forwarding failed
+}
+CONTAINER_NSPAWN_ARGS = ("--system-call-filter=add_key keyctl bpf",)  # else runc: unable to join session keyring
+# The engines' storage, bound from the droplet's own directory on this machine's file system: the
+# droplet's root is an overlay, and podman's overlay driver refuses to stack on one.
+ENGINE_STORAGE = ("/var/lib/docker", "/var/lib/containers")
+ENGINES = ("docker", "podman")
+# The engine's Debian packages, without recommends (docker.io brings containerd, runc, tini, iptables).
+ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman", "runc", "catatonit", "iptables")}
+# podman here: crun raises RLIMIT_MEMLOCK, which this machine does not allow (runc does not), and the
+# droplet's cgroup tree has no pids controller.
+PODMAN_CONF = '[containers]\npids_limit = 0\n\n[engine]\nruntime = "runc"\n'
+BASE_IMAGE = "localhost/debian:12"  # a container droplet's base image, imported from local files (no registry here)
+# What the base image leaves out of the base root file system: the API file systems and scratch space.
+BASE_IMAGE_EXCLUDES = ("./proc/*", "./sys/*", "./dev/*", "./run/*", "./tmp/*", "./var/tmp/*", "./var/cache/apt/archives/*.deb",
+                       "./etc/ssh/ssh_host_*")
+DROPLET_IMAGE_TAR = "/var/lib/provision-sandbox/debian-12.tar"  # inside a container droplet
 HOST_TOOLS = {  # command -> Debian package providing it
     "debootstrap": "debootstrap",
     "systemd-nspawn": "systemd-container",
@@ -145,6 +167,38 @@ def _stop_pid(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 15.0)
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (none when it is gone)."""
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out += [int(c) for c in fh.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _stop_nspawn(pid: int | None, timeout: float = 15.0) -> None:
+    """Stop a droplet's systemd-nspawn: TERM (the droplet shuts down), and when it has not ended within
+    ``timeout``, KILL its children first (the droplet's init), then it: nspawn killed alone would leave
+    the droplet's init running, reparented."""
+    if not _alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if not _alive(pid):
+            return
+        time.sleep(0.1)
+    for child in _children(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    _stop_pid(pid, signal.SIGKILL, timeout=5)
 
 
 def _own_cgroups(name: str) -> list[Path]:
@@ -227,6 +281,7 @@ class Droplet:
     veth: str
     cgroups: tuple[str, ...] = ()  # the droplet's own cgroup in each hierarchy (see _own_cgroups)
     snapshot: str | None = None  # the snapshot it started from (Sandbox.snapshot)
+    containers: bool = False  # booted with what a container engine needs (CONTAINER_NSPAWN_*)
 
     @property
     def rootfs(self) -> Path:
@@ -430,13 +485,16 @@ class Sandbox:
                 return i
         raise ProvisionError("sandbox: no free address left in 10.231.0.0/24; run `fab sandbox.down --all`")
 
-    def up(self, name: str, snapshot: str | None = None) -> Droplet:
+    def up(self, name: str, snapshot: str | None = None, containers: bool = False) -> Droplet:
         """Droplet ``name`` running (a fresh one from the base, or from ``snapshot``); one already
-        running as asked is kept."""
+        running as asked is kept. ``containers``: it can run a container engine (see engine_ready)."""
         self.prepare()
-        return self._up(name, snapshot)
+        if containers:
+            self.base_image()
+        return self._up(name, snapshot, containers)
 
-    def up_many(self, names: list[str], snapshot: str | None = None, workers: int = 8) -> list[Droplet]:
+    def up_many(self, names: list[str], snapshot: str | None = None, workers: int = 8,
+                containers: bool = False) -> list[Droplet]:
         """Droplets ``names`` running, ``workers`` booting at a time (set-up done once first); in the
         order of ``names``. When one fails to boot, those that did are kept (tear them down by name)."""
         if len(set(names)) != len(names):
@@ -444,15 +502,17 @@ class Sandbox:
         for name in names:
             check_name("droplet", name)
         self.prepare()
+        if containers:
+            self.base_image()
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(names)))) as pool:
-            futures = [pool.submit(self._up, name, snapshot) for name in names]
+            futures = [pool.submit(self._up, name, snapshot, containers) for name in names]
         return [f.result() for f in futures]
 
-    def _up(self, name: str, snapshot: str | None) -> Droplet:
+    def _up(self, name: str, snapshot: str | None, containers: bool = False) -> Droplet:
         check_name("droplet", name)
         layers = self.layers(snapshot) if snapshot else []
         current = self.get(name)
-        if (current and current.snapshot == snapshot and current.running()
+        if (current and current.snapshot == snapshot and current.containers == containers and current.running()
                 and self._ssh_banner(current.address, timeout=2)):
             return current
         if current:
@@ -467,11 +527,13 @@ class Sandbox:
             self._release_rootfs(mdir)
             mdir.mkdir(parents=True)
             self._write_atomic(self._state_file(name), json.dumps(asdict(Droplet(
-                name, address, 0, f"pv-{name}", f"pvh{index}", snapshot=snapshot))))
+                name, address, 0, f"pv-{name}", f"pvh{index}", snapshot=snapshot, containers=containers))))
         netns, veth = f"pv-{name}", f"pvh{index}"
         peer = f"pvc{index}"
         self._make_rootfs(mdir, layers)
         self._personalise(rootfs, name)
+        if containers:
+            self._container_files(rootfs)
         # Network: a namespace of our own with one veth pair onto the bridge.
         self._drop_netns(netns, veth)
         _run("ip", "netns", "add", netns)
@@ -491,13 +553,15 @@ class Sandbox:
         join = 'for g in $PV_CGROUPS; do echo $$ > "$g/cgroup.procs" || exit 1; done; exec "$@"'
         nspawn = ["systemd-nspawn", "-q", "-D", str(rootfs), "-b", "--register=no", "--keep-unit",
                   f"--machine={name}", f"--network-namespace-path=/run/netns/{netns}", "--console=read-only",
-                  "--capability=CAP_NET_ADMIN"]
+                  "--capability=CAP_NET_ADMIN", *(CONTAINER_NSPAWN_ARGS if containers else ()),
+                  *(self._engine_binds(mdir) if containers else ())]
         proc = subprocess.Popen(
-            ["/bin/sh", "-c", join, "sh", *nspawn], env={**os.environ, "PV_CGROUPS": " ".join(map(str, cgroups))},
+            ["/bin/sh", "-c", join, "sh", *nspawn], env={**os.environ, "PV_CGROUPS": " ".join(map(str, cgroups)),
+                                                         **(CONTAINER_NSPAWN_ENV if containers else {})},
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
         droplet = Droplet(name=name, address=address, pid=proc.pid, netns=netns, veth=veth,
-                          cgroups=tuple(map(str, cgroups)), snapshot=snapshot)
+                          cgroups=tuple(map(str, cgroups)), snapshot=snapshot, containers=containers)
         self._write_atomic(self._state_file(name), json.dumps(asdict(droplet)))
         deadline = time.monotonic() + 60
         while not self._ssh_banner(address, timeout=1):
@@ -510,11 +574,90 @@ class Sandbox:
         self._record_host_keys(droplet)
         return droplet
 
+    # -- container engines in droplets -----------------------------------------
+    @property
+    def image_tar(self) -> Path:
+        return self.dir / "images" / f"debian-{self.suite}.tar"
+
+    def base_image(self) -> Path:
+        """The tarball container droplets import as BASE_IMAGE: the cached base root file system
+        (Debian 12 with python3), without API file systems and host keys. Made once (about 5 s)."""
+        self.ensure_base()
+        tar = self.image_tar
+        if tar.exists():
+            return tar
+        tar.parent.mkdir(parents=True, exist_ok=True)
+        partial = tar.with_name(tar.name + f".{os.getpid()}.partial")
+        _run("tar", "-C", str(self.base), "--numeric-owner", "--xattrs", "-cf", str(partial),
+             *(f"--exclude={e}" for e in BASE_IMAGE_EXCLUDES), ".")
+        partial.rename(tar)
+        return tar
+
+    def _engine_binds(self, mdir: Path) -> list[str]:
+        """nspawn's options that give the engines storage of the droplet's own (ENGINE_STORAGE), and
+        the base image's tarball, read-only."""
+        out = [f"--bind-ro={self.image_tar}:{DROPLET_IMAGE_TAR}"]
+        for path in ENGINE_STORAGE:
+            own = mdir / "engine" / path.rsplit("/", 1)[-1]
+            own.mkdir(parents=True, exist_ok=True)
+            out.append(f"--bind={own}:{path}")
+        return out
+
+    def _container_files(self, rootfs: Path) -> None:
+        """What a container droplet holds besides the base: where the base image's tarball is bound
+        (read-only: the droplet's root can never change the cache other droplets import) and podman's
+        settings for this machine (PODMAN_CONF; docker needs none)."""
+        target = rootfs / DROPLET_IMAGE_TAR.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.touch()
+        conf = rootfs / "etc/containers/containers.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(PODMAN_CONF)
+
+    @staticmethod
+    def engine_script(engine: str, proxy: str) -> str:
+        """The droplet's shell script that makes ``engine`` ready: its packages when missing (apt through
+        ``proxy``), BASE_IMAGE imported when missing, then ``<engine> info`` must answer."""
+        if engine not in ENGINES:
+            raise ProvisionError(f"sandbox: unknown container engine {engine!r}; use one of {', '.join(ENGINES)}")
+        pkgs = " ".join(ENGINE_PACKAGES[engine])
+        return "\n".join([
+            "set -e",
+            f"export http_proxy={proxy} https_proxy={proxy} DEBIAN_FRONTEND=noninteractive",
+            f"if ! command -v {engine} >/dev/null; then",
+            f"  echo 'Acquire::http::Proxy \"{proxy}\";' > /etc/apt/apt.conf.d/80sandbox-proxy",
+            "  apt-get update -qq",
+            f"  apt-get install -y -qq --no-install-recommends {pkgs} >/dev/null",
+            "fi",
+            f"{engine} info >/dev/null",
+            f"{engine} image inspect {BASE_IMAGE} >/dev/null 2>&1 || {engine} import {DROPLET_IMAGE_TAR} {BASE_IMAGE} >/dev/null",
+            "",
+        ])
+
+    def engine_ready(self, droplet: Droplet, engine: str = "docker") -> float:
+        """Container engine ``engine`` running in ``droplet`` (one started with ``containers``), with
+        BASE_IMAGE in its store; idempotent. Returns the seconds it took."""
+        if not droplet.containers:
+            raise ProvisionError(f"sandbox: droplet {droplet.name} was not started for containers; "
+                                 f"`fab sandbox.down --name {droplet.name}`, then `fab sandbox.up --name {droplet.name} --containers`")
+        from .ssh import connect
+
+        t0 = time.monotonic()
+        remote = connect(droplet.address, "root", 22, str(self.key), str(self.known_hosts))
+        try:
+            rc, out, err = remote.exec(self.engine_script(engine, self.proxy_url), timeout=600)
+        finally:
+            remote.close()
+        if rc != 0:
+            lines = (err.strip() or out.strip() or "no output").splitlines()
+            raise ProvisionError(f"sandbox: {engine} is not ready in droplet {droplet.name}: {lines[-1]}")
+        return time.monotonic() - t0
+
     def down(self, name: str) -> bool:
         d = self.get(name)
         if d is None:
             return False
-        _stop_pid(d.pid)  # systemd-nspawn shuts the droplet down on SIGTERM (SIGKILL after 15 s)
+        _stop_nspawn(d.pid)  # systemd-nspawn shuts the droplet down on SIGTERM (its init killed after 15 s)
         for group in d.cgroups:
             _remove_cgroup(Path(group))
         self._drop_netns(d.netns, d.veth)
@@ -574,7 +717,7 @@ class Sandbox:
         if not os.path.ismount(mdir / "rootfs"):
             raise ProvisionError(f"sandbox: droplet {droplet_name} has no overlay (overlayfs missing here); "
                                  "snapshots need one")
-        _stop_pid(d.pid)
+        _stop_nspawn(d.pid)
         self._release_rootfs(mdir, keep=True)
         self.snapshots.mkdir(parents=True, exist_ok=True)
         layer, partial = self.snapshots / snapshot_name, self.snapshots / f"{snapshot_name}.partial"

@@ -205,10 +205,13 @@ def maintenance_off(c):
 
 @task(iterable=["name"], help={"name": f"droplet name (repeatable; default {DROPLET})",
                                 "snapshot": "start them from this snapshot (fab sandbox.snapshot)",
-                                "parallel": "droplets booting at once (default 8)"})
-def up(c, name=None, snapshot=None, parallel=8):
+                                "parallel": "droplets booting at once (default 8)",
+                                "containers": "droplets that run a container engine, with localhost/debian:12",
+                                "engine": "with --containers: docker (default) or podman"})
+def up(c, name=None, snapshot=None, parallel=8, containers=False, engine="docker"):
     """Start local sandbox droplets (systemd-nspawn; needs root)."""
-    sandboxes.sandbox_up(c, name or [DROPLET], snapshot=snapshot, parallel=int(parallel))
+    sandboxes.sandbox_up(c, name or [DROPLET], snapshot=snapshot, parallel=int(parallel),
+                         containers=engine if containers else None)
 
 
 @task(help={"name": f"the droplet to snapshot (default {DROPLET}); it is shut down and released",

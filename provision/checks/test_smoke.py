@@ -2,6 +2,8 @@
 
 import json
 
+from provision.layout import Layout
+
 
 def test_nginx_installed_enabled_running(host):
     assert host.package("nginx").is_installed
@@ -11,16 +13,18 @@ def test_nginx_installed_enabled_running(host):
 
 
 def live_slot(host, app):
-    """The slot nginx sends traffic to (the upstream file names its socket)."""
-    upstream = host.file(app["upstream_file"]).content_string
-    return next(slot for slot, sock in app["sockets"].items() if f"unix:{sock} " in upstream)
+    """The slot nginx sends traffic to (the upstream file names its socket, or a container app's port)."""
+    slot = Layout(app["name"], container=app.get("container", False)).live_slot(
+        host.file(app["upstream_file"]).content_string)
+    assert slot, f"{app['upstream_file']} names no slot of {app['name']}; deploy first"
+    return slot
 
 
 def test_app_service_enabled_running(host, app):
     slot = live_slot(host, app)
     live, idle_unit = app["units"][slot], next(u for s, u in app["units"].items() if s != slot)
     assert host.file(app["unit_files"][slot]).user == "root"
-    for kind in ("service", "socket"):
+    for kind in ("service",) if app.get("container") else ("service", "socket"):
         unit = host.service(f"{live}.{kind}")
         assert unit.is_enabled and unit.is_running, f"{live}.{kind}"
         idle = f"{idle_unit}.{kind}"  # may never have existed
@@ -29,6 +33,11 @@ def test_app_service_enabled_running(host, app):
 
 
 def test_app_socket_only_for_nginx_and_nginx_points_at_it(host, app):
+    if app.get("container"):  # its slot's port, published on the host's loopback only
+        port = app["slot_ports"][live_slot(host, app)]
+        assert host.socket(f"tcp://127.0.0.1:{port}").is_listening
+        assert not host.socket(f"tcp://0.0.0.0:{port}").is_listening
+        return
     sock = app["sockets"][live_slot(host, app)]
     assert host.socket(f"unix://{sock}").is_listening
     f = host.file(sock)
@@ -64,7 +73,8 @@ def test_app_runs_nothing_it_can_write(host, app):
     assert current.is_symlink
     meta = json.loads(host.file(f"{app['current']}/{app['own_dir']}/release.json").content_string)
     assert meta["digest"]
-    for tree in (f"{app['root']}/", f"{app['current']}/", f"{app['current']}/{app['venv']}/"):
+    venv = () if app.get("container") else (f"{app['current']}/{app['venv']}/",)  # a container app has none
+    for tree in (f"{app['root']}/", f"{app['current']}/", *venv):
         not_root = host.check_output("find %s -path %s -prune -o ! -user root -print -quit", tree, app["shared"])
         assert not_root == "", f"not owned by root: {not_root}"
         writable = host.check_output("find %s -perm /022 ! -type l -print -quit", tree)

@@ -31,6 +31,7 @@ def check_settings(job: Job) -> dict:
     return {"name": s.name, "user": s.user, "server_name": s.server_name, "health_path": s.health_path,
             "deploy_user": s.deploy_user, "open_ports": list(s.open_ports),
             "unattended_upgrades": s.unattended_upgrades, "tls": s.tls, **s.layout.variables(),
+            "container": s.container, "engine": s.engine,
             # the services of its processes and timers (a timer's service shares its name)
             "process_units": [s.layout.process_unit(n) for n in (*s.processes, *s.timers)],
             "monitor_units": [f"{s.layout.monitor_unit}.service"] if s.monitor else []}

@@ -15,6 +15,7 @@ from ..errors import ProvisionError
 from ..facts import collect_facts
 from ..fleet import DEFAULT_PARALLEL, exit_code, run_fleet
 from ..hosts import Job, jobs
+from ..layout import RELEASE_DIR
 from ..output import Printer, summary_line, summary_table
 from ..release import Switch, current_release
 from ..runner import HostResult, run_steps
@@ -116,12 +117,17 @@ def env_list(c) -> None:
     exit_for_failures(results, printer)
 
 
-def run_line(s: Settings, argv: list[str] | tuple[str, ...]) -> str:
+def run_line(s: Settings, argv: list[str] | tuple[str, ...], tty: bool = False) -> str:
     """The host's command line for `fab run -- argv`: in the live release (``current``), as the app;
-    one line on stderr and exit 2 when there is none. It runs in the web unit's sandbox."""
+    one line on stderr and exit 2 when there is none. It runs in the web unit's sandbox; a container
+    app's, in a one-off container of the live release's image (``tty``: with a terminal)."""
     lay = s.layout
-    process = appenv.app_process(lay, s.user, lay.current, ["/usr/bin/env", *argv],
-                                 rendered(s, "app@.service.j2").decode())
+    if s.container:
+        process = ["/usr/bin/python3", "-I", f"{lay.current}/{RELEASE_DIR}/container-run.py", "once",
+                   *(["-t"] if tty else []), *argv]
+    else:
+        process = appenv.app_process(lay, s.user, lay.current, ["/usr/bin/env", *argv],
+                                     rendered(s, "app@.service.j2").decode())
     missing = f"error: no live release of {s.name} on this host; deploy first"
     return (f"if [ ! -d {shlex.quote(lay.current + '/')} ]; then echo {shlex.quote(missing)} >&2; exit 2; fi; "
             f"exec {shlex.join(process)}")
@@ -147,7 +153,7 @@ def run_command(c, argv) -> None:
     remote = connect_job(job, c)
     tty = terminal()
     try:
-        command = run_line(job.settings, argv)
+        command = run_line(job.settings, argv, tty)
         # a terminal fab does not own (a background job) is not read: invoke would fail on it
         result = remote.conn.run(f"{remote.sudo}bash -c {shlex.quote(command)}", pty=tty, warn=True, hide=False,
                                  echo=False, in_stream=None if tty or not sys.stdin.isatty() else False)

@@ -31,12 +31,22 @@ def _write_sandbox_inventory(sb, c) -> Path:
 
 
 @guarded
-def sandbox_up(c, names: list[str], snapshot: str | None = None, parallel: int = 8) -> list:
+def sandbox_up(c, names: list[str], snapshot: str | None = None, parallel: int = 8,
+               containers: str | None = None) -> list:
+    """``containers``: None, or the container engine to make ready in each droplet (docker, podman)."""
+    from ..sandbox import BASE_IMAGE, ENGINES
+
+    if containers is not None and containers not in ENGINES:
+        raise ProvisionError(f"unknown container engine {containers!r}: use --containers or --engine "
+                             f"{' or --engine '.join(ENGINES)}")
     sb = _sandbox()
     t0 = time.monotonic()
-    out = sb.up_many(names, snapshot=snapshot, workers=parallel)
+    out = sb.up_many(names, snapshot=snapshot, workers=parallel, containers=containers is not None)
     for d in out:
-        print(f"{d.name}: up at {d.address}" + (f" from snapshot {snapshot}" if snapshot else "") +
+        ready = ""
+        if containers:
+            ready = f", {containers} ready with {BASE_IMAGE} in {sb.engine_ready(d, containers):.1f}s"
+        print(f"{d.name}: up at {d.address}" + (f" from snapshot {snapshot}" if snapshot else "") + ready +
               f"  (ssh -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} root@{d.address})")
     print(f"{len(out)} droplet(s) up in {time.monotonic() - t0:.1f}s")
     inv = _write_sandbox_inventory(sb, c)

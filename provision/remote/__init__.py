@@ -26,6 +26,7 @@ LIBS = {  # the libraries each program uses, in the order they are put before it
     "switch.py": ("lib_http.py", "lib_nginx.py", "lib_releaselog.py"),
     "app_env.py": ("lib_envfile.py",),
     "release_command.py": ("lib_envfile.py", "lib_releaselog.py"),
+    "container_run.py": ("lib_envfile.py",),
 }
 
 
@@ -59,12 +60,14 @@ def host_port(url: str) -> str:
 
 
 def switch_command(layout: Layout, release: str, slot: str, old: str | None, action: str, by: str, health: dict,
-                   daemon_reload: bool, nginx: str | None = None, stage: str = "all", log: dict | None = None) -> str:
+                   daemon_reload: bool, nginx: str | None = None, stage: str = "all", log: dict | None = None,
+                   engine: str | None = None) -> str:
     """The command that makes ``release`` live in ``slot`` (``old``: the live slot, or None), see switch.py
     (``stage``: all, prepare, commit or revert).
     ``health``: {path, host, timeout, header}, header the one the site names the socket that answered
     in (None when the site does not); ``nginx``: where the proof through nginx connects to; ``log``: more
-    for the release log's line (the origin of a release: commit, tests)."""
+    for the release log's line (the origin of a release: commit, tests); ``engine``: a container app's
+    (its slots run the release's image, on ports instead of sockets)."""
     if old == slot:
         raise ValueError(f"the switch starts {release} in the idle slot, not in the live slot {slot}")
     release_dir = layout.release(release)
@@ -76,7 +79,9 @@ def switch_command(layout: Layout, release: str, slot: str, old: str | None, act
         "socket_unit_file": layout.socket_unit_file, "wants": layout.wants, "sockets_wants": layout.sockets_wants,
         "nginx_pid": layout.nginx_pid, "nginx": nginx or host_port(NGINX_LOCAL), "tmp": TMP, "health": health,
         "new": {"slot": slot, "unit": layout.unit(slot), "unit_file": layout.unit_file(slot),
-                "socket": layout.socket(slot), "slot_link": layout.slot_link(slot),
+                "socket": layout.answers(slot), "address": layout.address(slot), "slot_link": layout.slot_link(slot),
                 "slot_target": layout.slot_target(release), "upstream": layout.upstream(slot)},
+        "container": {"engine": engine, "image": layout.image(release), "name": layout.container_name(slot)}
+        if engine else None,
         "old": {"slot": old, "unit": layout.unit(old)} if old else None, "stage": stage, "log": log or {},
     })

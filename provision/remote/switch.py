@@ -158,7 +158,7 @@ def healthy():
 def through_nginx():
     """None once nginx answers the health path from the new socket (its site says which socket
     answered a request from the host itself), else what it answered."""
-    want = "unix:" + new["socket"]
+    want = new.get("address") or "unix:" + new["socket"]
     # nginx answers at once after a reload: no longer than 10 s, nor than the gate waits
     deadline, last = time.time() + min(10, health["timeout"]), "no answer"
     while time.time() < deadline:
@@ -198,17 +198,34 @@ def roots(path):
     return st.st_uid == 0 and not st.st_mode & 0o022 and not acl
 
 
+def taken(where):
+    """Something accepts connections on ``where`` (host:port)."""
+    name, _, port = where.partition(":")
+    try:
+        socket.create_connection((name, int(port)), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 release_dir = a["release_dir"]
 if old and old["slot"] == new["slot"]:  # it would stop the instance it just made live
     fail("the new slot %s is the live one; the switch starts a release in the idle slot only" % new["slot"])
 own_dir = os.path.join(release_dir, a["release_own_dir"])
 if not os.path.isdir(release_dir):
     fail("release %s does not exist on this host (see `fab releases`)" % release)
-if not os.path.exists(os.path.join(a["venv"], "bin", "gunicorn")):
-    fail("release %s has no complete virtualenv (it was pruned?); deploy it again instead" % release)
+container = a.get("container")  # a container app: its slots run the release's image (container-run.py)
+if container:
+    if run(container["engine"], "image", "inspect", container["image"], check=False).returncode != 0:
+        fail("release %s has no image %s on this host (it was pruned?); deploy it again instead"
+             % (release, container["image"]))
+    runs = [os.path.join(own_dir, "container-run.py"), os.path.join(own_dir, "container.json")]
+else:
+    if not os.path.exists(os.path.join(a["venv"], "bin", "gunicorn")):
+        fail("release %s has no complete virtualenv (it was pruned?); deploy it again instead" % release)
+    runs = [os.path.join(own_dir, "gunicorn.conf.py"), os.path.realpath(a["venv"])]
 # What a slot runs must be root's: a release of an older layout (app-owned) may be tampered with.
-for path in (release_dir, own_dir, os.path.join(own_dir, "unit"), os.path.join(own_dir, "gunicorn.conf.py"),
-             os.path.realpath(a["venv"])):
+for path in [release_dir, own_dir, os.path.join(own_dir, "unit")] + runs:
     if not roots(path):
         fail("release %s is not root's alone (%s): made by an older provision or tampered with; deploy "
              "again instead" % (release, path))
@@ -236,13 +253,36 @@ else:
     if daemon_reload:
         run("systemctl", "daemon-reload")
     run("systemctl", "stop", unit + ".service", check=False)
-    run("systemctl", "restart", unit + ".socket", check=False)
+    # a unit that failed before (a refused release) would read as failed until the start job runs
+    run("systemctl", "reset-failed", unit + ".service", check=False)
+    if container and taken(new["socket"]):
+        # another program would answer the health gate in the container's stead (and the container
+        # could not publish its port)
+        fail("port %s of slot %s is taken by another program (`ss -ltnp` names it); stop it or rename the "
+             "app (its ports come from its name); traffic stays on the previous release" % (new["socket"], new["slot"]))
+    if not container:
+        run("systemctl", "restart", unit + ".socket", check=False)
     # --no-block: a release that crashes would hold `start` through systemd's restarts (seconds);
     # the health gate sees the crash at once instead.
     run("systemctl", "start", "--no-block", unit + ".service", check=False)
 
-# 2. health gate
-problem = healthy()
+def container_running():
+    """None when the slot's container runs (so its port is the container's), else why not."""
+    name = container["name"]
+    deadline = time.time() + health["timeout"]
+    while time.time() < deadline:
+        res = run(container["engine"], "inspect", "-f", "{{.State.Running}}", name, check=False)
+        if res.stdout.strip() == "true":
+            return None
+        why = exited()
+        if why:
+            return why
+        time.sleep(0.05)
+    return "container %s is not running" % name
+
+
+# 2. health gate (a container app's answer counts once its container runs: only then is the port its own)
+problem = healthy() or (container and container_running())
 if problem:
     fail("health check of release %s failed: %s; traffic stays on the previous release" % (release, problem),
          stop_new=True)
@@ -272,7 +312,7 @@ link(a["current"], a["current_target"])
 record(a["action"])
 # Enabled at boot = wants links, as `systemctl enable` makes them (without its daemon reload).
 for wants, name, target in ((a["wants"], unit + ".service", unit_file),
-                            (a["sockets_wants"], unit + ".socket", a["socket_unit_file"])):
+                            (a["sockets_wants"], unit + ".socket", a["socket_unit_file"]))[:1 if container else 2]:
     os.makedirs(wants, exist_ok=True)
     link(os.path.join(wants, name), target)
 if old:
@@ -282,5 +322,6 @@ if old:
     # No new request reaches it now; it finishes the ones it has (gunicorn's graceful
     # stop) without holding up the deploy. A commit keeps it: the fleet may still come back to it.
     if stage != "commit":
-        run("systemctl", "stop", "--no-block", old["unit"] + ".service", old["unit"] + ".socket", check=False)
+        run("systemctl", "stop", "--no-block", old["unit"] + ".service", *([] if container else [old["unit"] + ".socket"]),
+            check=False)
 print("%s now serves %s" % (unit, release))

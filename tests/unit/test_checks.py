@@ -29,7 +29,7 @@ def test_one_check_host_per_job_by_alias_with_its_settings_connecting_only_when_
     hosts = check_hosts(work, lambda j: opened.append(j.target.alias) or f"remote of {j.target.alias}")
     assert [h.alias for h in hosts] == ["web1", "root@10.0.0.9:2222", "web2"]
     assert hosts[1].settings == {"name": "other", "user": "other", "server_name": "_", "health_path": "/",
-                                 "deploy_user": "deploy", "open_ports": ["8443/tcp"], "unattended_upgrades": True, "tls": False,
+                                 "deploy_user": "deploy", "open_ports": ["8443/tcp"], "unattended_upgrades": True, "tls": False, "container": False, "engine": "docker",
                                  **Layout("other").variables(), "process_units": [], "monitor_units": []}
     assert hosts[1].settings["root"] == "/srv/other" and hosts[1].settings["sockets"]["a"] == "/run/provision/other/a.sock"
     assert [h.sudo for h in hosts] == [False, False, True]  # sudo only where the user is not root

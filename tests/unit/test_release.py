@@ -83,9 +83,10 @@ def test_the_switch_gets_every_path_from_the_layout():
         "nginx": "127.0.0.1:80", "tmp": ".provision-tmp",
         "health": {"path": S.health_path, "host": "", "timeout": S.health_timeout, "header": "X-Provision-Upstream"},
         "new": {"slot": "b", "unit": "hello@b", "unit_file": "/etc/systemd/system/hello@b.service",
-                "socket": "/run/provision/hello/b.sock", "slot_link": "/srv/hello/slots/b",
+                "socket": "/run/provision/hello/b.sock", "address": "unix:/run/provision/hello/b.sock",
+                "slot_link": "/srv/hello/slots/b",
                 "slot_target": "../releases/r2", "upstream": "server unix:/run/provision/hello/b.sock fail_timeout=0;\n"},
-        "old": {"slot": "a", "unit": "hello@a"}, "stage": "all", "log": {}}
+        "old": {"slot": "a", "unit": "hello@a"}, "stage": "all", "log": {}, "container": None}
     assert switch_args(Switch(S, "r2").plan(host(), set()))["health"]["header"] is None
 
 

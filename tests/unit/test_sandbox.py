@@ -98,3 +98,55 @@ def test_overlay_layers_topmost_first_and_no_path_that_breaks_the_options():
         "lowerdir=/s/app:/s/base,upperdir=/m/upper,workdir=/m/work")
     with pytest.raises(ProvisionError, match="cannot be an overlay layer"):
         overlay_options([Path("/s/a:b")], Path("/m/upper"), Path("/m/work"))
+
+
+def test_only_container_droplets_get_what_an_engine_needs(tmp_path):
+    """An engine needs cgroup v2 writable, /proc/sys/net writable and three system calls; a plain
+    droplet never gets them (its root could change its own network settings), nor an engine."""
+    from provision.errors import ProvisionError
+    from provision.sandbox import CONTAINER_NSPAWN_ARGS, CONTAINER_NSPAWN_ENV, Droplet, Sandbox
+
+    assert CONTAINER_NSPAWN_ENV == {"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1", "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"}
+    assert CONTAINER_NSPAWN_ARGS == ("--system-call-filter=add_key keyctl bpf",)
+    sb = Sandbox(tmp_path)
+    _droplet(sb, "plain")
+    plain = sb.get("plain")
+    assert plain.containers is False  # a droplet recorded before container droplets existed
+    with pytest.raises(ProvisionError, match=r"droplet plain was not started for containers; .*--containers"):
+        sb.engine_ready(plain)
+    binds = sb._engine_binds(tmp_path / "m")
+    assert binds[0] == f"--bind-ro={sb.image_tar}:/var/lib/provision-sandbox/debian-12.tar"
+    assert [b.split(":")[1] for b in binds[1:]] == ["/var/lib/docker", "/var/lib/containers"]
+    assert isinstance(Droplet("x", "10.231.0.9", 0, "n", "v", containers=True).containers, bool)
+
+
+def test_the_engine_script_installs_when_missing_and_imports_the_base_image_once():
+    from provision.errors import ProvisionError
+    from provision.sandbox import BASE_IMAGE, Sandbox
+
+    script = Sandbox.engine_script("podman", "http://10.231.0.1:8888")
+    assert "apt-get install -y -qq --no-install-recommends podman runc catatonit iptables" in script
+    assert f"podman image inspect {BASE_IMAGE} >/dev/null 2>&1 || podman import" in script
+    assert script.index("podman info") > script.index("apt-get install")
+    assert "docker.io" in Sandbox.engine_script("docker", "http://10.231.0.1:8888")
+    with pytest.raises(ProvisionError, match="unknown container engine 'lxc'"):
+        Sandbox.engine_script("lxc", "http://10.231.0.1:8888")
+
+
+def test_a_droplet_that_will_not_stop_loses_its_init_before_its_nspawn():
+    """nspawn killed alone would leave the droplet's init running, reparented (docs/containers-in-droplets.md)."""
+    import subprocess
+    import time
+
+    from provision.sandbox import _alive, _children, _stop_nspawn
+
+    # a stand-in for nspawn that ignores TERM, with a child standing in for the droplet's init
+    proc = subprocess.Popen(["/bin/sh", "-c", "trap '' TERM; sleep 60 & wait"])
+    deadline = time.monotonic() + 5
+    while not _children(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (child,) = _children(proc.pid)
+    _stop_nspawn(proc.pid, timeout=0.3)
+    assert proc.wait(timeout=5) is not None
+    time.sleep(0.1)
+    assert not _alive(child)

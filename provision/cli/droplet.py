@@ -240,20 +240,36 @@ def destroy_droplet(c, name: str, provider: str | None, yes: bool = False) -> No
         raise ProvisionError("name the droplet: fab droplet.destroy --name web1")
     inv = inventory_file(c)
     found = plan.find_host(_read(inv), name)
+    if found is not None and found.provider is None:  # a line written by hand: not droplet.create's to remove
+        raise ProvisionError(f"{inv.name}'s host {name!r} has no `{plan.MARK}` comment: droplet.destroy removes only "
+                             "droplets it created; destroy that machine at its provider and edit the line by hand")
+    if found is not None and provider and provider.strip().lower() != found.provider:
+        raise ProvisionError(f"{inv.name} records {name!r} as made at {found.provider}, not {provider}; pass "
+                             f"--provider {found.provider} (or none)")
     kind = plan.choose_provider(provider, found.provider if found else None)
     rule = plan.confirm_rule(yes, sys.stdin.isatty() and sys.stdout.isatty())
     if rule == "refuse":
         raise ProvisionError(f"droplet.destroy asks before destroying {name}, and there is no terminal to ask on; "
                              "pass --yes to destroy it without asking")
     prov = load(kind)
-    d = prov.get(name)
+    if found is not None and found.droplet_id:  # the line records which droplet is ours: that one, by its id
+        d = prov.get_by_id(found.droplet_id)
+    else:  # no line (or one without an id): by name
+        d = prov.get(name)
+    if d is not None and found is not None and (d.name != name or (found.host and d.address != found.host)):
+        raise ProvisionError(f"{kind}'s droplet {d.id} is {d.name} at {d.address or 'no address'}, but {inv.name} has "
+                             f"{name} at {found.host}: not destroyed; check `fab droplet.list --provider {kind}`")
     if d is None and found is None:
         raise ProvisionError(f"no droplet {name!r} at {kind} and none in {inv.name}; `fab droplet.list --provider "
                              f"{kind}` shows the droplets")
     what = (f"droplet {name} at {kind} ({d.address or d.id})" if d else f"{name} (gone from {kind} already)") + \
         (f" and its line in {inv.name}" if found else "")
     if rule == "ask":
-        answer = input(f"Destroy {what}? Type the droplet's name to confirm: ")
+        try:
+            answer = input(f"Destroy {what}? Type the droplet's name to confirm: ")
+        except EOFError:  # Ctrl-D: no answer is not a yes
+            answer = ""
+            print()
         if not plan.confirmed(answer, name):
             raise Exit(f"{name}: not destroyed", code=1)
     if d is not None:

@@ -1,0 +1,102 @@
+"""``fab droplet.*``'s work (provision.cli.droplet) with a provider faked in the process: which droplet
+destroy acts on, which lines it removes, how inventory and known_hosts files are written."""
+
+
+import pytest
+from fabric import Config
+from invoke import Context, Exit
+
+import provision.cli.droplet as cd
+from provision.providers import Droplet, Provider
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEvWo2fU4JEprQPJEGN43M6ct7tANUK8A1AHp0zF88jk"
+
+
+class Fake(Provider):
+    name = "digitalocean"
+
+    def __init__(self, droplets=()):
+        self.droplets, self.destroyed = list(droplets), []
+
+    def list(self):
+        return list(self.droplets)
+
+    def destroy(self, d):
+        self.destroyed.append(d.id)
+
+
+@pytest.fixture
+def proj(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def context(proj):
+    return Context(Config(overrides={"inventory": str(proj / "inventory.ini")}))
+
+
+def destroy(proj, fake, name, provider="digitalocean"):
+    cd.load = lambda kind: fake
+    try:
+        cd.destroy_droplet(context(proj), name, provider, yes=True)
+    except Exit as e:
+        return e.code, str(e.message)
+    finally:
+        cd.load = __import__("provision.providers", fromlist=["load"]).load
+    return 0, ""
+
+
+def test_destroy_acts_on_the_recorded_id_never_another_droplet_of_that_name(proj):
+    line = "db1 host=203.0.113.20 user=deploy  # droplet: provider=digitalocean id=42\n"
+    (proj / "inventory.ini").write_text("[droplets]\n" + line)
+    other = Fake([Droplet("db1", "99", "digitalocean", "198.51.100.7")])  # 42 deleted in the panel; 99 another db1
+    assert destroy(proj, other, "db1") == (0, "")
+    assert other.destroyed == []  # only the line (of the gone droplet) goes
+    (proj / "inventory.ini").write_text("[droplets]\n" + line)
+    two = Fake([Droplet("db1", "99", "digitalocean", "198.51.100.7"), Droplet("db1", "42", "digitalocean",
+                                                                            "203.0.113.20")])
+    assert destroy(proj, two, "db1") == (0, "") and two.destroyed == ["42"]
+
+
+def test_destroy_refuses_an_id_whose_address_differs_or_another_provider(proj):
+    text = "[droplets]\ndb1 host=203.0.113.20 user=deploy  # droplet: provider=digitalocean id=42\n"
+    (proj / "inventory.ini").write_text(text)
+    fake = Fake([Droplet("db1", "42", "digitalocean", "198.51.100.7")])
+    code, msg = destroy(proj, fake, "db1")
+    assert code == 2 and "not destroyed" in msg and fake.destroyed == []
+    code, msg = destroy(proj, fake, "db1", provider="sandbox")
+    assert code == 2 and "records 'db1' as made at digitalocean, not sandbox" in msg
+    assert (proj / "inventory.ini").read_text() == text
+
+
+def test_destroy_leaves_a_hand_written_line_and_its_key(proj):
+    text = "[web]\nweb1 host=203.0.113.10 user=deploy\n"
+    (proj / "inventory.ini").write_text(text)
+    kh = proj / "home/.ssh/known_hosts"
+    kh.write_text(f"203.0.113.10 {KEY}\n")
+    fake = Fake([Droplet("web1", "7", "digitalocean", "203.0.113.10")])
+    code, msg = destroy(proj, fake, "web1")
+    assert code == 2 and "no `# droplet:` comment" in msg and len(msg.splitlines()) == 1
+    assert fake.destroyed == [] and (proj / "inventory.ini").read_text() == text and kh.read_text() == f"203.0.113.10 {KEY}\n"
+
+
+def test_ctrl_d_at_the_destroy_prompt_is_not_destroyed(proj, monkeypatch):
+    (proj / "inventory.ini").write_text("[droplets]\ndb1 host=203.0.113.20  # droplet: provider=digitalocean id=42\n")
+    fake = Fake([Droplet("db1", "42", "digitalocean", "203.0.113.20")])
+    monkeypatch.setattr(cd.sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(cd.sys.stdout, "isatty", lambda: True, raising=False)
+
+    def eof(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", eof)
+    cd.load = lambda kind: fake
+    try:
+        with pytest.raises(Exit) as e:
+            cd.destroy_droplet(context(proj), "db1", None)
+    finally:
+        cd.load = __import__("provision.providers", fromlist=["load"]).load
+    assert (e.value.code, e.value.message) == (1, "db1: not destroyed") and fake.destroyed == []

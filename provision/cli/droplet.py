@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +30,40 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"  # where provision (and OpenSSH) look
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    """``path`` replaced whole (a reader never sees half of it), keeping its mode."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        mode = path.stat().st_mode & 0o777
-    tmp = path.with_name(path.name + ".provision-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    """``path`` replaced whole (a reader never sees half of it; a symlink's target is what is replaced),
+    keeping its mode: a temporary file of its own in the same directory, flushed to disk, renamed."""
+    real = Path(os.path.realpath(path))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    if real.exists():
+        mode = real.stat().st_mode & 0o777
+    fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".provision-tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, real)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _edit(path: Path, change) -> str:
+    """``path``'s text replaced by ``change(text)``, read and written under an exclusive lock on a file
+    beside it (``.NAME.lock``): two provision runs editing one inventory or known_hosts file each keep
+    the other's lines. Returns the text written."""
+    real = Path(os.path.realpath(path))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(real.with_name(f".{real.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        text = change(_read(real))
+        _write(real, text)
+        return text
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _read(path: Path) -> str:
@@ -92,8 +120,9 @@ def replace_host_key(address: str, user: str, key: str, known_hosts: Path, label
             raise ProvisionError(f"{label}: could not replace the host key the user data gave: "
                                  f"{(err or out).strip()[:200]}; it stays in use (see README: Droplets)", code=1)
         new = " ".join(out.split()[:2])
-        before = _read(known_hosts)
-        _write(known_hosts, plan.record_keys(before, address, [new]))
+        name = plan.known_hosts_name(address)
+        old = [l.split(" ", 1)[1] for l in _read(known_hosts).splitlines() if l.split(" ", 1)[0] == name and " " in l]
+        _edit(known_hosts, lambda text: plan.record_keys(text, address, [new]))
         try:
             deadline = time.monotonic() + RELOAD_GRACE
             while True:  # sshd re-executes itself on reload: its socket is closed for a moment
@@ -106,7 +135,7 @@ def replace_host_key(address: str, user: str, key: str, known_hosts: Path, label
                     time.sleep(0.2)
         except ProvisionError as e:
             r.exec(f"sudo -n sh -c {shlex.quote(plan.rotate_undo_command())}", timeout=60)
-            _write(known_hosts, before)
+            _edit(known_hosts, lambda text: plan.record_keys(text, address, old))  # this address's lines only
             raise ProvisionError(f"{label}: a login checked with the new host key failed ({e}); the key the user "
                                  "data gave is back in use", code=1)
         r.exec(f"sudo -n {plan.rotate_cleanup_command()}", timeout=60)
@@ -202,12 +231,12 @@ def _make_ready(c, o: Order, d: Droplet, printer: Printer, t0: float, bootstrap:
                              "provider's console", code=1)
     kh_path = Path(os.path.expanduser(kh))
     if not prov.records_host_keys(kh):  # the sandbox records its own file itself, under its lock
-        _write(kh_path, plan.record_keys(_read(kh_path), d.address, host_keys))
+        _edit(kh_path, lambda text: plan.record_keys(text, d.address, host_keys))
     printer.line(f"{name}: {d.address}, host key recorded in {kh} ({', '.join(k.split()[0] for k in host_keys)}); "
                  f"waiting for {user} to log in")
     line = plan.host_line(name, d.address, user, key, None if kh == DEFAULT_KNOWN_HOSTS else kh, kind, d.id,
                           d.inventory_vars)
-    _write(inv, plan.add_host(_read(inv), line, name, o.replace, d.address))
+    _edit(inv, lambda text: plan.add_host(text, line, name, o.replace, d.address))
     ready = wait_login(d.address, user, key, str(kh_path), name, wait)
     if spec.host_keys:  # given in the user data, which the droplet's processes can read: replaced now
         replace_host_key(d.address, user, key, kh_path, name)
@@ -239,7 +268,8 @@ def destroy_droplet(c, name: str, provider: str | None, yes: bool = False) -> No
     if not name:
         raise ProvisionError("name the droplet: fab droplet.destroy --name web1")
     inv = inventory_file(c)
-    found = plan.find_host(_read(inv), name)
+    text = _read(inv)
+    found = plan.find_host(text, name)
     if found is not None and found.provider is None:  # a line written by hand: not droplet.create's to remove
         raise ProvisionError(f"{inv.name}'s host {name!r} has no `{plan.MARK}` comment: droplet.destroy removes only "
                              "droplets it created; destroy that machine at its provider and edit the line by hand")
@@ -275,11 +305,10 @@ def destroy_droplet(c, name: str, provider: str | None, yes: bool = False) -> No
     if d is not None:
         prov.destroy(d)
     if found is not None:
-        text = _read(inv)
         kh = next((w.partition("=")[2] for w in text.splitlines()[found.index].split() if w.startswith("known_hosts=")),
                   DEFAULT_KNOWN_HOSTS)
-        _write(inv, plan.remove_host(text, name))
+        _edit(inv, lambda text: plan.remove_host(text, name))
         kh_path = Path(os.path.expanduser(kh))
         if found.host and not prov.records_host_keys(kh) and kh_path.exists():  # the sandbox forgets its own
-            _write(kh_path, plan.forget_keys(_read(kh_path), found.host))
+            _edit(kh_path, lambda text: plan.forget_keys(text, found.host))
     print(f"{name}: destroyed" + (f"; removed from {inv.name}" if found else ""))

@@ -1,6 +1,8 @@
 """``fab droplet.*``'s work (provision.cli.droplet) with a provider faked in the process: which droplet
 destroy acts on, which lines it removes, how inventory and known_hosts files are written."""
 
+import multiprocessing
+from pathlib import Path
 
 import pytest
 from fabric import Config
@@ -100,3 +102,25 @@ def test_ctrl_d_at_the_destroy_prompt_is_not_destroyed(proj, monkeypatch):
     finally:
         cd.load = __import__("provision.providers", fromlist=["load"]).load
     assert (e.value.code, e.value.message) == (1, "db1: not destroyed") and fake.destroyed == []
+
+
+def _add(args):
+    inv, i = args
+    from provision import droplets as plan
+
+    line = plan.host_line(f"d{i}", f"10.231.0.{i}", "deploy", "k", None, "sandbox", f"d{i}")
+    cd._edit(Path(inv), lambda text: plan.add_host(text, line, f"d{i}", False, f"10.231.0.{i}"))
+
+
+def test_concurrent_edits_keep_every_line_and_a_symlink(tmp_path):
+    real = tmp_path / "real.ini"
+    real.write_text("# mine\n[web]\nweb1 host=203.0.113.10\n")
+    real.chmod(0o640)
+    inv = tmp_path / "inventory.ini"
+    inv.symlink_to(real)
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        pool.map(_add, [(str(inv), i) for i in range(1, 41)])
+    text = real.read_text()
+    assert sum(1 for line in text.splitlines() if line.startswith("d")) == 40 and "web1 host=203.0.113.10" in text
+    assert inv.is_symlink() and real.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".real.ini.lock", "inventory.ini", "real.ini"]

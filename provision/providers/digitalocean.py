@@ -102,7 +102,15 @@ class DigitalOcean(Provider):
         body = {"name": spec.name, "size": spec.size or self.defaults["size"],
                 "region": spec.region or self.defaults["region"], "image": spec.image or self.defaults["image"],
                 "user_data": spec.user_data, "tags": [TAG], "monitoring": True, "ipv6": False}
-        out = self._call(f"creating droplet {spec.name}", self.client.droplets.create, body=body)
+        try:  # never retried: a POST the API took but answered late (5xx, a timeout) would make another droplet
+            out = self.client.droplets.create(body=body, retry_total=0)
+        except self._errors as e:
+            error = api_error(e, f"creating droplet {spec.name}")
+            status = getattr(e, "status_code", None)
+            if status is not None and 400 <= status < 500:
+                raise error from None  # refused: nothing was created
+            raise type(error)(f"{error}; a droplet may have been created all the same (and costs): "
+                              f"fab droplet.list --provider {self.name}") from None
         return self.droplet(out["droplet"])
 
     def wait_ready(self, droplet: Droplet, timeout: float = 300, interval: float = 3) -> Droplet:

@@ -53,7 +53,7 @@ class Recorded(requests.adapters.HTTPAdapter):
         return self.build_response(request, raw)  # as requests' own adapter does with what urllib3 read
 
 
-def provider(answers, sleeps=None) -> tuple[DigitalOcean, Recorded]:
+def provider(answers, sleeps=None, **kwargs) -> tuple[DigitalOcean, Recorded]:
     api = Recorded(answers)
     session = requests.Session()
     session.mount("https://", api)
@@ -61,7 +61,7 @@ def provider(answers, sleeps=None) -> tuple[DigitalOcean, Recorded]:
     clock = iter(range(0, 10_000, 3))
     p = DigitalOcean(TOKEN, sleep=(sleeps.append if sleeps is not None else lambda s: None),
                      clock=lambda: next(clock), transport=RequestsTransport(session=session, session_owner=False),
-                     retry_total=0)
+                     **{"retry_total": 0, **kwargs})
     return p, api
 
 
@@ -154,3 +154,35 @@ def test_no_token_or_no_client_is_one_line(monkeypatch):
     with pytest.raises(ProvisionError, match=r"^the digitalocean provider needs its client: "
                                              r"pip install 'provision\[digitalocean\]'$"):
         DigitalOcean.from_environment(environ={"DIGITALOCEAN_TOKEN": TOKEN})
+
+
+@pytest.mark.parametrize("status", [500, 503, 504])
+def test_a_create_post_is_never_retried_and_a_5xx_says_a_droplet_may_exist(status):
+    p, api = provider([("POST", "/v2/droplets", status, None)] * 4, retry_total=3, retry_backoff_factor=0)
+    with pytest.raises(ProvisionError) as e:
+        p.create(Spec(name="web1", user_data="#cloud-config\n"))
+    assert [a["method"] for a in api.asked] == ["POST"]
+    assert str(e.value).endswith("; a droplet may have been created all the same (and costs): fab droplet.list "
+                                 "--provider digitalocean") and TOKEN not in str(e.value)
+
+
+def test_a_create_post_timing_out_says_a_droplet_may_exist():
+    class TimedOut(Recorded):
+        def send(self, request, **kwargs):
+            super().send(request, **kwargs)
+            raise requests.exceptions.ReadTimeout("read timed out")
+
+    api = TimedOut([("POST", "/v2/droplets", 202, "create_202.json")] * 4)
+    session = requests.Session()
+    session.mount("https://", api)
+    p = DigitalOcean(TOKEN, transport=RequestsTransport(session=session, session_owner=False), retry_backoff_factor=0)
+    with pytest.raises(ProvisionError) as e:
+        p.create(Spec(name="web1", user_data="#cloud-config\n"))
+    assert len(api.asked) == 1 and e.value.code == 3 and "a droplet may have been created" in str(e.value)
+
+
+def test_a_refused_create_says_nothing_was_made():
+    p, api = provider([("POST", "/v2/droplets", 422, "error_422.json")])
+    with pytest.raises(ProvisionError) as e:
+        p.create(Spec(name="web1", user_data="#cloud-config\n"))
+    assert e.value.code == 2 and "may have been created" not in str(e.value)

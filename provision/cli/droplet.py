@@ -193,13 +193,25 @@ def create_droplet(c, name: str, provider: str | None, size: str | None = None, 
     printer.line(f"{name}: creating at {kind}" + "".join(f", {k} {v}" for k, v in (
         ("size", size or prov.defaults.get("size")), ("region", region or prov.defaults.get("region")),
         ("image", image or prov.defaults.get("image"))) if v))
-    d = prov.create(spec)
     order = Order(prov, spec, user, key, known_hosts or prov.default_known_hosts, replace, inv, wait)
+    d = None
     try:
+        d = prov.create(spec)
         _make_ready(c, order, d, printer, t0, bootstrap)
-    except ProvisionError as e:  # the droplet exists (and costs): say how to remove it
-        raise ProvisionError(f"{e} (droplet {name} exists at {kind}: remove it with `fab droplet.destroy --provider "
-                             f"{kind} --name {name} --yes`)", e.code) from None
+    except ProvisionError as e:
+        if d is None:  # the provider's own line says whether a droplet may exist all the same
+            raise
+        # the droplet exists (and costs): say how to remove it
+        raise ProvisionError(f"{e} (droplet {name}, id {d.id}, exists at {kind}: remove it with `fab droplet.destroy "
+                             f"--provider {kind} --name {name} --yes`)", e.code) from None
+    except BaseException:  # Ctrl-C, an OS error, a bug: said before it goes on up
+        if d is not None:
+            print(f"{name}: droplet {name}, id {d.id}, exists at {kind}: remove it with `fab droplet.destroy --provider "
+                  f"{kind} --name {name} --yes`", file=sys.stderr)
+        else:
+            print(f"{name}: a droplet {name} may have been created at {kind}: fab droplet.list --provider {kind}",
+                  file=sys.stderr)
+        raise
 
 
 @dataclass(frozen=True)

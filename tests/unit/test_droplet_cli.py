@@ -124,3 +124,38 @@ def test_concurrent_edits_keep_every_line_and_a_symlink(tmp_path):
     assert sum(1 for line in text.splitlines() if line.startswith("d")) == 40 and "web1 host=203.0.113.10" in text
     assert inv.is_symlink() and real.stat().st_mode & 0o777 == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == [".real.ini.lock", "inventory.ini", "real.ini"]
+
+
+class Creating(Fake):
+    name = "sandbox"
+    defaults: dict = {}
+
+    def __init__(self, failure):
+        super().__init__()
+        self.failure = failure
+
+    def get(self, name):
+        return None
+
+    def create(self, spec):
+        return Droplet(spec.name, "4711", self.name)
+
+    def wait_ready(self, droplet, timeout):
+        raise self.failure
+
+
+@pytest.mark.parametrize("failure, code", [(KeyboardInterrupt(), 130), (OSError(28, "No space left on device"), None)])
+def test_ctrl_c_or_an_os_error_after_the_droplet_exists_says_how_to_remove_it(proj, capsys, failure, code):
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(proj / "mine")], check=True)
+    (proj / "inventory.ini").write_text("")
+    cd.load = lambda kind: Creating(failure)
+    try:
+        with pytest.raises((Exit, OSError)) as e:
+            cd.create_droplet(context(proj), "dropfix-web", "sandbox", key=str(proj / "mine"))
+    finally:
+        cd.load = __import__("provision.providers", fromlist=["load"]).load
+    assert getattr(e.value, "code", None) == code if code else isinstance(e.value, OSError)
+    assert ("dropfix-web: droplet dropfix-web, id 4711, exists at sandbox: remove it with `fab droplet.destroy "
+            "--provider sandbox --name dropfix-web --yes`\n") in capsys.readouterr().err

@@ -75,9 +75,11 @@ def rotate_host_key_command() -> str:
     :func:`rotate_undo_command`), sshd reloaded; prints the new public key. The old key stays readable
     from the metadata service, but nothing trusts it any more."""
     k = shlex.quote(SSH_HOST_KEY)
+    # Any step failing after the copies puts the old key back (the trap) and reloads: sshd and the files agree.
     return (f"set -e; k={k}; rm -f \"$k.new\" \"$k.new.pub\"; ssh-keygen -q -t ed25519 -N '' -C '' -f \"$k.new\" "
-            f">/dev/null; cp -p \"$k\" \"$k.old\"; cp -p \"$k.pub\" \"$k.old.pub\"; mv \"$k.new\" \"$k\"; "
-            f"mv \"$k.new.pub\" \"$k.pub\"; {ssh_reload()}; cat \"$k.pub\"")
+            f">/dev/null; cp -p \"$k\" \"$k.old\"; cp -p \"$k.pub\" \"$k.old.pub\"; "
+            f"trap 'cp -p \"$k.old\" \"$k\"; cp -p \"$k.old.pub\" \"$k.pub\"; {{ {ssh_reload()}; }} || true' EXIT; "
+            f"mv \"$k.new\" \"$k\"; mv \"$k.new.pub\" \"$k.pub\"; {ssh_reload()}; trap - EXIT; cat \"$k.pub\"")
 
 
 def rotate_cleanup_command() -> str:

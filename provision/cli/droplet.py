@@ -111,35 +111,43 @@ def wait_login(address: str, user: str, key: str, known_hosts: str, label: str, 
 def replace_host_key(address: str, user: str, key: str, known_hosts: Path, label: str) -> str:
     """The host key the user data gave (readable from the droplet's metadata service) replaced by one
     made on the droplet, over a connection checked with the old one; the new one recorded in
-    ``known_hosts`` once a fresh login checked with it works (else the old one is put back). Returns
-    the new key ("TYPE BASE64")."""
+    ``known_hosts`` once a fresh login checked with it works. Returns the new key ("TYPE BASE64").
+
+    On any failure the address's keys leave ``known_hosts``: the user data's key is no longer trusted
+    (anyone who read the metadata service could offer it), and the host is refused until its key is
+    checked by hand."""
     r = connect(address, user, 22, key, str(known_hosts), label=label)
+    rotated = False
     try:
         rc, out, err = r.exec(f"sudo -n sh -c {shlex.quote(plan.rotate_host_key_command())}", timeout=60)
-        if rc != 0 or not out.strip():
-            raise ProvisionError(f"{label}: could not replace the host key the user data gave: "
-                                 f"{(err or out).strip()[:200]}; it stays in use (see README: Droplets)", code=1)
+        if rc != 0 or not out.strip():  # the command put the old key back itself (its trap)
+            raise ProvisionError(f"could not replace the host key the user data gave: {(err or out).strip()[:200]}")
+        rotated = True
         new = " ".join(out.split()[:2])
-        name = plan.known_hosts_name(address)
-        old = [l.split(" ", 1)[1] for l in _read(known_hosts).splitlines() if l.split(" ", 1)[0] == name and " " in l]
         _edit(known_hosts, lambda text: plan.record_keys(text, address, [new]))
-        try:
-            deadline = time.monotonic() + RELOAD_GRACE
-            while True:  # sshd re-executes itself on reload: its socket is closed for a moment
-                try:
-                    connect(address, user, 22, key, str(known_hosts), label=label).close()
-                    break
-                except Unreachable as e:
-                    if "connection refused" not in str(e) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
-        except ProvisionError as e:
-            r.exec(f"sudo -n sh -c {shlex.quote(plan.rotate_undo_command())}", timeout=60)
-            _edit(known_hosts, lambda text: plan.record_keys(text, address, old))  # this address's lines only
-            raise ProvisionError(f"{label}: a login checked with the new host key failed ({e}); the key the user "
-                                 "data gave is back in use", code=1)
+        deadline = time.monotonic() + RELOAD_GRACE
+        while True:  # sshd re-executes itself on reload: its socket is closed for a moment
+            try:
+                connect(address, user, 22, key, str(known_hosts), label=label).close()
+                break
+            except Unreachable as e:
+                if "connection refused" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         r.exec(f"sudo -n {plan.rotate_cleanup_command()}", timeout=60)
         return new
+    except BaseException as e:
+        try:
+            if rotated:
+                with contextlib.suppress(Exception):  # the old key back in use on the droplet, its files as sshd's
+                    r.exec(f"sudo -n sh -c {shlex.quote(plan.rotate_undo_command())}", timeout=60)
+        finally:
+            _edit(known_hosts, lambda text: plan.forget_keys(text, address))
+        if not isinstance(e, ProvisionError):
+            raise
+        raise ProvisionError(f"{label}: {e}; {address}'s host key is no longer trusted (removed from {known_hosts}): "
+                             f"check its fingerprint on the provider's console, then `fab -H {label} check "
+                             "--accept-new-host-key`, or destroy it (see README: Droplets)", code=1) from None
     finally:
         r.close()
 

@@ -159,3 +159,56 @@ def test_ctrl_c_or_an_os_error_after_the_droplet_exists_says_how_to_remove_it(pr
     assert getattr(e.value, "code", None) == code if code else isinstance(e.value, OSError)
     assert ("dropfix-web: droplet dropfix-web, id 4711, exists at sandbox: remove it with `fab droplet.destroy "
             "--provider sandbox --name dropfix-web --yes`\n") in capsys.readouterr().err
+
+
+class Remote:
+    def __init__(self, answers):
+        self.answers, self.ran = list(answers), []
+
+    def exec(self, command, timeout=None):
+        self.ran.append(command)
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("case", ["rotation fails", "login with the new key fails, the undo raises"])
+def test_a_failed_host_key_rotation_leaves_the_address_untrusted(tmp_path, monkeypatch, case):
+    from provision.errors import AuthFailed, ProvisionError
+
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"198.51.100.1 {KEY}\n203.0.113.10 {KEY}\n")
+    if case == "rotation fails":
+        main, logins = Remote([(1, "", "ssh-keygen: no space")]), []
+    else:
+        main, logins = Remote([(0, f"{KEY} \n", ""), OSError("connection lost")]), [AuthFailed("denied")]
+
+    def connect(address, *a, **kw):
+        if main.ran:
+            raise logins.pop(0)
+        return main
+
+    monkeypatch.setattr(cd, "connect", connect)
+    with pytest.raises(ProvisionError) as e:
+        cd.replace_host_key("203.0.113.10", "deploy", "k", kh, "web9")
+    assert e.value.code == 1 and "203.0.113.10's host key is no longer trusted" in str(e.value)
+    assert kh.read_text() == f"198.51.100.1 {KEY}\n"
+
+
+def test_the_rotation_command_puts_the_old_key_back_when_the_reload_fails(tmp_path, monkeypatch):
+    import subprocess
+
+    from provision import droplets as plan
+
+    k = tmp_path / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)], check=True)
+    old = k.read_text(), (tmp_path / (k.name + ".pub")).read_text()
+    monkeypatch.setattr(plan, "SSH_HOST_KEY", str(k))
+    monkeypatch.setattr(plan, "ssh_reload", lambda: "false")
+    res = subprocess.run(["sh", "-c", plan.rotate_host_key_command()], capture_output=True, text=True)
+    assert res.returncode != 0 and res.stdout == ""
+    assert (k.read_text(), (tmp_path / (k.name + ".pub")).read_text()) == old

@@ -252,6 +252,12 @@ def _make_ready(c, o: Order, d: Droplet, printer: Printer, t0: float, bootstrap:
     kh_path = Path(os.path.expanduser(kh))
     if not prov.records_host_keys(kh):  # the sandbox records its own file itself, under its lock
         _edit(kh_path, lambda text: plan.record_keys(text, d.address, host_keys))
+    default = Path(os.path.expanduser(DEFAULT_KNOWN_HOSTS))
+    if os.path.realpath(default) != os.path.realpath(kh_path) and plan.names_address(_read(default), d.address):
+        # provision (like OpenSSH) reads ~/.ssh/known_hosts first: a stale key for this address there would win
+        _edit(default, lambda text: plan.forget_keys(text, d.address))
+        printer.line(f"{name}: removed {d.address}'s old key from {DEFAULT_KNOWN_HOSTS} (the provider gave the address "
+                     f"to this new droplet, whose key is in {kh})")
     printer.line(f"{name}: {d.address}, host key recorded in {kh} ({', '.join(k.split()[0] for k in host_keys)}); "
                  f"waiting for {user} to log in")
     line = plan.host_line(name, d.address, user, key, None if kh == DEFAULT_KNOWN_HOSTS else kh, kind, d.id,

@@ -212,3 +212,36 @@ def test_the_rotation_command_puts_the_old_key_back_when_the_reload_fails(tmp_pa
     res = subprocess.run(["sh", "-c", plan.rotate_host_key_command()], capture_output=True, text=True)
     assert res.returncode != 0 and res.stdout == ""
     assert (k.read_text(), (tmp_path / (k.name + ".pub")).read_text()) == old
+
+
+def test_a_stale_key_in_the_users_known_hosts_goes_when_the_droplet_has_its_own_file(proj, monkeypatch, capsys):
+    import subprocess
+
+    from provision.errors import ProvisionError
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(proj / "mine")], check=True)
+    (proj / "inventory.ini").write_text("")
+    home_kh = proj / "home/.ssh/known_hosts"
+    home_kh.write_text(f"198.51.100.1 {KEY}\n203.0.113.10,web1old {KEY}\n")
+
+    class Ready(Creating):
+        def create(self, spec):
+            return Droplet(spec.name, "4711", self.name, "203.0.113.10", host_keys=(KEY,))
+
+        def wait_ready(self, droplet, timeout):
+            return droplet
+
+    def no_login(*a, **kw):
+        raise ProvisionError("no login", code=1)
+
+    monkeypatch.setattr(cd, "wait_login", no_login)
+    cd.load = lambda kind: Ready(None)
+    try:
+        with pytest.raises(Exit):
+            cd.create_droplet(context(proj), "dropfix-web", "sandbox", key=str(proj / "mine"),
+                              known_hosts=str(proj / "own_known_hosts"))
+    finally:
+        cd.load = __import__("provision.providers", fromlist=["load"]).load
+    assert home_kh.read_text() == f"198.51.100.1 {KEY}\nweb1old {KEY}\n"
+    assert (proj / "own_known_hosts").read_text() == f"203.0.113.10 {KEY}\n"
+    assert "removed 203.0.113.10's old key from ~/.ssh/known_hosts" in capsys.readouterr().out

@@ -26,6 +26,7 @@ TAG = "provision"
 INSTALL = "pip install 'provision[digitalocean]'"
 PER_PAGE = 200
 MAX_PAGES = 50  # 10,000 droplets: a bounded walk through the pages
+CONNECT_TIMEOUT, READ_TIMEOUT = 10, 30  # seconds, per request
 
 
 def new_host_key() -> tuple[str, str]:
@@ -78,6 +79,8 @@ class DigitalOcean(Provider):
         secrets.remember([token])
         self._errors = AzureError
         client_kwargs.setdefault("retry_total", 3)  # azure-core's default, 10 with backoff, would wait minutes
+        client_kwargs.setdefault("connection_timeout", CONNECT_TIMEOUT)  # azure-core's: 300 s each
+        client_kwargs.setdefault("read_timeout", READ_TIMEOUT)
         self.client = pydo.Client(token=token, **client_kwargs)
         self.sleep, self.clock = sleep, clock
 
@@ -86,6 +89,8 @@ class DigitalOcean(Provider):
         return cls(environ.get(TOKEN_VARIABLE, "").strip(), **kwargs)
 
     def _call(self, doing: str, fn, *a, **kw):
+        kw.setdefault("connection_timeout", CONNECT_TIMEOUT)  # per request too: a transport given has its own
+        kw.setdefault("read_timeout", READ_TIMEOUT)
         try:
             return fn(*a, **kw)
         except self._errors as e:
@@ -103,7 +108,8 @@ class DigitalOcean(Provider):
                 "region": spec.region or self.defaults["region"], "image": spec.image or self.defaults["image"],
                 "user_data": spec.user_data, "tags": [TAG], "monitoring": True, "ipv6": False}
         try:  # never retried: a POST the API took but answered late (5xx, a timeout) would make another droplet
-            out = self.client.droplets.create(body=body, retry_total=0)
+            out = self.client.droplets.create(body=body, retry_total=0, connection_timeout=CONNECT_TIMEOUT,
+                                              read_timeout=READ_TIMEOUT)
         except self._errors as e:
             error = api_error(e, f"creating droplet {spec.name}")
             status = getattr(e, "status_code", None)
@@ -117,17 +123,21 @@ class DigitalOcean(Provider):
         """Polls the droplet until it is ``active`` with a public IPv4 address (DigitalOcean's ``new``
         lasts about a minute); sshd may answer a little later (the caller waits for its banner)."""
         deadline = self.clock() + timeout
+        status = "new"
         while True:
+            left = deadline - self.clock()
+            if left <= 0:  # checked before each poll: a slow answer never takes the wait past --timeout
+                raise ProvisionError(f"digitalocean: droplet {droplet.name} not active after {timeout:.0f}s (status "
+                                     f"{status!r}); see the control panel", code=1)
             d = self.droplet(self._call(f"reading droplet {droplet.name}", self.client.droplets.get,
-                                        droplet_id=int(droplet.id))["droplet"])
+                                        droplet_id=int(droplet.id), read_timeout=max(1.0, min(READ_TIMEOUT, left)))
+                             ["droplet"])
+            status = d.status
             if d.status == "active" and d.address:
                 return d
             if d.status not in ("new", "active"):
                 raise ProvisionError(f"digitalocean: droplet {d.name} is {d.status!r}, not starting; see the control "
                                      "panel, then `fab droplet.destroy --name " + d.name + "`", code=1)
-            if self.clock() > deadline:
-                raise ProvisionError(f"digitalocean: droplet {d.name} not active after {timeout:.0f}s (status "
-                                     f"{d.status!r}); see the control panel", code=1)
             self.sleep(interval)
 
     def list(self) -> list[Droplet]:

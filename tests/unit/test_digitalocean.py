@@ -38,7 +38,7 @@ class Recorded(requests.adapters.HTTPAdapter):
         body = request.body.decode() if isinstance(request.body, bytes) else request.body
         self.asked.append({"method": request.method, "path": url.path, "query": parse_qs(url.query),
                            "body": json.loads(body) if body else None,
-                           "authorization": request.headers.get("Authorization")})
+                           "authorization": request.headers.get("Authorization"), "timeout": kwargs.get("timeout")})
         for i, (method, path, status, name) in enumerate(self.answers):
             if (method, path) == (request.method, url.path):
                 del self.answers[i]
@@ -186,3 +186,15 @@ def test_a_refused_create_says_nothing_was_made():
     with pytest.raises(ProvisionError) as e:
         p.create(Spec(name="web1", user_data="#cloud-config\n"))
     assert e.value.code == 2 and "may have been created" not in str(e.value)
+
+
+def test_requests_are_bounded_and_wait_ready_checks_its_deadline_before_each_poll():
+    p, api = provider([("GET", "/v2/droplets/3164444", 200, "get_new.json")] * 30)
+    with pytest.raises(ProvisionError, match=r"not active after 9s"):
+        p.wait_ready(Droplet("web1", "3164444", "digitalocean"), timeout=9, interval=3)
+    assert [a["timeout"] for a in api.asked] == [(10, 6), (10, 3)]  # the clock: +3 a read
+    p, api = provider([("GET", "/v2/droplets", 200, "list_page1.json"), ("GET", "/v2/droplets", 200, "list_page2.json"),
+                       ("POST", "/v2/droplets", 202, "create_202.json")])
+    p.list()
+    p.create(Spec(name="web1", user_data="#cloud-config\n"))
+    assert [a["timeout"] for a in api.asked] == [(10, 30)] * 3  # azure-core's default: 300 s each

@@ -245,3 +245,23 @@ def test_a_stale_key_in_the_users_known_hosts_goes_when_the_droplet_has_its_own_
     assert home_kh.read_text() == f"198.51.100.1 {KEY}\nweb1old {KEY}\n"
     assert (proj / "own_known_hosts").read_text() == f"203.0.113.10 {KEY}\n"
     assert "removed 203.0.113.10's old key from ~/.ssh/known_hosts" in capsys.readouterr().out
+
+
+def test_a_sandbox_create_of_a_name_that_exists_is_refused_and_downs_nothing(tmp_path, monkeypatch):
+    import json
+
+    from provision.errors import ProvisionError
+    from provision.providers.sandbox import SandboxProvider
+    from provision.sandbox import Sandbox
+
+    sb = Sandbox(tmp_path)
+    (sb.machines / "dropfix-web").mkdir(parents=True)
+    state = sb.machines / "dropfix-web/state.json"  # another run's droplet, being made or running
+    state.write_text(json.dumps({"name": "dropfix-web", "address": "10.231.0.5", "pid": 0, "netns": "pv-dropfix-web",
+                                 "veth": "pvh5"}))
+    downs = []
+    monkeypatch.setattr(sb, "prepare", lambda: None)
+    monkeypatch.setattr(sb, "down", downs.append)
+    with pytest.raises(ProvisionError, match="sandbox already has a droplet 'dropfix-web'"):
+        SandboxProvider(sb).create(cd.Spec(name="dropfix-web", user_data="#cloud-config\nusers: []\n"))
+    assert downs == [] and state.exists()

@@ -141,13 +141,15 @@ class DigitalOcean(Provider):
             self.sleep(interval)
 
     def list(self) -> list[Droplet]:
-        out: list[Droplet] = []
+        out: dict[str, Droplet] = {}  # by id: a droplet made or gone between two pages shifts the others
         for page in range(1, MAX_PAGES + 1):
             res = self._call("listing droplets", self.client.droplets.list, tag_name=TAG, per_page=PER_PAGE, page=page)
-            out += [self.droplet(d) for d in res.get("droplets") or []]
+            for d in res.get("droplets") or []:
+                out.setdefault(str(d["id"]), self.droplet(d))
             if not ((res.get("links") or {}).get("pages") or {}).get("next"):
-                break
-        return out
+                return list(out.values())
+        raise ProvisionError(f"digitalocean: more than {MAX_PAGES} pages of droplets tagged {TAG!r} "
+                             f"({MAX_PAGES * PER_PAGE}); not all were read", code=1)
 
     def get(self, name: str) -> Droplet | None:
         """The droplet named ``name`` (DigitalOcean allows several of one name: that is refused)."""

@@ -198,3 +198,16 @@ def test_requests_are_bounded_and_wait_ready_checks_its_deadline_before_each_pol
     p.list()
     p.create(Spec(name="web1", user_data="#cloud-config\n"))
     assert [a["timeout"] for a in api.asked] == [(10, 30)] * 3  # azure-core's default: 300 s each
+
+
+def test_list_dedupes_by_id_and_refuses_more_than_max_pages(monkeypatch):
+    import provision.providers.digitalocean as do
+
+    p, api = provider([("GET", "/v2/droplets", 200, "list_page1.json"), ("GET", "/v2/droplets", 200, "list_page1.json"),
+                       ("GET", "/v2/droplets", 200, "list_page2.json")])
+    ids = [d.id for d in p.list()]
+    assert len(ids) == len(set(ids)) and len(api.asked) == 3
+    monkeypatch.setattr(do, "MAX_PAGES", 2)
+    p, api = provider([("GET", "/v2/droplets", 200, "list_page1.json")] * 2)
+    with pytest.raises(ProvisionError, match="more than 2 pages of droplets tagged 'provision'"):
+        p.list()

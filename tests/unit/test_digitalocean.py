@@ -1,6 +1,7 @@
-"""The digitalocean provider against recorded API responses (tests/unit/data/digitalocean): the real
+"""The digitalocean provider against API responses written from DigitalOcean's API reference
+(tests/unit/data/digitalocean; no real API call is made here): the real
 pydo client, its requests reaching a requests adapter mounted in its HTTP transport, which answers
-from the recorded bodies and records what was asked. Nothing leaves the process."""
+from those bodies and records what was asked. Nothing leaves the process."""
 
 import io
 import json
@@ -25,7 +26,7 @@ API = "api.digitalocean.com"
 
 
 class Recorded(requests.adapters.HTTPAdapter):
-    """DigitalOcean's API as recorded: each request takes the next answer for its method and path."""
+    """DigitalOcean's API as its reference documents it: each request takes the next answer for its method and path."""
 
     def __init__(self, answers: list[tuple[str, str, int, str | None]]):
         super().__init__()

@@ -75,9 +75,11 @@ def rotate_host_key_command() -> str:
     :func:`rotate_undo_command`), sshd reloaded; prints the new public key. The old key stays readable
     from the metadata service, but nothing trusts it any more."""
     k = shlex.quote(SSH_HOST_KEY)
+    # Any step failing after the copies puts the old key back (the trap) and reloads: sshd and the files agree.
     return (f"set -e; k={k}; rm -f \"$k.new\" \"$k.new.pub\"; ssh-keygen -q -t ed25519 -N '' -C '' -f \"$k.new\" "
-            f">/dev/null; cp -p \"$k\" \"$k.old\"; cp -p \"$k.pub\" \"$k.old.pub\"; mv \"$k.new\" \"$k\"; "
-            f"mv \"$k.new.pub\" \"$k.pub\"; {ssh_reload()}; cat \"$k.pub\"")
+            f">/dev/null; cp -p \"$k\" \"$k.old\"; cp -p \"$k.pub\" \"$k.old.pub\"; "
+            f"trap 'cp -p \"$k.old\" \"$k\"; cp -p \"$k.old.pub\" \"$k.pub\"; {{ {ssh_reload()}; }} || true' EXIT; "
+            f"mv \"$k.new\" \"$k\"; mv \"$k.new.pub\" \"$k.pub\"; {ssh_reload()}; trap - EXIT; cat \"$k.pub\"")
 
 
 def rotate_cleanup_command() -> str:
@@ -218,16 +220,55 @@ def known_hosts_name(address: str, port: int = 22) -> str:
     return address if port == 22 else f"[{address}]:{port}"
 
 
+def _names_host(name: str, hosts: tuple[str, ...], any_port_of: str | None) -> bool:
+    """A known_hosts host pattern ``name`` names one of ``hosts`` (a hashed ``|1|SALT|HASH`` one too, as
+    OpenSSH's HashKnownHosts writes it), or, with ``any_port_of``, that address at any port."""
+    if name.startswith("|1|"):
+        import paramiko
+
+        salt = name.split("|")[2] if name.count("|") >= 3 else ""
+        return any(paramiko.HostKeys.hash_host(h, salt) == name for h in hosts)
+    if name in hosts:
+        return True
+    return any_port_of is not None and name.startswith(f"[{any_port_of}]:")
+
+
+def _without(text: str, hosts: tuple[str, ...], any_port_of: str | None = None) -> list[str]:
+    """known_hosts ``text``'s lines, ``hosts`` taken out of each: a line naming only them goes, a line
+    naming others too (``addr,web1``) keeps the others. Markers (@revoked, @cert-authority) are kept."""
+    out = []
+    for line in text.splitlines():
+        first, sep, rest = line.partition(" ")
+        if not sep or line.startswith(("#", "@")):
+            out.append(line)
+            continue
+        names = first.split(",")
+        keep = [n for n in names if not _names_host(n, hosts, any_port_of)]
+        if len(keep) == len(names):
+            out.append(line)
+        elif keep:
+            out.append(",".join(keep) + " " + rest)
+    return out
+
+
 def record_keys(text: str, address: str, keys: tuple[str, ...] | list[str], port: int = 22) -> str:
     """known_hosts ``text`` with ``address``'s lines replaced by ``keys`` ("TYPE BASE64" each): the
-    provider just gave this address to a new droplet, so an older key for it is stale."""
+    provider just gave this address to a new droplet, so an older key for it is stale, hashed or in a
+    list of names too."""
     name = known_hosts_name(address, port)
-    keep = [l for l in text.splitlines() if l.split(" ", 1)[0] != name]
+    hosts = (name,) if port != 22 else (name, f"[{address}]:22")
+    keep = _without(text, hosts)
     return "".join(l + "\n" for l in keep + [f"{name} {k}" for k in keys])
 
 
-def forget_keys(text: str, address: str, port: int = 22) -> str:
-    return record_keys(text, address, (), port)
+def forget_keys(text: str, address: str) -> str:
+    """known_hosts ``text`` without ``address``'s keys at any port (hashed ones at port 22 or given)."""
+    return "".join(l + "\n" for l in _without(text, (address, f"[{address}]:22"), any_port_of=address))
+
+
+def names_address(text: str, address: str) -> bool:
+    """Whether known_hosts ``text`` has a key for ``address`` (port 22), hashed or in a list of names."""
+    return _without(text, (address, f"[{address}]:22")) != text.splitlines()
 
 
 # -- confirmation ----------------------------------------------------------------------------------------

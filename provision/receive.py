@@ -40,7 +40,7 @@ from .output import Printer, summary_line
 from .push import host_raw
 from .render import NAMES as TEMPLATES
 from .runner import run_steps
-from .source import PROJECT_FILES, deploy_files, scan
+from .source import PROJECT_FILES, scan, source_key
 
 CONFIG_FILES = ("fabric.yaml", "fabric.yml")
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the deploy's, whoever pushed
@@ -134,7 +134,7 @@ def deploy(rec: dict, tar, sha: str, branch: str, pusher: str, work: Path, print
         raise ProvisionError(f"fabric.yaml of commit {short} names the app {s.name!r}, but this repository deploys "
                              f"{rec['app']!r}; push {s.name} to its own repository (fab git.setup)")
     own = [*(tree / f for f in PROJECT_FILES), *(s.templates / n for n in TEMPLATES)]
-    source = scan(s.source, deploy_files(s.source, own), tuple((p, deploy_files(p, own)) for p in s.include))
+    source = scan(*source_key(s, own))
     source = dataclasses.replace(source, revision=short, dirty=False, untracked=())
     rid = source.release_id()
     host = socket.gethostname()

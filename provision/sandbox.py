@@ -485,13 +485,16 @@ class Sandbox:
                 return i
         raise ProvisionError("sandbox: no free address left in 10.231.0.0/24; run `fab sandbox.down --all`")
 
-    def up(self, name: str, snapshot: str | None = None, containers: bool = False) -> Droplet:
+    def up(self, name: str, snapshot: str | None = None, containers: bool = False,
+           create_only: bool = False) -> Droplet:
         """Droplet ``name`` running (a fresh one from the base, or from ``snapshot``); one already
-        running as asked is kept. ``containers``: it can run a container engine (see engine_ready)."""
+        running as asked is kept. ``containers``: it can run a container engine (see engine_ready).
+        ``create_only``: a droplet ``name`` already there (or being made) is refused, never kept or
+        replaced (checked under the lock that allocates addresses)."""
         self.prepare()
         if containers:
             self.base_image()
-        return self._up(name, snapshot, containers)
+        return self._up(name, snapshot, containers, create_only)
 
     def up_many(self, names: list[str], snapshot: str | None = None, workers: int = 8,
                 containers: bool = False) -> list[Droplet]:
@@ -508,10 +511,11 @@ class Sandbox:
             futures = [pool.submit(self._up, name, snapshot, containers) for name in names]
         return [f.result() for f in futures]
 
-    def _up(self, name: str, snapshot: str | None, containers: bool = False) -> Droplet:
+    def _up(self, name: str, snapshot: str | None, containers: bool = False,
+            create_only: bool = False) -> Droplet:
         check_name("droplet", name)
         layers = self.layers(snapshot) if snapshot else []
-        current = self.get(name)
+        current = None if create_only else self.get(name)
         if (current and current.snapshot == snapshot and current.containers == containers and current.running()
                 and self._ssh_banner(current.address, timeout=2)):
             return current
@@ -522,6 +526,9 @@ class Sandbox:
         # Several test runs may start droplets at once: an address is taken under a lock,
         # by writing the droplet's state with it.
         with self._locked():
+            if create_only and self._state_file(name).exists():
+                raise ProvisionError(f"sandbox already has a droplet {name!r}; pick another --name, or remove it "
+                                     f"first: fab droplet.destroy --provider sandbox --name {name}")
             index = self._free_index()
             address = str(NETWORK.network_address + index)
             self._release_rootfs(mdir)

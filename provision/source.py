@@ -45,6 +45,13 @@ def deploy_files(source: Path, paths: Iterable[Path]) -> tuple[str, ...]:
     return tuple(sorted(inside - {"."}))
 
 
+
+def source_key(s, own: Iterable[Path]) -> tuple:
+    """What :func:`scan` reads of the app of settings ``s``: its source, its includes, and of each
+    what to leave out (the deploy's ``own`` files lying inside)."""
+    own = list(own)
+    return s.source, deploy_files(s.source, own), tuple((p, deploy_files(p, own)) for p in s.include)
+
 @dataclass(frozen=True)
 class Source:
     root: Path

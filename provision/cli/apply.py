@@ -42,7 +42,7 @@ from ..output import Printer, summary_line, summary_table
 from ..runner import HostResult, run_steps
 from ..lock import Lock
 from ..render import NAMES as TEMPLATES
-from ..source import PROJECT_FILES, Source, deploy_files, scan, untracked_note
+from ..source import PROJECT_FILES, Source, scan, source_key, untracked_note
 from . import connect_job, guarded, host_failed, on_host
 
 
@@ -60,12 +60,6 @@ def own_files(c, s: cfg.Settings) -> list[Path]:
     """The deploy's own files (fabfile, Fabric's config, the inventories, provision's template
     overrides): never in a release, even where they lie inside the app's source."""
     return [*(project(c) / f for f in PROJECT_FILES), *inventory_paths(c), *(s.templates / n for n in TEMPLATES)]
-
-
-def source_key(s: cfg.Settings, own: list[Path]) -> tuple:
-    """What :func:`provision.source.scan` reads of the app: its source, its includes, and of each
-    what to leave out (the deploy's ``own`` files lying inside)."""
-    return s.source, deploy_files(s.source, own), tuple((p, deploy_files(p, own)) for p in s.include)
 
 
 def plan_hosts(c, flags: dict, *, mode: str = "deploy", break_lock: bool = False, to: str | None = None,

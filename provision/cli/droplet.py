@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +30,40 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"  # where provision (and OpenSSH) look
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    """``path`` replaced whole (a reader never sees half of it), keeping its mode."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        mode = path.stat().st_mode & 0o777
-    tmp = path.with_name(path.name + ".provision-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    """``path`` replaced whole (a reader never sees half of it; a symlink's target is what is replaced),
+    keeping its mode: a temporary file of its own in the same directory, flushed to disk, renamed."""
+    real = Path(os.path.realpath(path))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    if real.exists():
+        mode = real.stat().st_mode & 0o777
+    fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".provision-tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, real)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _edit(path: Path, change) -> str:
+    """``path``'s text replaced by ``change(text)``, read and written under an exclusive lock on a file
+    beside it (``.NAME.lock``): two provision runs editing one inventory or known_hosts file each keep
+    the other's lines. Returns the text written."""
+    real = Path(os.path.realpath(path))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(real.with_name(f".{real.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        text = change(_read(real))
+        _write(real, text)
+        return text
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _read(path: Path) -> str:
@@ -83,34 +111,43 @@ def wait_login(address: str, user: str, key: str, known_hosts: str, label: str, 
 def replace_host_key(address: str, user: str, key: str, known_hosts: Path, label: str) -> str:
     """The host key the user data gave (readable from the droplet's metadata service) replaced by one
     made on the droplet, over a connection checked with the old one; the new one recorded in
-    ``known_hosts`` once a fresh login checked with it works (else the old one is put back). Returns
-    the new key ("TYPE BASE64")."""
+    ``known_hosts`` once a fresh login checked with it works. Returns the new key ("TYPE BASE64").
+
+    On any failure the address's keys leave ``known_hosts``: the user data's key is no longer trusted
+    (anyone who read the metadata service could offer it), and the host is refused until its key is
+    checked by hand."""
     r = connect(address, user, 22, key, str(known_hosts), label=label)
+    rotated = False
     try:
         rc, out, err = r.exec(f"sudo -n sh -c {shlex.quote(plan.rotate_host_key_command())}", timeout=60)
-        if rc != 0 or not out.strip():
-            raise ProvisionError(f"{label}: could not replace the host key the user data gave: "
-                                 f"{(err or out).strip()[:200]}; it stays in use (see README: Droplets)", code=1)
+        if rc != 0 or not out.strip():  # the command put the old key back itself (its trap)
+            raise ProvisionError(f"could not replace the host key the user data gave: {(err or out).strip()[:200]}")
+        rotated = True
         new = " ".join(out.split()[:2])
-        before = _read(known_hosts)
-        _write(known_hosts, plan.record_keys(before, address, [new]))
-        try:
-            deadline = time.monotonic() + RELOAD_GRACE
-            while True:  # sshd re-executes itself on reload: its socket is closed for a moment
-                try:
-                    connect(address, user, 22, key, str(known_hosts), label=label).close()
-                    break
-                except Unreachable as e:
-                    if "connection refused" not in str(e) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
-        except ProvisionError as e:
-            r.exec(f"sudo -n sh -c {shlex.quote(plan.rotate_undo_command())}", timeout=60)
-            _write(known_hosts, before)
-            raise ProvisionError(f"{label}: a login checked with the new host key failed ({e}); the key the user "
-                                 "data gave is back in use", code=1)
+        _edit(known_hosts, lambda text: plan.record_keys(text, address, [new]))
+        deadline = time.monotonic() + RELOAD_GRACE
+        while True:  # sshd re-executes itself on reload: its socket is closed for a moment
+            try:
+                connect(address, user, 22, key, str(known_hosts), label=label).close()
+                break
+            except Unreachable as e:
+                if "connection refused" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         r.exec(f"sudo -n {plan.rotate_cleanup_command()}", timeout=60)
         return new
+    except BaseException as e:
+        try:
+            if rotated:
+                with contextlib.suppress(Exception):  # the old key back in use on the droplet, its files as sshd's
+                    r.exec(f"sudo -n sh -c {shlex.quote(plan.rotate_undo_command())}", timeout=60)
+        finally:
+            _edit(known_hosts, lambda text: plan.forget_keys(text, address))
+        if not isinstance(e, ProvisionError):
+            raise
+        raise ProvisionError(f"{label}: {e}; {address}'s host key is no longer trusted (removed from {known_hosts}): "
+                             f"check its fingerprint on the provider's console, then `fab -H {label} check "
+                             "--accept-new-host-key`, or destroy it (see README: Droplets)", code=1) from None
     finally:
         r.close()
 
@@ -164,13 +201,25 @@ def create_droplet(c, name: str, provider: str | None, size: str | None = None, 
     printer.line(f"{name}: creating at {kind}" + "".join(f", {k} {v}" for k, v in (
         ("size", size or prov.defaults.get("size")), ("region", region or prov.defaults.get("region")),
         ("image", image or prov.defaults.get("image"))) if v))
-    d = prov.create(spec)
     order = Order(prov, spec, user, key, known_hosts or prov.default_known_hosts, replace, inv, wait)
+    d = None
     try:
+        d = prov.create(spec)
         _make_ready(c, order, d, printer, t0, bootstrap)
-    except ProvisionError as e:  # the droplet exists (and costs): say how to remove it
-        raise ProvisionError(f"{e} (droplet {name} exists at {kind}: remove it with `fab droplet.destroy --provider "
-                             f"{kind} --name {name} --yes`)", e.code) from None
+    except ProvisionError as e:
+        if d is None:  # the provider's own line says whether a droplet may exist all the same
+            raise
+        # the droplet exists (and costs): say how to remove it
+        raise ProvisionError(f"{e} (droplet {name}, id {d.id}, exists at {kind}: remove it with `fab droplet.destroy "
+                             f"--provider {kind} --name {name} --yes`)", e.code) from None
+    except BaseException:  # Ctrl-C, an OS error, a bug: said before it goes on up
+        if d is not None:
+            print(f"{name}: droplet {name}, id {d.id}, exists at {kind}: remove it with `fab droplet.destroy --provider "
+                  f"{kind} --name {name} --yes`", file=sys.stderr)
+        else:
+            print(f"{name}: a droplet {name} may have been created at {kind}: fab droplet.list --provider {kind}",
+                  file=sys.stderr)
+        raise
 
 
 @dataclass(frozen=True)
@@ -202,12 +251,18 @@ def _make_ready(c, o: Order, d: Droplet, printer: Printer, t0: float, bootstrap:
                              "provider's console", code=1)
     kh_path = Path(os.path.expanduser(kh))
     if not prov.records_host_keys(kh):  # the sandbox records its own file itself, under its lock
-        _write(kh_path, plan.record_keys(_read(kh_path), d.address, host_keys))
+        _edit(kh_path, lambda text: plan.record_keys(text, d.address, host_keys))
+    default = Path(os.path.expanduser(DEFAULT_KNOWN_HOSTS))
+    if os.path.realpath(default) != os.path.realpath(kh_path) and plan.names_address(_read(default), d.address):
+        # provision (like OpenSSH) reads ~/.ssh/known_hosts first: a stale key for this address there would win
+        _edit(default, lambda text: plan.forget_keys(text, d.address))
+        printer.line(f"{name}: removed {d.address}'s old key from {DEFAULT_KNOWN_HOSTS} (the provider gave the address "
+                     f"to this new droplet, whose key is in {kh})")
     printer.line(f"{name}: {d.address}, host key recorded in {kh} ({', '.join(k.split()[0] for k in host_keys)}); "
                  f"waiting for {user} to log in")
     line = plan.host_line(name, d.address, user, key, None if kh == DEFAULT_KNOWN_HOSTS else kh, kind, d.id,
                           d.inventory_vars)
-    _write(inv, plan.add_host(_read(inv), line, name, o.replace, d.address))
+    _edit(inv, lambda text: plan.add_host(text, line, name, o.replace, d.address))
     ready = wait_login(d.address, user, key, str(kh_path), name, wait)
     if spec.host_keys:  # given in the user data, which the droplet's processes can read: replaced now
         replace_host_key(d.address, user, key, kh_path, name)
@@ -239,31 +294,47 @@ def destroy_droplet(c, name: str, provider: str | None, yes: bool = False) -> No
     if not name:
         raise ProvisionError("name the droplet: fab droplet.destroy --name web1")
     inv = inventory_file(c)
-    found = plan.find_host(_read(inv), name)
+    text = _read(inv)
+    found = plan.find_host(text, name)
+    if found is not None and found.provider is None:  # a line written by hand: not droplet.create's to remove
+        raise ProvisionError(f"{inv.name}'s host {name!r} has no `{plan.MARK}` comment: droplet.destroy removes only "
+                             "droplets it created; destroy that machine at its provider and edit the line by hand")
+    if found is not None and provider and provider.strip().lower() != found.provider:
+        raise ProvisionError(f"{inv.name} records {name!r} as made at {found.provider}, not {provider}; pass "
+                             f"--provider {found.provider} (or none)")
     kind = plan.choose_provider(provider, found.provider if found else None)
     rule = plan.confirm_rule(yes, sys.stdin.isatty() and sys.stdout.isatty())
     if rule == "refuse":
         raise ProvisionError(f"droplet.destroy asks before destroying {name}, and there is no terminal to ask on; "
                              "pass --yes to destroy it without asking")
     prov = load(kind)
-    d = prov.get(name)
+    if found is not None and found.droplet_id:  # the line records which droplet is ours: that one, by its id
+        d = prov.get_by_id(found.droplet_id)
+    else:  # no line (or one without an id): by name
+        d = prov.get(name)
+    if d is not None and found is not None and (d.name != name or (found.host and d.address != found.host)):
+        raise ProvisionError(f"{kind}'s droplet {d.id} is {d.name} at {d.address or 'no address'}, but {inv.name} has "
+                             f"{name} at {found.host}: not destroyed; check `fab droplet.list --provider {kind}`")
     if d is None and found is None:
         raise ProvisionError(f"no droplet {name!r} at {kind} and none in {inv.name}; `fab droplet.list --provider "
                              f"{kind}` shows the droplets")
     what = (f"droplet {name} at {kind} ({d.address or d.id})" if d else f"{name} (gone from {kind} already)") + \
         (f" and its line in {inv.name}" if found else "")
     if rule == "ask":
-        answer = input(f"Destroy {what}? Type the droplet's name to confirm: ")
+        try:
+            answer = input(f"Destroy {what}? Type the droplet's name to confirm: ")
+        except EOFError:  # Ctrl-D: no answer is not a yes
+            answer = ""
+            print()
         if not plan.confirmed(answer, name):
             raise Exit(f"{name}: not destroyed", code=1)
     if d is not None:
         prov.destroy(d)
     if found is not None:
-        text = _read(inv)
         kh = next((w.partition("=")[2] for w in text.splitlines()[found.index].split() if w.startswith("known_hosts=")),
                   DEFAULT_KNOWN_HOSTS)
-        _write(inv, plan.remove_host(text, name))
+        _edit(inv, lambda text: plan.remove_host(text, name))
         kh_path = Path(os.path.expanduser(kh))
         if found.host and not prov.records_host_keys(kh) and kh_path.exists():  # the sandbox forgets its own
-            _write(kh_path, plan.forget_keys(_read(kh_path), found.host))
+            _edit(kh_path, lambda text: plan.forget_keys(text, found.host))
     print(f"{name}: destroyed" + (f"; removed from {inv.name}" if found else ""))

@@ -36,9 +36,9 @@ from ..hosts import jobs, targets
 from ..output import Printer
 from ..render import NAMES as TEMPLATES
 from ..requirements import FROM_PYPROJECT, read_tree
-from ..source import Source, scan, untracked_note
+from ..source import Source, scan, source_key, untracked_note
 from . import guarded
-from .apply import own_files, plan_hosts, run_apply, source_key
+from .apply import own_files, plan_hosts, run_apply
 
 VENVS = "test-venvs"  # in ~/.cache/provision: the test virtualenvs, each a link <key> to its folder
 KEEP_DAYS = 30  # a test virtualenv no ship used for that long is removed

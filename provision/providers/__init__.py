@@ -63,6 +63,10 @@ class Provider:
     def get(self, name: str) -> Droplet | None:
         return next((d for d in self.list() if d.name == name), None)
 
+    def get_by_id(self, droplet_id: str) -> Droplet | None:
+        """The droplet with the provider's id ``droplet_id`` (the one an inventory line records), or None."""
+        return next((d for d in self.list() if d.id == droplet_id), None)
+
     def destroy(self, droplet: Droplet) -> None:
         raise NotImplementedError
 

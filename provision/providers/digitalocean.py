@@ -26,6 +26,7 @@ TAG = "provision"
 INSTALL = "pip install 'provision[digitalocean]'"
 PER_PAGE = 200
 MAX_PAGES = 50  # 10,000 droplets: a bounded walk through the pages
+CONNECT_TIMEOUT, READ_TIMEOUT = 10, 30  # seconds, per request
 
 
 def new_host_key() -> tuple[str, str]:
@@ -78,6 +79,8 @@ class DigitalOcean(Provider):
         secrets.remember([token])
         self._errors = AzureError
         client_kwargs.setdefault("retry_total", 3)  # azure-core's default, 10 with backoff, would wait minutes
+        client_kwargs.setdefault("connection_timeout", CONNECT_TIMEOUT)  # azure-core's: 300 s each
+        client_kwargs.setdefault("read_timeout", READ_TIMEOUT)
         self.client = pydo.Client(token=token, **client_kwargs)
         self.sleep, self.clock = sleep, clock
 
@@ -86,6 +89,8 @@ class DigitalOcean(Provider):
         return cls(environ.get(TOKEN_VARIABLE, "").strip(), **kwargs)
 
     def _call(self, doing: str, fn, *a, **kw):
+        kw.setdefault("connection_timeout", CONNECT_TIMEOUT)  # per request too: a transport given has its own
+        kw.setdefault("read_timeout", READ_TIMEOUT)
         try:
             return fn(*a, **kw)
         except self._errors as e:
@@ -102,34 +107,49 @@ class DigitalOcean(Provider):
         body = {"name": spec.name, "size": spec.size or self.defaults["size"],
                 "region": spec.region or self.defaults["region"], "image": spec.image or self.defaults["image"],
                 "user_data": spec.user_data, "tags": [TAG], "monitoring": True, "ipv6": False}
-        out = self._call(f"creating droplet {spec.name}", self.client.droplets.create, body=body)
+        try:  # never retried: a POST the API took but answered late (5xx, a timeout) would make another droplet
+            out = self.client.droplets.create(body=body, retry_total=0, connection_timeout=CONNECT_TIMEOUT,
+                                              read_timeout=READ_TIMEOUT)
+        except self._errors as e:
+            error = api_error(e, f"creating droplet {spec.name}")
+            status = getattr(e, "status_code", None)
+            if status is not None and 400 <= status < 500:
+                raise error from None  # refused: nothing was created
+            raise type(error)(f"{error}; a droplet may have been created all the same (and costs): "
+                              f"fab droplet.list --provider {self.name}") from None
         return self.droplet(out["droplet"])
 
     def wait_ready(self, droplet: Droplet, timeout: float = 300, interval: float = 3) -> Droplet:
         """Polls the droplet until it is ``active`` with a public IPv4 address (DigitalOcean's ``new``
         lasts about a minute); sshd may answer a little later (the caller waits for its banner)."""
         deadline = self.clock() + timeout
+        status = "new"
         while True:
+            left = deadline - self.clock()
+            if left <= 0:  # checked before each poll: a slow answer never takes the wait past --timeout
+                raise ProvisionError(f"digitalocean: droplet {droplet.name} not active after {timeout:.0f}s (status "
+                                     f"{status!r}); see the control panel", code=1)
             d = self.droplet(self._call(f"reading droplet {droplet.name}", self.client.droplets.get,
-                                        droplet_id=int(droplet.id))["droplet"])
+                                        droplet_id=int(droplet.id), read_timeout=max(1.0, min(READ_TIMEOUT, left)))
+                             ["droplet"])
+            status = d.status
             if d.status == "active" and d.address:
                 return d
             if d.status not in ("new", "active"):
                 raise ProvisionError(f"digitalocean: droplet {d.name} is {d.status!r}, not starting; see the control "
                                      "panel, then `fab droplet.destroy --name " + d.name + "`", code=1)
-            if self.clock() > deadline:
-                raise ProvisionError(f"digitalocean: droplet {d.name} not active after {timeout:.0f}s (status "
-                                     f"{d.status!r}); see the control panel", code=1)
             self.sleep(interval)
 
     def list(self) -> list[Droplet]:
-        out: list[Droplet] = []
+        out: dict[str, Droplet] = {}  # by id: a droplet made or gone between two pages shifts the others
         for page in range(1, MAX_PAGES + 1):
             res = self._call("listing droplets", self.client.droplets.list, tag_name=TAG, per_page=PER_PAGE, page=page)
-            out += [self.droplet(d) for d in res.get("droplets") or []]
+            for d in res.get("droplets") or []:
+                out.setdefault(str(d["id"]), self.droplet(d))
             if not ((res.get("links") or {}).get("pages") or {}).get("next"):
-                break
-        return out
+                return list(out.values())
+        raise ProvisionError(f"digitalocean: more than {MAX_PAGES} pages of droplets tagged {TAG!r} "
+                             f"({MAX_PAGES * PER_PAGE}); not all were read", code=1)
 
     def get(self, name: str) -> Droplet | None:
         """The droplet named ``name`` (DigitalOcean allows several of one name: that is refused)."""

@@ -10,6 +10,7 @@ root login, as cloud-init's users module does on first boot (``provision/remote/
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from .. import remote as programs
@@ -18,6 +19,8 @@ from ..errors import ProvisionError, StepFailed
 from ..layout import CLOUD_INIT_SUDOERS
 from ..ssh import connect
 from . import Droplet, Provider, Spec
+
+SANDBOX_NETWORK = ipaddress.ip_network("10.231.0.0/16")
 
 
 class SandboxProvider(Provider):
@@ -56,11 +59,13 @@ class SandboxProvider(Provider):
 
     def create(self, spec: Spec) -> Droplet:
         users = users_section(spec.user_data)
-        d = self.sb.up(spec.name)
+        d = self.sb.up(spec.name, create_only=True)  # another run's droplet of that name is refused, never taken down
         droplet = self._droplet(d)
         # The droplet's first boot, as cloud-init would do it: over the sandbox's root login, whose
         # host keys the sandbox recorded before the droplet booted.
         try:
+            if ipaddress.ip_address(d.address) not in SANDBOX_NETWORK:
+                raise ProvisionError(f"sandbox: droplet {spec.name} has address {d.address}, outside {SANDBOX_NETWORK}")
             r = connect(d.address, "root", 22, str(self.sb.key), str(self.sb.known_hosts), label=spec.name)
             try:
                 rc, out, err = r.exec(programs.python("cloud_users.py", {"users": users, "sudoers": CLOUD_INIT_SUDOERS}),

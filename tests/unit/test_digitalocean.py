@@ -1,6 +1,7 @@
-"""The digitalocean provider against recorded API responses (tests/unit/data/digitalocean): the real
+"""The digitalocean provider against API responses written from DigitalOcean's API reference
+(tests/unit/data/digitalocean; no real API call is made here): the real
 pydo client, its requests reaching a requests adapter mounted in its HTTP transport, which answers
-from the recorded bodies and records what was asked. Nothing leaves the process."""
+from those bodies and records what was asked. Nothing leaves the process."""
 
 import io
 import json
@@ -25,7 +26,7 @@ API = "api.digitalocean.com"
 
 
 class Recorded(requests.adapters.HTTPAdapter):
-    """DigitalOcean's API as recorded: each request takes the next answer for its method and path."""
+    """DigitalOcean's API as its reference documents it: each request takes the next answer for its method and path."""
 
     def __init__(self, answers: list[tuple[str, str, int, str | None]]):
         super().__init__()
@@ -38,7 +39,7 @@ class Recorded(requests.adapters.HTTPAdapter):
         body = request.body.decode() if isinstance(request.body, bytes) else request.body
         self.asked.append({"method": request.method, "path": url.path, "query": parse_qs(url.query),
                            "body": json.loads(body) if body else None,
-                           "authorization": request.headers.get("Authorization")})
+                           "authorization": request.headers.get("Authorization"), "timeout": kwargs.get("timeout")})
         for i, (method, path, status, name) in enumerate(self.answers):
             if (method, path) == (request.method, url.path):
                 del self.answers[i]
@@ -53,7 +54,7 @@ class Recorded(requests.adapters.HTTPAdapter):
         return self.build_response(request, raw)  # as requests' own adapter does with what urllib3 read
 
 
-def provider(answers, sleeps=None) -> tuple[DigitalOcean, Recorded]:
+def provider(answers, sleeps=None, **kwargs) -> tuple[DigitalOcean, Recorded]:
     api = Recorded(answers)
     session = requests.Session()
     session.mount("https://", api)
@@ -61,7 +62,7 @@ def provider(answers, sleeps=None) -> tuple[DigitalOcean, Recorded]:
     clock = iter(range(0, 10_000, 3))
     p = DigitalOcean(TOKEN, sleep=(sleeps.append if sleeps is not None else lambda s: None),
                      clock=lambda: next(clock), transport=RequestsTransport(session=session, session_owner=False),
-                     retry_total=0)
+                     **{"retry_total": 0, **kwargs})
     return p, api
 
 
@@ -154,3 +155,60 @@ def test_no_token_or_no_client_is_one_line(monkeypatch):
     with pytest.raises(ProvisionError, match=r"^the digitalocean provider needs its client: "
                                              r"pip install 'provision\[digitalocean\]'$"):
         DigitalOcean.from_environment(environ={"DIGITALOCEAN_TOKEN": TOKEN})
+
+
+@pytest.mark.parametrize("status", [500, 503, 504])
+def test_a_create_post_is_never_retried_and_a_5xx_says_a_droplet_may_exist(status):
+    p, api = provider([("POST", "/v2/droplets", status, None)] * 4, retry_total=3, retry_backoff_factor=0)
+    with pytest.raises(ProvisionError) as e:
+        p.create(Spec(name="web1", user_data="#cloud-config\n"))
+    assert [a["method"] for a in api.asked] == ["POST"]
+    assert str(e.value).endswith("; a droplet may have been created all the same (and costs): fab droplet.list "
+                                 "--provider digitalocean") and TOKEN not in str(e.value)
+
+
+def test_a_create_post_timing_out_says_a_droplet_may_exist():
+    class TimedOut(Recorded):
+        def send(self, request, **kwargs):
+            super().send(request, **kwargs)
+            raise requests.exceptions.ReadTimeout("read timed out")
+
+    api = TimedOut([("POST", "/v2/droplets", 202, "create_202.json")] * 4)
+    session = requests.Session()
+    session.mount("https://", api)
+    p = DigitalOcean(TOKEN, transport=RequestsTransport(session=session, session_owner=False), retry_backoff_factor=0)
+    with pytest.raises(ProvisionError) as e:
+        p.create(Spec(name="web1", user_data="#cloud-config\n"))
+    assert len(api.asked) == 1 and e.value.code == 3 and "a droplet may have been created" in str(e.value)
+
+
+def test_a_refused_create_says_nothing_was_made():
+    p, api = provider([("POST", "/v2/droplets", 422, "error_422.json")])
+    with pytest.raises(ProvisionError) as e:
+        p.create(Spec(name="web1", user_data="#cloud-config\n"))
+    assert e.value.code == 2 and "may have been created" not in str(e.value)
+
+
+def test_requests_are_bounded_and_wait_ready_checks_its_deadline_before_each_poll():
+    p, api = provider([("GET", "/v2/droplets/3164444", 200, "get_new.json")] * 30)
+    with pytest.raises(ProvisionError, match=r"not active after 9s"):
+        p.wait_ready(Droplet("web1", "3164444", "digitalocean"), timeout=9, interval=3)
+    assert [a["timeout"] for a in api.asked] == [(10, 6), (10, 3)]  # the clock: +3 a read
+    p, api = provider([("GET", "/v2/droplets", 200, "list_page1.json"), ("GET", "/v2/droplets", 200, "list_page2.json"),
+                       ("POST", "/v2/droplets", 202, "create_202.json")])
+    p.list()
+    p.create(Spec(name="web1", user_data="#cloud-config\n"))
+    assert [a["timeout"] for a in api.asked] == [(10, 30)] * 3  # azure-core's default: 300 s each
+
+
+def test_list_dedupes_by_id_and_refuses_more_than_max_pages(monkeypatch):
+    import provision.providers.digitalocean as do
+
+    p, api = provider([("GET", "/v2/droplets", 200, "list_page1.json"), ("GET", "/v2/droplets", 200, "list_page1.json"),
+                       ("GET", "/v2/droplets", 200, "list_page2.json")])
+    ids = [d.id for d in p.list()]
+    assert len(ids) == len(set(ids)) and len(api.asked) == 3
+    monkeypatch.setattr(do, "MAX_PAGES", 2)
+    p, api = provider([("GET", "/v2/droplets", 200, "list_page1.json")] * 2)
+    with pytest.raises(ProvisionError, match="more than 2 pages of droplets tagged 'provision'"):
+        p.list()

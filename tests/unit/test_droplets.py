@@ -168,7 +168,26 @@ def test_record_keys_replaces_the_addresses_old_lines_only():
     out = plan.record_keys(old, "203.0.113.30", ["ssh-ed25519 NEW", "ecdsa-sha2-nistp256 E"])
     assert out == ("other ssh-rsa X\n[203.0.113.30]:2222 ssh-ed25519 Y\n203.0.113.30 ssh-ed25519 NEW\n"
                    "203.0.113.30 ecdsa-sha2-nistp256 E\n")
-    assert plan.forget_keys(out, "203.0.113.30") == "other ssh-rsa X\n[203.0.113.30]:2222 ssh-ed25519 Y\n"
+    assert plan.forget_keys(out, "203.0.113.30") == "other ssh-rsa X\n"  # the machine is gone: every port's
+
+
+def test_stale_keys_go_hashed_or_in_a_list_of_names_and_paramiko_then_finds_the_new_one(tmp_path):
+    import paramiko
+
+    hashed = paramiko.HostKeys.hash_host("203.0.113.30")
+    hashed_port = paramiko.HostKeys.hash_host("[203.0.113.30]:2222")
+    old = (f"{hashed} ssh-ed25519 {KEY_B64}\n203.0.113.30,web1old ssh-ed25519 {KEY_B64}\n"
+           f"[203.0.113.30]:22 ssh-ed25519 {KEY_B64}\n{hashed_port} ssh-ed25519 {KEY_B64}\n"
+           "# comment\n")
+    assert plan.names_address(old, "203.0.113.30") and not plan.names_address(old, "203.0.113.31")
+    new = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB0wMeUDIxIEEq1Tnnwxx5lnvRFgS3ISbw0Dd+nHxsSS"
+    out = plan.record_keys(old, "203.0.113.30", [new])
+    assert out == (f"web1old ssh-ed25519 {KEY_B64}\n{hashed_port} ssh-ed25519 {KEY_B64}\n"
+                   f"# comment\n203.0.113.30 {new}\n")
+    (tmp_path / "kh").write_text(out)
+    found = paramiko.HostKeys(str(tmp_path / "kh")).lookup("203.0.113.30")
+    assert found["ssh-ed25519"].get_base64() == new.split()[1]
+    assert plan.forget_keys(out, "203.0.113.30").splitlines() == out.splitlines()[:3]
 
 
 # -- confirmation ------------------------------------------------------------------------------------
@@ -182,6 +201,7 @@ def test_destroy_goes_on_with_yes_asks_on_a_terminal_refuses_otherwise():
 
 # -- the command line: mistakes stop in one line, before any provider is asked ----------------------
 ROOT = Path(__file__).resolve().parents[2]
+KEY_B64 = "AAAAC3NzaC1lZDI1NTE5AAAAIEvWo2fU4JEprQPJEGN43M6ct7tANUK8A1AHp0zF88jk"
 FAB = Path(sys.executable).parent / "fab"
 TOKEN = "dop_v1_" + "0badc0ffee" * 6
 

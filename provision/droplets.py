@@ -114,6 +114,7 @@ class HostLine:
     host: str | None  # its host= value
     provider: str | None
     droplet_id: str | None
+    port: int = 22  # its port= value (a hashed known_hosts entry names its port: only then found)
 
 
 def find_host(text: str, name: str) -> HostLine | None:
@@ -136,7 +137,9 @@ def find_host(text: str, name: str) -> HostLine | None:
         if words and words[0] == name:
             pairs = dict(w.partition("=")[::2] for w in words[1:])
             mark = MARK_RE.search(line)
-            return HostLine(i, section, pairs.get("host"), mark and mark.group("provider"), mark and mark.group("id"))
+            port = pairs.get("port", "22")
+            return HostLine(i, section, pairs.get("host"), mark and mark.group("provider"), mark and mark.group("id"),
+                            int(port) if port.isdigit() else 22)
     return None
 
 
@@ -261,9 +264,11 @@ def record_keys(text: str, address: str, keys: tuple[str, ...] | list[str], port
     return "".join(l + "\n" for l in keep + [f"{name} {k}" for k in keys])
 
 
-def forget_keys(text: str, address: str) -> str:
-    """known_hosts ``text`` without ``address``'s keys at any port (hashed ones at port 22 or given)."""
-    return "".join(l + "\n" for l in _without(text, (address, f"[{address}]:22"), any_port_of=address))
+def forget_keys(text: str, address: str, ports: tuple[int, ...] = ()) -> str:
+    """known_hosts ``text`` without ``address``'s keys at any port; hashed ones (which hide their port)
+    at port 22 and at ``ports``."""
+    hosts = (address, *(f"[{address}]:{p}" for p in dict.fromkeys((22, *ports))))
+    return "".join(l + "\n" for l in _without(text, hosts, any_port_of=address))
 
 
 def names_address(text: str, address: str) -> bool:

@@ -336,5 +336,5 @@ def destroy_droplet(c, name: str, provider: str | None, yes: bool = False) -> No
         _edit(inv, lambda text: plan.remove_host(text, name))
         kh_path = Path(os.path.expanduser(kh))
         if found.host and not prov.records_host_keys(kh) and kh_path.exists():  # the sandbox forgets its own
-            _edit(kh_path, lambda text: plan.forget_keys(text, found.host))
+            _edit(kh_path, lambda text: plan.forget_keys(text, found.host, (found.port,)))
     print(f"{name}: destroyed" + (f"; removed from {inv.name}" if found else ""))

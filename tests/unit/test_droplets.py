@@ -188,6 +188,15 @@ def test_stale_keys_go_hashed_or_in_a_list_of_names_and_paramiko_then_finds_the_
     found = paramiko.HostKeys(str(tmp_path / "kh")).lookup("203.0.113.30")
     assert found["ssh-ed25519"].get_base64() == new.split()[1]
     assert plan.forget_keys(out, "203.0.113.30").splitlines() == out.splitlines()[:3]
+    # a hashed entry hides its port: destroy passes the inventory line's port= to find it
+    assert out.splitlines()[1].startswith(hashed_port)
+    assert plan.forget_keys(out, "203.0.113.30", (2222,)).splitlines() == [out.splitlines()[0], "# comment"]
+
+
+def test_destroy_knows_the_inventory_lines_port():
+    text = "[droplets]\nweb1 host=203.0.113.30 port=2222 user=deploy  # droplet: provider=sandbox id=x\nweb2 host=203.0.113.31\n"
+    assert plan.find_host(text, "web1").port == 2222
+    assert plan.find_host(text, "web2").port == 22
 
 
 # -- confirmation ------------------------------------------------------------------------------------

@@ -540,7 +540,7 @@ def test_the_monitor_is_installed_root_only_and_its_timer_runs_every_n_seconds()
     lay = s.layout
     config = by_path[lay.monitor_config]
     assert config.mode == 0o600 and config.sensitive and b"very-secret" in config.content
-    assert json.loads(config.content)["slots"]["a"] == {"socket": lay.socket("a"), "unit": "hello@a",
+    assert json.loads(config.content)["slots"]["a"] == {"address": f"unix:{lay.socket('a')}", "unit": "hello@a",
                                                        "link": lay.slot_link("a")}
     assert by_path[lay.monitor_dir].mode == 0o700 and by_path[lay.monitor_program].mode == 0o700
     timer = by_path[lay.monitor_timer_file].content.decode()
@@ -594,9 +594,10 @@ def test_the_monitor_state_machine():
 
 
 @pytest.fixture
-def world(tmp_path):
+def world(tmp_path, request):
     """A local app (answers 200 or 503 as ``world.healthy`` says), a webhook recording what it gets, a fake
-    systemctl recording its arguments, and the monitor's config pointing at them."""
+    systemctl recording its arguments, and the monitor's config pointing at them. Its slots are a WSGI
+    app's (sockets), or a container app's (local ports) when the test asks (indirect parameter True)."""
 
     class App(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -620,7 +621,8 @@ def world(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/systemctl.log\n")
     (tmp_path / "bin" / "systemctl").chmod(0o755)
-    lay = Layout("hello", nginx_dir=str(tmp_path / "nginx"), run_dir=str(tmp_path / "run"), srv_dir=str(tmp_path / "srv"))
+    lay = Layout("hello", nginx_dir=str(tmp_path / "nginx"), run_dir=str(tmp_path / "run"), srv_dir=str(tmp_path / "srv"),
+                 container=getattr(request, "param", False))
     (tmp_path / "nginx" / "provision").mkdir(parents=True)
     Path(lay.upstream_file).write_text(lay.upstream("b"))
     Path(lay.slots).mkdir(parents=True)
@@ -628,12 +630,10 @@ def world(tmp_path):
     s = build(monitor=5, monitor_failures=2, monitor_webhook=f"http://127.0.0.1:{port}/hook/secret")
     config = monitor.config(s)
     config.update(url=f"http://127.0.0.1:{port}/", state=str(tmp_path / "state.json"), upstream_file=lay.upstream_file,
-                  lock=lay.lock, timeout=2,
-                  slots={slot: {"socket": lay.socket(slot), "unit": lay.unit(slot), "link": lay.slot_link(slot)}
-                         for slot in "ab"})
+                  lock=lay.lock, timeout=2, slots=monitor.slots(lay))
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "monitor.py").write_text(remote.source("monitor.py"))
-    srv.tmp, srv.config = tmp_path, config
+    srv.tmp, srv.config, srv.layout = tmp_path, config, lay
     yield srv
     srv.shutdown()
 
@@ -672,6 +672,17 @@ def test_the_monitor_restarts_the_live_slot_after_k_failures_and_says_so_once(wo
     assert len(world.posts) == 2 and json.loads((world.tmp / "state.json").read_text()) == {"failures": 0, "down": False,
                                                                                          "live": "b r7"}
     assert (world.tmp / "state.json").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("world", [True], indirect=True)
+def test_the_monitor_restarts_a_container_apps_live_slot(world):
+    """A container app's upstream names its live slot by its local port (server 127.0.0.1:<port>), not a socket."""
+    assert Path(world.config["upstream_file"]).read_text().startswith(f"server 127.0.0.1:{world.layout.slot_port('b')} ")
+    world.healthy = False
+    tick(world)
+    out = tick(world)
+    assert restarts(world) == ["restart --no-block hello@b"] and "restarted hello@b" in out
+    assert [b["event"] for _, b in world.posts] == ["down"] and world.posts[0][1]["release"] == "r7"
 
 
 def test_a_failing_webhook_is_logged_and_never_stops_the_restart(world):
@@ -743,8 +754,7 @@ def test_a_deploy_that_begins_during_the_check_is_never_restarted(world):
     def deploy():
         held.append(open(lock, "w"))
         fcntl.flock(held[0], fcntl.LOCK_EX)
-        Path(world.config["upstream_file"]).write_text(Layout("hello").upstream("a").replace(
-            Layout("hello").socket("a"), world.config["slots"]["a"]["socket"]))
+        Path(world.config["upstream_file"]).write_text(world.layout.upstream("a"))
 
     world.on_get = deploy
     out = tick(world)

@@ -358,11 +358,6 @@ class Layout:
         """Where provision's health gate talks to ``slot`` directly (lib_http's ``where``)."""
         return f"127.0.0.1:{self.slot_port(slot)}" if self.container else self.socket(slot)
 
-    @property
-    def address_prefix(self) -> str:
-        """What every slot's address starts with (the final health check's proof)."""
-        return "127.0.0.1:" if self.container else f"unix:{self.socket_dir}/"
-
     def upstream(self, slot: str) -> str:
         """The upstream file's content that sends traffic to ``slot``."""
         return f"server {self.address(slot)} fail_timeout=0;\n"

@@ -159,7 +159,7 @@ def container_configs(s: Settings) -> dict[str, bytes]:
     lay = s.layout
     settings = {"engine": s.engine, "name": s.name, "port": s.port, "repo": lay.image_repo, "run_dir": lay.socket_dir,
                 "slot_ports": {slot: lay.slot_port(slot) for slot in SLOTS}, "init": True,
-                "env_files": [RELEASE_ENV, lay.secrets_file, lay.env_file], "image": s.image}
+                "env_files": [RELEASE_ENV, lay.secrets_file, lay.env_file], "image": s.image, "slice": lay.container_slice}
     return {"unit": rendered(s, "container@.service.j2"),
             "container.json": json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n",
             "container-run.py": remote.source("container_run.py").encode()}

@@ -223,6 +223,43 @@ def test_a_cgroups_memory_is_without_its_page_cache(tmp_path):
     assert (got["memory"], got["usage_from"]) == (50 << 20, "cgroup")
 
 
+def test_a_container_apps_containers_count_in_its_memory_and_cpu(tmp_path):
+    """The engine runs a container in a cgroup of its own (under the app's slice, --cgroup-parent), not in
+    its slot unit's, which holds only the engine's client: both count. Where the cgroups have no counters
+    (no memory controller, as in a sandbox droplet), the RSS of the processes in the slice's groups below."""
+    from .test_containers import app
+
+    slices = json.loads(shlex.split(status.command(app(tmp_path)))[-1])["slices"]
+    assert slices == [["/provision.slice/provision-hello.slice", "/provision-hello.slice"]]
+    assert json.loads(shlex.split(status.command(build()))[-1])["slices"] == []
+    v2, pids = tmp_path / "v2", tmp_path / "pids"
+    for group, mib, usec in (("system.slice/hello@a.service", 10, 1000), ("provision.slice/provision-hello.slice", 60, 5000)):
+        (v2 / group).mkdir(parents=True)
+        (v2 / group / "memory.current").write_text(str(mib << 20) + "\n")
+        (v2 / group / "cpu.stat").write_text(f"usage_usec {usec}\n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nprintf 'Id=hello@a.service\\nActiveState=active\\n"
+                                                "ControlGroup=/system.slice/hello@a.service\\n'\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    status_of_log(tmp_path, [], units=["hello@a"], cgroups=["hello@a"], cgroup_roots=[str(v2)], slices=slices, sample=0)
+    got = json.loads((tmp_path / "status.json").read_text())
+    assert (got["memory"], got["cpu"]["after"][0], got["usage_from"]) == (70 << 20, 6000, "cgroup")
+    # no counters: a container's process (50 MiB), in a scope below the slice (docker's cgroupfs driver's path)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(50 << 20); print(1, flush=True); "
+                               "time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        (pids / "provision-hello.slice" / "docker-1.scope").mkdir(parents=True)
+        (pids / "provision-hello.slice" / "docker-1.scope" / "cgroup.procs").write_text(f"{holder.pid}\n")
+        (pids / "provision-hello.slice" / "cgroup.procs").write_text("")
+        status_of_log(tmp_path, [], units=[], cgroups=[], cgroup_roots=[str(pids)], slices=slices, sample=0)
+    finally:
+        holder.kill()
+        holder.wait()
+    got = json.loads((tmp_path / "status.json").read_text())
+    assert got["memory"] >= 50 << 20 and got["usage_from"] == "processes", got
+
+
 def test_a_busy_systemd_is_no_app_down(tmp_path):
     """`systemctl show` gives no answer in time: the services' states are unknown, not stopped."""
     (tmp_path / "bin").mkdir()

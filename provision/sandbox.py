@@ -16,7 +16,8 @@ droplet stopped after, say, a deploy, kept read-only under ``snapshots/`` and st
 each spending minutes on apt. ``up_many`` boots several at once.
 
 Everything started here is recorded in a state directory and torn down by
-PID; set-up is idempotent and clears leftovers of earlier runs.
+PID (a droplet's checked to be the process started, by its start time: a PID is
+reused); set-up is idempotent and clears leftovers of earlier runs.
 """
 
 from __future__ import annotations
@@ -169,6 +170,16 @@ def _stop_pid(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 15.0)
         pass
 
 
+def _start_time(pid: int | None) -> int | None:
+    """When process ``pid`` started (clock ticks after boot: /proc/<pid>/stat's field 22), None when it is
+    gone. With its PID, it names one process: a PID alone is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rpartition(")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _children(pid: int) -> list[int]:
     """The child processes of ``pid`` (none when it is gone)."""
     out = []
@@ -181,18 +192,20 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _stop_nspawn(pid: int | None, timeout: float = 15.0) -> None:
+def _stop_nspawn(d: Droplet, timeout: float = 15.0) -> None:
     """Stop a droplet's systemd-nspawn: TERM (the droplet shuts down), and when it has not ended within
     ``timeout``, KILL its children first (the droplet's init), then it: nspawn killed alone would leave
-    the droplet's init running, reparented."""
-    if not _alive(pid):
+    the droplet's init running, reparented. Only the process the droplet was started as: its PID, in a
+    state file left behind (a reboot), may be another's now, which is never signalled."""
+    if not d.running():
         return
+    pid = d.pid
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        if not _alive(pid):
+        if not d.running():
             return
         time.sleep(0.1)
     for child in _children(pid):
@@ -282,13 +295,24 @@ class Droplet:
     cgroups: tuple[str, ...] = ()  # the droplet's own cgroup in each hierarchy (see _own_cgroups)
     snapshot: str | None = None  # the snapshot it started from (Sandbox.snapshot)
     containers: bool = False  # booted with what a container engine needs (CONTAINER_NSPAWN_*)
+    started: int | None = None  # when its systemd-nspawn started (_start_time): with pid, that process
 
     @property
     def rootfs(self) -> Path:
         return STATE_DIR / "machines" / self.name / "rootfs"
 
     def running(self) -> bool:
-        return _alive(self.pid)
+        """Its systemd-nspawn runs: the process at ``pid`` is the one started for it (a state recorded
+        before ``started`` was: a systemd-nspawn of this machine's name)."""
+        if not _alive(self.pid):
+            return False
+        if self.started is not None:
+            return _start_time(self.pid) == self.started
+        try:
+            argv = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return argv[0].endswith(b"systemd-nspawn") and f"--machine={self.name}".encode() in argv
 
 
 class Sandbox:
@@ -568,7 +592,8 @@ class Sandbox:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
         droplet = Droplet(name=name, address=address, pid=proc.pid, netns=netns, veth=veth,
-                          cgroups=tuple(map(str, cgroups)), snapshot=snapshot, containers=containers)
+                          cgroups=tuple(map(str, cgroups)), snapshot=snapshot, containers=containers,
+                          started=_start_time(proc.pid))
         self._write_atomic(self._state_file(name), json.dumps(asdict(droplet)))
         deadline = time.monotonic() + 60
         while not self._ssh_banner(address, timeout=1):
@@ -664,7 +689,7 @@ class Sandbox:
         d = self.get(name)
         if d is None:
             return False
-        _stop_nspawn(d.pid)  # systemd-nspawn shuts the droplet down on SIGTERM (its init killed after 15 s)
+        _stop_nspawn(d)  # systemd-nspawn shuts the droplet down on SIGTERM (its init killed after 15 s)
         for group in d.cgroups:
             _remove_cgroup(Path(group))
         self._drop_netns(d.netns, d.veth)
@@ -724,7 +749,7 @@ class Sandbox:
         if not os.path.ismount(mdir / "rootfs"):
             raise ProvisionError(f"sandbox: droplet {droplet_name} has no overlay (overlayfs missing here); "
                                  "snapshots need one")
-        _stop_nspawn(d.pid)
+        _stop_nspawn(d)
         self._release_rootfs(mdir, keep=True)
         self.snapshots.mkdir(parents=True, exist_ok=True)
         layer, partial = self.snapshots / snapshot_name, self.snapshots / f"{snapshot_name}.partial"

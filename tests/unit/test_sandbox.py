@@ -29,14 +29,15 @@ def _snapshot(sb, name, parent=None):
     (sb.snapshots / f"{name}.json").write_text(json.dumps({"from": "d", "parent": parent, "time": 0}))
 
 
-def _droplet(sb, name, snapshot=None):
+def _droplet(sb, name, snapshot=None, pid=0, **over):
+    """A droplet's state file (its network names are no real droplet's: `down` looks for them)."""
     import json
     from dataclasses import asdict
 
     from provision.sandbox import Droplet
 
     (sb.machines / name).mkdir(parents=True)
-    state = asdict(Droplet(name, "10.231.0.99", 0, f"pv-{name}", "pvh99", snapshot=snapshot))
+    state = asdict(Droplet(name, "10.231.0.99", pid, f"pv-unit-test-{name}", "pvh-unit-test", snapshot=snapshot, **over))
     if snapshot is None:
         del state["snapshot"]  # a droplet recorded before snapshots existed
     (sb.machines / name / "state.json").write_text(json.dumps(state))
@@ -138,7 +139,7 @@ def test_a_droplet_that_will_not_stop_loses_its_init_before_its_nspawn():
     import subprocess
     import time
 
-    from provision.sandbox import _alive, _children, _stop_nspawn
+    from provision.sandbox import Droplet, _alive, _children, _start_time, _stop_nspawn
 
     # a stand-in for nspawn that ignores TERM, with a child standing in for the droplet's init
     proc = subprocess.Popen(["/bin/sh", "-c", "trap '' TERM; sleep 60 & wait"])
@@ -146,7 +147,33 @@ def test_a_droplet_that_will_not_stop_loses_its_init_before_its_nspawn():
     while not _children(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     (child,) = _children(proc.pid)
-    _stop_nspawn(proc.pid, timeout=0.3)
+    _stop_nspawn(Droplet("x", "10.231.0.9", proc.pid, "n", "v", started=_start_time(proc.pid)), timeout=0.3)
     assert proc.wait(timeout=5) is not None
     time.sleep(0.1)
     assert not _alive(child)
+
+
+def test_a_pid_that_is_another_process_now_is_never_signalled(tmp_path):
+    """A state file left behind (this machine rebooted): its PID may be another process's now. `down` and
+    `running` know the process the droplet was started as by its start time (a state of an older
+    version, without one: by its command line, a systemd-nspawn of that machine)."""
+    import subprocess
+    import time
+
+    from provision.sandbox import Sandbox, _start_time
+
+    sb = Sandbox(tmp_path)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        for started in (_start_time(other.pid) - 1, None):
+            _droplet(sb, "old", pid=other.pid, started=started)
+            assert not sb.get("old").running()
+            assert sb.down("old") and not (sb.machines / "old").exists()
+            time.sleep(0.3)
+            assert other.poll() is None  # never signalled
+        _droplet(sb, "mine", pid=other.pid, started=_start_time(other.pid))  # the process it started: stopped
+        assert sb.get("mine").running()
+        assert sb.down("mine") and other.wait(timeout=5) is not None  # (reaped by down: no status here)
+    finally:
+        other.kill()
+        other.wait()

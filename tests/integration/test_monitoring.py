@@ -1,5 +1,5 @@
-"""Monitoring a container app (``container: true``) on a container droplet (docker): `fab status` counts
-the container's memory (the engine runs it outside its slot unit's cgroup), and the health monitor
+"""Monitoring a container app (``container: true``) on container droplets: `fab status` counts the
+container's memory (docker and podman run it outside its slot unit's cgroup), and the health monitor
 (app.monitor) restarts a container app that stopped answering. Order matters: each test goes on from the
 state the one before left."""
 
@@ -13,10 +13,11 @@ import pytest
 from provision.layout import Layout
 
 from . import test_containers
-from .conftest import wait_for
+from .conftest import Host, wait_for
 from .test_containers import APP_ENV, SERVER, container_app, deploy, get
 
 cdroplet = test_containers.cdroplet  # a container droplet, docker ready (this module's own)
+pdroplet = test_containers.pdroplet  # one with no engine yet
 
 pytestmark = pytest.mark.integration
 
@@ -38,20 +39,32 @@ def answers(address: str) -> bool:
         return False
 
 
-def test_status_counts_the_containers_memory(cdroplet, source):
-    res, _ = deploy(cdroplet, source, env=MONITOR)
+def memory_in_status(host: Host, source: str, env: dict) -> float:
+    """`fab status`'s memory of the deployed app, MiB; the container in the app's slice (the engine's
+    client alone in its unit's cgroup)."""
+    res, _ = deploy(host, source, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert get(cdroplet.address) == "m1"
-    # the container runs in the app's slice, not in its unit's cgroup (the docker client's)
-    slot = cdroplet.live_slot("capp")
-    pid = cdroplet.sh(f"docker inspect -f '{{{{.State.Pid}}}}' {LAY.container_name(slot)}").strip()
-    assert f"/{LAY.container_slice}/" in cdroplet.sh(f"cat /proc/{pid}/cgroup")
-    res = cdroplet.fab("-H", cdroplet.name, "status", env={**APP_ENV, **MONITOR, "FABRIC_APP_SOURCE": source})
+    assert get(host.address) == "m1"
+    engine = env.get("FABRIC_APP_ENGINE", "docker")
+    pid = host.sh(f"{engine} inspect -f '{{{{.State.Pid}}}}' {LAY.container_name(host.live_slot('capp'))}").strip()
+    assert f"/{LAY.container_slice}/" in host.sh(f"cat /proc/{pid}/cgroup")
+    res = host.fab("-H", host.name, "status", env={**APP_ENV, **env, "FABRIC_APP_SOURCE": source})
     assert res.returncode == 0, res.stdout + res.stderr
     amount, unit = re.search(r"memory (\d+\.\d) (KiB|MiB|GiB)", res.stdout).groups()
-    mib = float(amount) * {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}[unit]
-    print(f"fab status of a container app holding {BALLAST_MIB} MiB: memory {amount} {unit}")
-    assert mib >= BALLAST_MIB, res.stdout
+    print(f"fab status of a container app holding {BALLAST_MIB} MiB ({engine}): memory {amount} {unit}")
+    return float(amount) * {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}[unit]
+
+
+def test_status_counts_the_containers_memory(cdroplet, source):
+    assert memory_in_status(cdroplet, source, MONITOR) >= BALLAST_MIB
+
+
+def test_status_counts_a_podman_containers_memory(pdroplet, sandbox, source, tmp_path_factory):
+    """podman: its client stays in the unit's cgroup; the container and its conmon go to the app's slice."""
+    inv = tmp_path_factory.mktemp("inv") / "inventory.ini"
+    inv.write_text(sandbox.inventory())
+    sandbox.engine_ready(pdroplet, "podman")
+    assert memory_in_status(Host(pdroplet, sandbox, inv), source, {"FABRIC_APP_ENGINE": "podman"}) >= BALLAST_MIB
 
 
 def test_the_monitor_restarts_a_hung_container_app(cdroplet, source):

@@ -159,7 +159,7 @@ def container_configs(s: Settings) -> dict[str, bytes]:
     lay = s.layout
     settings = {"engine": s.engine, "name": s.name, "port": s.port, "repo": lay.image_repo, "run_dir": lay.socket_dir,
                 "slot_ports": {slot: lay.slot_port(slot) for slot in SLOTS}, "init": True,
-                "env_files": [RELEASE_ENV, lay.secrets_file, lay.env_file], "image": s.image}
+                "env_files": [RELEASE_ENV, lay.secrets_file, lay.env_file], "image": s.image, "slice": lay.container_slice}
     return {"unit": rendered(s, "container@.service.j2"),
             "container.json": json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n",
             "container-run.py": remote.source("container_run.py").encode()}
@@ -442,7 +442,8 @@ def proves_upstream(site: bytes) -> bool:
 
 
 def health_check(s: Settings, prove: bool) -> HttpCheck:
-    """The end-to-end check: through nginx on the host, as a visitor would, answered by this
-    app's gunicorn (not nginx's welcome page or another app's site)."""
+    """The end-to-end check: through nginx on the host, as a visitor would, answered by one of this
+    app's slots (its socket, or its container's port: not nginx's welcome page, another app's site, nor
+    another app's container or program on a local port)."""
     return HttpCheck(NGINX_LOCAL + s.health_path, host_header=host_header(s), timeout=s.health_timeout,
-                     expect=(UPSTREAM_HEADER, s.layout.address_prefix) if prove else None)
+                     expect=(UPSTREAM_HEADER, tuple(s.layout.address(slot) for slot in SLOTS)) if prove else None)

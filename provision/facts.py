@@ -52,7 +52,7 @@ class Facts:
     def command(self, cmd: str) -> int:
         return self._answers[("command", cmd)]
 
-    def http(self, url: str, host: str = "", expect: tuple[str, str] | None = None) -> int:
+    def http(self, url: str, host: str = "", expect: tuple[str, tuple[str, ...]] | None = None) -> int:
         return self._answers[("http", http_fact_arg(url, host, expect))]
 
 
@@ -61,8 +61,8 @@ def below(base: str, rel: str) -> Fact:
     return ("content_below", f"{base}\0{rel}")
 
 
-def http_fact_arg(url: str, host: str, expect: tuple[str, str] | None) -> str:
-    return json.dumps([url, host, *(expect or ())])
+def http_fact_arg(url: str, host: str, expect: tuple[str, tuple[str, ...]] | None) -> str:
+    return json.dumps([url, host, *((expect[0], list(expect[1])) if expect else ())])
 
 
 def collect_facts(steps: Iterable["Step"]) -> list[Fact]:

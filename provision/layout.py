@@ -358,11 +358,6 @@ class Layout:
         """Where provision's health gate talks to ``slot`` directly (lib_http's ``where``)."""
         return f"127.0.0.1:{self.slot_port(slot)}" if self.container else self.socket(slot)
 
-    @property
-    def address_prefix(self) -> str:
-        """What every slot's address starts with (the final health check's proof)."""
-        return "127.0.0.1:" if self.container else f"unix:{self.socket_dir}/"
-
     def upstream(self, slot: str) -> str:
         """The upstream file's content that sends traffic to ``slot``."""
         return f"server {self.address(slot)} fail_timeout=0;\n"
@@ -386,6 +381,20 @@ class Layout:
 
     def container_name(self, slot: str) -> str:
         return f"{self.name}-{slot}"
+
+    @property
+    def container_slice(self) -> str:
+        """The systemd slice the app's containers run in (the engine's --cgroup-parent): the slot's unit
+        holds only the engine's client, the engine puts the container in a cgroup of its own, under
+        this slice (fab status counts it). '-' escaped as systemd-escape does: a name's dash would make
+        it another app's sub-slice (app my-app's inside app my's)."""
+        return "provision-" + self.name.replace("-", "\\x2d") + ".slice"
+
+    @property
+    def container_cgroups(self) -> tuple[str, str]:
+        """Where that slice's cgroup is: the engine's systemd driver nests it in provision.slice (as systemd
+        does a dashed slice name), its cgroupfs driver makes it at the top."""
+        return f"/provision.slice/{self.container_slice}", f"/{self.container_slice}"
 
     def container_env(self, slot: str) -> str:
         """Root's alone, made at each start of a slot's container: the app's environment as the engine's

@@ -53,9 +53,14 @@ def config(s) -> dict:
     return {"app": s.name, "url": NGINX_LOCAL + s.health_path, "host": host_header(s), "timeout": CHECK_TIMEOUT,
             "restart_timeout": RESTART_TIMEOUT,
             "failures": s.monitor_failures, "webhook": s.monitor_webhook, "state": lay.monitor_state,
-            "upstream_file": lay.upstream_file, "lock": lay.lock,
-            "slots": {slot: {"socket": lay.socket(slot), "unit": lay.unit(slot), "link": lay.slot_link(slot)}
-                      for slot in SLOTS}}
+            "upstream_file": lay.upstream_file, "lock": lay.lock, "slots": slots(lay)}
+
+
+def slots(lay: Layout) -> dict:
+    """Each slot as the monitor knows it: its address as the upstream file names it (a socket's, or a
+    container app's local port: how the monitor tells the live slot), its unit, its link."""
+    return {slot: {"address": lay.address(slot), "unit": lay.unit(slot), "link": lay.slot_link(slot)}
+            for slot in SLOTS}
 
 
 def service_unit(lay: Layout, every: int) -> bytes:

@@ -16,7 +16,8 @@ droplet stopped after, say, a deploy, kept read-only under ``snapshots/`` and st
 each spending minutes on apt. ``up_many`` boots several at once.
 
 Everything started here is recorded in a state directory and torn down by
-PID; set-up is idempotent and clears leftovers of earlier runs.
+PID (a droplet's checked to be the process started, by its start time: a PID is
+reused); set-up is idempotent and clears leftovers of earlier runs.
 """
 
 from __future__ import annotations
@@ -84,11 +85,13 @@ ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman", "runc", "catat
 # podman here: crun raises RLIMIT_MEMLOCK, which this machine does not allow (runc does not), and the
 # droplet's cgroup tree has no pids controller.
 PODMAN_CONF = '[containers]\npids_limit = 0\n\n[engine]\nruntime = "runc"\n'
-BASE_IMAGE = "localhost/debian:12"  # a container droplet's base image, imported from local files (no registry here)
+# A container droplet's base image, localhost/debian:<the suite's version>, imported from local files (no
+# registry here): the cached base root file system as a tarball, bound into the droplet at DROPLET_IMAGES.
+SUITE_VERSIONS = {"bookworm": "12", "trixie": "13"}
+DROPLET_IMAGES = "/var/lib/provision-sandbox"
 # What the base image leaves out of the base root file system: the API file systems and scratch space.
 BASE_IMAGE_EXCLUDES = ("./proc/*", "./sys/*", "./dev/*", "./run/*", "./tmp/*", "./var/tmp/*", "./var/cache/apt/archives/*.deb",
                        "./etc/ssh/ssh_host_*")
-DROPLET_IMAGE_TAR = "/var/lib/provision-sandbox/debian-12.tar"  # inside a container droplet
 HOST_TOOLS = {  # command -> Debian package providing it
     "debootstrap": "debootstrap",
     "systemd-nspawn": "systemd-container",
@@ -169,6 +172,16 @@ def _stop_pid(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 15.0)
         pass
 
 
+def _start_time(pid: int | None) -> int | None:
+    """When process ``pid`` started (clock ticks after boot: /proc/<pid>/stat's field 22), None when it is
+    gone. With its PID, it names one process: a PID alone is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rpartition(")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _children(pid: int) -> list[int]:
     """The child processes of ``pid`` (none when it is gone)."""
     out = []
@@ -181,18 +194,20 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _stop_nspawn(pid: int | None, timeout: float = 15.0) -> None:
+def _stop_nspawn(d: Droplet, timeout: float = 15.0) -> None:
     """Stop a droplet's systemd-nspawn: TERM (the droplet shuts down), and when it has not ended within
     ``timeout``, KILL its children first (the droplet's init), then it: nspawn killed alone would leave
-    the droplet's init running, reparented."""
-    if not _alive(pid):
+    the droplet's init running, reparented. Only the process the droplet was started as: its PID, in a
+    state file left behind (a reboot), may be another's now, which is never signalled."""
+    if not d.running():
         return
+    pid = d.pid
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        if not _alive(pid):
+        if not d.running():
             return
         time.sleep(0.1)
     for child in _children(pid):
@@ -282,13 +297,24 @@ class Droplet:
     cgroups: tuple[str, ...] = ()  # the droplet's own cgroup in each hierarchy (see _own_cgroups)
     snapshot: str | None = None  # the snapshot it started from (Sandbox.snapshot)
     containers: bool = False  # booted with what a container engine needs (CONTAINER_NSPAWN_*)
+    started: int | None = None  # when its systemd-nspawn started (_start_time): with pid, that process
 
     @property
     def rootfs(self) -> Path:
         return STATE_DIR / "machines" / self.name / "rootfs"
 
     def running(self) -> bool:
-        return _alive(self.pid)
+        """Its systemd-nspawn runs: the process at ``pid`` is the one started for it (a state recorded
+        before ``started`` was: a systemd-nspawn of this machine's name)."""
+        if not _alive(self.pid):
+            return False
+        if self.started is not None:
+            return _start_time(self.pid) == self.started
+        try:
+            argv = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return argv[0].endswith(b"systemd-nspawn") and f"--machine={self.name}".encode() in argv
 
 
 class Sandbox:
@@ -558,17 +584,15 @@ class Sandbox:
         cgroups = _own_cgroups(name)
         # The launching shell joins the droplet's own cgroups, then becomes systemd-nspawn.
         join = 'for g in $PV_CGROUPS; do echo $$ > "$g/cgroup.procs" || exit 1; done; exec "$@"'
-        nspawn = ["systemd-nspawn", "-q", "-D", str(rootfs), "-b", "--register=no", "--keep-unit",
-                  f"--machine={name}", f"--network-namespace-path=/run/netns/{netns}", "--console=read-only",
-                  "--capability=CAP_NET_ADMIN", *(CONTAINER_NSPAWN_ARGS if containers else ()),
-                  *(self._engine_binds(mdir) if containers else ())]
+        nspawn, nspawn_env = self.nspawn_command(name, mdir, netns, containers)
         proc = subprocess.Popen(
             ["/bin/sh", "-c", join, "sh", *nspawn], env={**os.environ, "PV_CGROUPS": " ".join(map(str, cgroups)),
-                                                         **(CONTAINER_NSPAWN_ENV if containers else {})},
+                                                         **nspawn_env},
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )
         droplet = Droplet(name=name, address=address, pid=proc.pid, netns=netns, veth=veth,
-                          cgroups=tuple(map(str, cgroups)), snapshot=snapshot, containers=containers)
+                          cgroups=tuple(map(str, cgroups)), snapshot=snapshot, containers=containers,
+                          started=_start_time(proc.pid))
         self._write_atomic(self._state_file(name), json.dumps(asdict(droplet)))
         deadline = time.monotonic() + 60
         while not self._ssh_banner(address, timeout=1):
@@ -586,12 +610,23 @@ class Sandbox:
     def image_tar(self) -> Path:
         return self.dir / "images" / f"debian-{self.suite}.tar"
 
+    @property
+    def image_name(self) -> str:
+        """The base image container droplets build from: localhost/debian:12 (13 for trixie)."""
+        return f"localhost/debian:{SUITE_VERSIONS.get(self.suite, self.suite)}"
+
+    @property
+    def droplet_image_tar(self) -> str:
+        """Where a container droplet finds the base image's tarball."""
+        return f"{DROPLET_IMAGES}/debian-{SUITE_VERSIONS.get(self.suite, self.suite)}.tar"
+
     def base_image(self) -> Path:
-        """The tarball container droplets import as BASE_IMAGE: the cached base root file system
-        (Debian 12 with python3), without API file systems and host keys. Made once (about 5 s)."""
+        """The tarball container droplets import as ``image_name``: the cached base root file system
+        (Debian with python3), without API file systems and host keys. Made once (about 5 s), and again
+        when the base is newer (rebuilt since)."""
         self.ensure_base()
         tar = self.image_tar
-        if tar.exists():
+        if tar.exists() and tar.stat().st_mtime >= self.base.stat().st_mtime:
             return tar
         tar.parent.mkdir(parents=True, exist_ok=True)
         partial = tar.with_name(tar.name + f".{os.getpid()}.partial")
@@ -600,34 +635,43 @@ class Sandbox:
         partial.rename(tar)
         return tar
 
-    def _engine_binds(self, mdir: Path) -> list[str]:
-        """nspawn's options that give the engines storage of the droplet's own (ENGINE_STORAGE), and
-        the base image's tarball, read-only."""
-        out = [f"--bind-ro={self.image_tar}:{DROPLET_IMAGE_TAR}"]
-        for path in ENGINE_STORAGE:
-            own = mdir / "engine" / path.rsplit("/", 1)[-1]
-            own.mkdir(parents=True, exist_ok=True)
-            out.append(f"--bind={own}:{path}")
-        return out
+    def nspawn_command(self, name: str, mdir: Path, netns: str, containers: bool) -> tuple[list[str], dict[str, str]]:
+        """The systemd-nspawn command that boots droplet ``name`` (its directory ``mdir``), and what it adds
+        to nspawn's environment. Pure. Only a container droplet gets what an engine needs
+        (CONTAINER_NSPAWN_*), storage of its own for the engines (ENGINE_STORAGE) and the base image's
+        tarball, read-only."""
+        argv = ["systemd-nspawn", "-q", "-D", str(mdir / "rootfs"), "-b", "--register=no", "--keep-unit",
+                f"--machine={name}", f"--network-namespace-path=/run/netns/{netns}", "--console=read-only",
+                "--capability=CAP_NET_ADMIN"]
+        if not containers:
+            return argv, {}
+        return [*argv, *CONTAINER_NSPAWN_ARGS, f"--bind-ro={self.image_tar}:{self.droplet_image_tar}",
+                *(f"--bind={own}:{path}" for own, path in self._engine_storage(mdir))], dict(CONTAINER_NSPAWN_ENV)
+
+    @staticmethod
+    def _engine_storage(mdir: Path) -> list[tuple[Path, str]]:
+        """Each engine's storage (ENGINE_STORAGE): the droplet's own directory for it, and the path inside."""
+        return [(mdir / "engine" / path.rsplit("/", 1)[-1], path) for path in ENGINE_STORAGE]
 
     def _container_files(self, rootfs: Path) -> None:
-        """What a container droplet holds besides the base: where the base image's tarball is bound
-        (read-only: the droplet's root can never change the cache other droplets import) and podman's
-        settings for this machine (PODMAN_CONF; docker needs none)."""
-        target = rootfs / DROPLET_IMAGE_TAR.lstrip("/")
+        """What a container droplet holds besides the base: its engines' storage, where the base image's
+        tarball is bound (read-only: the droplet's root can never change the cache other droplets import)
+        and podman's settings for this machine (PODMAN_CONF; docker needs none)."""
+        for own, _ in self._engine_storage(rootfs.parent):
+            own.mkdir(parents=True, exist_ok=True)
+        target = rootfs / self.droplet_image_tar.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.touch()
         conf = rootfs / "etc/containers/containers.conf"
         conf.parent.mkdir(parents=True, exist_ok=True)
         conf.write_text(PODMAN_CONF)
 
-    @staticmethod
-    def engine_script(engine: str, proxy: str) -> str:
+    def engine_script(self, engine: str, proxy: str) -> str:
         """The droplet's shell script that makes ``engine`` ready: its packages when missing (apt through
-        ``proxy``), BASE_IMAGE imported when missing, then ``<engine> info`` must answer."""
+        ``proxy``), the base image (``image_name``) imported when missing, then ``<engine> info`` must answer."""
         if engine not in ENGINES:
             raise ProvisionError(f"sandbox: unknown container engine {engine!r}; use one of {', '.join(ENGINES)}")
-        pkgs = " ".join(ENGINE_PACKAGES[engine])
+        pkgs, image = " ".join(ENGINE_PACKAGES[engine]), self.image_name
         return "\n".join([
             "set -e",
             f"export http_proxy={proxy} https_proxy={proxy} DEBIAN_FRONTEND=noninteractive",
@@ -637,13 +681,13 @@ class Sandbox:
             f"  apt-get install -y -qq --no-install-recommends {pkgs} >/dev/null",
             "fi",
             f"{engine} info >/dev/null",
-            f"{engine} image inspect {BASE_IMAGE} >/dev/null 2>&1 || {engine} import {DROPLET_IMAGE_TAR} {BASE_IMAGE} >/dev/null",
+            f"{engine} image inspect {image} >/dev/null 2>&1 || {engine} import {self.droplet_image_tar} {image} >/dev/null",
             "",
         ])
 
     def engine_ready(self, droplet: Droplet, engine: str = "docker") -> float:
         """Container engine ``engine`` running in ``droplet`` (one started with ``containers``), with
-        BASE_IMAGE in its store; idempotent. Returns the seconds it took."""
+        the base image in its store; idempotent. Returns the seconds it took."""
         if not droplet.containers:
             raise ProvisionError(f"sandbox: droplet {droplet.name} was not started for containers; "
                                  f"`fab sandbox.down --name {droplet.name}`, then `fab sandbox.up --name {droplet.name} --containers`")
@@ -664,7 +708,7 @@ class Sandbox:
         d = self.get(name)
         if d is None:
             return False
-        _stop_nspawn(d.pid)  # systemd-nspawn shuts the droplet down on SIGTERM (its init killed after 15 s)
+        _stop_nspawn(d)  # systemd-nspawn shuts the droplet down on SIGTERM (its init killed after 15 s)
         for group in d.cgroups:
             _remove_cgroup(Path(group))
         self._drop_netns(d.netns, d.veth)
@@ -724,7 +768,7 @@ class Sandbox:
         if not os.path.ismount(mdir / "rootfs"):
             raise ProvisionError(f"sandbox: droplet {droplet_name} has no overlay (overlayfs missing here); "
                                  "snapshots need one")
-        _stop_nspawn(d.pid)
+        _stop_nspawn(d)
         self._release_rootfs(mdir, keep=True)
         self.snapshots.mkdir(parents=True, exist_ok=True)
         layer, partial = self.snapshots / snapshot_name, self.snapshots / f"{snapshot_name}.partial"

@@ -38,6 +38,7 @@ def command(s: Settings, sample: float = SAMPLE) -> str:
     return remote.python("status.py", {
         "url": NGINX_LOCAL + s.health_path, "host": host_header(s), "units": status_units(s),
         "cgroups": [*(lay.unit(slot) for slot in SLOTS), *map(lay.process_unit, s.processes)],
+        "slices": [list(lay.container_cgroups)] if s.container else [],
         "access_log": lay.access_log, "window": WINDOW, "tail_bytes": TAIL_BYTES, "release_log": lay.release_log,
         "current": lay.current, "upstream_file": lay.upstream_file, "root": lay.root,
         "certificate": lay.certificate if s.tls else None, "sample": sample,

@@ -519,7 +519,7 @@ class Service(Step):
 @dataclass(repr=False)
 class HttpCheck(Step):
     """The service answers ``url`` with a 2xx status (retried up to ``timeout`` seconds), and,
-    with ``expect`` (header, prefix), with that header starting so: proof of who answered.
+    with ``expect`` (header, values), with that header one of the values: proof of who answered.
 
     Runs whenever anything changed in this run; otherwise the status gathered
     with the facts decides.
@@ -528,7 +528,7 @@ class HttpCheck(Step):
     url: str
     host_header: str = ""
     timeout: int = 30
-    expect: tuple[str, str] | None = None
+    expect: tuple[str, tuple[str, ...]] | None = None
 
     @property
     def name(self):

@@ -206,7 +206,7 @@ def maintenance_off(c):
 @task(iterable=["name"], help={"name": f"droplet name (repeatable; default {DROPLET})",
                                 "snapshot": "start them from this snapshot (fab sandbox.snapshot)",
                                 "parallel": "droplets booting at once (default 8)",
-                                "containers": "droplets that run a container engine, with localhost/debian:12",
+                                "containers": "droplets that run a container engine, with localhost/debian:12 (13 for trixie)",
                                 "engine": "with --containers: docker (default) or podman"})
 def up(c, name=None, snapshot=None, parallel=8, containers=False, engine="docker"):
     """Start local sandbox droplets (systemd-nspawn; needs root)."""

@@ -34,7 +34,9 @@ def _write_sandbox_inventory(sb, c) -> Path:
 def sandbox_up(c, names: list[str], snapshot: str | None = None, parallel: int = 8,
                containers: str | None = None) -> list:
     """``containers``: None, or the container engine to make ready in each droplet (docker, podman)."""
-    from ..sandbox import BASE_IMAGE, ENGINES
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..sandbox import ENGINES
 
     if containers is not None and containers not in ENGINES:
         raise ProvisionError(f"unknown container engine {containers!r}: use --containers or --engine "
@@ -42,10 +44,12 @@ def sandbox_up(c, names: list[str], snapshot: str | None = None, parallel: int =
     sb = _sandbox()
     t0 = time.monotonic()
     out = sb.up_many(names, snapshot=snapshot, workers=parallel, containers=containers is not None)
-    for d in out:
-        ready = ""
-        if containers:
-            ready = f", {containers} ready with {BASE_IMAGE} in {sb.engine_ready(d, containers):.1f}s"
+    took = [None] * len(out)
+    if containers:  # each droplet's engine made ready at once (apt through the proxy, the image imported)
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(out)))) as pool:
+            took = list(pool.map(lambda d: sb.engine_ready(d, containers), out))
+    for d, seconds in zip(out, took):
+        ready = f", {containers} ready with {sb.image_name} in {seconds:.1f}s" if containers else ""
         print(f"{d.name}: up at {d.address}" + (f" from snapshot {snapshot}" if snapshot else "") + ready +
               f"  (ssh -i {sb.key} -o UserKnownHostsFile={sb.known_hosts} root@{d.address})")
     print(f"{len(out)} droplet(s) up in {time.monotonic() - t0:.1f}s")

@@ -56,7 +56,7 @@ def env_file(path):
 
 
 # --init: an init process (docker's tini, podman's catatonit) passes the engine's stop signal on to the app
-HARDENING = ["--cap-drop=ALL", "--security-opt=no-new-privileges"] + (["--init"] if c.get("init") else [])
+HARDENING = ["--cap-drop=ALL", "--security-opt=no-new-privileges"] + (["--init"] if c.get("init") else []) + ["--cgroup-parent=" + c["slice"]]
 
 if sys.argv[1] == "serve":
     slot = sys.argv[2]

@@ -230,14 +230,14 @@ def command_fact(cmd):
 
 def http_fact(arg):
     """Status code of a plain-HTTP GET (lib_http's), 0 when nothing answers or, given
-    [url, host, header, prefix], the header does not start with prefix."""
+    [url, host, header, values], the header is none of the values."""
     url, host, *expect = json.loads(arg)
     where, path = split_url(url)
     try:
         status, got = http_get(where, path, host or where, expect[0] if expect else "")
     except (OSError, ValueError):
         return 0
-    return 0 if expect and not got.startswith(expect[1]) else status
+    return 0 if expect and got not in expect[1] else status
 
 
 def sshd_fact(user):

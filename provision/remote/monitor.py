@@ -5,8 +5,9 @@
 # first good check after that POSTs "recovered". A failing webhook is logged, never blocks a restart.
 # argv[1]: its config file (root's alone: it holds the webhook), JSON: app, url, host, timeout,
 # restart_timeout (seconds systemctl restart may take), failures, webhook (or ""), state (root's alone), upstream_file, lock (the deploy lock), slots:
-# {slot: {socket, unit, link}}. Its count lives in the state file between runs, with the live slot and
-# release it counts for: a deploy or rollback (another live slot or release) starts it again from 0.
+# {slot: {address, unit, link}} (address as the upstream file names it: unix:<socket>, or a container app's
+# 127.0.0.1:<port>). Its count lives in the state file between runs, with the live slot and release it
+# counts for: a deploy or rollback (another live slot or release) starts it again from 0.
 import json
 import os
 import socket
@@ -80,7 +81,7 @@ def live_slot(c):
     except OSError:
         return None
     for slot, v in sorted(c["slots"].items()):
-        if "server unix:%s " % v["socket"] in text:
+        if "server %s " % v["address"] in text:
             return slot
     return None
 

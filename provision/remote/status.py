@@ -1,10 +1,11 @@
 # Runs on the managed host (stdlib python3, after lib_http and lib_logtime): what `fab status` shows
 # of one app, collected in one go; the numbers only (provision/status.py decides what they mean).
 # argv[1] is JSON: url, host (Host header), units (every unit to report), cgroups (the units whose
-# memory and CPU count), access_log, window (seconds of it), tail_bytes (most of it read), release_log,
-# current, upstream_file, root (disk), certificate (path or null), sample (seconds between two CPU
-# readings; 0: one reading), systemd_timeout (seconds `systemctl show` may take), alarm (seconds the whole
-# may take). Prints one JSON object; on stderr, the seconds each step took (and, stopped by the alarm,
+# memory and CPU count), slices (more cgroups that count, of each list of paths the first there: a
+# container app's containers, which the engine runs outside their units' cgroups), access_log, window
+# (seconds of it), tail_bytes (most of it read), release_log, current, upstream_file, root (disk),
+# certificate (path or null), sample (seconds between two CPU readings; 0: one reading), systemd_timeout
+# (seconds `systemctl show` may take), alarm (seconds the whole may take). Prints one JSON object; on stderr, the seconds each step took (and, stopped by the alarm,
 # the step it was stuck in: exit 1).
 import json
 import os
@@ -92,7 +93,12 @@ def group_usage(group):
                      if l.startswith("file ") and l.split()[1].isdigit()]
             return max(0, int(m) - (cache[0] if cache else 0)), usec[0] if usec else 0
     source["from"] = "processes"
-    pids = next((p.split() for p in (read(r + group + "/cgroup.procs") for r in CGROUP_ROOTS) if p is not None), [])
+    pids = []  # the group's and its descendants' (a slice's are all in the groups below it)
+    for root in CGROUP_ROOTS:
+        if os.path.isdir(root + group):
+            for top, _, _ in os.walk(root + group):
+                pids += (read(top + "/cgroup.procs") or "").split()
+            break
     mem, cpu = 0, 0
     for pid in pids:
         status, stat = read("/proc/%s/status" % pid), read("/proc/%s/stat" % pid)
@@ -105,8 +111,9 @@ def group_usage(group):
 
 def usage():
     mem, cpu = 0, 0
-    for unit in a["cgroups"]:
-        group = units.get(unit, {}).get("cgroup")
+    groups = [units.get(unit, {}).get("cgroup") for unit in a["cgroups"]]
+    groups += [next((g for g in paths for r in CGROUP_ROOTS if os.path.isdir(r + g)), None) for paths in a["slices"]]
+    for group in groups:
         if group:
             m, c = group_usage(group)
             mem, cpu = mem + m, cpu + c

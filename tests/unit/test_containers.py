@@ -51,7 +51,7 @@ def test_each_slot_of_a_container_app_listens_on_a_local_port_of_its_own():
     a, b = lay.slot_port("a"), lay.slot_port("b")
     assert 20000 <= a < b == a + 1 <= 29999 and a % 2 == 0
     assert lay.upstream("b") == f"server 127.0.0.1:{b} fail_timeout=0;\n"
-    assert (lay.address("a"), lay.answers("a"), lay.address_prefix) == (f"127.0.0.1:{a}", f"127.0.0.1:{a}", "127.0.0.1:")
+    assert (lay.address("a"), lay.answers("a")) == (f"127.0.0.1:{a}", f"127.0.0.1:{a}")
     # either kind of upstream file names its slot, whatever the layout reading it
     assert Layout("hello").live_slot(lay.upstream("b")) == "b" and lay.live_slot(Layout("hello").upstream("a")) == "a"
     assert Layout("other", container=True).live_slot(lay.upstream("a")) is None
@@ -145,7 +145,7 @@ def test_container_run_gives_the_engine_the_apps_environment_in_a_root_only_file
     assert res.returncode == 0, res.stderr
     lines = log.read_text().splitlines()
     assert lines[0].startswith("run --rm -i --env-file ") and lines[0].endswith(
-        "--cap-drop=ALL --security-opt=no-new-privileges --init localhost/hello:r5 /bin/sh -c true")
+        "--cap-drop=ALL --security-opt=no-new-privileges --init --cgroup-parent=provision-hello.slice localhost/hello:r5 /bin/sh -c true")
     assert lines[1:] == ["ONLY=env", "PLAIN=3", 'TOKEN=s3cr=t "x"']
     assert not list((tmp_path / "run").iterdir())  # a one-off's env file goes with it
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 from provision import remote
+from provision.facts import http_fact_arg
+from provision.layout import Layout
 
 SCRIPT = remote.source("facts.py")
 
@@ -66,11 +68,11 @@ def test_http_fact_reports_status_codes_sends_the_host_header_and_checks_who_ans
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         facts = gather([["http", json.dumps([f"{url}/ok", "example.test"])], ["http", json.dumps([f"{url}/no", ""])],
-                        ["http", json.dumps([f"{url}/ok", "", "X-Provision-Upstream", "unix:/run/provision/hello/"])],
-                        ["http", json.dumps([f"{url}/ok", "", "X-Provision-Upstream", "unix:/run/provision/other/"])]])
+                        *[["http", http_fact_arg(f"{url}/ok", "", ("X-Provision-Upstream", tuple(lay.address(s) for s in "ab")))]
+                          for lay in (Layout("hello"), Layout("other"), Layout("hello", container=True))]])
     finally:
         server.shutdown()
-    assert facts == [200, 404, 200, 0]  # the last: answered, but not by that app
+    assert facts == [200, 404, 200, 0, 0]  # the last two: answered, but not by that app
     assert seen[:2] == [("/ok", "example.test"), ("/no", url.split("//")[1])]
 
 

@@ -223,6 +223,43 @@ def test_a_cgroups_memory_is_without_its_page_cache(tmp_path):
     assert (got["memory"], got["usage_from"]) == (50 << 20, "cgroup")
 
 
+def test_a_container_apps_containers_count_in_its_memory_and_cpu(tmp_path):
+    """The engine runs a container in a cgroup of its own (under the app's slice, --cgroup-parent), not in
+    its slot unit's, which holds only the engine's client: both count. Where the cgroups have no counters
+    (no memory controller, as in a sandbox droplet), the RSS of the processes in the slice's groups below."""
+    from .test_containers import app
+
+    slices = json.loads(shlex.split(status.command(app(tmp_path)))[-1])["slices"]
+    assert slices == [["/provision.slice/provision-hello.slice", "/provision-hello.slice"]]
+    assert json.loads(shlex.split(status.command(build()))[-1])["slices"] == []
+    v2, pids = tmp_path / "v2", tmp_path / "pids"
+    for group, mib, usec in (("system.slice/hello@a.service", 10, 1000), ("provision.slice/provision-hello.slice", 60, 5000)):
+        (v2 / group).mkdir(parents=True)
+        (v2 / group / "memory.current").write_text(str(mib << 20) + "\n")
+        (v2 / group / "cpu.stat").write_text(f"usage_usec {usec}\n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nprintf 'Id=hello@a.service\\nActiveState=active\\n"
+                                                "ControlGroup=/system.slice/hello@a.service\\n'\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    status_of_log(tmp_path, [], units=["hello@a"], cgroups=["hello@a"], cgroup_roots=[str(v2)], slices=slices, sample=0)
+    got = json.loads((tmp_path / "status.json").read_text())
+    assert (got["memory"], got["cpu"]["after"][0], got["usage_from"]) == (70 << 20, 6000, "cgroup")
+    # no counters: a container's process (50 MiB), in a scope below the slice (docker's cgroupfs driver's path)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(50 << 20); print(1, flush=True); "
+                               "time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        (pids / "provision-hello.slice" / "docker-1.scope").mkdir(parents=True)
+        (pids / "provision-hello.slice" / "docker-1.scope" / "cgroup.procs").write_text(f"{holder.pid}\n")
+        (pids / "provision-hello.slice" / "cgroup.procs").write_text("")
+        status_of_log(tmp_path, [], units=[], cgroups=[], cgroup_roots=[str(pids)], slices=slices, sample=0)
+    finally:
+        holder.kill()
+        holder.wait()
+    got = json.loads((tmp_path / "status.json").read_text())
+    assert got["memory"] >= 50 << 20 and got["usage_from"] == "processes", got
+
+
 def test_a_busy_systemd_is_no_app_down(tmp_path):
     """`systemctl show` gives no answer in time: the services' states are unknown, not stopped."""
     (tmp_path / "bin").mkdir()
@@ -540,7 +577,7 @@ def test_the_monitor_is_installed_root_only_and_its_timer_runs_every_n_seconds()
     lay = s.layout
     config = by_path[lay.monitor_config]
     assert config.mode == 0o600 and config.sensitive and b"very-secret" in config.content
-    assert json.loads(config.content)["slots"]["a"] == {"socket": lay.socket("a"), "unit": "hello@a",
+    assert json.loads(config.content)["slots"]["a"] == {"address": f"unix:{lay.socket('a')}", "unit": "hello@a",
                                                        "link": lay.slot_link("a")}
     assert by_path[lay.monitor_dir].mode == 0o700 and by_path[lay.monitor_program].mode == 0o700
     timer = by_path[lay.monitor_timer_file].content.decode()
@@ -594,9 +631,10 @@ def test_the_monitor_state_machine():
 
 
 @pytest.fixture
-def world(tmp_path):
+def world(tmp_path, request):
     """A local app (answers 200 or 503 as ``world.healthy`` says), a webhook recording what it gets, a fake
-    systemctl recording its arguments, and the monitor's config pointing at them."""
+    systemctl recording its arguments, and the monitor's config pointing at them. Its slots are a WSGI
+    app's (sockets), or a container app's (local ports) when the test asks (indirect parameter True)."""
 
     class App(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -620,7 +658,8 @@ def world(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/systemctl.log\n")
     (tmp_path / "bin" / "systemctl").chmod(0o755)
-    lay = Layout("hello", nginx_dir=str(tmp_path / "nginx"), run_dir=str(tmp_path / "run"), srv_dir=str(tmp_path / "srv"))
+    lay = Layout("hello", nginx_dir=str(tmp_path / "nginx"), run_dir=str(tmp_path / "run"), srv_dir=str(tmp_path / "srv"),
+                 container=getattr(request, "param", False))
     (tmp_path / "nginx" / "provision").mkdir(parents=True)
     Path(lay.upstream_file).write_text(lay.upstream("b"))
     Path(lay.slots).mkdir(parents=True)
@@ -628,12 +667,10 @@ def world(tmp_path):
     s = build(monitor=5, monitor_failures=2, monitor_webhook=f"http://127.0.0.1:{port}/hook/secret")
     config = monitor.config(s)
     config.update(url=f"http://127.0.0.1:{port}/", state=str(tmp_path / "state.json"), upstream_file=lay.upstream_file,
-                  lock=lay.lock, timeout=2,
-                  slots={slot: {"socket": lay.socket(slot), "unit": lay.unit(slot), "link": lay.slot_link(slot)}
-                         for slot in "ab"})
+                  lock=lay.lock, timeout=2, slots=monitor.slots(lay))
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "monitor.py").write_text(remote.source("monitor.py"))
-    srv.tmp, srv.config = tmp_path, config
+    srv.tmp, srv.config, srv.layout = tmp_path, config, lay
     yield srv
     srv.shutdown()
 
@@ -672,6 +709,17 @@ def test_the_monitor_restarts_the_live_slot_after_k_failures_and_says_so_once(wo
     assert len(world.posts) == 2 and json.loads((world.tmp / "state.json").read_text()) == {"failures": 0, "down": False,
                                                                                          "live": "b r7"}
     assert (world.tmp / "state.json").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("world", [True], indirect=True)
+def test_the_monitor_restarts_a_container_apps_live_slot(world):
+    """A container app's upstream names its live slot by its local port (server 127.0.0.1:<port>), not a socket."""
+    assert Path(world.config["upstream_file"]).read_text().startswith(f"server 127.0.0.1:{world.layout.slot_port('b')} ")
+    world.healthy = False
+    tick(world)
+    out = tick(world)
+    assert restarts(world) == ["restart --no-block hello@b"] and "restarted hello@b" in out
+    assert [b["event"] for _, b in world.posts] == ["down"] and world.posts[0][1]["release"] == "r7"
 
 
 def test_a_failing_webhook_is_logged_and_never_stops_the_restart(world):
@@ -743,8 +791,7 @@ def test_a_deploy_that_begins_during_the_check_is_never_restarted(world):
     def deploy():
         held.append(open(lock, "w"))
         fcntl.flock(held[0], fcntl.LOCK_EX)
-        Path(world.config["upstream_file"]).write_text(Layout("hello").upstream("a").replace(
-            Layout("hello").socket("a"), world.config["slots"]["a"]["socket"]))
+        Path(world.config["upstream_file"]).write_text(world.layout.upstream("a"))
 
     world.on_get = deploy
     out = tick(world)

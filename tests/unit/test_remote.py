@@ -12,7 +12,11 @@ import time
 import pytest
 
 from provision import remote
+from provision.app import health_check
+from provision.layout import Layout
 from provision.steps import HttpCheck, Service, Facts
+
+HELLO = tuple(Layout("hello").address(slot) for slot in "ab")  # a WSGI app's slots, as nginx names them
 
 
 def run(command, **env):
@@ -64,7 +68,7 @@ def check(url, host="", timeout=0.4, expect=None):
 
 
 def test_the_health_check_passes_on_a_2xx_from_who_it_expects(server):
-    res = check(server.url + "/ok", "example.test", expect=("X-Provision-Upstream", "unix:/run/provision/hello/"))
+    res = check(server.url + "/ok", "example.test", expect=("X-Provision-Upstream", HELLO))
     assert res.returncode == 0, res.stderr
     assert server.seen == [("/ok", "example.test")]
     assert check(server.url + "/ok").returncode == 0
@@ -78,9 +82,22 @@ def test_the_health_check_retries_then_says_what_answered(server):
     assert len(server.seen) > 1  # retried
     assert res.stderr.strip() == f"health check: {server.url}/missing answered HTTP 404 after 0.4s"
     server.upstream = "unix:/run/provision/other/a.sock"
-    res = check(server.url + "/ok", expect=("X-Provision-Upstream", "unix:/run/provision/hello/"))
+    res = check(server.url + "/ok", expect=("X-Provision-Upstream", HELLO))
     assert res.stderr.strip() == (f"health check: {server.url}/ok answered HTTP 200, X-Provision-Upstream: "
                                   "'unix:/run/provision/other/a.sock' after 0.4s")
+
+
+def test_the_final_health_check_wants_one_of_this_apps_own_slots(server, tmp_path):
+    """Not any socket nor any local port: another app's container (or any program) on 127.0.0.1 is refused."""
+    from .test_containers import app
+    s = app(tmp_path)
+    mine, other = s.layout, Layout("other", container=True)
+    expect = health_check(s, True).expect
+    assert expect == ("X-Provision-Upstream", (f"127.0.0.1:{mine.slot_port('a')}", f"127.0.0.1:{mine.slot_port('b')}"))
+    for answered, ok in ((mine.address("b"), True), (other.address("a"), False), ("127.0.0.1:8000", False),
+                         (mine.address("a") + "0", False), (Layout("hello").address("a"), False)):
+        server.upstream = answered
+        assert (check(server.url + "/ok", expect=expect).returncode == 0) is ok, answered
 
 
 def test_the_health_check_of_a_port_nothing_listens_on_names_the_error():

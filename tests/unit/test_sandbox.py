@@ -29,14 +29,15 @@ def _snapshot(sb, name, parent=None):
     (sb.snapshots / f"{name}.json").write_text(json.dumps({"from": "d", "parent": parent, "time": 0}))
 
 
-def _droplet(sb, name, snapshot=None):
+def _droplet(sb, name, snapshot=None, pid=0, **over):
+    """A droplet's state file (its network names are no real droplet's: `down` looks for them)."""
     import json
     from dataclasses import asdict
 
     from provision.sandbox import Droplet
 
     (sb.machines / name).mkdir(parents=True)
-    state = asdict(Droplet(name, "10.231.0.99", 0, f"pv-{name}", "pvh99", snapshot=snapshot))
+    state = asdict(Droplet(name, "10.231.0.99", pid, f"pv-unit-test-{name}", "pvh-unit-test", snapshot=snapshot, **over))
     if snapshot is None:
         del state["snapshot"]  # a droplet recorded before snapshots existed
     (sb.machines / name / "state.json").write_text(json.dumps(state))
@@ -101,36 +102,70 @@ def test_overlay_layers_topmost_first_and_no_path_that_breaks_the_options():
 
 
 def test_only_container_droplets_get_what_an_engine_needs(tmp_path):
-    """An engine needs cgroup v2 writable, /proc/sys/net writable and three system calls; a plain
-    droplet never gets them (its root could change its own network settings), nor an engine."""
+    """An engine needs cgroup v2 writable, /proc/sys/net writable, three system calls and storage off the
+    overlay; a plain droplet never gets them (its root could change its own network settings), nor an engine."""
     from provision.errors import ProvisionError
-    from provision.sandbox import CONTAINER_NSPAWN_ARGS, CONTAINER_NSPAWN_ENV, Droplet, Sandbox
+    from provision.sandbox import Droplet, Sandbox
 
-    assert CONTAINER_NSPAWN_ENV == {"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1", "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"}
-    assert CONTAINER_NSPAWN_ARGS == ("--system-call-filter=add_key keyctl bpf",)
     sb = Sandbox(tmp_path)
+    m = tmp_path / "machines" / "d"
+    plain, plain_env = sb.nspawn_command("d", m, "pv-d", containers=False)
+    argv, env = sb.nspawn_command("d", m, "pv-d", containers=True)
+    common = ["systemd-nspawn", "-q", "-D", str(m / "rootfs"), "-b", "--register=no", "--keep-unit", "--machine=d",
+              "--network-namespace-path=/run/netns/pv-d", "--console=read-only", "--capability=CAP_NET_ADMIN"]
+    assert (plain, plain_env) == (common, {})
+    assert env == {"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1", "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"}
+    assert argv == [*common, "--system-call-filter=add_key keyctl bpf",
+                    f"--bind-ro={sb.image_tar}:/var/lib/provision-sandbox/debian-12.tar",
+                    f"--bind={m}/engine/docker:/var/lib/docker", f"--bind={m}/engine/containers:/var/lib/containers"]
+    assert not (m / "engine").exists()  # the command is only built; the storage is made with the droplet's files
     _droplet(sb, "plain")
     plain = sb.get("plain")
     assert plain.containers is False  # a droplet recorded before container droplets existed
     with pytest.raises(ProvisionError, match=r"droplet plain was not started for containers; .*--containers"):
         sb.engine_ready(plain)
-    binds = sb._engine_binds(tmp_path / "m")
-    assert binds[0] == f"--bind-ro={sb.image_tar}:/var/lib/provision-sandbox/debian-12.tar"
-    assert [b.split(":")[1] for b in binds[1:]] == ["/var/lib/docker", "/var/lib/containers"]
     assert isinstance(Droplet("x", "10.231.0.9", 0, "n", "v", containers=True).containers, bool)
 
 
-def test_the_engine_script_installs_when_missing_and_imports_the_base_image_once():
+def test_the_engine_script_installs_when_missing_and_imports_the_base_image_once(tmp_path):
     from provision.errors import ProvisionError
-    from provision.sandbox import BASE_IMAGE, Sandbox
+    from provision.sandbox import Sandbox
 
-    script = Sandbox.engine_script("podman", "http://10.231.0.1:8888")
+    sb = Sandbox(tmp_path)
+    script = sb.engine_script("podman", "http://10.231.0.1:8888")
     assert "apt-get install -y -qq --no-install-recommends podman runc catatonit iptables" in script
-    assert f"podman image inspect {BASE_IMAGE} >/dev/null 2>&1 || podman import" in script
+    assert ("podman image inspect localhost/debian:12 >/dev/null 2>&1 || podman import "
+            "/var/lib/provision-sandbox/debian-12.tar localhost/debian:12") in script
     assert script.index("podman info") > script.index("apt-get install")
-    assert "docker.io" in Sandbox.engine_script("docker", "http://10.231.0.1:8888")
+    assert "docker.io" in sb.engine_script("docker", "http://10.231.0.1:8888")
     with pytest.raises(ProvisionError, match="unknown container engine 'lxc'"):
-        Sandbox.engine_script("lxc", "http://10.231.0.1:8888")
+        sb.engine_script("lxc", "http://10.231.0.1:8888")
+    # the image is named after the sandbox's Debian: 13 for trixie
+    trixie = Sandbox(tmp_path, suite="trixie")
+    assert "docker import /var/lib/provision-sandbox/debian-13.tar localhost/debian:13" in trixie.engine_script(
+        "docker", "http://10.231.0.1:8888")
+    assert f"--bind-ro={trixie.image_tar}:/var/lib/provision-sandbox/debian-13.tar" in trixie.nspawn_command(
+        "d", tmp_path / "d", "pv-d", containers=True)[0]
+
+
+def test_the_base_images_tarball_is_made_again_when_the_base_is_newer(tmp_path):
+    import os
+    import tarfile
+
+    from provision.sandbox import Sandbox
+
+    sb = Sandbox(tmp_path)
+    (sb.base / "usr/sbin").mkdir(parents=True)
+    (sb.base / "usr/sbin/sshd").write_text("")  # a base there: none is built
+    tar = sb.base_image()
+    os.utime(tar, (tar.stat().st_mtime + 10,) * 2)
+    made = tar.stat().st_mtime
+    assert sb.base_image() == tar and tar.stat().st_mtime == made  # kept: the base is older
+    (sb.base / "etc").mkdir()  # the base rebuilt since
+    os.utime(sb.base, (made + 20,) * 2)
+    assert sb.base_image() == tar and tar.stat().st_mtime != made
+    with tarfile.open(tar) as t:
+        assert "./etc" in t.getnames()
 
 
 def test_a_droplet_that_will_not_stop_loses_its_init_before_its_nspawn():
@@ -138,7 +173,7 @@ def test_a_droplet_that_will_not_stop_loses_its_init_before_its_nspawn():
     import subprocess
     import time
 
-    from provision.sandbox import _alive, _children, _stop_nspawn
+    from provision.sandbox import Droplet, _alive, _children, _start_time, _stop_nspawn
 
     # a stand-in for nspawn that ignores TERM, with a child standing in for the droplet's init
     proc = subprocess.Popen(["/bin/sh", "-c", "trap '' TERM; sleep 60 & wait"])
@@ -146,7 +181,33 @@ def test_a_droplet_that_will_not_stop_loses_its_init_before_its_nspawn():
     while not _children(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     (child,) = _children(proc.pid)
-    _stop_nspawn(proc.pid, timeout=0.3)
+    _stop_nspawn(Droplet("x", "10.231.0.9", proc.pid, "n", "v", started=_start_time(proc.pid)), timeout=0.3)
     assert proc.wait(timeout=5) is not None
     time.sleep(0.1)
     assert not _alive(child)
+
+
+def test_a_pid_that_is_another_process_now_is_never_signalled(tmp_path):
+    """A state file left behind (this machine rebooted): its PID may be another process's now. `down` and
+    `running` know the process the droplet was started as by its start time (a state of an older
+    version, without one: by its command line, a systemd-nspawn of that machine)."""
+    import subprocess
+    import time
+
+    from provision.sandbox import Sandbox, _start_time
+
+    sb = Sandbox(tmp_path)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        for started in (_start_time(other.pid) - 1, None):
+            _droplet(sb, "old", pid=other.pid, started=started)
+            assert not sb.get("old").running()
+            assert sb.down("old") and not (sb.machines / "old").exists()
+            time.sleep(0.3)
+            assert other.poll() is None  # never signalled
+        _droplet(sb, "mine", pid=other.pid, started=_start_time(other.pid))  # the process it started: stopped
+        assert sb.get("mine").running()
+        assert sb.down("mine") and other.wait(timeout=5) is not None  # (reaped by down: no status here)
+    finally:
+        other.kill()
+        other.wait()

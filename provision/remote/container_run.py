@@ -1,7 +1,7 @@
 # Runs on the managed host as root (stdlib python3, after lib_envfile): a container app's release
 # runs its image. Kept in each release's own directory as container-run.py (root's), with its
-# settings in container.json beside it (engine, name, port, slot_ports, env_files, run_dir, repo,
-# init); the image is the release's: <repo>:<release id>, the id the name of the release holding it.
+# settings in container.json beside it (engine, name, user, port, slot_ports, env_files, run_dir,
+# repo, init); the image is the release's: <repo>:<release id>, the id the name of the release holding it.
 #
 #   container-run.py serve SLOT      the slot's service (its unit's ExecStart): becomes `<engine> run`
 #                                    of the image, its port published on 127.0.0.1:<the slot's port>
@@ -12,9 +12,12 @@
 #
 # The app's environment (the release's app.env, the secrets, shared/.env: later ones win) reaches the
 # engine as an --env-file that only root can read, written fresh at each start (never a command line:
-# `ps` shows those). The container gets no capabilities and no new privileges.
+# `ps` shows those). Every container runs as the app's user of the host (its uid:gid, whatever the
+# image's USER says: a container escape lands on that unprivileged user, never on root), with no
+# capabilities and no new privileges.
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -49,14 +52,42 @@ def env_file(path):
     if os.path.lexists(tmp):
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    env = environment()
+    env.update(home(env))
     with os.fdopen(fd, "w") as fh:
-        fh.write("".join("%s=%s\n" % (k, v) for k, v in sorted(environment().items())))
+        fh.write("".join("%s=%s\n" % (k, v) for k, v in sorted(env.items())))
     os.replace(tmp, path)
     return path
 
 
+def app_user():
+    """The app user's uid:gid on this host (the deploy makes the user), for --user."""
+    try:
+        pw = pwd.getpwnam(c["user"])
+    except KeyError:
+        sys.exit("container-run.py: no user %s on this host (the deploy makes it); deploy again" % c["user"])
+    if pw.pw_uid == 0 or pw.pw_gid == 0:
+        sys.exit("container-run.py: user %s is root's (uid or gid 0): no container of the app runs as root" % c["user"])
+    return "%d:%d" % (pw.pw_uid, pw.pw_gid)
+
+
+def home(env):
+    """A HOME the app user can write when neither the app's environment nor the image sets one (the
+    engine's default, /, is root's): /tmp."""
+    if "HOME" in env:
+        return {}
+    res = subprocess.run([engine, "image", "inspect", "--format", "{{json .Config.Env}}", image],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
+    try:
+        declared = (json.loads(res.stdout) or []) if res.returncode == 0 else []
+    except ValueError:  # none readable: the image's own HOME, if any, is not known
+        declared = []
+    return {} if any(v.startswith("HOME=") for v in declared) else {"HOME": "/tmp"}
+
+
 # --init: an init process (docker's tini, podman's catatonit) passes the engine's stop signal on to the app
-HARDENING = ["--cap-drop=ALL", "--security-opt=no-new-privileges"] + (["--init"] if c.get("init") else [])
+HARDENING = ["--user", app_user(), "--cap-drop=ALL", "--security-opt=no-new-privileges"] + (
+    ["--init"] if c.get("init") else [])
 
 if sys.argv[1] == "serve":
     slot = sys.argv[2]

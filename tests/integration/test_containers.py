@@ -221,17 +221,25 @@ def test_secrets_reach_the_container_and_the_release_command_runs_in_a_one_off_c
     res = cdroplet.fab("-H", cdroplet.name, "env.set", "GREETING=howdy-s3cr3t", env=project)
     assert res.returncode == 0, res.stdout + res.stderr
     assert get(cdroplet.address) == "howdy-s3cr3t v1"
-    env = {"FABRIC_APP_RELEASE_COMMAND": "echo migrating with $GREETING in $(cat /etc/hostname | wc -c)-char host"}
+    env = {"FABRIC_APP_RELEASE_COMMAND": "echo migrating with $GREETING in $(cat /etc/hostname | wc -c)-char host as "
+                                         "$(id -u):$(id -g) home $HOME"}
     res, _ = deploy(cdroplet, container_app(apps, "v4"), env=env)
     assert res.returncode == 0, res.stdout + res.stderr
+    # every container of the app runs as the app's user of the host, never root (the image says nothing)
+    app_user = cdroplet.sh("echo $(id -u capp):$(id -g capp)").strip()
+    assert not app_user.startswith("0:")
     assert "migrating with **** in" in res.stdout and "s3cr3t" not in res.stdout, res.stdout
+    assert f"as {app_user} home /tmp" in res.stdout, res.stdout
     assert get(cdroplet.address) == "howdy-s3cr3t v4"
     # the environment reached the engine in a file only root reads, never on a command line
     assert cdroplet.sh("stat -c '%U %a' /run/provision/capp/a.env /run/provision/capp/b.env").split() == [
         "root", "600", "root", "600"]
     assert "s3cr3t" not in cdroplet.sh("ps -eo args")
-    run = cdroplet.fab("-H", cdroplet.name, "run", "--", "sh", "-c", "echo $GREETING from $(id -un)", env=project)
-    assert run.returncode == 0 and "howdy-s3cr3t from root" in run.stdout, run.stdout + run.stderr
+    run = cdroplet.fab("-H", cdroplet.name, "run", "--", "sh", "-c", "echo $GREETING from $(id -u):$(id -g)", env=project)
+    assert run.returncode == 0 and f"howdy-s3cr3t from {app_user}" in run.stdout, run.stdout + run.stderr
+    slot = cdroplet.live_slot("capp")
+    pid = cdroplet.sh(f"docker inspect -f '{{{{.State.Pid}}}}' capp-{slot}").strip()
+    assert cdroplet.sh(f"stat -c %u:%g /proc/{pid}").strip() == app_user
 
 
 def test_a_program_holding_the_idle_slots_port_is_named_and_never_taken_for_the_release(cdroplet, tmp_path_factory):

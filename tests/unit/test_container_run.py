@@ -1,0 +1,109 @@
+"""remote/container_run.py, the program a container app's units, release command and `fab run` run on
+the host: run for real here, with a fake engine on its path that records what it was asked."""
+
+import json
+import pwd
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from provision import config as cfg
+from provision.app import container_configs
+from provision.remote import source as program_source
+
+ROOT = Path(__file__).resolve().parents[2]
+NOBODY = pwd.getpwnam("nobody")
+APP_USER = f"{NOBODY.pw_uid}:{NOBODY.pw_gid}"
+
+# The fake engine: each call one JSON line in the log ({"argv": [...], "env": <its --env-file's text>});
+# `image inspect` prints $FAKE_IMAGE_ENV (the image's Config.Env as JSON), `run` exits $FAKE_RUN_EXIT.
+FAKE_ENGINE = """#!{python}
+import json, os, sys
+argv = sys.argv[1:]
+env = None
+if "--env-file" in argv:
+    env = open(argv[argv.index("--env-file") + 1]).read()
+with open({log!r}, "a") as fh:
+    fh.write(json.dumps({{"argv": argv, "env": env}}) + "\\n")
+if argv[:2] == ["image", "inspect"]:
+    print(os.environ.get("FAKE_IMAGE_ENV", "null"))
+sys.exit(int(os.environ.get("FAKE_RUN_EXIT", "0")) if argv[:1] == ["run"] else 0)
+"""
+
+
+class Release:
+    """A container app's release on a fake host under ``tmp_path``: its container-run.py and container.json
+    (the deploy's, ``over`` changed), the engine a fake at ``bin/<engine>``."""
+
+    def __init__(self, tmp_path: Path, **over):
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "Dockerfile").write_text("FROM localhost/debian:12\n")
+        (src / "app.py").write_text("print('hi')\n")
+        raw = dict(cfg.DEFAULTS, name="hello", source=str(src), container=True)
+        raw.update({k: v for k, v in over.items() if k in ("engine", "image")})
+        configs = container_configs(cfg.build(raw, ROOT))
+        settings = json.loads(configs["container.json"])
+        self.own = tmp_path / "releases" / "r5" / ".provision"
+        self.own.mkdir(parents=True)
+        self.run_dir = tmp_path / "run"
+        settings.update(env_files=["env", str(tmp_path / "secrets.env"), str(tmp_path / "shared.env")],
+                        run_dir=str(self.run_dir), user="nobody")
+        settings.update({k: v for k, v in over.items() if k not in ("engine", "image")})
+        (self.own / "container.json").write_text(json.dumps(settings))
+        self.log = tmp_path / "engine.log"
+        engine = tmp_path / "bin" / settings["engine"]
+        engine.parent.mkdir()
+        engine.write_text(FAKE_ENGINE.format(python=sys.executable, log=str(self.log)))
+        engine.chmod(0o755)
+        self.prog = self.own / "container-run.py"
+        self.prog.write_text(program_source("container_run.py").replace('"/usr/bin/" + c["engine"]', repr(str(engine))))
+
+    def __call__(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-I", str(self.prog), *args], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", **(env or {})}, timeout=30)
+
+    def calls(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
+
+    def runs(self) -> list[dict]:
+        """The engine's `run` calls."""
+        return [call for call in self.calls() if call["argv"][:1] == ["run"]]
+
+
+def option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_every_container_of_the_app_runs_as_the_app_user_of_the_host(tmp_path):
+    release = Release(tmp_path)
+    for args in (("serve", "a"), ("once", "/bin/sh", "-c", "true")):
+        res = release(*args)
+        assert res.returncode == 0, res.stderr
+    serve, once = release.runs()
+    for argv in (serve["argv"], once["argv"]):
+        # its uid:gid, looked up on the host, whatever the image's USER says; no capability, no new privilege
+        assert option(argv, "--user") == APP_USER
+        assert "--cap-drop=ALL" in argv and "--security-opt=no-new-privileges" in argv
+        assert argv.index("--user") < argv.index("localhost/hello:r5")
+
+
+def test_home_is_tmp_unless_the_app_or_its_image_sets_one(tmp_path):
+    release = Release(tmp_path)
+    assert release("serve", "a").returncode == 0
+    assert release("serve", "b", env={"FAKE_IMAGE_ENV": '["PATH=/bin", "HOME=/app"]'}).returncode == 0
+    (release.own / "env").write_text('HOME="/srv/data"\n')
+    assert release("serve", "a").returncode == 0
+    homes = [[line for line in run["env"].splitlines() if line.startswith("HOME=")] for run in release.runs()]
+    assert homes == [["HOME=/tmp"], [], ["HOME=/srv/data"]]
+
+
+@pytest.mark.parametrize("user, why", [("no-such-user-here", "no user no-such-user-here on this host"),
+                                       ("root", "user root is root's (uid or gid 0)")])
+def test_no_container_starts_without_the_app_user_or_as_root(tmp_path, user, why):
+    release = Release(tmp_path, user=user)
+    res = release("serve", "a")
+    assert res.returncode == 1 and why in res.stderr, res.stderr
+    assert release.runs() == []

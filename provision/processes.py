@@ -182,7 +182,7 @@ def _service(lay: Layout, user: str, what: str, release: str, command: str, app_
             f"# Runs in release {release}'s image: each new live release rewrites it.",
             "[Unit]", f"Description={lay.name} {what} (container)", "After=network-online.target", "",
             "[Service]", "NoNewPrivileges=true",  # no PrivateTmp= (see container@.service.j2)
-            f"ExecStart=/usr/bin/python3 -I {rel}/{RELEASE_DIR}/container-run.py once --name {name} "
+            f"ExecStart=/usr/bin/python3 -I {rel}/{RELEASE_DIR}/container-run.py once --name {name} -- "
             f"/bin/sh -c {systemd_quote(command)}", *extra,
         ]
         return ("\n".join(lines) + "\n").encode()

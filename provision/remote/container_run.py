@@ -5,10 +5,10 @@
 #
 #   container-run.py serve SLOT      the slot's service (its unit's ExecStart): becomes `<engine> run`
 #                                    of the image, its port published on 127.0.0.1:<the slot's port>
-#   container-run.py once [-t] [--name NAME] CMD..
-#                                    CMD in a one-off container of the image (the release command, fab
-#                                    run, a process's or timer's unit, NAME its container); exits with
-#                                    CMD's status
+#   container-run.py once [-t] [--name NAME] -- CMD..
+#                                    CMD (all that follows `--`, never an option here) in a one-off
+#                                    container of the image (the release command, fab run, a process's
+#                                    or timer's unit, NAME its container); exits with CMD's status
 #
 # The app's environment (the release's app.env, the secrets, shared/.env: later ones win) reaches the
 # engine as an --env-file that only root can read, written fresh at each start (never a command line:
@@ -89,7 +89,8 @@ def home(env):
 HARDENING = ["--user", app_user(), "--cap-drop=ALL", "--security-opt=no-new-privileges"] + (
     ["--init"] if c.get("init") else [])
 
-if sys.argv[1] == "serve":
+USAGE = "usage: container-run.py serve SLOT | once [-t] [--name NAME] -- CMD [ARGS]"
+if sys.argv[1:2] == ["serve"] and len(sys.argv) == 3:
     slot = sys.argv[2]
     name = "%s-%s" % (c["name"], slot)
     envs = env_file(os.path.join(c["run_dir"], "%s.env" % slot))
@@ -97,13 +98,16 @@ if sys.argv[1] == "serve":
     subprocess.run([engine, "rm", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.execv(engine, [engine, "run", "--rm", "--name", name, "--env-file", envs, "--label", "provision.app=" + c["name"],
                       "-p", "127.0.0.1:%d:%d" % (c["slot_ports"][slot], c["port"])] + HARDENING + [image])
-elif sys.argv[1] == "once":
-    args = sys.argv[2:]
-    tty = args[:1] == ["-t"]
-    args = args[1:] if tty else args
-    named = []  # a process's container (its unit's): named, one left by a killed one removed first
-    if args[:1] == ["--name"]:
-        named, args = ["--name", args[1]], args[2:]
+elif sys.argv[1:2] == ["once"] and "--" in sys.argv[2:-1]:
+    # its own options end at the first `--`: whatever follows is the command's, never read here
+    end = sys.argv.index("--", 2)
+    options, args = sys.argv[2:end], sys.argv[end + 1:]
+    tty = options[:1] == ["-t"]
+    options = options[1:] if tty else options
+    if options and (len(options) != 2 or options[0] != "--name"):
+        sys.exit(USAGE)
+    named = options  # a process's container (its unit's): named, one left by a killed one removed first
+    if named:
         subprocess.run([engine, "rm", "-f", named[1]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the env file goes all the same
     envs = env_file(os.path.join(c["run_dir"], "once-%d.env" % os.getpid()))
@@ -114,4 +118,4 @@ elif sys.argv[1] == "once":
         os.unlink(envs)
     sys.exit(rc)
 else:
-    sys.exit("usage: container-run.py serve SLOT | once [-t] CMD [ARGS]")
+    sys.exit(USAGE)

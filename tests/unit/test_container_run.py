@@ -79,7 +79,7 @@ def option(argv: list[str], name: str) -> str:
 
 def test_every_container_of_the_app_runs_as_the_app_user_of_the_host(tmp_path):
     release = Release(tmp_path)
-    for args in (("serve", "a"), ("once", "/bin/sh", "-c", "true")):
+    for args in (("serve", "a"), ("once", "--", "/bin/sh", "-c", "true")):
         res = release(*args)
         assert res.returncode == 0, res.stderr
     serve, once = release.runs()
@@ -107,3 +107,43 @@ def test_no_container_starts_without_the_app_user_or_as_root(tmp_path, user, why
     res = release("serve", "a")
     assert res.returncode == 1 and why in res.stderr, res.stderr
     assert release.runs() == []
+
+
+def test_once_reads_no_option_after_its_double_dash_and_refuses_a_command_without_one(tmp_path):
+    release = Release(tmp_path)
+    res = release("once", "--", "--name", "hello-a", "sh")
+    assert res.returncode == 0, res.stderr
+    (run,) = release.runs()
+    assert run["argv"][-4:] == ["localhost/hello:r5", "--name", "hello-a", "sh"]
+    # the command's words name no container
+    assert run["argv"].index("--name") == run["argv"].index("localhost/hello:r5") + 1
+    assert not [call for call in release.calls() if call["argv"][:1] == ["rm"]]  # nothing removed
+    for args in (("once", "--name", "hello-a", "sh"), ("once", "sh"), ("once", "-t", "--"), ("once", "--bad", "x", "--", "sh")):
+        res = release(*args)
+        assert res.returncode == 1 and "usage: container-run.py" in res.stderr, (args, res.stderr)
+    # refused: the engine never asked to do anything
+    assert [call for call in release.calls() if call["argv"][:2] != ["image", "inspect"]] == release.runs()
+    assert len(release.runs()) == 1
+
+
+def test_fab_run_and_the_release_command_pass_their_command_after_a_double_dash(tmp_path):
+    """What `fab run -- --name hello-a sh` and a release command of the same words run on the host:
+    container-run.py gets them as the command, never as its own options (it would remove hello-a, the
+    live slot's container, as root)."""
+    import shlex
+
+    from provision.appenv import ReleaseCommand
+    from provision.cli.env import run_line
+
+    release = Release(tmp_path)
+    s = cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(tmp_path / "src"), container=True), ROOT)
+    fab_run = shlex.split(run_line(s, ["--name", "hello-a", "sh"]).split("; exec ", 1)[1])
+    step = ReleaseCommand(s.layout, s.user, "--name hello-a sh", "r5", "", container=True)
+    command = json.loads(shlex.split(step.plan(None, {"code"}).commands[0])[-1])["argv"]
+    for argv, expected, where in ((fab_run, ["--name", "hello-a", "sh"], s.layout.current),
+                                  (command, ["/bin/sh", "-c", "--name hello-a sh"], s.layout.release("r5"))):
+        assert argv[:3] == ["/usr/bin/python3", "-I", f"{where}/.provision/container-run.py"]
+        res = release(*argv[3:])
+        assert res.returncode == 0, res.stderr
+        assert release.runs()[-1]["argv"][-len(expected) - 1:] == ["localhost/hello:r5", *expected]
+    assert not [call for call in release.calls() if call["argv"][:1] == ["rm"]]

@@ -176,7 +176,7 @@ def systemd_quote(command: str) -> str:
 def _service(lay: Layout, user: str, what: str, release: str, command: str, app_unit: str, extra: list[str]) -> bytes:
     rel = lay.release(release)
     if lay.container:  # in a container of the release's image, named after the process (remote/container_run.py)
-        name = f"{lay.name}-{what.split()[-1]}"
+        name = lay.process_container(what.split()[-1])
         lines = [
             "# Managed by provision: changes here are overwritten on the next deploy.",
             f"# Runs in release {release}'s image: each new live release rewrites it.",

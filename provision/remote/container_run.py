@@ -1,14 +1,16 @@
 # Runs on the managed host as root (stdlib python3, after lib_envfile): a container app's release
 # runs its image. Kept in each release's own directory as container-run.py (root's), with its
-# settings in container.json beside it (engine, name, user, port, slot_ports, env_files, run_dir,
-# repo, init); the image is the release's: <repo>:<release id>, the id the name of the release holding it.
+# settings in container.json beside it (engine, name, user, port, slot_ports, slot_containers,
+# process_containers, env_files, run_dir, repo, init); the image is the release's:
+# <repo>:<release id>, the id the name of the release holding it.
 #
 #   container-run.py serve SLOT      the slot's service (its unit's ExecStart): becomes `<engine> run`
 #                                    of the image, its port published on 127.0.0.1:<the slot's port>
 #   container-run.py once [-t] [--name NAME] -- CMD..
 #                                    CMD (all that follows `--`, never an option here) in a one-off
 #                                    container of the image (the release command, fab run, a process's
-#                                    or timer's unit, NAME its container); exits with CMD's status
+#                                    or timer's unit, NAME its container: only ever a process's, never a
+#                                    slot's); exits with CMD's status
 #
 # The app's environment (the release's app.env, the secrets, shared/.env: later ones win) reaches the
 # engine as an --env-file that only root can read, written fresh at each start (never a command line:
@@ -18,6 +20,7 @@
 import json
 import os
 import pwd
+import re
 import signal
 import subprocess
 import sys
@@ -89,10 +92,11 @@ def home(env):
 HARDENING = ["--user", app_user(), "--cap-drop=ALL", "--security-opt=no-new-privileges"] + (
     ["--init"] if c.get("init") else [])
 
-USAGE = "usage: container-run.py serve SLOT | once [-t] [--name NAME] -- CMD [ARGS]"
+USAGE = "usage: container-run.py serve SLOT | once [-t] [--name %sPROCESS] -- CMD [ARGS]" % c["process_containers"]
+PROCESS_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")  # a process's or timer's (provision/processes.py)
 if sys.argv[1:2] == ["serve"] and len(sys.argv) == 3:
     slot = sys.argv[2]
-    name = "%s-%s" % (c["name"], slot)
+    name = c["slot_containers"][slot]
     envs = env_file(os.path.join(c["run_dir"], "%s.env" % slot))
     # one left by an instance killed outright would hold the name
     subprocess.run([engine, "rm", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -104,7 +108,9 @@ elif sys.argv[1:2] == ["once"] and "--" in sys.argv[2:-1]:
     options, args = sys.argv[2:end], sys.argv[end + 1:]
     tty = options[:1] == ["-t"]
     options = options[1:] if tty else options
-    if options and (len(options) != 2 or options[0] != "--name"):
+    prefix = c["process_containers"]
+    if options and not (len(options) == 2 and options[0] == "--name" and options[1].startswith(prefix)
+                        and PROCESS_NAME.fullmatch(options[1][len(prefix):])):
         sys.exit(USAGE)
     named = options  # a process's container (its unit's): named, one left by a killed one removed first
     if named:

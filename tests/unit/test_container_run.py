@@ -3,6 +3,7 @@ the host: run for real here, with a fake engine on its path that records what it
 
 import json
 import pwd
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -130,8 +131,6 @@ def test_fab_run_and_the_release_command_pass_their_command_after_a_double_dash(
     """What `fab run -- --name hello-a sh` and a release command of the same words run on the host:
     container-run.py gets them as the command, never as its own options (it would remove hello-a, the
     live slot's container, as root)."""
-    import shlex
-
     from provision.appenv import ReleaseCommand
     from provision.cli.env import run_line
 
@@ -147,3 +146,27 @@ def test_fab_run_and_the_release_command_pass_their_command_after_a_double_dash(
         assert res.returncode == 0, res.stderr
         assert release.runs()[-1]["argv"][-len(expected) - 1:] == ["localhost/hello:r5", *expected]
     assert not [call for call in release.calls() if call["argv"][:1] == ["rm"]]
+
+
+def test_a_process_container_never_takes_a_slots_name_nor_removes_one(tmp_path):
+    from provision.layout import Layout
+    from provision.processes import unit_steps
+
+    # a process named like a slot, or app shop's process worker-b beside app shop-worker's slot b
+    assert Layout("shop").process_container("a") not in {Layout("shop").container_name(s) for s in "ab"}
+    assert Layout("shop").process_container("worker-b") != Layout("shop-worker").container_name("b")
+    release = Release(tmp_path)
+    s = cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(tmp_path / "src"), container=True, processes={"a": "work"},
+                       timers={"b": {"schedule": "daily", "command": "tidy"}}), ROOT)
+    units = [st.content.decode() for st in unit_steps(s, "r5", "") if hasattr(st, "content")]
+    execs = [shlex.split(line) for unit in units for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert [argv[3:7] for argv in execs] == [["once", "--name", "hello.p.a", "--"], ["once", "--name", "hello.p.b", "--"]]
+    assert release("once", "--name", "hello.p.a", "--", "work").returncode == 0
+    assert option(release.runs()[-1]["argv"], "--name") == "hello.p.a"
+    assert [call["argv"] for call in release.calls() if call["argv"][:1] == ["rm"]] == [["rm", "-f", "hello.p.a"]]
+    # a slot's container (this app's or another's), or anything else, is no process's: refused, nothing removed
+    for name in ("hello-a", "hello-b", "other.p.a", "hello.p.", "hello.p.a/../x", "hello.p.A"):
+        res = release("once", "--name", name, "--", "work")
+        assert res.returncode == 1 and "usage: container-run.py" in res.stderr, (name, res.stderr)
+    assert len([call for call in release.calls() if call["argv"][:1] == ["rm"]]) == 1
+    assert release("serve", "b").returncode == 0 and option(release.runs()[-1]["argv"], "--name") == "hello-b"

@@ -157,6 +157,6 @@ def test_a_container_apps_processes_run_in_containers_of_the_live_release(tmp_pa
     s = app(tmp_path, processes={"worker": "celery -A app worker"})
     files = {st.path: st.content.decode() for st in unit_steps(s, "r3", "") if hasattr(st, "content")}
     unit = files["/etc/systemd/system/hello.worker.service"]
-    assert ("ExecStart=/usr/bin/python3 -I /srv/hello/releases/r3/.provision/container-run.py once --name hello-worker -- "
+    assert ("ExecStart=/usr/bin/python3 -I /srv/hello/releases/r3/.provision/container-run.py once --name hello.p.worker -- "
             '/bin/sh -c "celery -A app worker"') in unit
     assert "User=" not in unit  # the image says who runs it

@@ -30,6 +30,13 @@ c = json.load(open(os.path.join(own, "container.json")))
 release = os.path.basename(os.path.dirname(os.path.realpath(own)))
 image = "%s:%s" % (c["repo"], release)
 engine = "/usr/bin/" + c["engine"]
+# No proxy reaches a container from the engine: podman's `run` copies its own environment's *_proxy
+# variables in (the deploy's and logins' hold app.proxy, its password too) unless --http-proxy=false;
+# docker's client, the proxies of its config.json (root's ~/.docker/config.json: never provision's,
+# an admin's may have some): it gets a config directory that does not exist, its defaults.
+for key in [k for k in os.environ if k.lower().endswith("_proxy")]:
+    del os.environ[key]
+os.environ["DOCKER_CONFIG"] = os.path.join(own, "no-docker-config")
 
 
 def environment():
@@ -90,7 +97,7 @@ def home(env):
 
 # --init: an init process (docker's tini, podman's catatonit) passes the engine's stop signal on to the app
 HARDENING = ["--user", app_user(), "--cap-drop=ALL", "--security-opt=no-new-privileges"] + (
-    ["--init"] if c.get("init") else [])
+    ["--init"] if c.get("init") else []) + (["--http-proxy=false"] if c["engine"] == "podman" else [])
 
 USAGE = "usage: container-run.py serve SLOT | once [-t] [--name %sPROCESS] -- CMD [ARGS]" % c["process_containers"]
 PROCESS_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")  # a process's or timer's (provision/processes.py)

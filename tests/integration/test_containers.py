@@ -285,10 +285,14 @@ def test_podman_installed_by_the_deploy_serves_and_rolls_back(pdroplet, sandbox,
     assert res.returncode == 1 and "FAILED  image localhost/capp:" in res.stdout, res.stdout + res.stderr
     assert host.run("test -e /srv/capp/current")[0] != 0
     sandbox.engine_ready(pdroplet, "podman")  # finds podman there, imports localhost/debian:12
+    # the release command runs with the deploy's proxy environment: none of it reaches its container
+    # (podman's run would copy it in), nor the proxy's password
+    command = "echo proxy variables: $(env | grep -ci _proxy=)"
     for version in ("p1", "p2"):
-        res, took = deploy(host, container_app(apps, version), env=env)
+        res, took = deploy(host, container_app(apps, version), env={**env, "FABRIC_APP_RELEASE_COMMAND": command})
         assert res.returncode == 0, res.stdout + res.stderr
         assert get(host.address) == version
+        assert "proxy variables: 0" in res.stdout, res.stdout
     print(f"podman: code change {took:.1f}s")
     t0 = time.monotonic()
     res = host.fab("-H", host.name, "rollback", env={**APP_ENV, **env, "FABRIC_APP_SOURCE": container_app(apps, "p2")})

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NOBODY = pwd.getpwnam("nobody")
 APP_USER = f"{NOBODY.pw_uid}:{NOBODY.pw_gid}"
 
-# The fake engine: each call one JSON line in the log ({"argv": [...], "env": <its --env-file's text>});
+# The fake engine: each call one JSON line in the log ({"argv": [...], "env": <its --env-file's text>,
+# "client": <its own proxy variables and DOCKER_CONFIG>});
 # `image inspect` prints $FAKE_IMAGE_ENV (the image's Config.Env as JSON), `run` exits $FAKE_RUN_EXIT.
 FAKE_ENGINE = """#!{python}
 import json, os, sys
@@ -26,8 +27,10 @@ argv = sys.argv[1:]
 env = None
 if "--env-file" in argv:
     env = open(argv[argv.index("--env-file") + 1]).read()
+# its own environment's proxy variables and docker config directory (the client passes those on)
+client = {{k: v for k, v in os.environ.items() if k.lower().endswith("_proxy") or k == "DOCKER_CONFIG"}}
 with open({log!r}, "a") as fh:
-    fh.write(json.dumps({{"argv": argv, "env": env}}) + "\\n")
+    fh.write(json.dumps({{"argv": argv, "env": env, "client": client}}) + "\\n")
 if argv[:2] == ["image", "inspect"]:
     print(os.environ.get("FAKE_IMAGE_ENV", "null"))
 sys.exit(int(os.environ.get("FAKE_RUN_EXIT", "0")) if argv[:1] == ["run"] else 0)
@@ -170,3 +173,21 @@ def test_a_process_container_never_takes_a_slots_name_nor_removes_one(tmp_path):
         assert res.returncode == 1 and "usage: container-run.py" in res.stderr, (name, res.stderr)
     assert len([call for call in release.calls() if call["argv"][:1] == ["rm"]]) == 1
     assert release("serve", "b").returncode == 0 and option(release.runs()[-1]["argv"], "--name") == "hello-b"
+
+
+@pytest.mark.parametrize("engine", ["docker", "podman"])
+def test_no_proxy_of_the_engines_environment_reaches_a_container(tmp_path, engine):
+    """The deploy exports app.proxy (its password too) to the release command: podman's `run` would copy
+    it into the container (--http-proxy defaults to true), docker's client its config.json's proxies."""
+    release = Release(tmp_path, engine=engine)
+    proxy = "http://user:Xq9pw0rd7@10.0.0.1:3128"
+    env = {"http_proxy": proxy, "HTTPS_PROXY": proxy, "no_proxy": "localhost", "ALL_PROXY": proxy}
+    for args in (("serve", "a"), ("once", "--", "env"), ("once", "--name", "hello.p.w", "--", "env")):
+        assert release(*args, env=env).returncode == 0
+    assert len(release.runs()) == 3
+    for call in release.calls():
+        assert list(call["client"]) == ["DOCKER_CONFIG"], call
+        assert not Path(call["client"]["DOCKER_CONFIG"]).exists()  # the client's defaults: no proxies
+    for run in release.runs():
+        assert ("--http-proxy=false" in run["argv"]) == (engine == "podman")
+        assert "Xq9pw0rd7" not in json.dumps(run)

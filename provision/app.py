@@ -160,7 +160,7 @@ def container_configs(s: Settings) -> dict[str, bytes]:
     settings = {"engine": s.engine, "name": s.name, "user": s.user, "port": s.port, "repo": lay.image_repo, "run_dir": lay.socket_dir,
                 "slot_ports": {slot: lay.slot_port(slot) for slot in SLOTS}, "init": True,
                 "slot_containers": {slot: lay.container_name(slot) for slot in SLOTS},
-                "process_containers": lay.process_container(""),
+                "process_containers": lay.process_container(""), "graceful_timeout": s.graceful_timeout,
                 "env_files": [RELEASE_ENV, lay.secrets_file, lay.env_file], "image": s.image}
     return {"unit": rendered(s, "container@.service.j2"),
             "container.json": json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n",

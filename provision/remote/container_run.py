@@ -1,7 +1,7 @@
 # Runs on the managed host as root (stdlib python3, after lib_envfile): a container app's release
 # runs its image. Kept in each release's own directory as container-run.py (root's), with its
 # settings in container.json beside it (engine, name, user, port, slot_ports, slot_containers,
-# process_containers, env_files, run_dir, repo, init); the image is the release's:
+# process_containers, graceful_timeout, env_files, run_dir, repo, init); the image is the release's:
 # <repo>:<release id>, the id the name of the release holding it.
 #
 #   container-run.py serve SLOT      the slot's service (its unit's ExecStart): becomes `<engine> run`
@@ -10,7 +10,8 @@
 #                                    CMD (all that follows `--`, never an option here) in a one-off
 #                                    container of the image (the release command, fab run, a process's
 #                                    or timer's unit, NAME its container: only ever a process's, never a
-#                                    slot's); exits with CMD's status
+#                                    slot's; a one-off's <process_containers><pid>); exits with CMD's
+#                                    status. TERM or HUP stops the container (`<engine> stop`).
 #
 # The app's environment (the release's app.env, the secrets, shared/.env: later ones win) reaches the
 # engine as an --env-file that only root can read, written fresh at each start (never a command line:
@@ -119,16 +120,31 @@ elif sys.argv[1:2] == ["once"] and "--" in sys.argv[2:-1]:
     if options and not (len(options) == 2 and options[0] == "--name" and options[1].startswith(prefix)
                         and PROCESS_NAME.fullmatch(options[1][len(prefix):])):
         sys.exit(USAGE)
-    named = options  # a process's container (its unit's): named, one left by a killed one removed first
-    if named:
-        subprocess.run([engine, "rm", "-f", named[1]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the env file goes all the same
+    if options:  # a process's container (its unit's): one left by a killed one removed first
+        name = options[1]
+        subprocess.run([engine, "rm", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:  # a one-off's, after this program's pid: never a process's (theirs start with a letter)
+        name = prefix + str(os.getpid())
+    stopping = []  # TERM (its unit stopped) or HUP (fab run's connection gone): its container is stopped
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stopping.append(True))
     envs = env_file(os.path.join(c["run_dir"], "once-%d.env" % os.getpid()))
+    rc, stopped = 143, False
     try:
-        rc = subprocess.run([engine, "run", "--rm", "-i"] + (["-t"] if tty else []) + named + [
-            "--env-file", envs, "--label", "provision.app=" + c["name"]] + HARDENING + [image] + args).returncode
+        client = None if stopping else subprocess.Popen([engine, "run", "--rm", "-i"] + (["-t"] if tty else []) + [
+            "--name", name, "--env-file", envs, "--label", "provision.app=" + c["name"]] + HARDENING + [image] + args)
+        while client:
+            try:
+                rc = client.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                # the engine's client ends with its container: graceful_timeout for it, then KILL (tried
+                # again while the container does not exist yet)
+                if stopping and not stopped:
+                    stopped = subprocess.run([engine, "stop", "--time", str(c["graceful_timeout"]), name],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
     finally:
-        os.unlink(envs)
+        os.unlink(envs)  # whatever happened
     sys.exit(rc)
 else:
     sys.exit(USAGE)

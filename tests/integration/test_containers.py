@@ -5,6 +5,7 @@ back by switching images. Skipped with one line where this machine cannot run dr
 
 from __future__ import annotations
 
+import json
 import shlex
 import threading
 import time
@@ -260,6 +261,26 @@ def test_a_program_holding_the_idle_slots_port_is_named_and_never_taken_for_the_
         assert get(cdroplet.address) == before and cdroplet.live_slot("capp") == live
     finally:
         cdroplet.run("systemctl stop cont-squatter")
+
+
+def test_a_process_runs_in_a_container_of_its_own_and_stopping_its_unit_stops_it(cdroplet, tmp_path_factory):
+    """A process named like a slot (a) gets a container of its own (capp.p.a), never the slot's (capp-a),
+    run as the app's user; stopping its unit stops its container (no engine client left waiting)."""
+    env = {"FABRIC_APP_PROCESSES": json.dumps({"a": "exec sleep 100000"})}
+    res, _ = deploy(cdroplet, container_app(tmp_path_factory.mktemp("capps"), "v6"), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    slot = cdroplet.live_slot("capp")
+    assert get(cdroplet.address).endswith(" v6")
+    assert sorted(cdroplet.sh("docker ps --format '{{.Names}}'").split()) == sorted([f"capp-{slot}", "capp.p.a"])
+    app_user = cdroplet.sh("echo $(id -u capp):$(id -g capp)").strip()
+    pid = cdroplet.sh("docker inspect -f '{{.State.Pid}}' capp.p.a").strip()
+    assert cdroplet.sh(f"stat -c %u:%g /proc/{pid}").strip() == app_user
+    t0 = time.monotonic()
+    cdroplet.sh("systemctl stop capp.a.service")
+    took = time.monotonic() - t0
+    assert cdroplet.sh("docker ps -a --format '{{.Names}}'").split() == [f"capp-{slot}"]
+    assert cdroplet.run("pgrep -f '[c]ontainer-run.py once'")[0] == 1  # no client left either
+    assert get(cdroplet.address).endswith(" v6") and took < 20, took
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ APP_USER = f"{NOBODY.pw_uid}:{NOBODY.pw_gid}"
 
 # The fake engine: each call one JSON line in the log ({"argv": [...], "env": <its --env-file's text>,
 # "client": <its own proxy variables and DOCKER_CONFIG>});
-# `image inspect` prints $FAKE_IMAGE_ENV (the image's Config.Env as JSON), `run` exits $FAKE_RUN_EXIT.
+# `image inspect` prints $FAKE_IMAGE_ENV (the image's Config.Env as JSON), `run` exits $FAKE_RUN_EXIT, or
+# with $FAKE_RUN_BLOCKS runs until a `stop` (then exits 143, as a container stopped does).
 FAKE_ENGINE = """#!{python}
-import json, os, sys
+import json, os, sys, time
 argv = sys.argv[1:]
 env = None
 if "--env-file" in argv:
@@ -33,6 +34,13 @@ with open({log!r}, "a") as fh:
     fh.write(json.dumps({{"argv": argv, "env": env, "client": client}}) + "\\n")
 if argv[:2] == ["image", "inspect"]:
     print(os.environ.get("FAKE_IMAGE_ENV", "null"))
+if argv[:1] == ["stop"]:
+    open({log!r} + ".stopped", "w").close()
+if argv[:1] == ["run"] and os.environ.get("FAKE_RUN_BLOCKS"):  # as a container does, until stopped
+    for _ in range(200):
+        if os.path.exists({log!r} + ".stopped"):
+            sys.exit(143)
+        time.sleep(0.1)
 sys.exit(int(os.environ.get("FAKE_RUN_EXIT", "0")) if argv[:1] == ["run"] else 0)
 """
 
@@ -119,8 +127,8 @@ def test_once_reads_no_option_after_its_double_dash_and_refuses_a_command_withou
     assert res.returncode == 0, res.stderr
     (run,) = release.runs()
     assert run["argv"][-4:] == ["localhost/hello:r5", "--name", "hello-a", "sh"]
-    # the command's words name no container
-    assert run["argv"].index("--name") == run["argv"].index("localhost/hello:r5") + 1
+    # the command's words name no container: a one-off's is named after its pid
+    assert option(run["argv"], "--name").removeprefix("hello.p.").isdigit()
     assert not [call for call in release.calls() if call["argv"][:1] == ["rm"]]  # nothing removed
     for args in (("once", "--name", "hello-a", "sh"), ("once", "sh"), ("once", "-t", "--"), ("once", "--bad", "x", "--", "sh")):
         res = release(*args)
@@ -191,3 +199,45 @@ def test_no_proxy_of_the_engines_environment_reaches_a_container(tmp_path, engin
     for run in release.runs():
         assert ("--http-proxy=false" in run["argv"]) == (engine == "podman")
         assert "Xq9pw0rd7" not in json.dumps(run)
+
+
+def test_a_container_apps_process_and_timer_units_stop_their_containers(tmp_path):
+    from provision.processes import unit_steps
+
+    Release(tmp_path)
+    s = cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(tmp_path / "src"), container=True, processes={"w": "work"},
+                       timers={"t": {"schedule": "daily", "command": "tidy"}}, graceful_timeout=12), ROOT)
+    units = {st.path.rsplit("/", 1)[1]: st.content.decode().splitlines() for st in unit_steps(s, "r5", "")
+             if hasattr(st, "content")}
+    for unit, name in (("hello.w.service", "hello.p.w"), ("hello.t.service", "hello.p.t")):
+        lines = units[unit]
+        assert f"ExecStop=-/usr/bin/docker stop --time 12 {name}" in lines
+        assert f"ExecStopPost=-/usr/bin/docker rm -f {name}" in lines
+        assert "KillMode=mixed" in lines and "SuccessExitStatus=143 137" in lines and "TimeoutStopSec=22" in lines
+        assert not [line for line in lines if line.startswith("KillMode=") and line != "KillMode=mixed"]
+
+
+@pytest.mark.parametrize("options", [["--name", "hello.p.w"], []])
+def test_term_to_once_stops_its_container_and_removes_its_env_file(tmp_path, options):
+    """systemd stops a process's unit (or a running timer's, which gets no ExecStop) with TERM to
+    container-run.py alone (KillMode=mixed): it stops its container, never leaves it running."""
+    import signal
+    import time
+
+    release = Release(tmp_path)
+    once = subprocess.Popen([sys.executable, "-I", str(release.prog), "once", *options, "--", "work"],
+                            env={"PATH": "/usr/bin:/bin", "FAKE_RUN_BLOCKS": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(100):
+            if release.runs():
+                break
+            time.sleep(0.05)
+        (run,) = release.runs()
+        assert len(list(release.run_dir.iterdir())) == 1  # its env file
+        once.send_signal(signal.SIGTERM)
+        assert once.wait(timeout=15) == 143, once.stderr.read()
+    finally:
+        once.kill()
+    name = option(run["argv"], "--name")
+    assert [call["argv"] for call in release.calls() if call["argv"][:1] == ["stop"]] == [["stop", "--time", "30", name]]
+    assert list(release.run_dir.iterdir()) == []

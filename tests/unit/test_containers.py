@@ -145,7 +145,7 @@ def test_container_run_gives_the_engine_the_apps_environment_in_a_root_only_file
                          text=True)
     assert res.returncode == 0, res.stderr
     lines = [line for line in log.read_text().splitlines() if not line.startswith("image inspect ")]
-    assert lines[0].startswith("run --rm -i --env-file ") and lines[0].endswith(
+    assert lines[0].startswith("run --rm -i --name hello.p.") and " --env-file " in lines[0] and lines[0].endswith(
         "--cap-drop=ALL --security-opt=no-new-privileges --init localhost/hello:r5 /bin/sh -c true")
     assert lines[1:] == ["HOME=/tmp", "ONLY=env", "PLAIN=3", 'TOKEN=s3cr=t "x"']
     assert not list((tmp_path / "run").iterdir())  # a one-off's env file goes with it

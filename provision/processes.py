@@ -178,6 +178,8 @@ def _service(lay: Layout, user: str, what: str, release: str, command: str, app_
     rel = lay.release(release)
     if lay.container:  # in a container of the release's image, named after the process (remote/container_run.py)
         name = lay.process_container(what.split()[-1])
+        after = ["After=network-online.target docker.service", "Requires=docker.service"] if engine == "docker" else [
+            "After=network-online.target"]  # docker's daemon runs the container (as for a slot)
         # stopped like a slot (container@.service.j2): `<engine> stop` gives it graceful_timeout, then KILL;
         # the engine's client (the main process) is left to end with its container. A oneshot stopped
         # while it runs gets no ExecStop: container-run.py stops its container on TERM.
@@ -187,7 +189,7 @@ def _service(lay: Layout, user: str, what: str, release: str, command: str, app_
         lines = [
             "# Managed by provision: changes here are overwritten on the next deploy.",
             f"# Runs in release {release}'s image: each new live release rewrites it.",
-            "[Unit]", f"Description={lay.name} {what} (container)", "After=network-online.target", "",
+            "[Unit]", f"Description={lay.name} {what} (container)", *after, "",
             "[Service]", "NoNewPrivileges=true",  # no PrivateTmp= (see container@.service.j2)
             f"ExecStart=/usr/bin/python3 -I {rel}/{RELEASE_DIR}/container-run.py once --name {name} -- "
             f"/bin/sh -c {systemd_quote(command)}", *stop, *extra,

@@ -241,3 +241,20 @@ def test_term_to_once_stops_its_container_and_removes_its_env_file(tmp_path, opt
     name = option(run["argv"], "--name")
     assert [call["argv"] for call in release.calls() if call["argv"][:1] == ["stop"]] == [["stop", "--time", "30", name]]
     assert list(release.run_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("engine", ["docker", "podman"])
+def test_a_docker_apps_process_and_timer_units_need_dockers_daemon(tmp_path, engine):
+    from provision.processes import unit_steps
+
+    Release(tmp_path)
+    s = cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(tmp_path / "src"), container=True, engine=engine,
+                       processes={"w": "work"}, timers={"t": {"schedule": "daily", "command": "tidy"}}), ROOT)
+    units = [st.content.decode().splitlines() for st in unit_steps(s, "r5", "")
+             if getattr(st, "path", "").endswith(".service")]
+    assert len(units) == 2
+    for lines in units:
+        docker = engine == "docker"
+        assert ("After=network-online.target docker.service" in lines) == docker
+        assert ("Requires=docker.service" in lines) == docker
+        assert docker or "After=network-online.target" in lines

@@ -34,10 +34,12 @@ engine = "/usr/bin/" + c["engine"]
 # No proxy reaches a container from the engine: podman's `run` copies its own environment's *_proxy
 # variables in (the deploy's and logins' hold app.proxy, its password too) unless --http-proxy=false;
 # docker's client, the proxies of its config.json (root's ~/.docker/config.json: never provision's,
-# an admin's may have some): it gets a config directory that does not exist, its defaults.
-for key in [k for k in os.environ if k.lower().endswith("_proxy")]:
+# an admin's may have some): it gets a config directory that does not exist, its defaults (podman
+# would look for credentials there, and fail).
+for key in [k for k in os.environ if k.lower().endswith("_proxy") or k == "DOCKER_CONFIG"]:
     del os.environ[key]
-os.environ["DOCKER_CONFIG"] = os.path.join(own, "no-docker-config")
+if c["engine"] == "docker":
+    os.environ["DOCKER_CONFIG"] = os.path.join(own, "no-docker-config")
 
 
 def environment():

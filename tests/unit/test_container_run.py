@@ -260,3 +260,23 @@ def test_a_docker_apps_process_and_timer_units_need_dockers_daemon(tmp_path, eng
         assert ("After=network-online.target docker.service" in lines) == docker
         assert ("Requires=docker.service" in lines) == docker
         assert docker or "After=network-online.target" in lines
+
+
+def test_podman_pulls_a_short_image_name_from_docker_hub_as_docker_would(tmp_path):
+    """podman refuses a short name without a registries.conf search list: app.image is qualified for it."""
+    from provision.app import image_step
+
+    Release(tmp_path)
+
+    def image(engine, name):
+        return cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(tmp_path / "src"), container=True, engine=engine,
+                              image=name), ROOT).image
+
+    assert image("podman", "nginx:1") == "docker.io/library/nginx:1"
+    assert image("podman", "team/app:2") == "docker.io/team/app:2"
+    for name in ("reg.example.com/app:1", "localhost/app:1", "reg:5000/app", "docker.io/library/nginx:1", "quay.io/x/y"):
+        assert image("podman", name) == name
+    assert image("docker", "nginx:1") == "nginx:1"
+    s = cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(tmp_path / "src"), container=True, engine="podman",
+                       image="nginx:1"), ROOT)
+    assert image_step(s, "r2").commands[0] == "podman pull -q docker.io/library/nginx:1 >/dev/null"

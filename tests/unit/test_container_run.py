@@ -6,6 +6,7 @@ import pwd
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -280,3 +281,44 @@ def test_podman_pulls_a_short_image_name_from_docker_hub_as_docker_would(tmp_pat
     s = cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(tmp_path / "src"), container=True, engine="podman",
                        image="nginx:1"), ROOT)
     assert image_step(s, "r2").commands[0] == "podman pull -q docker.io/library/nginx:1 >/dev/null"
+
+
+@pytest.mark.parametrize("exits", [False, True])
+def test_the_switch_takes_a_start_job_systemd_has_not_run_yet_for_no_exit(tmp_path, exits):
+    """`systemctl start --no-block` returns before systemd runs the job (it answers `show` first): until
+    then the unit reads inactive (dead). A container's port refuses connections at once, so the gate
+    asks at once: it took that for an exit and refused the release, with an empty log."""
+    import threading
+    import time
+
+    from .test_switch import RUNNING, SYSTEMCTL, Host
+
+    base = tempfile.mkdtemp(prefix="sw", dir="/tmp")  # short: a unix socket's path has room for 107 bytes
+    host = Host(base)
+    try:
+        host.write(f"{base}/bin/systemctl", SYSTEMCTL.replace(
+            "exit 0\n", '[ "$1" = start ] && [ -e "$FAKE/state-started" ] && mv "$FAKE/state-started" "$FAKE/state"\n'
+                        "exit 0\n"), 0o755)
+        host.write(f"{base}/state", "ActiveState=inactive\nSubState=dead\nNRestarts=0\n"
+                                            "InactiveExitTimestampMonotonic=5\n")
+        # after the start call: not run yet (the same timestamp), or run and exited (a later one)
+        host.write(f"{base}/state-started", "ActiveState=inactive\nSubState=dead\nNRestarts=0\n"
+                                                    f"InactiveExitTimestampMonotonic={9 if exits else 5}\n")
+
+        def job_runs():
+            time.sleep(0.5)
+            host.write(f"{base}/state", RUNNING)
+            host.gunicorn()
+
+        threading.Thread(target=job_runs, daemon=True).start()
+        res = host.switch(timeout=5)
+        if exits:
+            assert res.returncode == 1 and "hello@b exited (it is dead)" in res.stderr, res.stdout + res.stderr
+        else:
+            assert res.returncode == 0 and res.stdout == "hello@b now serves r2\n", res.stdout + res.stderr
+    finally:
+        time.sleep(0.6)
+        for s in host.servers:
+            s.shutdown()
+            s.server_close()
+        subprocess.run(["rm", "-rf", base], check=True)

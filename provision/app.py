@@ -157,8 +157,10 @@ def container_configs(s: Settings) -> dict[str, bytes]:
     """What a container app's release runs its image with (remote/container_run.py): the same in
     every release of the same settings, so a release with nothing new is no new release."""
     lay = s.layout
-    settings = {"engine": s.engine, "name": s.name, "port": s.port, "repo": lay.image_repo, "run_dir": lay.socket_dir,
+    settings = {"engine": s.engine, "name": s.name, "user": s.user, "port": s.port, "repo": lay.image_repo, "run_dir": lay.socket_dir,
                 "slot_ports": {slot: lay.slot_port(slot) for slot in SLOTS}, "init": True,
+                "slot_containers": {slot: lay.container_name(slot) for slot in SLOTS},
+                "process_containers": lay.process_container(""), "graceful_timeout": s.graceful_timeout,
                 "env_files": [RELEASE_ENV, lay.secrets_file, lay.env_file], "image": s.image, "slice": lay.container_slice}
     return {"unit": rendered(s, "container@.service.j2"),
             "container.json": json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n",

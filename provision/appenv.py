@@ -106,7 +106,7 @@ class ReleaseCommand(Step):
             return None
         release = self.lay.release(self.release)
         if self.container:
-            argv = ["/usr/bin/python3", "-I", f"{release}/{RELEASE_DIR}/container-run.py", "once", "/bin/sh", "-c",
+            argv = ["/usr/bin/python3", "-I", f"{release}/{RELEASE_DIR}/container-run.py", "once", "--", "/bin/sh", "-c",
                     self.command]
             return Change([remote.python("release_command.py", {
                 "argv": argv, "secrets_file": self.lay.secrets_file, "env_file": self.lay.env_file,

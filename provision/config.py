@@ -200,6 +200,15 @@ class Settings:
         return out
 
 
+def qualified_image(engine: str, image: str) -> str:
+    """``image`` as podman pulls it: a short name (``nginx:1``, ``team/app:2``) is docker's, on Docker Hub
+    (podman refuses one without a search list in registries.conf, a prompt on a terminal)."""
+    first, slash, _ = image.partition("/")
+    if engine != "podman" or not image or slash and ("." in first or ":" in first or first == "localhost"):
+        return image
+    return f"docker.io/{image}" if slash else f"docker.io/library/{image}"
+
+
 def name_problem(name: str) -> str | None:
     """Why ``name`` cannot name an app (its user, directories and units), or None."""
     if not NAME_RE.fullmatch(name):
@@ -281,6 +290,7 @@ def build(raw: dict, base_dir: Path) -> Settings:
         raise _bad("engine", engine, f"expected {' or '.join(ENGINES)}")
     if image and not IMAGE_RE.fullmatch(image):
         raise _bad("image", image, "expected an image reference such as registry.example.com/app:1.2")
+    image = qualified_image(engine, image)
     if container and not image and not (source / DOCKERFILE).is_file():
         raise _bad("container", True, f"no {DOCKERFILE} in {source}: add one, or name an image to pull with app.image")
     if image and not container:

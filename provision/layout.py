@@ -134,6 +134,7 @@ def push_ca_file(work: str) -> str:
 # Container apps: each slot's container publishes its port on 127.0.0.1 only, on a port of its own
 # (CONTAINER_PORTS + 2 * (a hash of the app's name) + the slot's index), which nginx proxies to.
 CONTAINER_PORTS = (20000, 29999)
+PROCESS_CONTAINER = ".p."  # between the app's and the process's name (see Layout.process_container)
 IMAGE_REPO = "localhost"  # a release's image: localhost/<app>:<release id> (never pushed anywhere)
 
 
@@ -380,6 +381,7 @@ class Layout:
         return f"{IMAGE_REPO}/{self.name}"
 
     def container_name(self, slot: str) -> str:
+        """A slot's container (``%i`` in its unit)."""
         return f"{self.name}-{slot}"
 
     @property
@@ -395,6 +397,11 @@ class Layout:
         """Where that slice's cgroup is: the engine's systemd driver nests it in provision.slice (as systemd
         does a dashed slice name), its cgroupfs driver makes it at the top."""
         return f"/provision.slice/{self.container_slice}", f"/{self.container_slice}"
+
+    def process_container(self, process: str) -> str:
+        """A process's or timer's container: no app, slot or process name holds a '.', so it is never a
+        slot's container (``<app>-<slot>``) nor another app's."""
+        return f"{self.name}{PROCESS_CONTAINER}{process}"
 
     def container_env(self, slot: str) -> str:
         """Root's alone, made at each start of a slot's container: the app's environment as the engine's
@@ -511,4 +518,5 @@ class Layout:
                 "header_vars": {h: self.nginx_var(h) for h in ("nosniff", "referrer", "frame", "hsts")},
                 "acme_webroot": ACME_WEBROOT, "acme_challenge_path": ACME_CHALLENGE_PATH,
                 "certificate": self.certificate, "certificate_key": self.certificate_key,
-                "slot_ports": {s: self.slot_port(s) for s in SLOTS}, "image_repo": self.image_repo}
+                "slot_ports": {s: self.slot_port(s) for s in SLOTS}, "image_repo": self.image_repo,
+                "slot_container": self.container_name("%i")}

@@ -173,17 +173,26 @@ def systemd_quote(command: str) -> str:
     return f'"{escaped}"'
 
 
-def _service(lay: Layout, user: str, what: str, release: str, command: str, app_unit: str, extra: list[str]) -> bytes:
+def _service(lay: Layout, user: str, what: str, release: str, command: str, app_unit: str, extra: list[str],
+             engine: str, graceful_timeout: int) -> bytes:
     rel = lay.release(release)
     if lay.container:  # in a container of the release's image, named after the process (remote/container_run.py)
-        name = f"{lay.name}-{what.split()[-1]}"
+        name = lay.process_container(what.split()[-1])
+        after = ["After=network-online.target docker.service", "Requires=docker.service"] if engine == "docker" else [
+            "After=network-online.target"]  # docker's daemon runs the container (as for a slot)
+        # stopped like a slot (container@.service.j2): `<engine> stop` gives it graceful_timeout, then KILL;
+        # the engine's client (the main process) is left to end with its container. A oneshot stopped
+        # while it runs gets no ExecStop: container-run.py stops its container on TERM.
+        stop = [f"ExecStop=-/usr/bin/{engine} stop --time {graceful_timeout} {name}",
+                f"ExecStopPost=-/usr/bin/{engine} rm -f {name}", "KillMode=mixed", "SuccessExitStatus=143 137",
+                f"TimeoutStopSec={graceful_timeout + 10}"]
         lines = [
             "# Managed by provision: changes here are overwritten on the next deploy.",
             f"# Runs in release {release}'s image: each new live release rewrites it.",
-            "[Unit]", f"Description={lay.name} {what} (container)", "After=network-online.target", "",
+            "[Unit]", f"Description={lay.name} {what} (container)", *after, "",
             "[Service]", "NoNewPrivileges=true",  # no PrivateTmp= (see container@.service.j2)
-            f"ExecStart=/usr/bin/python3 -I {rel}/{RELEASE_DIR}/container-run.py once --name {name} "
-            f"/bin/sh -c {systemd_quote(command)}", *extra,
+            f"ExecStart=/usr/bin/python3 -I {rel}/{RELEASE_DIR}/container-run.py once --name {name} -- "
+            f"/bin/sh -c {systemd_quote(command)}", *stop, *extra,
         ]
         return ("\n".join(lines) + "\n").encode()
     lines = [
@@ -201,19 +210,20 @@ def _service(lay: Layout, user: str, what: str, release: str, command: str, app_
 
 
 def process_unit(lay: Layout, user: str, name: str, command: str, release: str, app_unit: str,
-                 graceful_timeout: int) -> bytes:
-    """A long-running process: restarted when it exits; on stop every process of it gets TERM, then
-    ``graceful_timeout`` (plus 5 s) to finish."""
+                 graceful_timeout: int, engine: str) -> bytes:
+    """A long-running process: restarted when it exits; on stop every process of it (a container app's:
+    its container) gets TERM, then ``graceful_timeout`` (plus a few seconds) to finish."""
+    stop = [] if lay.container else ["KillMode=control-group", f"TimeoutStopSec={graceful_timeout + 5}"]
     return _service(lay, user, f"process {name}", release, command, app_unit, [
-        "KillMode=control-group", f"TimeoutStopSec={graceful_timeout + 5}", "Restart=always", "RestartSec=1", "",
-        "[Install]", "WantedBy=multi-user.target"])
+        *stop, "Restart=always", "RestartSec=1", "",
+        "[Install]", "WantedBy=multi-user.target"], engine, graceful_timeout)
 
 
 def timer_units(lay: Layout, user: str, name: str, timer: dict[str, str], release: str,
-                app_unit: str) -> dict[str, bytes]:
+                app_unit: str, graceful_timeout: int, engine: str) -> dict[str, bytes]:
     """A timer and the oneshot service it starts, each run as long as it takes."""
     service = _service(lay, user, f"timer {name}", release, timer["command"], app_unit,
-                       ["Type=oneshot", "TimeoutStartSec=infinity"])
+                       ["Type=oneshot", "TimeoutStartSec=infinity"], engine, graceful_timeout)
     timer_file = "\n".join([
         "# Managed by provision: changes here are overwritten on the next deploy.",
         "[Unit]", f"Description={lay.name} timer {name}", "",
@@ -292,9 +302,10 @@ def unit_steps(s, release: str | None, app_unit: str) -> list[Step]:
     lay, release = s.layout, release or "(none)"
     files: dict[str, bytes] = {}
     for name, command in s.processes.items():
-        files[lay.process_unit(name)] = process_unit(lay, s.user, name, command, release, app_unit, s.graceful_timeout)
+        files[lay.process_unit(name)] = process_unit(lay, s.user, name, command, release, app_unit, s.graceful_timeout,
+                                                     s.engine)
     for name, timer in s.timers.items():
-        files.update(timer_units(lay, s.user, name, timer, release, app_unit))
+        files.update(timer_units(lay, s.user, name, timer, release, app_unit, s.graceful_timeout, s.engine))
     running = (*map(lay.process_unit, s.processes), *map(lay.timer_unit, s.timers))
     # AppUnits even with none: the units of dropped processes and timers go
     return [*(File(lay.app_unit_file(u), content, notify=(changed(u), CHANGED)) for u, content in files.items()),

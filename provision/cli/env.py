@@ -124,7 +124,7 @@ def run_line(s: Settings, argv: list[str] | tuple[str, ...], tty: bool = False) 
     lay = s.layout
     if s.container:
         process = ["/usr/bin/python3", "-I", f"{lay.current}/{RELEASE_DIR}/container-run.py", "once",
-                   *(["-t"] if tty else []), *argv]
+                   *(["-t"] if tty else []), "--", *argv]  # after `--`: never an option of container-run.py
     else:
         process = appenv.app_process(lay, s.user, lay.current, ["/usr/bin/env", *argv],
                                      rendered(s, "app@.service.j2").decode())

@@ -110,10 +110,22 @@ def record(action):
     log_release(a["release_log"], release, action, a["by"], **dict(a.get("log") or {}, slot=new["slot"]))
 
 
+def shown(properties):
+    return dict(l.split("=", 1) for l in run("systemctl", "show", "-p", properties, unit + ".service",
+                                            check=False).stdout.split())
+
+
+# The unit's InactiveExitTimestampMonotonic before its start (--no-block): while it is the same, the unit
+# is inactive because systemd has not run the start job yet (it answers `show` first), not because it exited.
+not_started = None
+
+
 def exited():
     """Why the new instance is not starting any more (it exited or systemd restarts it), or None."""
-    state = dict(l.split("=", 1) for l in run("systemctl", "show", "-p", "ActiveState,SubState,NRestarts",
-                                             unit + ".service", check=False).stdout.split())
+    state = shown("ActiveState,SubState,NRestarts,InactiveExitTimestampMonotonic")
+    if state.get("ActiveState") == "inactive" and not_started is not None \
+            and state.get("InactiveExitTimestampMonotonic") == not_started:
+        return None
     if state.get("ActiveState") in ("failed", "inactive") or state.get("SubState") == "auto-restart" \
             or int(state.get("NRestarts") or 0) > 0:
         return "%s exited (it is %s)" % (unit, state.get("SubState") or state.get("ActiveState"))
@@ -264,6 +276,7 @@ else:
         run("systemctl", "restart", unit + ".socket", check=False)
     # --no-block: a release that crashes would hold `start` through systemd's restarts (seconds);
     # the health gate sees the crash at once instead.
+    not_started = shown("InactiveExitTimestampMonotonic").get("InactiveExitTimestampMonotonic")
     run("systemctl", "start", "--no-block", unit + ".service", check=False)
 
 def container_running():

@@ -5,6 +5,7 @@ back by switching images. Skipped with one line where this machine cannot run dr
 
 from __future__ import annotations
 
+import json
 import shlex
 import threading
 import time
@@ -221,17 +222,25 @@ def test_secrets_reach_the_container_and_the_release_command_runs_in_a_one_off_c
     res = cdroplet.fab("-H", cdroplet.name, "env.set", "GREETING=howdy-s3cr3t", env=project)
     assert res.returncode == 0, res.stdout + res.stderr
     assert get(cdroplet.address) == "howdy-s3cr3t v1"
-    env = {"FABRIC_APP_RELEASE_COMMAND": "echo migrating with $GREETING in $(cat /etc/hostname | wc -c)-char host"}
+    env = {"FABRIC_APP_RELEASE_COMMAND": "echo migrating with $GREETING in $(cat /etc/hostname | wc -c)-char host as "
+                                         "$(id -u):$(id -g) home $HOME"}
     res, _ = deploy(cdroplet, container_app(apps, "v4"), env=env)
     assert res.returncode == 0, res.stdout + res.stderr
+    # every container of the app runs as the app's user of the host, never root (the image says nothing)
+    app_user = cdroplet.sh("echo $(id -u capp):$(id -g capp)").strip()
+    assert not app_user.startswith("0:")
     assert "migrating with **** in" in res.stdout and "s3cr3t" not in res.stdout, res.stdout
+    assert f"as {app_user} home /tmp" in res.stdout, res.stdout
     assert get(cdroplet.address) == "howdy-s3cr3t v4"
     # the environment reached the engine in a file only root reads, never on a command line
     assert cdroplet.sh("stat -c '%U %a' /run/provision/capp/a.env /run/provision/capp/b.env").split() == [
         "root", "600", "root", "600"]
     assert "s3cr3t" not in cdroplet.sh("ps -eo args")
-    run = cdroplet.fab("-H", cdroplet.name, "run", "--", "sh", "-c", "echo $GREETING from $(id -un)", env=project)
-    assert run.returncode == 0 and "howdy-s3cr3t from root" in run.stdout, run.stdout + run.stderr
+    run = cdroplet.fab("-H", cdroplet.name, "run", "--", "sh", "-c", "echo $GREETING from $(id -u):$(id -g)", env=project)
+    assert run.returncode == 0 and f"howdy-s3cr3t from {app_user}" in run.stdout, run.stdout + run.stderr
+    slot = cdroplet.live_slot("capp")
+    pid = cdroplet.sh(f"docker inspect -f '{{{{.State.Pid}}}}' capp-{slot}").strip()
+    assert cdroplet.sh(f"stat -c %u:%g /proc/{pid}").strip() == app_user
 
 
 def test_a_program_holding_the_idle_slots_port_is_named_and_never_taken_for_the_release(cdroplet, tmp_path_factory):
@@ -252,6 +261,26 @@ def test_a_program_holding_the_idle_slots_port_is_named_and_never_taken_for_the_
         assert get(cdroplet.address) == before and cdroplet.live_slot("capp") == live
     finally:
         cdroplet.run("systemctl stop cont-squatter")
+
+
+def test_a_process_runs_in_a_container_of_its_own_and_stopping_its_unit_stops_it(cdroplet, tmp_path_factory):
+    """A process named like a slot (a) gets a container of its own (capp.p.a), never the slot's (capp-a),
+    run as the app's user; stopping its unit stops its container (no engine client left waiting)."""
+    env = {"FABRIC_APP_PROCESSES": json.dumps({"a": "exec sleep 100000"})}
+    res, _ = deploy(cdroplet, container_app(tmp_path_factory.mktemp("capps"), "v6"), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    slot = cdroplet.live_slot("capp")
+    assert get(cdroplet.address).endswith(" v6")
+    assert sorted(cdroplet.sh("docker ps --format '{{.Names}}'").split()) == sorted([f"capp-{slot}", "capp.p.a"])
+    app_user = cdroplet.sh("echo $(id -u capp):$(id -g capp)").strip()
+    pid = cdroplet.sh("docker inspect -f '{{.State.Pid}}' capp.p.a").strip()
+    assert cdroplet.sh(f"stat -c %u:%g /proc/{pid}").strip() == app_user
+    t0 = time.monotonic()
+    cdroplet.sh("systemctl stop capp.a.service")
+    took = time.monotonic() - t0
+    assert cdroplet.sh("docker ps -a --format '{{.Names}}'").split() == [f"capp-{slot}"]
+    assert cdroplet.run("pgrep -f '[c]ontainer-run.py once'")[0] == 1  # no client left either
+    assert get(cdroplet.address).endswith(" v6") and took < 20, took
 
 
 @pytest.fixture(scope="module")
@@ -277,10 +306,14 @@ def test_podman_installed_by_the_deploy_serves_and_rolls_back(pdroplet, sandbox,
     assert res.returncode == 1 and "FAILED  image localhost/capp:" in res.stdout, res.stdout + res.stderr
     assert host.run("test -e /srv/capp/current")[0] != 0
     sandbox.engine_ready(pdroplet, "podman")  # finds podman there, imports localhost/debian:12
+    # the release command runs with the deploy's proxy environment: none of it reaches its container
+    # (podman's run would copy it in), nor the proxy's password
+    command = "echo proxy variables: $(env | grep -ci _proxy=)"
     for version in ("p1", "p2"):
-        res, took = deploy(host, container_app(apps, version), env=env)
+        res, took = deploy(host, container_app(apps, version), env={**env, "FABRIC_APP_RELEASE_COMMAND": command})
         assert res.returncode == 0, res.stdout + res.stderr
         assert get(host.address) == version
+        assert "proxy variables: 0" in res.stdout, res.stdout
     print(f"podman: code change {took:.1f}s")
     t0 = time.monotonic()
     res = host.fab("-H", host.name, "rollback", env={**APP_ENV, **env, "FABRIC_APP_SOURCE": container_app(apps, "p2")})

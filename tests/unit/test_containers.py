@@ -137,16 +137,17 @@ def test_container_run_gives_the_engine_the_apps_environment_in_a_root_only_file
     shared.write_text(env_text({"PLAIN": "3"}))
     shared.chmod(0o640)
     (own / "env").write_text(env_text({"PLAIN": "1", "ONLY": "env"}))
-    settings.update(env_files=["env", str(secrets), str(shared)], run_dir=str(tmp_path / "run"))
+    settings.update(env_files=["env", str(secrets), str(shared)], run_dir=str(tmp_path / "run"), user="nobody")
     (own / "container.json").write_text(json.dumps(settings))
     prog = own / "container-run.py"
     prog.write_text(program_source("container_run.py").replace('"/usr/bin/" + c["engine"]', repr(str(engine))))
-    res = subprocess.run([sys.executable, "-I", str(prog), "once", "/bin/sh", "-c", "true"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-I", str(prog), "once", "--", "/bin/sh", "-c", "true"], capture_output=True,
+                         text=True)
     assert res.returncode == 0, res.stderr
-    lines = log.read_text().splitlines()
-    assert lines[0].startswith("run --rm -i --env-file ") and lines[0].endswith(
+    lines = [line for line in log.read_text().splitlines() if not line.startswith("image inspect ")]
+    assert lines[0].startswith("run --rm -i --name hello.p.") and " --env-file " in lines[0] and lines[0].endswith(
         "--cap-drop=ALL --security-opt=no-new-privileges --init --cgroup-parent=provision-hello.slice localhost/hello:r5 /bin/sh -c true")
-    assert lines[1:] == ["ONLY=env", "PLAIN=3", 'TOKEN=s3cr=t "x"']
+    assert lines[1:] == ["HOME=/tmp", "ONLY=env", "PLAIN=3", 'TOKEN=s3cr=t "x"']
     assert not list((tmp_path / "run").iterdir())  # a one-off's env file goes with it
 
 
@@ -156,6 +157,6 @@ def test_a_container_apps_processes_run_in_containers_of_the_live_release(tmp_pa
     s = app(tmp_path, processes={"worker": "celery -A app worker"})
     files = {st.path: st.content.decode() for st in unit_steps(s, "r3", "") if hasattr(st, "content")}
     unit = files["/etc/systemd/system/hello.worker.service"]
-    assert ("ExecStart=/usr/bin/python3 -I /srv/hello/releases/r3/.provision/container-run.py once --name hello-worker "
+    assert ("ExecStart=/usr/bin/python3 -I /srv/hello/releases/r3/.provision/container-run.py once --name hello.p.worker -- "
             '/bin/sh -c "celery -A app worker"') in unit
     assert "User=" not in unit  # the image says who runs it

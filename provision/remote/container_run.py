@@ -57,6 +57,8 @@ def env_file(path):
 
 # --init: an init process (docker's tini, podman's catatonit) passes the engine's stop signal on to the app
 HARDENING = ["--cap-drop=ALL", "--security-opt=no-new-privileges"] + (["--init"] if c.get("init") else [])
+# the app's own network (releases made before it existed: the engine's default one)
+NETWORK = ["--network", c["network"]] if c.get("network") else []
 
 if sys.argv[1] == "serve":
     slot = sys.argv[2]
@@ -65,7 +67,7 @@ if sys.argv[1] == "serve":
     # one left by an instance killed outright would hold the name
     subprocess.run([engine, "rm", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.execv(engine, [engine, "run", "--rm", "--name", name, "--env-file", envs, "--label", "provision.app=" + c["name"],
-                      "-p", "127.0.0.1:%d:%d" % (c["slot_ports"][slot], c["port"])] + HARDENING + [image])
+                      "-p", "127.0.0.1:%d:%d" % (c["slot_ports"][slot], c["port"])] + NETWORK + HARDENING + [image])
 elif sys.argv[1] == "once":
     args = sys.argv[2:]
     tty = args[:1] == ["-t"]
@@ -78,7 +80,7 @@ elif sys.argv[1] == "once":
     envs = env_file(os.path.join(c["run_dir"], "once-%d.env" % os.getpid()))
     try:
         rc = subprocess.run([engine, "run", "--rm", "-i"] + (["-t"] if tty else []) + named + [
-            "--env-file", envs, "--label", "provision.app=" + c["name"]] + HARDENING + [image] + args).returncode
+            "--env-file", envs, "--label", "provision.app=" + c["name"]] + NETWORK + HARDENING + [image] + args).returncode
     finally:
         os.unlink(envs)
     sys.exit(rc)

@@ -292,3 +292,44 @@ def test_podman_installed_by_the_deploy_serves_and_rolls_back(pdroplet, sandbox,
     # the old container stops within seconds (its init passes the signal on: no 30 s wait for a kill)
     assert host.sh("for i in $(seq 50); do [ \"$(podman ps --format '{{.Names}}')\" = capp-a ] && exit 0; sleep 0.2; "
                    "done; podman ps --format '{{.Names}}'") == ""
+
+
+# -- each container app on a network of its own (provision/containernet.py) ------------------------------
+
+CONNECTS = ("python3 -c 'import socket, sys\nfor i in range(2):\n    try:\n        socket.create_connection((sys.argv[1], "
+            "int(sys.argv[2])), 2).close(); sys.exit(0)\n    except OSError: pass\nsys.exit(1)' ")
+
+
+def connects(host: Host, where: str, address: str, port: int) -> bool:
+    """Whether a TCP connection from ``where`` (a container, or "" for the droplet itself) to address:port
+    opens: two attempts of 2 s at most."""
+    return host.run(f"{where} {CONNECTS} {address} {port}")[0] == 0
+
+
+def app_container(host: Host, engine: str, app: str) -> tuple[str, str]:
+    """The id and network address of the app's running (live slot's) container."""
+    cid = host.sh(f"{engine} ps -q --filter label=provision.app={app}").split()[0]
+    fmt = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+    return cid, host.sh(f"{engine} inspect -f '{fmt}' {cid}").split()[0]
+
+
+@pytest.mark.parametrize("engine", ["docker", "podman"])
+def test_one_container_apps_container_cannot_reach_anothers(cdroplet, tmp_path_factory, engine):
+    cdroplet.sandbox.engine_ready(cdroplet.droplet, engine)
+    apps = tmp_path_factory.mktemp("netapps")
+    names = [f"net{engine[0]}a", f"net{engine[0]}b"]
+    for name in names:
+        env = {"FABRIC_APP_NAME": name, "FABRIC_APP_ENGINE": engine, "FABRIC_APP_SERVER_NAME": f"{name}.test"}
+        res, _ = deploy(cdroplet, container_app(apps, "n1"), env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+    (a, a_ip), (b, b_ip) = (app_container(cdroplet, engine, n) for n in names)
+    assert a_ip != b_ip
+    # the droplet itself reaches both on their addresses (nginx does, through the published ports)
+    assert connects(cdroplet, "", b_ip, 8000) and connects(cdroplet, "", a_ip, 8000)
+    # neither app's container reaches the other's, on its address or its port (unpublished there)
+    assert not connects(cdroplet, f"{engine} exec {a}", b_ip, 8000)
+    assert not connects(cdroplet, f"{engine} exec {b}", a_ip, 8000)
+    # each runs on its own network
+    nets = {n: cdroplet.sh(f"{engine} inspect -f '{{{{range $k, $v := .NetworkSettings.Networks}}}}{{{{$k}}}}{{{{end}}}}' "
+                           f"{c}").strip() for n, c in zip(names, (a, b))}
+    assert nets == {n: f"provision-{n}" for n in names}

@@ -14,7 +14,7 @@ from provision.app import Deploy, container_configs
 from provision.facts import Facts
 from provision.remote import source as program_source
 from provision.source import scan
-from provision.steps import Command
+from provision.steps import Command, File, plan
 
 from .test_containers import ROOT, app, fake_engine
 
@@ -37,7 +37,8 @@ def test_each_container_app_gets_a_network_of_its_own_made_when_missing(tmp_path
     assert step.plan(Facts({("command", step.unless): 0}), set()) is None  # there: nothing to do
     podman = network_step(app(tmp_path, engine="podman"))
     assert podman.plan(Facts({("command", podman.unless): 1}), set()).commands == ["podman network create -o isolate=true provision-hello >/dev/null"]
-    assert containernet.steps(cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), ROOT)) == []
+    wsgi = cfg.build(dict(cfg.DEFAULTS, name="hello", source="examples/hello"), ROOT)
+    assert containernet.steps(wsgi) == []
 
 
 @pytest.mark.parametrize("engine,answer,there", [
@@ -86,3 +87,57 @@ def test_every_container_of_the_app_runs_on_its_network(tmp_path, how):
     run = next(line.split() for line in log.read_text().splitlines() if line.startswith("run "))
     assert run[run.index("--network") + 1] == "provision-hello"
     assert run.index("--network") < run.index("localhost/hello:r5")  # an engine option, not the command's
+
+
+def test_the_rules_drop_loopback_and_container_traffic_from_elsewhere_before_any_nat():
+    text = containernet.rules().decode()
+    assert text.startswith("# Managed by provision")
+    # replaced whole and atomically: the table made (so that deleting it never fails), deleted, made again
+    assert "table inet provision-containers\ndelete table inet provision-containers\ntable inet provision-containers {" in text
+    prerouting = text[text.index("chain prerouting"):text.index("chain forward")]
+    assert "type filter hook prerouting priority raw;" in prerouting  # -300: before conntrack and the DNAT (-100)
+    rules = [line.strip() for line in prerouting.splitlines() if line.strip().endswith("drop")]
+    assert rules == ['iifname != "lo" ip daddr 127.0.0.0/8 drop', 'iifname != "lo" ip6 daddr ::1 drop',
+                     'iifname != "pvapp-*" fib daddr oifname "pvapp-*" drop',
+                     'iifname != "cni-podman*" fib daddr oifname "cni-podman*" drop',
+                     'iifname != "podman*" fib daddr oifname "podman*" drop']
+    assert 'iifname "pvapp-*" oifname "pvapp-*" drop' in text[text.index("chain forward"):]
+    assert "policy drop" not in text  # drops only these: the rest is the other tables' (bootstrap's firewall, the engines')
+    # every app's bridge is one the rules know
+    assert containernet.bridge(SimpleNamespace(name="shop")).startswith(containernet.BRIDGE_PREFIX)
+
+
+def test_the_rules_load_at_boot_before_the_engines_and_go_with_their_unit():
+    unit = containernet.unit().decode()
+    assert f"ExecStart=/usr/sbin/nft -f {containernet.RULES_FILE}" in unit
+    assert "ExecStop=-/usr/sbin/nft delete table inet provision-containers" in unit
+    assert "Before=network-pre.target docker.service podman.service" in unit and "After=nftables.service" in unit
+    assert "WantedBy=sysinit.target" in unit
+
+
+def test_the_rules_are_installed_checked_and_loaded_once_then_nothing_to_do(tmp_path):
+    s = app(tmp_path)
+    steps = containernet.steps(s)
+    etc = {"type": "dir", "mode": 0o755, "owner": "root", "group": "root"}
+    fresh = {("package", "nftables"): False, ("file", "/etc/provision"): etc,
+             ("file", containernet.RULES_FILE): None, ("file", containernet.UNIT_FILE): None,
+             ("service", containernet.UNIT): None, ("command", network_step(s).unless): 1}
+    planned = plan(steps, Facts(fresh))
+    assert [p.step.name for p in planned if p.change] == [
+        "packages nftables", f"file {containernet.RULES_FILE}", f"file {containernet.UNIT_FILE}",
+        f"service {containernet.UNIT}", "network provision-hello"]
+    service = next(p for p in planned if p.step.name == f"service {containernet.UNIT}").change.commands
+    assert service == ["systemctl daemon-reload", f"systemctl enable --quiet {containernet.UNIT}",
+                       f"/usr/sbin/nft -c -f {containernet.RULES_FILE}", f"systemctl reload-or-restart {containernet.UNIT}"]
+    same = {**fresh, ("package", "nftables"): True, ("command", network_step(s).unless): 0,
+            ("service", containernet.UNIT): {"loaded": True, "active": True, "enabled": True},
+            **{("file", f.path): {"type": "file", "sha256": f.sha256, "owner": "root", "group": "root", "mode": 0o644}
+               for f in steps if isinstance(f, File)}}
+    assert [p.step.name for p in plan(steps, Facts(same)) if p.change] == []  # a no-op deploy: facts only
+    # new rules (a newer provision): checked, then reloaded in place (nft -f replaces the table atomically)
+    old = {**same, ("file", containernet.RULES_FILE): {"type": "file", "sha256": "0" * 64, "owner": "root",
+                                                       "group": "root", "mode": 0o644}}
+    changed = [p for p in plan(steps, Facts(old)) if p.change]
+    assert [p.step.name for p in changed] == [f"file {containernet.RULES_FILE}", f"service {containernet.UNIT}"]
+    assert changed[1].change.commands == [f"/usr/sbin/nft -c -f {containernet.RULES_FILE}",
+                                          f"systemctl reload {containernet.UNIT}"]

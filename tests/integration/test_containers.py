@@ -329,6 +329,10 @@ def test_one_container_apps_container_cannot_reach_anothers(cdroplet, tmp_path_f
     # neither app's container reaches the other's, on its address or its port (unpublished there)
     assert not connects(cdroplet, f"{engine} exec {a}", b_ip, 8000)
     assert not connects(cdroplet, f"{engine} exec {b}", a_ip, 8000)
+    # on docker's network (icc off) not even another container of the same app reaches it; podman's lets it
+    image = cdroplet.sh(f"{engine} inspect -f '{{{{.Config.Image}}}}' {a}").strip()
+    same = f"{engine} run --rm --network provision-{names[0]} {image}"
+    assert connects(cdroplet, same, a_ip, 8000) == (engine == "podman")
     # each runs on its own network
     nets = {n: cdroplet.sh(f"{engine} inspect -f '{{{{range $k, $v := .NetworkSettings.Networks}}}}{{{{$k}}}}{{{{end}}}}' "
                            f"{c}").strip() for n, c in zip(names, (a, b))}
@@ -423,3 +427,4 @@ def test_a_neighbour_reaches_neither_the_published_port_on_127_0_0_1_nor_the_con
     finally:
         neighbour.run(f"ip route del {address}/32")
     assert "127.0.0.0/8" in cdroplet.sh("nft list table inet provision-containers")
+    assert cdroplet.sh("systemctl is-enabled provision-containers").strip() == "enabled"  # loaded at boot too

@@ -11,11 +11,12 @@ Publishing on 127.0.0.1 alone does not keep a port local: both engines DNAT pack
 in PREROUTING, whatever interface they come in on, so a host on the same network sending to
 127.0.0.1 with this host's MAC address as next hop reaches the container (moby#45610, #41872, fixed
 only in Docker 28; podman's CNI portmap does the same); and a host routing a container network's
-subnet through this one reaches the containers directly. :data:`RULES` (nftables table
+subnet through this one reaches the containers directly. :func:`rules` (nftables table
 ``inet provision-containers``, loaded by its own unit, independent of ``fab bootstrap``'s firewall)
 drops, before any NAT, packets to 127.0.0.0/8 (and ::1) that come in on anything but ``lo``, and
-packets to the containers' networks that come in on anything but a container bridge; and packets
-from one app's bridge to another's. The rules are the same for every app (they name bridges by
+packets to containers behind provision's docker bridges (and any podman bridge) that come in on
+anything but such a bridge; and packets from one app's docker bridge to another's (podman's
+networks: their isolate=true). The rules are the same for every app (they name bridges by
 pattern), so every container app's deploy writes the same file; they stay when the last container
 app goes (they hold no app's name, drop only what no host should accept).
 """

@@ -12,7 +12,7 @@ import copy
 import json
 import shlex
 
-from . import appenv, monitor, remote, secrets, tls
+from . import appenv, containernet, monitor, remote, secrets, tls
 from .config import Settings
 from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, PIP_WHEELS, RELEASE_ENV,
                      SYSTEM_CA_BUNDLE, SYSTEMD_DIR, UPSTREAM_HEADER)
@@ -162,6 +162,7 @@ def container_configs(s: Settings) -> dict[str, bytes]:
                 "slot_containers": {slot: lay.container_name(slot) for slot in SLOTS},
                 "process_containers": lay.process_container(""), "graceful_timeout": s.graceful_timeout,
                 "env_files": [RELEASE_ENV, lay.secrets_file, lay.env_file], "image": s.image, "slice": lay.container_slice}
+    settings["network"] = containernet.network(s)  # every container of the app runs on the app's own network
     return {"unit": rendered(s, "container@.service.j2"),
             "container.json": json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n",
             "container-run.py": remote.source("container_run.py").encode()}
@@ -257,6 +258,7 @@ class Deploy(Recipe):
         if s.container:
             # the engine (its proxy first, so a fresh install starts with it), the release, its image
             return trust_steps(s) + engine_steps(s) + [Packages(packages(s))] + layout_steps(s) + [
+                *containernet.steps(s),  # the app's network, the host's rules that keep it to itself
                 *(tls.machine_steps(s, proxy_vars(s)) if s.tls else ()),
                 self.release,
                 image_step(s, target),

@@ -252,13 +252,17 @@ def firewall_rules(ports: dict[str, list[int]]) -> bytes:
 
 
 def firewall_unit() -> bytes:
-    """Loads the table at boot, before the network is up, after Debian's nftables.service (whose
-    `flush ruleset` would drop it); stopping it drops the table."""
-    return (f"# Managed by provision (fab bootstrap)\n[Unit]\nDescription=provision firewall (nftables table "
-            f"{FIREWALL_TABLE})\nDefaultDependencies=no\nWants=network-pre.target\nAfter=nftables.service\n"
-            "Before=network-pre.target shutdown.target\nConflicts=shutdown.target\n\n"
-            f"[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart={NFT} -f {FIREWALL_RULES}\n"
-            f"ExecReload={NFT} -f {FIREWALL_RULES}\nExecStop=-{NFT} delete table {FIREWALL_TABLE}\n\n"
+    return nft_unit("fab bootstrap", "provision firewall", FIREWALL_TABLE, FIREWALL_RULES)
+
+
+def nft_unit(by: str, description: str, table: str, rules: str, before: str = "") -> bytes:
+    """Loads ``table`` from ``rules`` at boot, before the network is up (and ``before``), after Debian's
+    nftables.service (whose `flush ruleset` would drop it); stopping it drops the table."""
+    return (f"# Managed by provision ({by})\n[Unit]\nDescription={description} (nftables table "
+            f"{table})\nDefaultDependencies=no\nWants=network-pre.target\nAfter=nftables.service\n"
+            f"Before=network-pre.target {before}shutdown.target\nConflicts=shutdown.target\n\n"
+            f"[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart={NFT} -f {rules}\n"
+            f"ExecReload={NFT} -f {rules}\nExecStop=-{NFT} delete table {table}\n\n"
             "[Install]\nWantedBy=sysinit.target\n").encode()
 
 

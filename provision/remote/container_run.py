@@ -103,6 +103,9 @@ HARDENING = ["--user", app_user(), "--cap-drop=ALL", "--security-opt=no-new-priv
     ["--init"] if c.get("init") else []) + (["--http-proxy=false"] if c["engine"] == "podman" else []) + [
     "--cgroup-parent=" + c["slice"]]
 
+# the app's own network (releases made before it existed: the engine's default one)
+NETWORK = ["--network", c["network"]] if c.get("network") else []
+
 USAGE = "usage: container-run.py serve SLOT | once [-t] [--name %sPROCESS] -- CMD [ARGS]" % c["process_containers"]
 PROCESS_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")  # a process's or timer's (provision/processes.py)
 if sys.argv[1:2] == ["serve"] and len(sys.argv) == 3:
@@ -112,7 +115,7 @@ if sys.argv[1:2] == ["serve"] and len(sys.argv) == 3:
     # one left by an instance killed outright would hold the name
     subprocess.run([engine, "rm", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.execv(engine, [engine, "run", "--rm", "--name", name, "--env-file", envs, "--label", "provision.app=" + c["name"],
-                      "-p", "127.0.0.1:%d:%d" % (c["slot_ports"][slot], c["port"])] + HARDENING + [image])
+                      "-p", "127.0.0.1:%d:%d" % (c["slot_ports"][slot], c["port"])] + NETWORK + HARDENING + [image])
 elif sys.argv[1:2] == ["once"] and "--" in sys.argv[2:-1]:
     # its own options end at the first `--`: whatever follows is the command's, never read here
     end = sys.argv.index("--", 2)
@@ -135,7 +138,7 @@ elif sys.argv[1:2] == ["once"] and "--" in sys.argv[2:-1]:
     rc, stopped = 143, False
     try:
         client = None if stopping else subprocess.Popen([engine, "run", "--rm", "-i"] + (["-t"] if tty else []) + [
-            "--name", name, "--env-file", envs, "--label", "provision.app=" + c["name"]] + HARDENING + [image] + args)
+            "--name", name, "--env-file", envs, "--label", "provision.app=" + c["name"]] + NETWORK + HARDENING + [image] + args)
         while client:
             try:
                 rc = client.wait(timeout=0.2)

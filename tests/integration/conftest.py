@@ -6,6 +6,7 @@ Skipped, with one line saying why, only where this machine cannot run droplets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -104,7 +105,14 @@ def droplet(sandbox, request, tmp_path_factory) -> Host:
     """A fresh droplet per test module, destroyed afterwards. Its name comes from the module, after
     PROVISION_TEST_PREFIX (default ``it-``): test runs side by side on one machine use distinct ones."""
     name = PREFIX + request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")[:16]
-    d = sandbox.up(name)
+    with booted(sandbox, name, tmp_path_factory) as host:
+        yield host
+
+
+@contextlib.contextmanager
+def booted(sandbox: Sandbox, name: str, tmp_path_factory, **options):
+    """Droplet ``name`` up (``options``: Sandbox.up's) as a Host with an inventory naming it; down after."""
+    d = sandbox.up(name, **options)
     inv = tmp_path_factory.mktemp("inv") / "inventory.ini"
     inv.write_text(sandbox.inventory())
     try:

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import PREFIX, Host
+from .conftest import PREFIX, Host, booted
 
 DOCKERFILE = """FROM localhost/debian:12
 COPY app.py /srv/app.py
@@ -325,3 +325,139 @@ def test_podman_installed_by_the_deploy_serves_and_rolls_back(pdroplet, sandbox,
     # the old container stops within seconds (its init passes the signal on: no 30 s wait for a kill)
     assert host.sh("for i in $(seq 50); do [ \"$(podman ps --format '{{.Names}}')\" = capp-a ] && exit 0; sleep 0.2; "
                    "done; podman ps --format '{{.Names}}'") == ""
+
+
+# -- each container app on a network of its own (provision/containernet.py) ------------------------------
+
+CONNECTS = ("python3 -c 'import socket, sys\nfor i in range(2):\n    try:\n        socket.create_connection((sys.argv[1], "
+            "int(sys.argv[2])), 2).close(); sys.exit(0)\n    except OSError: pass\nsys.exit(1)' ")
+
+
+def connects(host: Host, where: str, address: str, port: int) -> bool:
+    """Whether a TCP connection from ``where`` (a container, or "" for the droplet itself) to address:port
+    opens: two attempts of 2 s at most."""
+    return host.run(f"{where} {CONNECTS} {address} {port}")[0] == 0
+
+
+def app_container(host: Host, engine: str, app: str) -> tuple[str, str]:
+    """The id and network address of the app's running (live slot's) container."""
+    cid = host.sh(f"{engine} ps -q --filter label=provision.app={app}").split()[0]
+    fmt = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+    return cid, host.sh(f"{engine} inspect -f '{fmt}' {cid}").split()[0]
+
+
+@pytest.mark.parametrize("engine", ["docker", "podman"])
+def test_one_container_apps_container_cannot_reach_anothers(cdroplet, tmp_path_factory, engine):
+    cdroplet.sandbox.engine_ready(cdroplet.droplet, engine)
+    apps = tmp_path_factory.mktemp("netapps")
+    names = [f"net{engine[0]}a", f"net{engine[0]}b"]
+    for name in names:
+        env = {"FABRIC_APP_NAME": name, "FABRIC_APP_ENGINE": engine, "FABRIC_APP_SERVER_NAME": f"{name}.test"}
+        res, _ = deploy(cdroplet, container_app(apps, "n1"), env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+    (a, a_ip), (b, b_ip) = (app_container(cdroplet, engine, n) for n in names)
+    assert a_ip != b_ip
+    # the droplet itself reaches both on their addresses (nginx does, through the published ports)
+    assert connects(cdroplet, "", b_ip, 8000) and connects(cdroplet, "", a_ip, 8000)
+    # neither app's container reaches the other's, on its address or its port (unpublished there)
+    assert not connects(cdroplet, f"{engine} exec {a}", b_ip, 8000)
+    assert not connects(cdroplet, f"{engine} exec {b}", a_ip, 8000)
+    # on docker's network (icc off) not even another container of the same app reaches it; podman's lets it
+    image = cdroplet.sh(f"{engine} inspect -f '{{{{.Config.Image}}}}' {a}").strip()
+    same = f"{engine} run --rm --network provision-{names[0]} {image}"
+    assert connects(cdroplet, same, a_ip, 8000) == (engine == "podman")
+    # each runs on its own network
+    nets = {n: cdroplet.sh(f"{engine} inspect -f '{{{{range $k, $v := .NetworkSettings.Networks}}}}{{{{$k}}}}{{{{end}}}}' "
+                           f"{c}").strip() for n, c in zip(names, (a, b))}
+    assert nets == {n: f"provision-{n}" for n in names}
+
+
+# A host on the droplet's network sends a TCP SYN to DST:PORT in an Ethernet frame addressed to MAC (the
+# droplet's): the route any neighbour can take to the droplet's 127.0.0.1. Prints "answered" when a
+# SYN-ACK comes back (three tries, 3 s in all). Needs CAP_NET_RAW (a droplet's root has it).
+SYN_PROBE = r'''
+import os, random, socket, struct, sys, time
+mac, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+src = os.popen("ip -4 -o addr show dev eth0").read().split()[3].split("/")[0]
+own = open("/sys/class/net/eth0/address").read().strip()
+def csum(data):
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+sport = random.randint(40000, 60000)
+tcp = struct.pack("!HHIIBBHHH", sport, port, random.getrandbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
+pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), random.getrandbits(16), 0, 64, 6, 0,
+                 socket.inet_aton(src), socket.inet_aton(dst))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+frame = bytes.fromhex(mac.replace(":", "") + own.replace(":", "")) + b"\x08\x00" + ip + tcp
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+s.bind(("eth0", 0))
+s.settimeout(0.2)
+for attempt in range(3):
+    s.send(frame)
+    until = time.monotonic() + 1
+    while time.monotonic() < until:
+        try:
+            pkt = s.recv(2048)
+        except socket.timeout:
+            continue
+        hl = (pkt[14] & 15) * 4
+        if pkt[23] == 6 and struct.unpack("!HH", pkt[14 + hl:18 + hl]) == (port, sport) and pkt[14 + hl + 13] & 0x12 == 0x12:
+            print("answered by", socket.inet_ntoa(pkt[26:30]))
+            sys.exit(0)
+print("no answer")
+'''
+
+
+@pytest.fixture(scope="module")
+def neighbour(sandbox, tmp_path_factory):
+    """A plain droplet on the same network as the container droplet: a neighbour on its LAN."""
+    with booted(sandbox, PREFIX + "neighbour", tmp_path_factory) as host:
+        yield host
+
+
+def syn_answered(neighbour: Host, mac: str, dst: str, port: int) -> bool:
+    out = neighbour.sh(f"python3 - {mac} {dst} {port} <<'__PROBE__'\n{SYN_PROBE}\n__PROBE__")
+    return out.startswith("answered")
+
+
+@pytest.mark.parametrize("engine", ["docker", "podman"])
+def test_a_neighbour_reaches_neither_the_published_port_on_127_0_0_1_nor_the_container(request, sandbox, neighbour,
+                                                                                        tmp_path_factory, engine):
+    """Docker < 28 and podman's CNI portmap DNAT packets to 127.0.0.1:<port> whatever interface they
+    came in on (moby#45610), and forward packets routed to a container's address from anywhere: the
+    host's rules (table inet provision-containers) drop both before any NAT. podman's case on a droplet
+    without docker (whose FORWARD policy, drop, would hide it)."""
+    from provision.layout import Layout
+
+    if engine == "docker":
+        cdroplet = request.getfixturevalue("cdroplet")
+    else:
+        droplet = request.getfixturevalue("pdroplet")
+        inv = tmp_path_factory.mktemp("inv") / "inventory.ini"
+        inv.write_text(sandbox.inventory())
+        cdroplet = Host(droplet, sandbox, inv)
+        sandbox.engine_ready(cdroplet.droplet, "podman")
+        assert cdroplet.run("command -v dockerd")[0] != 0
+    env = {"FABRIC_APP_NAME": "netlan", "FABRIC_APP_SERVER_NAME": "netlan.test", "FABRIC_APP_ENGINE": engine}
+    res, _ = deploy(cdroplet, container_app(tmp_path_factory.mktemp("netapps"), "n1"), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    port = Layout("netlan", container=True).slot_port(cdroplet.live_slot("netlan"))
+    _, address = app_container(cdroplet, engine, "netlan")
+    assert connects(cdroplet, "", "127.0.0.1", port)  # served on the droplet itself
+    mac = cdroplet.sh("cat /sys/class/net/eth0/address").strip()
+    assert connects(neighbour, "", cdroplet.address, 22)  # and each knows the other's MAC address now
+    # the probe works: the droplet's sshd answers it on its address
+    assert syn_answered(neighbour, mac, cdroplet.address, 22)
+    assert not syn_answered(neighbour, mac, "127.0.0.1", port)
+    # a neighbour routing the container's address through the droplet
+    neighbour.sh(f"ip route replace {address}/32 via {cdroplet.address}")
+    try:
+        assert not connects(neighbour, "", address, 8000)
+    finally:
+        neighbour.run(f"ip route del {address}/32")
+    assert "127.0.0.0/8" in cdroplet.sh("nft list table inet provision-containers")
+    assert cdroplet.sh("systemctl is-enabled provision-containers").strip() == "enabled"  # loaded at boot too

@@ -34,6 +34,10 @@ BASE_PACKAGES = ("python3-venv", "python3-pip-whl", "nginx")
 ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman", "runc", "catatonit", "iptables")}
 ENGINE_PROXY_DROPIN = f"{SYSTEMD_DIR}/docker.service.d/provision-proxy.conf"  # dockerd pulls through app.proxy
 ENGINE_PROXY_ENV = f"{SYSTEMD_DIR}/docker.service.d/provision-proxy.env"  # root's alone: may hold a password
+# dockerd reads a changed drop-in when it restarts; only one running is restarted: before the deploy
+# installs docker (a fresh host) there is no docker.service yet, and the install starts it with the drop-in
+ENGINE_RELOAD = ("systemctl daemon-reload",
+                 "if systemctl is-active --quiet docker.service; then systemctl restart docker.service; fi")
 NO_PROXY = "localhost,127.0.0.1,::1"  # the health checks talk to nginx on the host itself
 
 
@@ -174,8 +178,7 @@ def engine_steps(s: Settings) -> list[Step]:
     return [Directory(ENGINE_PROXY_DROPIN.rsplit("/", 1)[0], owner="root", group="root", mode=0o755),
             File(ENGINE_PROXY_DROPIN, f"[Service]\nEnvironmentFile={ENGINE_PROXY_ENV}\n".encode(), notify=("engine",)),
             File(ENGINE_PROXY_ENV, env.encode(), mode=0o600, sensitive=True, notify=("engine",)),
-            Command("docker proxy", ("systemctl daemon-reload", "systemctl try-restart docker.service"),
-                    when=("engine",))]
+            Command("docker proxy", ENGINE_RELOAD, when=("engine",))]
 
 
 def image_step(s: Settings, target: str | None) -> Command:

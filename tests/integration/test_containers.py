@@ -28,18 +28,24 @@ http.server.HTTPServer(("0.0.0.0", 8000), H).serve_forever()
 """
 
 
-@pytest.fixture(scope="module")
-def cdroplet(sandbox, tmp_path_factory):
-    """A droplet that can run a container engine, docker ready in it."""
-    name = PREFIX + "containers"
+def container_host(sandbox, tmp_path_factory, name: str, engine: str | None):
+    """A droplet that can run a container engine (``engine`` ready in it; None: none installed), torn down after."""
+    name = PREFIX + name
     d = sandbox.up(name, containers=True)
     inv = tmp_path_factory.mktemp("inv") / "inventory.ini"
     inv.write_text(sandbox.inventory())
     try:
-        sandbox.engine_ready(d, "docker")
+        if engine:
+            sandbox.engine_ready(d, engine)
         yield Host(d, sandbox, inv)
     finally:
         sandbox.down(name)
+
+
+@pytest.fixture(scope="module")
+def cdroplet(sandbox, tmp_path_factory):
+    """A droplet that can run a container engine, docker ready in it."""
+    yield from container_host(sandbox, tmp_path_factory, "containers", "docker")
 
 
 @pytest.mark.parametrize("engine", ["docker", "podman"])
@@ -252,6 +258,34 @@ def test_a_program_holding_the_idle_slots_port_is_named_and_never_taken_for_the_
         assert get(cdroplet.address) == before and cdroplet.live_slot("capp") == live
     finally:
         cdroplet.run("systemctl stop cont-squatter")
+
+
+@pytest.fixture(scope="module")
+def fresh_docker(sandbox, tmp_path_factory):
+    """A container droplet with no engine yet: the deploy installs docker (through the inventory's proxy)."""
+    yield from container_host(sandbox, tmp_path_factory, "fresh-docker", None)
+
+
+DOCKERD_ENV = "tr '\\0' '\\n' < /proc/$(pidof dockerd)/environ"
+DROPIN = "/etc/systemd/system/docker.service.d/provision-proxy.conf"
+
+
+def test_the_first_deploy_installs_docker_which_starts_with_the_proxy(fresh_docker, tmp_path_factory):
+    """B8: the drop-in is written before docker is installed; restarting a docker.service that does
+    not exist yet failed the first deploy (exit 5)."""
+    host, apps = fresh_docker, tmp_path_factory.mktemp("fapps")
+    assert host.run("command -v docker")[0] != 0
+    res, _ = deploy(host, container_app(apps, "f1"))
+    out = res.stdout + res.stderr
+    assert "FAILED  docker proxy" not in out and "(install nginx docker.io)" in out, out
+    # docker came up with the proxy; the build then needs FROM localhost/debian:12, which no registry
+    # here has (a real host pulls it): refused at its build, nothing live
+    assert res.returncode == 1 and "FAILED  image localhost/capp:" in res.stdout, out
+    assert f"https_proxy={host.sandbox.proxy_url}" in host.sh(DOCKERD_ENV)
+    host.sandbox.engine_ready(host.droplet, "docker")  # finds docker there, imports localhost/debian:12
+    res, _ = deploy(host, container_app(apps, "f1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert get(host.address) == "f1"
 
 
 @pytest.fixture(scope="module")

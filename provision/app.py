@@ -14,8 +14,8 @@ import shlex
 
 from . import appenv, monitor, remote, secrets, tls
 from .config import Settings
-from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, PIP_WHEELS, RELEASE_ENV,
-                     SYSTEM_CA_BUNDLE, SYSTEMD_DIR, UPSTREAM_HEADER)
+from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, PIP_WHEELS,
+                     PROVISION_VAR, RELEASE_ENV, SYSTEM_CA_BUNDLE, SYSTEMD_DIR, UPSTREAM_HEADER)
 from .errors import ProvisionError
 from .leftovers import data_fact, data_warning
 from .nginx import NGINX_CHECK, Site
@@ -23,8 +23,8 @@ from .processes import unit_steps, unserved_static
 from .source import Source
 from .release import (Prune, Release, StopIdle, Switch, current_release, host_header, live_slot, rollback_facts,
                       rollback_target, slot_facts, slot_release)
-from .steps import (Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Recipe, RootsOnly,
-                    Service, Step, User)
+from .steps import (Absent, Change, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Recipe,
+                    RootsOnly, Service, Step, User)
 from .render import render
 
 q = shlex.quote
@@ -34,6 +34,7 @@ BASE_PACKAGES = ("python3-venv", "python3-pip-whl", "nginx")
 ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman", "runc", "catatonit", "iptables")}
 ENGINE_PROXY_DROPIN = f"{SYSTEMD_DIR}/docker.service.d/provision-proxy.conf"  # dockerd pulls through app.proxy
 ENGINE_PROXY_ENV = f"{SYSTEMD_DIR}/docker.service.d/provision-proxy.env"  # root's alone: may hold a password
+ENGINE_PROXY_CLAIMS = f"{PROVISION_VAR}/docker-proxy"  # an empty file per app that wants the drop-in
 # dockerd reads a changed drop-in when it restarts; only one running is restarted: before the deploy
 # installs docker (a fresh host) there is no docker.service yet, and the install starts it with the drop-in
 ENGINE_RELOAD = ("systemctl daemon-reload",
@@ -169,16 +170,58 @@ def container_configs(s: Settings) -> dict[str, bytes]:
             "container-run.py": remote.source("container_run.py").encode()}
 
 
+def docker_proxy(s: Settings) -> bool:
+    """This app's settings give docker's daemon its proxy: a docker app with app.proxy."""
+    return s.container and s.engine == "docker" and bool(s.proxy)
+
+
 def engine_steps(s: Settings) -> list[Step]:
     """docker's daemon pulls images: it gets app.proxy from a drop-in (its value in a root-only file)
-    and restarts when it changes (podman pulls in the deploy's own environment)."""
-    if s.engine != "docker" or not s.proxy:
-        return []
+    and restarts when it changes (podman pulls in the deploy's own environment). The drop-in is the
+    host's, not the app's: each app that wants it claims it (an empty file named after the app in
+    ENGINE_PROXY_CLAIMS); an app that no longer does takes its claim back, and the drop-in goes with
+    the last claim (see :class:`DockerProxyDropped`)."""
+    if not docker_proxy(s):
+        return [DockerProxyDropped(s.name, restart=s.container and s.engine == "docker")]
     env = "".join(f"{k}={v}\n" for k, v in sorted(proxy_vars(s).items()))
-    return [Directory(ENGINE_PROXY_DROPIN.rsplit("/", 1)[0], owner="root", group="root", mode=0o755),
+    return [Directory(PROVISION_VAR, owner="root", group="root", mode=0o755),
+            Directory(ENGINE_PROXY_CLAIMS, owner="root", group="root", mode=0o755),
+            File(f"{ENGINE_PROXY_CLAIMS}/{s.name}", b""),
+            Directory(ENGINE_PROXY_DROPIN.rsplit("/", 1)[0], owner="root", group="root", mode=0o755),
             File(ENGINE_PROXY_DROPIN, f"[Service]\nEnvironmentFile={ENGINE_PROXY_ENV}\n".encode(), notify=("engine",)),
             File(ENGINE_PROXY_ENV, env.encode(), mode=0o600, sensitive=True, notify=("engine",)),
             Command("docker proxy", ENGINE_RELOAD, when=("engine",))]
+
+
+class DockerProxyDropped(Step):
+    """This app no longer gives docker its proxy (app.proxy unset, engine podman, or no container
+    app any more): its claim goes, and the drop-in with the last claim. A drop-in no app claims (an
+    older provision's) goes too, but only on a docker app's deploy: then this app's settings are the
+    ones docker runs with. docker is restarted for a docker app (its next pulls go direct); for the
+    others docker, unused by them, reads the change when it next restarts (no restart of another
+    app's containers for nothing)."""
+
+    def __init__(self, app: str, restart: bool):
+        self.app, self.restart = app, restart
+
+    @property
+    def name(self):
+        return f"docker proxy of {self.app}"
+
+    def facts(self):
+        return [("ls", ENGINE_PROXY_CLAIMS), ("file", ENGINE_PROXY_DROPIN), ("file", ENGINE_PROXY_ENV)]
+
+    def plan(self, facts, notified):
+        claims = facts.ls(ENGINE_PROXY_CLAIMS)
+        mine = self.app in (claims or [])
+        cmds = [f"rm -f {q(f'{ENGINE_PROXY_CLAIMS}/{self.app}')}"] if mine else []
+        present = [p for p in (ENGINE_PROXY_DROPIN, ENGINE_PROXY_ENV) if facts.file(p) is not None]
+        remove = bool(present) and not set(claims or []) - {self.app} and (mine or self.restart)
+        if remove:
+            cmds += [f"rm -f {' '.join(map(q, present))}", *(ENGINE_RELOAD if self.restart else ENGINE_RELOAD[:1])]
+        if not cmds:
+            return None
+        return Change(cmds, summary="remove the drop-in" if remove else "drop the claim (other apps keep the drop-in)")
 
 
 def image_step(s: Settings, target: str | None) -> Command:
@@ -266,7 +309,7 @@ class Deploy(Recipe):
             ] + ([] if stage == "prepare" else unit_steps(s, target, self.app_unit)) + after
         # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
         # the other packages install and the release and configs are written; the switch waits.
-        return trust_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
+        return trust_steps(s) + engine_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
             self.venv,
             Packages(packages(s)),
             *(tls.machine_steps(s, proxy_vars(s)) if s.tls else ()),

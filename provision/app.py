@@ -231,7 +231,10 @@ def image_step(s: Settings, target: str | None) -> Command:
     history), or pulled (app.image) and tagged. Only when this deploy made a release."""
     lay, image = s.layout, s.layout.image(target or "none")
     if s.image:
-        cmds = [f"{s.engine} pull -q {q(s.image)} >/dev/null", f"{s.engine} tag {q(s.image)} {q(image)}"]
+        # the registry's tag goes once the release's is on: the release's tag alone holds the image,
+        # and pruning the release (rmi of that tag) frees it
+        cmds = [f"{s.engine} pull -q {q(s.image)} >/dev/null", f"{s.engine} tag {q(s.image)} {q(image)}",
+                f"{s.engine} rmi {q(s.image)} >/dev/null"]
     else:
         args = "".join(f" --build-arg {k}" for k in ("http_proxy", "https_proxy", "no_proxy") if s.proxy)
         if s.ca_bundle:

@@ -7,7 +7,7 @@ import subprocess
 
 from provision import config as cfg
 from provision.app import (ENGINE_PROXY_CLAIMS, ENGINE_PROXY_DROPIN, ENGINE_PROXY_ENV, Deploy, DockerProxyDropped,
-                          engine_steps)
+                          engine_steps, image_step)
 from provision.facts import Facts
 from provision.source import scan
 from provision.steps import Command, File
@@ -113,3 +113,14 @@ def venv_app(tmp_path):
     (src(tmp_path) / "requirements.txt").write_text("flask\n")
     return cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(src(tmp_path)), proxy="http://10.0.0.1:3128"), ROOT)
 
+
+def test_a_pulled_image_keeps_only_the_releases_tag_so_pruning_the_release_frees_it(tmp_path):
+    """B9: pull + tag kept the registry's tag too; pruning's rmi of the release's tag only untagged it,
+    and every image ever pulled stayed on the host. (No registry is reachable here: a real pull is
+    not tested on a droplet.)"""
+    for engine in ("docker", "podman"):
+        s = app(src(tmp_path), image="reg.example.com/hello:1", engine=engine)
+        assert image_step(s, "r2").commands == (
+            f"{engine} pull -q reg.example.com/hello:1 >/dev/null",
+            f"{engine} tag reg.example.com/hello:1 localhost/hello:r2",
+            f"{engine} rmi reg.example.com/hello:1 >/dev/null")

@@ -15,14 +15,14 @@ import shlex
 from . import appenv, monitor, remote, secrets, tls
 from .config import Settings
 from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, PIP_WHEELS,
-                     PROVISION_VAR, RELEASE_ENV, SYSTEM_CA_BUNDLE, SYSTEMD_DIR, UPSTREAM_HEADER)
+                     PROVISION_VAR, RELEASE_DIR, RELEASE_ENV, SYSTEM_CA_BUNDLE, SYSTEMD_DIR, UPSTREAM_HEADER)
 from .errors import ProvisionError
 from .leftovers import data_fact, data_warning
 from .nginx import NGINX_CHECK, Site
 from .processes import unit_steps, unserved_static
 from .source import Source
-from .release import (Prune, Release, StopIdle, Switch, current_release, host_header, live_slot, rollback_facts,
-                      rollback_target, slot_facts, slot_release)
+from .release import (Prune, Release, StopIdle, Switch, current_release, host_header, live_meta, live_slot, meta_path,
+                      rollback_facts, rollback_target, slot_facts, slot_release)
 from .steps import (Absent, Change, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Recipe,
                     RootsOnly, Service, Step, User)
 from .render import render
@@ -224,6 +224,62 @@ class DockerProxyDropped(Step):
         return Change(cmds, summary="remove the drop-in" if remove else "drop the claim (other apps keep the drop-in)")
 
 
+def container_kind(venv: str | None) -> str | None:
+    """The engine of a release whose meta says ``venv`` (its venv key): "container-<engine>" for a
+    container release; None for a virtualenv release."""
+    return venv.split("-", 1)[1] if venv and venv.startswith("container-") else None
+
+
+class KindLeftovers(Step):
+    """What the other kind of app left once its traffic moved (app.container switched, or the
+    engine changed): a virtualenv app's socket units on a container app's host, and a container
+    app's images on a virtualenv app's host (or in the engine it no longer uses), its last
+    container stopped first (its stop began at the switch: gracefully, so this waits for it). Only
+    once the live release is of the app's kind now (this run's switch, or an earlier one): never
+    what still serves. Images in use elsewhere (a `fab run`) stay, and go on a later deploy. The
+    old kind's releases (and virtualenvs) go with pruning; a rollback to them is refused."""
+
+    def __init__(self, s: Settings):
+        self.s = s
+        lay = s.layout
+        self.engines = [e for e in ENGINE_PACKAGES if not (s.container and e == s.engine)]
+        self.sockets = [lay.socket_unit_file, *(f"{lay.sockets_wants}/{lay.unit(slot)}.socket" for slot in SLOTS)]
+        repo = q(lay.image_repo)
+        # exit 1: an engine it no longer uses holds images of the app
+        self.probe = (f"for e in {' '.join(self.engines)}; do command -v $e >/dev/null || continue; "
+                      f'[ -z "$($e images -q {repo} 2>/dev/null)" ] || exit 1; done')
+
+    @property
+    def name(self):
+        return f"leftovers of {self.s.name}"
+
+    def facts(self):
+        s = self.s
+        return [("content", meta_path(s)), ("file", f"{s.layout.current}/{RELEASE_DIR}"),
+                ("content", s.layout.upstream_file), ("command", self.probe),
+                *(("file", p) for p in self.sockets if s.container)]
+
+    def plan(self, facts, notified):
+        s, lay = self.s, self.s.layout
+        switched = "switched" in notified
+        if not switched and container_kind(live_meta(s, facts).get("venv")) != (s.engine if s.container else None):
+            return None  # the other kind still serves (a fleet's commit keeps it until the transaction ends)
+        cmds = []
+        if s.container and any(facts.file(p) for p in self.sockets):
+            units = " ".join(q(f"{lay.unit(slot)}.socket") for slot in SLOTS)
+            cmds += [f"systemctl stop {units} || true", f"rm -f {' '.join(map(q, self.sockets))}",
+                     "systemctl daemon-reload"]
+        if facts.command(self.probe) != 0:
+            live = live_slot(s, facts)  # before this run
+            idle = live if switched else next((slot for slot in SLOTS if live and slot != live), None)
+            cmds += [f"systemctl stop {q(lay.unit(idle) + '.service')}"] if idle else []
+            repo = q(lay.image_repo)
+            cmds.append(f"for e in {' '.join(self.engines)}; do command -v $e >/dev/null || continue; "
+                        f"for t in $($e images --format '{{{{.Tag}}}}' {repo}); do "
+                        f'$e rmi {repo}:"$t" >/dev/null 2>&1 || true; done; done')
+        return Change(cmds, summary="remove") if cmds else None
+
+
 def image_step(s: Settings, target: str | None) -> Command:
     """The new release's image, tagged with its id (a rollback runs it again, no rebuild): built on the
     host from the release's Dockerfile, the proxy and extra CA given as build arguments (the proxy's
@@ -286,6 +342,10 @@ class Deploy(Recipe):
         return Switch(self.s, target, action="deploy", by=self.deployer, prove=proves_upstream(self.site), stage=stage,
                       log=self.origin)
 
+    def leftovers(self, stage: str) -> list[Step]:
+        """The other kind's leftovers, once traffic moved for good (a fleet's commit may still go back)."""
+        return [] if stage in ("prepare", "commit") else [KindLeftovers(self.s)]
+
     def steps(self, target, stage: str = "all"):
         """Every step; ``stage`` is the switch's (see :class:`Switch`): ``prepare`` ends with it."""
         s, lay, prove = self.s, self.s.layout, proves_upstream(self.site)
@@ -309,7 +369,7 @@ class Deploy(Recipe):
                 image_step(s, target),
                 *release_phase(s, target, self.deployer, self.fills, self.app_unit),
                 self.switch(target, stage),
-            ] + ([] if stage == "prepare" else unit_steps(s, target, self.app_unit)) + after
+            ] + ([] if stage == "prepare" else unit_steps(s, target, self.app_unit)) + self.leftovers(stage) + after
         # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
         # the other packages install and the release and configs are written; the switch waits.
         return trust_steps(s) + engine_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
@@ -325,7 +385,7 @@ class Deploy(Recipe):
             self.switch(target, stage),
         ] + ([] if stage == "prepare" else [
             # processes and timers move to the new release once traffic has
-            *unit_steps(s, target, self.app_unit)]) + after
+            *unit_steps(s, target, self.app_unit)]) + self.leftovers(stage) + after
 
 
 class Prepare(Recipe):

@@ -215,6 +215,20 @@ own_dir = os.path.join(release_dir, a["release_own_dir"])
 if not os.path.isdir(release_dir):
     fail("release %s does not exist on this host (see `fab releases`)" % release)
 container = a.get("container")  # a container app: its slots run the release's image (container-run.py)
+
+
+def kind(engine):
+    return "a container app's (%s)" % engine if engine else "a virtualenv app's"
+
+
+try:  # the kind of app the release was made for: its venv key ("container-<engine>" for a container app's)
+    made = str(json.loads(read(os.path.join(own_dir, "release.json")) or "{}").get("venv") or "")
+except ValueError:
+    made = ""
+made = made[len("container-"):] if made.startswith("container-") else None
+if made != (container["engine"] if container else None):
+    fail("release %s is %s and the app is %s now (app.container or app.engine changed since): it cannot go "
+         "live again; deploy the app instead" % (release, kind(made), kind(container and container["engine"])))
 if container:
     if run(container["engine"], "image", "inspect", container["image"], check=False).returncode != 0:
         fail("release %s has no image %s on this host (it was pruned?); deploy it again instead"

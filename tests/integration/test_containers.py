@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import PREFIX, Host
+from .conftest import PREFIX, Host, wait_for
 
 DOCKERFILE = """FROM localhost/debian:12
 COPY app.py /srv/app.py
@@ -309,6 +309,37 @@ def test_the_docker_proxy_drop_in_goes_with_the_last_app_that_wants_it(fresh_doc
     # the proxy back: so is the drop-in
     res, _ = deploy(host, container_app(apps, "f2"))
     assert res.returncode == 0 and f"https_proxy={host.sandbox.proxy_url}" in host.sh(DOCKERD_ENV), res.stdout
+
+
+def test_an_app_switched_from_container_to_virtualenv_and_back_leaves_nothing_of_the_other_kind(fresh_docker,
+                                                                                                 tmp_path_factory):
+    """B13: the switch of kind left the virtualenv app's socket units running, the container app's
+    images, and a rollback across it failed saying the release was pruned."""
+    host, apps = fresh_docker, tmp_path_factory.mktemp("fapps")
+    project = {"FABRIC_APP_SOURCE": "examples/hello"}
+    venv = {"FABRIC_APP_CONTAINER": "false", **project}
+    assert host.sh("docker images -q localhost/capp").split()
+    res, _ = deploy(host, "examples/hello", env=venv)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert get(host.address) == "Hello from provision!"
+    # the container app's images and containers gone (docker stays: other apps may use it), its claim too
+    assert host.sh("docker images -q localhost/capp") == "" and host.sh("docker ps -aq --filter name=capp") == ""
+    assert host.run("test -e /var/lib/provision/docker-proxy/capp")[0] != 0
+    res = host.fab("-H", host.name, "rollback", env={**APP_ENV, **venv})
+    assert res.returncode == 1 and "is a container app's (docker) and the app is a virtualenv app's now" in res.stdout \
+        and "deploy the app instead" in res.stdout, res.stdout + res.stderr
+    assert get(host.address) == "Hello from provision!"
+    # and back: the virtualenv app's socket units stop and go, its gunicorn with them
+    res, _ = deploy(host, container_app(apps, "f3"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert get(host.address) == "f3"
+    assert host.run("systemctl is-active capp@a.socket capp@b.socket")[1].split() == ["inactive", "inactive"]
+    assert host.run("ls /etc/systemd/system/capp@.socket /etc/systemd/system/sockets.target.wants/capp@*")[0] != 0
+    wait_for("the old gunicorn gone", lambda: host.run("pgrep -f gunicorn")[0] == 1)
+    res = host.fab("-H", host.name, "rollback", env={**APP_ENV, "FABRIC_APP_SOURCE": container_app(apps, "f3")})
+    assert res.returncode == 1 and "is a virtualenv app's and the app is a container app's (docker) now" in res.stdout, \
+        res.stdout + res.stderr
+    assert get(host.address) == "f3"
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,24 @@
 image's commands, and switching an app between a virtualenv and a container. Planned without a host;
 the shell the steps run is run here with a fake systemctl on PATH."""
 
+import json
 import os
 import subprocess
+import tempfile
+
+import pytest
 
 from provision import config as cfg
 from provision.app import (ENGINE_PROXY_CLAIMS, ENGINE_PROXY_DROPIN, ENGINE_PROXY_ENV, Deploy, DockerProxyDropped,
-                          engine_steps, image_step)
+                          KindLeftovers, engine_steps, image_step)
+from provision.release import meta_path
+from provision.remote import switch_command
 from provision.facts import Facts
 from provision.source import scan
 from provision.steps import Command, File
 
 from .test_containers import ROOT, app
+from .test_switch import Host as SwitchHost
 
 
 def fake_systemctl(tmp_path, docker: str | None):
@@ -124,3 +131,92 @@ def test_a_pulled_image_keeps_only_the_releases_tag_so_pruning_the_release_frees
             f"{engine} pull -q reg.example.com/hello:1 >/dev/null",
             f"{engine} tag reg.example.com/hello:1 localhost/hello:r2",
             f"{engine} rmi reg.example.com/hello:1 >/dev/null")
+
+
+# -- switching an app between a virtualenv and a container (app.container toggled) ------------------
+
+def kind_facts(s, live_venv: str | None, images: bool, sockets: bool, live="a"):
+    """A host whose live release (in slot ``live``) was made with venv key ``live_venv`` (None: none
+    live); ``images``: an engine the app no longer uses holds its images; ``sockets``: the virtualenv
+    app's socket units are there."""
+    step = KindLeftovers(s)
+    lay = s.layout
+    own = {"type": "dir", "owner": "root", "group": "root", "mode": 0o755}
+    answers = {("content", meta_path(s)): json.dumps({"id": "r1", "venv": live_venv}) if live_venv else None,
+               ("file", f"{lay.current}/.provision"): own if live_venv else None,
+               ("content", lay.upstream_file): lay.upstream(live) if live_venv else None,
+               ("command", step.probe): 1 if images else 0}
+    answers.update({("file", p): ({"type": "file"} if sockets else None) for p in step.sockets})
+    return step, Facts(answers)
+
+
+def test_a_switch_of_kind_takes_away_what_the_other_kind_left_once_traffic_moved(tmp_path):
+    """B13: container false -> true -> false left the virtualenv app's socket units active and the
+    container app's images on the host."""
+    container, venv = app(src(tmp_path)), venv_app(tmp_path)
+    # virtualenv -> container: the switch moved traffic: the socket units stop and go
+    step, facts = kind_facts(container, "abc123", images=False, sockets=True)
+    change = step.plan(facts, {"switched"})
+    assert change.commands == [
+        "systemctl stop hello@a.socket hello@b.socket || true",
+        "rm -f /etc/systemd/system/hello@.socket /etc/systemd/system/sockets.target.wants/hello@a.socket "
+        "/etc/systemd/system/sockets.target.wants/hello@b.socket",
+        "systemctl daemon-reload"]
+    # ... but not while the virtualenv release still serves (a fleet's commit may go back to it)
+    assert step.plan(facts, set()) is None
+    # a later deploy (the live release a container one now) finishes what an interrupted one left
+    step, facts = kind_facts(container, "container-docker", images=False, sockets=True)
+    assert step.plan(facts, set()).commands[0].startswith("systemctl stop hello@a.socket")
+    # container -> virtualenv: the old slot (live before the switch) has stopped before its images go
+    step, facts = kind_facts(venv, "container-docker", images=True, sockets=False)
+    change = step.plan(facts, {"switched"})
+    assert change.commands[0] == "systemctl stop hello@a.service"
+    assert "docker podman; do command -v $e" in change.commands[1] and '$e rmi localhost/hello:"$t"' in change.commands[1]
+    # nothing left: nothing to do (a no-op deploy stays one round trip)
+    step, facts = kind_facts(venv, "abc123", images=False, sockets=False)
+    assert step.plan(facts, {"switched"}) is None and step.plan(facts, set()) is None
+    # docker -> podman: docker's images of the app go, podman's stay
+    podman = KindLeftovers(app(src(tmp_path), engine="podman"))
+    assert podman.engines == ["docker"] and "podman" not in podman.probe
+    # every deploy that may have switched has the step; a fleet's prepare and commit do not
+    for s in (container, venv):
+        d = Deploy(s, scan(s.source), "r1")
+        assert any(isinstance(st, KindLeftovers) for st in d.steps("r1"))
+        assert not any(isinstance(st, KindLeftovers) for st in d.steps("r1", "commit") + d.steps("r1", "prepare"))
+
+
+def switch_to_r2(h, engine):
+    """The switch of release r2 into slot b, run as on a host (test_switch's fakes), as a rollback."""
+    health = {"path": "/health", "host": "", "timeout": 0.3, "header": None}
+    command = switch_command(h.layout, "r2", "b", "a", "rollback", "me", health, False, engine=engine)
+    return subprocess.run(["bash", "-c", command], text=True, capture_output=True, timeout=30,
+                          env=dict(os.environ, FAKE=h.base, PATH=f"{h.base}/bin:{os.environ['PATH']}"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the switch refuses a release that is not root's")
+def test_a_rollback_to_a_release_of_the_other_kind_is_refused_in_one_line_naming_the_fix():
+    """B13: it failed with "no image ... (it was pruned?)" or "no complete virtualenv (it was pruned?)"."""
+    base = tempfile.mkdtemp(prefix="sw", dir="/tmp")  # short: room for a unix socket's path
+    h = SwitchHost(base)
+    try:
+        own = f"{h.layout.release('r2')}/.provision"
+        for venv, engine, said in (
+                ("k", "docker", "is a virtualenv app's and the app is a container app's (docker) now"),
+                ("container-docker", None, "is a container app's (docker) and the app is a virtualenv app's now"),
+                ("container-docker", "podman", "is a container app's (docker) and the app is a container app's "
+                                               "(podman) now")):
+            h.write(f"{own}/release.json", json.dumps({"venv": venv}))
+            before = h.snapshot()
+            res = switch_to_r2(h, engine)
+            assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+            assert f"release r2 {said} (app.container or app.engine changed since)" in res.stderr
+            assert "deploy the app instead" in res.stderr and h.snapshot() == before and h.calls() == []
+        # a release of the app's kind goes on (here to its health gate, which nothing answers)
+        h.write(f"{own}/release.json", json.dumps({"venv": "k"}))
+        res = switch_to_r2(h, None)
+        assert "changed since" not in res.stderr and "health check of release r2 failed" in res.stderr
+    finally:
+        for server in h.servers:
+            server.shutdown()
+            server.server_close()
+        subprocess.run(["rm", "-rf", base], check=True)

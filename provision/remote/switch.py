@@ -112,10 +112,12 @@ def record(action):
 
 def exited():
     """Why the new instance is not starting any more (it exited or systemd restarts it), or None."""
-    state = dict(l.split("=", 1) for l in run("systemctl", "show", "-p", "ActiveState,SubState,NRestarts",
+    state = dict(l.split("=", 1) for l in run("systemctl", "show", "-p", "ActiveState,SubState,NRestarts,Job",
                                              unit + ".service", check=False).stdout.split())
-    if state.get("ActiveState") in ("failed", "inactive") or state.get("SubState") == "auto-restart" \
-            or int(state.get("NRestarts") or 0) > 0:
+    if state.get("SubState") == "auto-restart" or int(state.get("NRestarts") or 0) > 0:
+        return "%s exited (it is %s)" % (unit, state.get("SubState"))
+    # its start job not run yet (queued behind another, on a busy host): still "inactive", not exited
+    if state.get("ActiveState") in ("failed", "inactive") and not state.get("Job"):
         return "%s exited (it is %s)" % (unit, state.get("SubState") or state.get("ActiveState"))
     return None
 

@@ -2,6 +2,7 @@
 image's commands, and switching an app between a virtualenv and a container. Planned without a host;
 the shell the steps run is run here with a fake systemctl on PATH."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -193,12 +194,27 @@ def switch_to_r2(h, engine):
                           env=dict(os.environ, FAKE=h.base, PATH=f"{h.base}/bin:{os.environ['PATH']}"))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the switch refuses a release that is not root's")
-def test_a_rollback_to_a_release_of_the_other_kind_is_refused_in_one_line_naming_the_fix():
-    """B13: it failed with "no image ... (it was pruned?)" or "no complete virtualenv (it was pruned?)"."""
+@contextlib.contextmanager
+def switch_host():
+    """test_switch's host tree (r1 live in slot a, r2 uploaded) and fakes."""
     base = tempfile.mkdtemp(prefix="sw", dir="/tmp")  # short: room for a unix socket's path
     h = SwitchHost(base)
     try:
+        yield h
+    finally:
+        for server in h.servers:
+            server.shutdown()
+            server.server_close()
+        subprocess.run(["rm", "-rf", base], check=True)
+
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the switch refuses a release that is not root's")
+
+
+@as_root
+def test_a_rollback_to_a_release_of_the_other_kind_is_refused_in_one_line_naming_the_fix():
+    """B13: it failed with "no image ... (it was pruned?)" or "no complete virtualenv (it was pruned?)"."""
+    with switch_host() as h:
         own = f"{h.layout.release('r2')}/.provision"
         for venv, engine, said in (
                 ("k", "docker", "is a virtualenv app's and the app is a container app's (docker) now"),
@@ -215,8 +231,18 @@ def test_a_rollback_to_a_release_of_the_other_kind_is_refused_in_one_line_naming
         h.write(f"{own}/release.json", json.dumps({"venv": "k"}))
         res = switch_to_r2(h, None)
         assert "changed since" not in res.stderr and "health check of release r2 failed" in res.stderr
-    finally:
-        for server in h.servers:
-            server.shutdown()
-            server.server_close()
-        subprocess.run(["rm", "-rf", base], check=True)
+
+
+@as_root
+def test_a_slot_whose_start_job_is_still_queued_is_not_taken_for_one_that_exited():
+    """Right after `systemctl start --no-block`, a start job queued behind another (a docker restart,
+    a busy host) leaves the unit "inactive" with a job pending: the gate refused such a release at once
+    ("exited (it is dead)", an empty log), now it waits for the answer."""
+    with switch_host() as h:
+        h.write(f"{h.base}/state", "ActiveState=inactive\nSubState=dead\nNRestarts=0\nJob=4242\n")
+        h.gunicorn(answers=False)  # not yet: the gate asks systemd whether it still starts
+        res = h.switch(timeout=0.5)
+        assert "no healthy answer within 0.5s" in res.stderr and "exited" not in res.stderr, res.stderr
+        h.write(f"{h.base}/state", "ActiveState=inactive\nSubState=dead\nNRestarts=0\n")  # no job: it exited
+        res = h.switch(timeout=5)
+        assert res.returncode == 1 and "hello@b exited (it is dead)" in res.stderr, res.stderr

@@ -170,6 +170,14 @@ def container_configs(s: Settings) -> dict[str, bytes]:
             "container-run.py": remote.source("container_run.py").encode()}
 
 
+def systemd_quoted(value: str) -> str:
+    """``value`` as systemd's EnvironmentFile= reads it back: in double quotes, with a backslash before
+    each of the characters that are special there (\\ " ` $). A newline cannot be written so."""
+    if "\n" in value or "\r" in value:
+        raise ProvisionError("a value with a line break cannot go into a systemd environment file")
+    return '"' + "".join("\\" + c if c in '\\"`$' else c for c in value) + '"'
+
+
 def docker_proxy(s: Settings) -> bool:
     """This app's settings give docker's daemon its proxy: a docker app with app.proxy."""
     return s.container and s.engine == "docker" and bool(s.proxy)
@@ -183,7 +191,7 @@ def engine_steps(s: Settings) -> list[Step]:
     the last claim (see :class:`DockerProxyDropped`)."""
     if not docker_proxy(s):
         return [DockerProxyDropped(s.name, restart=s.container and s.engine == "docker")]
-    env = "".join(f"{k}={v}\n" for k, v in sorted(proxy_vars(s).items()))
+    env = "".join(f"{k}={systemd_quoted(v)}\n" for k, v in sorted(proxy_vars(s).items()))
     return [Directory(PROVISION_VAR, owner="root", group="root", mode=0o755),
             Directory(ENGINE_PROXY_CLAIMS, owner="root", group="root", mode=0o755),
             File(f"{ENGINE_PROXY_CLAIMS}/{s.name}", b""),

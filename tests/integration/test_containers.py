@@ -342,6 +342,22 @@ def test_an_app_switched_from_container_to_virtualenv_and_back_leaves_nothing_of
     assert get(host.address) == "f3"
 
 
+def test_docker_reads_the_proxy_as_written_whatever_its_password_holds(fresh_docker, tmp_path_factory):
+    """Nit: the proxy's values went raw into docker's EnvironmentFile, which systemd reads with its own
+    quoting rules: a password with a quote, a backslash or a dollar reached dockerd changed."""
+    host, apps = fresh_docker, tmp_path_factory.mktemp("fapps")
+    proxy = host.sandbox.proxy_url.replace("://", "://bob:p\"a\\s's`$HOME@", 1)
+    try:
+        res, _ = deploy(host, container_app(apps, "f3"), env={"FABRIC_APP_PROXY": proxy})
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "p\"a" not in res.stdout + res.stderr
+        env = dict(line.split("=", 1) for line in host.sh(DOCKERD_ENV).splitlines() if "=" in line)
+        assert env["https_proxy"] == env["HTTP_PROXY"] == proxy
+    finally:  # apt's proxy file cannot hold that password (not docker's business): the sandbox's back
+        res, _ = deploy(host, container_app(apps, "f3"))
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
 @pytest.fixture(scope="module")
 def pdroplet(sandbox):
     """A container droplet with no engine yet: the deploy installs podman."""

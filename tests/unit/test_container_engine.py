@@ -246,3 +246,39 @@ def test_a_slot_whose_start_job_is_still_queued_is_not_taken_for_one_that_exited
         h.write(f"{h.base}/state", "ActiveState=inactive\nSubState=dead\nNRestarts=0\n")  # no job: it exited
         res = h.switch(timeout=5)
         assert res.returncode == 1 and "hello@b exited (it is dead)" in res.stderr, res.stderr
+
+
+def systemd_env_file(text: str) -> dict[str, str]:
+    """KEY=VALUE lines read as systemd's parser (src/basic/env-file.c) reads them: outside quotes a
+    backslash takes the next character, a double quote opens a quoted part; inside double quotes a
+    backslash takes the next character when it is one of \\ " ` $ and is kept otherwise; inside single
+    quotes nothing is special; whitespace at the end of an unquoted value is dropped."""
+    out = {}
+    for line in text.splitlines():
+        key, _, raw = line.partition("=")
+        value, i, quote = "", 0, None
+        while i < len(raw):
+            c = raw[i]
+            if quote is None and c in "\"'":
+                quote = c
+            elif quote == c:
+                quote = None
+            elif c == "\\" and quote != "'" and i + 1 < len(raw):
+                i += 1
+                value += raw[i] if quote is None or raw[i] in '\\"`$' else "\\" + raw[i]
+            else:
+                value += c
+            i += 1
+        out[key.strip()] = value if quote else value.rstrip()
+    return out
+
+
+def test_the_proxy_reaches_docker_as_written_whatever_its_password_holds(tmp_path):
+    """Nit: the values went raw into the EnvironmentFile: a password with " \\ ' or a space was misread."""
+    proxy = "http://bob:p\"a\\s's`$HOME%20x@10.0.0.1:3128"
+    s = app(src(tmp_path), proxy=proxy)
+    [env] = [st for st in engine_steps(s) if isinstance(st, File) and st.path == ENGINE_PROXY_ENV]
+    assert systemd_env_file(env.content.decode()) == {
+        "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
+        "no_proxy": "localhost,127.0.0.1,::1"}
+    assert env.mode == 0o600 and env.sensitive

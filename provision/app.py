@@ -13,7 +13,7 @@ import json
 import shlex
 
 from . import appenv, monitor, remote, secrets, tls
-from .config import Settings
+from .config import DOCKERFILE, Settings
 from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, PIP_WHEELS,
                      PROVISION_VAR, RELEASE_DIR, RELEASE_ENV, SYSTEM_CA_BUNDLE, SYSTEMD_DIR, UPSTREAM_HEADER)
 from .errors import ProvisionError
@@ -288,6 +288,32 @@ class KindLeftovers(Step):
         return Change(cmds, summary="remove") if cmds else None
 
 
+PROXY_BUILD_ARGS = ("http_proxy", "https_proxy", "no_proxy")  # what a build gets of app.proxy
+
+
+def declared_args(dockerfile: str) -> set[str]:
+    """The build arguments a Dockerfile's ARG instructions declare."""
+    names = set()
+    for line in dockerfile.replace("\\\n", " ").splitlines():
+        words = line.split()
+        if words and words[0].upper() == "ARG":
+            names |= {w.split("=", 1)[0] for w in words[1:]}
+    return names
+
+
+def check_build_args(s: Settings, source: Source) -> None:
+    """docker passes the proxy's build arguments to RUN steps and keeps them out of the image's history,
+    unless the Dockerfile declares them (ARG http_proxy): then `docker history` shows each RUN step's
+    value, a proxy's password with it. Refused, in one line, when the proxy has one."""
+    if not s.container or s.image or "@" not in s.proxy or DOCKERFILE not in source.files:
+        return
+    leaked = sorted(declared_args(source.path(DOCKERFILE).read_text(errors="replace")) & set(PROXY_BUILD_ARGS[:2]))
+    if leaked:
+        raise ProvisionError(f"the Dockerfile declares ARG {leaked[0]}: the image's history (docker history) would "
+                             "keep app.proxy with its password; remove that ARG line (RUN steps get the proxy "
+                             "without it)")
+
+
 def image_step(s: Settings, target: str | None) -> Command:
     """The new release's image, tagged with its id (a rollback runs it again, no rebuild): built on the
     host from the release's Dockerfile, the proxy and extra CA given as build arguments (the proxy's
@@ -300,7 +326,7 @@ def image_step(s: Settings, target: str | None) -> Command:
         cmds = [f"{s.engine} pull -q {q(s.image)} >/dev/null", f"{s.engine} tag {q(s.image)} {q(image)}",
                 f"{s.engine} rmi {q(s.image)} >/dev/null"]
     else:
-        args = "".join(f" --build-arg {k}" for k in ("http_proxy", "https_proxy", "no_proxy") if s.proxy)
+        args = "".join(f" --build-arg {k}" for k in PROXY_BUILD_ARGS if s.proxy)
         if s.ca_bundle:
             args += f' --build-arg PROVISION_CA_BUNDLE="$(cat {EXTRA_CA})"'
         cmds = [f"{s.engine} build -q{args} -t {q(image)} {q(lay.release(target or 'none'))} >/dev/null"]
@@ -319,6 +345,7 @@ class Deploy(Recipe):
         self.s, self.deployer = s, deployer
         self.origin = origin or {}  # where the release comes from (commit, tests): in its meta and the release log
         key = venv_key(s)
+        check_build_args(s, source)
         self.venv = None if s.container else venv_step(s, key)
         configs = container_configs(s) if s.container else {
             "unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}

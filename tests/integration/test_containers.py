@@ -5,6 +5,7 @@ back by switching images. Skipped with one line where this machine cannot run dr
 
 from __future__ import annotations
 
+import os
 import shlex
 import threading
 import time
@@ -354,6 +355,38 @@ def test_docker_reads_the_proxy_as_written_whatever_its_password_holds(fresh_doc
         env = dict(line.split("=", 1) for line in host.sh(DOCKERD_ENV).splitlines() if "=" in line)
         assert env["https_proxy"] == env["HTTP_PROXY"] == proxy
     finally:  # apt's proxy file cannot hold that password (not docker's business): the sandbox's back
+        res, _ = deploy(host, container_app(apps, "f3"))
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_dockerfile_that_declares_the_proxy_arguments_is_refused_before_its_password_lands_in_the_history(
+        fresh_docker, tmp_path_factory):
+    """Nit: docker keeps a build argument the Dockerfile declares (ARG http_proxy) in the image's history,
+    the proxy's password with it."""
+    host, apps = fresh_docker, tmp_path_factory.mktemp("fapps")
+    source = container_app(apps, "f4")
+    dockerfile = os.path.join(source, "Dockerfile")
+    with open(dockerfile) as fh:
+        lines = fh.read().splitlines()
+    with open(dockerfile, "w") as fh:
+        fh.write("\n".join(lines[:1] + ["ARG http_proxy", "RUN true"] + lines[1:]) + "\n")
+    proxy = host.sandbox.proxy_url.replace("://", "://bob:Hq7s3cr3t@", 1)
+    images, live = host.sh("docker images -q localhost/capp"), get(host.address)
+    try:
+        res, _ = deploy(host, source, env={"FABRIC_APP_PROXY": proxy})
+        assert res.returncode != 0 and "declares ARG http_proxy: the image's history" in res.stdout + res.stderr, \
+            res.stdout + res.stderr
+        assert "Hq7s3cr3t" not in res.stdout + res.stderr and host.sh("docker images -q localhost/capp") == images
+        assert get(host.address) == live
+        # without the ARG line the RUN step still gets the proxy, and the history keeps none of it
+        with open(dockerfile, "w") as fh:
+            fh.write("\n".join(lines[:1] + ['RUN sh -c \'case "$http_proxy" in *//bob:*@*) exit 0;; esac; exit 1\'']
+                               + lines[1:]) + "\n")
+        res, _ = deploy(host, source, env={"FABRIC_APP_PROXY": proxy})
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "Hq7s3cr3t" not in host.sh("for i in $(docker images -q localhost/capp); do docker history --no-trunc $i; "
+                                          "docker inspect $i; done")
+    finally:
         res, _ = deploy(host, container_app(apps, "f3"))
         assert res.returncode == 0, res.stdout + res.stderr
 

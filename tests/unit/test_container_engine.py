@@ -15,6 +15,7 @@ from provision.app import (ENGINE_PROXY_CLAIMS, ENGINE_PROXY_DROPIN, ENGINE_PROX
                           KindLeftovers, engine_steps, image_step)
 from provision.release import meta_path
 from provision.remote import switch_command
+from provision.errors import ProvisionError
 from provision.facts import Facts
 from provision.source import scan
 from provision.steps import Command, File
@@ -282,3 +283,30 @@ def test_the_proxy_reaches_docker_as_written_whatever_its_password_holds(tmp_pat
         "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
         "no_proxy": "localhost,127.0.0.1,::1"}
     assert env.mode == 0o600 and env.sensitive
+
+
+def test_a_dockerfile_declaring_the_proxy_arguments_is_refused_when_the_proxy_has_a_password(tmp_path):
+    """Nit: docker's history keeps a declared build argument's value: `|1 http_proxy=http://bob:pw@... /bin/sh
+    -c ...` (seen on a droplet's docker 20.10)."""
+    secret = "http://bob:Hq7pw@10.0.0.1:3128"
+    for i, (dockerfile, proxy, refused) in enumerate((
+            ("FROM x\nARG http_proxy\nRUN true\n", secret, "http_proxy"),
+            ("FROM x\narg  A=1 https_proxy=http://y:1\n", secret, "https_proxy"),
+            ("FROM x\nARG A \\\n  http_proxy\n", secret, "http_proxy"),
+            ("FROM x\nARG http_proxy\n", "http://10.0.0.1:3128", None),  # no password: nothing secret
+            ("FROM x\nARG HTTP_PROXY no_proxy\n", secret, None),  # not passed with a value / not secret
+            ("FROM x\nRUN echo ARG http_proxy\n", secret, None))):
+        d = tmp_path / str(i)
+        d.mkdir()
+        (d / "Dockerfile").write_text("FROM x\n")
+        s = app(d, proxy=proxy)
+        (d / "Dockerfile").write_text(dockerfile)
+        if refused:
+            with pytest.raises(ProvisionError, match=f"declares ARG {refused}: the image's history .* remove that ARG"):
+                Deploy(s, scan(s.source), "r1")
+        else:
+            Deploy(s, scan(s.source), "r1")
+    # a pulled image builds nothing
+    (tmp_path / "0" / "Dockerfile").write_text("FROM x\nARG http_proxy\n")
+    s = app(tmp_path / "0", proxy=secret, image="reg.example.com/x:1")
+    Deploy(s, scan(s.source), "r1")

@@ -387,6 +387,7 @@ class Deploy(Recipe):
         site_steps, after_reload = ([Site(lay, self.site)], []) if not s.tls else tls.site_steps(s, self.site, self.bootstrap)
         after = [] if stage == "prepare" else [
             Prune(s, target),
+            *self.leftovers(stage),
             # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
             Absent(f"{lay.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
             *site_steps,
@@ -404,7 +405,7 @@ class Deploy(Recipe):
                 image_step(s, target),
                 *release_phase(s, target, self.deployer, self.fills, self.app_unit),
                 self.switch(target, stage),
-            ] + ([] if stage == "prepare" else unit_steps(s, target, self.app_unit)) + self.leftovers(stage) + after
+            ] + ([] if stage == "prepare" else unit_steps(s, target, self.app_unit)) + after
         # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
         # the other packages install and the release and configs are written; the switch waits.
         return trust_steps(s) + engine_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
@@ -420,7 +421,7 @@ class Deploy(Recipe):
             self.switch(target, stage),
         ] + ([] if stage == "prepare" else [
             # processes and timers move to the new release once traffic has
-            *unit_steps(s, target, self.app_unit)]) + self.leftovers(stage) + after
+            *unit_steps(s, target, self.app_unit)]) + after
 
 
 class Prepare(Recipe):

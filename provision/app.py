@@ -318,7 +318,7 @@ def image_step(s: Settings, target: str | None) -> Command:
     """The new release's image, tagged with its id (a rollback runs it again, no rebuild): built on the
     host from the release's Dockerfile, the proxy and extra CA given as build arguments (the proxy's
     from the deploy's environment, never on a command line; Docker leaves them out of the image's
-    history), or pulled (app.image) and tagged. Only when this deploy made a release."""
+    history unless the Dockerfile declares them: see check_build_args), or pulled (app.image) and tagged. Only when this deploy made a release."""
     lay, image = s.layout, s.layout.image(target or "none")
     if s.image:
         # the registry's tag goes once the release's is on: the release's tag alone holds the image,

@@ -293,17 +293,21 @@ def test_the_docker_proxy_drop_in_goes_with_the_last_app_that_wants_it(fresh_doc
     """B7: app.proxy unset, the drop-in stayed and docker kept pulling through the old proxy."""
     host, apps = fresh_docker, tmp_path_factory.mktemp("fapps")
     assert host.run(f"test -e {DROPIN}")[0] == 0
-    # another app on the host still wants it (as its deploy leaves the host: its claim): it stays
-    host.sh("touch /var/lib/provision/docker-proxy/other")
+    other = {"FABRIC_APP_NAME": "other", "FABRIC_APP_SERVER_NAME": "other.test"}
+    res, _ = deploy(host, container_app(apps, "o1"), env=other)  # another docker app with the proxy
+    assert res.returncode == 0, res.stdout + res.stderr
+    # it still wants the drop-in: it stays
     res, _ = deploy(host, container_app(apps, "f1"), env={"FABRIC_APP_PROXY": ""})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "drop the claim" in res.stdout and host.run(f"test -e {DROPIN}")[0] == 0, res.stdout
+    assert f"https_proxy={host.sandbox.proxy_url}" in host.sh(DOCKERD_ENV)
     # the last one gone: so is the drop-in, and docker runs without the proxy
-    host.sh("rm /var/lib/provision/docker-proxy/other")
-    res, _ = deploy(host, container_app(apps, "f2"), env={"FABRIC_APP_PROXY": ""})
+    res, _ = deploy(host, container_app(apps, "o1"), env={**other, "FABRIC_APP_PROXY": ""})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "remove the drop-in" in res.stdout and host.run(f"ls {DROPIN}*")[0] != 0, res.stdout
     assert "https_proxy" not in host.sh(DOCKERD_ENV)
+    res, _ = deploy(host, container_app(apps, "f2"), env={"FABRIC_APP_PROXY": ""})
+    assert res.returncode == 0, res.stdout + res.stderr
     assert get(host.address) == "f2"
     res, _ = deploy(host, container_app(apps, "f2"), "-v", env={"FABRIC_APP_PROXY": ""})
     assert "1 SSH round trip(s)" in res.stdout and "nothing restarted" in res.stdout, res.stdout

@@ -13,18 +13,18 @@ import json
 import shlex
 
 from . import appenv, containernet, monitor, remote, secrets, tls
-from .config import Settings
-from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, PIP_WHEELS, RELEASE_ENV,
-                     SYSTEM_CA_BUNDLE, SYSTEMD_DIR, UPSTREAM_HEADER)
+from .config import DOCKERFILE, Settings
+from .layout import (SLOTS, APT_PROXY_CONF, ENVIRONMENT, EXTRA_CA, NGINX_DEFAULT_SITE, NGINX_LOCAL, PIP_WHEELS,
+                     PROVISION_VAR, RELEASE_DIR, RELEASE_ENV, SYSTEM_CA_BUNDLE, SYSTEMD_DIR, UPSTREAM_HEADER)
 from .errors import ProvisionError
 from .leftovers import data_fact, data_warning
 from .nginx import NGINX_CHECK, Site
 from .processes import unit_steps, unserved_static
 from .source import Source
-from .release import (Prune, Release, StopIdle, Switch, current_release, host_header, live_slot, rollback_facts,
-                      rollback_target, slot_facts, slot_release)
-from .steps import (Absent, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Recipe, RootsOnly,
-                    Service, Step, User)
+from .release import (Prune, Release, StopIdle, Switch, current_release, host_header, live_meta, live_slot, meta_path,
+                      rollback_facts, rollback_target, slot_facts, slot_release)
+from .steps import (Absent, Change, Command, Directory, File, HttpCheck, Lines, Packages, Placeholder, Recipe,
+                    RootsOnly, Service, Step, User)
 from .render import render
 
 q = shlex.quote
@@ -34,6 +34,11 @@ BASE_PACKAGES = ("python3-venv", "python3-pip-whl", "nginx")
 ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman", "runc", "catatonit", "iptables")}
 ENGINE_PROXY_DROPIN = f"{SYSTEMD_DIR}/docker.service.d/provision-proxy.conf"  # dockerd pulls through app.proxy
 ENGINE_PROXY_ENV = f"{SYSTEMD_DIR}/docker.service.d/provision-proxy.env"  # root's alone: may hold a password
+ENGINE_PROXY_CLAIMS = f"{PROVISION_VAR}/docker-proxy"  # an empty file per app that wants the drop-in
+# dockerd reads a changed drop-in when it restarts; only one running is restarted: before the deploy
+# installs docker (a fresh host) there is no docker.service yet, and the install starts it with the drop-in
+ENGINE_RELOAD = ("systemctl daemon-reload",
+                 "if systemctl is-active --quiet docker.service; then systemctl restart docker.service; fi")
 NO_PROXY = "localhost,127.0.0.1,::1"  # the health checks talk to nginx on the host itself
 
 
@@ -168,29 +173,163 @@ def container_configs(s: Settings) -> dict[str, bytes]:
             "container-run.py": remote.source("container_run.py").encode()}
 
 
+def systemd_quoted(value: str) -> str:
+    """``value`` as systemd's EnvironmentFile= reads it back: in double quotes, with a backslash before
+    each of the characters that are special there (\\ " ` $). A newline cannot be written so."""
+    if "\n" in value or "\r" in value:
+        raise ProvisionError("a value with a line break cannot go into a systemd environment file")
+    return '"' + "".join("\\" + c if c in '\\"`$' else c for c in value) + '"'
+
+
+def docker_proxy(s: Settings) -> bool:
+    """This app's settings give docker's daemon its proxy: a docker app with app.proxy."""
+    return s.container and s.engine == "docker" and bool(s.proxy)
+
+
 def engine_steps(s: Settings) -> list[Step]:
     """docker's daemon pulls images: it gets app.proxy from a drop-in (its value in a root-only file)
-    and restarts when it changes (podman pulls in the deploy's own environment)."""
-    if s.engine != "docker" or not s.proxy:
-        return []
-    env = "".join(f"{k}={v}\n" for k, v in sorted(proxy_vars(s).items()))
-    return [Directory(ENGINE_PROXY_DROPIN.rsplit("/", 1)[0], owner="root", group="root", mode=0o755),
+    and restarts when it changes (podman pulls in the deploy's own environment). The drop-in is the
+    host's, not the app's: each app that wants it claims it (an empty file named after the app in
+    ENGINE_PROXY_CLAIMS); an app that no longer does takes its claim back, and the drop-in goes with
+    the last claim (see :class:`DockerProxyDropped`)."""
+    if not docker_proxy(s):
+        return [DockerProxyDropped(s.name, restart=s.container and s.engine == "docker")]
+    env = "".join(f"{k}={systemd_quoted(v)}\n" for k, v in sorted(proxy_vars(s).items()))
+    return [Directory(PROVISION_VAR, owner="root", group="root", mode=0o755),
+            Directory(ENGINE_PROXY_CLAIMS, owner="root", group="root", mode=0o755),
+            File(f"{ENGINE_PROXY_CLAIMS}/{s.name}", b""),
+            Directory(ENGINE_PROXY_DROPIN.rsplit("/", 1)[0], owner="root", group="root", mode=0o755),
             File(ENGINE_PROXY_DROPIN, f"[Service]\nEnvironmentFile={ENGINE_PROXY_ENV}\n".encode(), notify=("engine",)),
             File(ENGINE_PROXY_ENV, env.encode(), mode=0o600, sensitive=True, notify=("engine",)),
-            Command("docker proxy", ("systemctl daemon-reload", "systemctl try-restart docker.service"),
-                    when=("engine",))]
+            Command("docker proxy", ENGINE_RELOAD, when=("engine",))]
+
+
+class DockerProxyDropped(Step):
+    """This app no longer gives docker its proxy (app.proxy unset, engine podman, or no container
+    app any more): its claim goes, and the drop-in with the last claim. A drop-in no app claims (an
+    older provision's) goes too, but only on a docker app's deploy: then this app's settings are the
+    ones docker runs with. docker is restarted for a docker app (its next pulls go direct); for the
+    others docker, unused by them, reads the change when it next restarts (no restart of another
+    app's containers for nothing)."""
+
+    def __init__(self, app: str, restart: bool):
+        self.app, self.restart = app, restart
+
+    @property
+    def name(self):
+        return f"docker proxy of {self.app}"
+
+    def facts(self):
+        return [("ls", ENGINE_PROXY_CLAIMS), ("file", ENGINE_PROXY_DROPIN), ("file", ENGINE_PROXY_ENV)]
+
+    def plan(self, facts, notified):
+        claims = facts.ls(ENGINE_PROXY_CLAIMS)
+        mine = self.app in (claims or [])
+        cmds = [f"rm -f {q(f'{ENGINE_PROXY_CLAIMS}/{self.app}')}"] if mine else []
+        present = [p for p in (ENGINE_PROXY_DROPIN, ENGINE_PROXY_ENV) if facts.file(p) is not None]
+        remove = bool(present) and not set(claims or []) - {self.app} and (mine or self.restart)
+        if remove:
+            cmds += [f"rm -f {' '.join(map(q, present))}", *(ENGINE_RELOAD if self.restart else ENGINE_RELOAD[:1])]
+        if not cmds:
+            return None
+        return Change(cmds, summary="remove the drop-in" if remove else "drop the claim (other apps keep the drop-in)")
+
+
+def container_kind(venv: str | None) -> str | None:
+    """The engine of a release whose meta says ``venv`` (its venv key): "container-<engine>" for a
+    container release; None for a virtualenv release."""
+    return venv.split("-", 1)[1] if venv and venv.startswith("container-") else None
+
+
+class KindLeftovers(Step):
+    """What the other kind of app left once its traffic moved (app.container switched, or the
+    engine changed): a virtualenv app's socket units on a container app's host, and a container
+    app's images on a virtualenv app's host (or in the engine it no longer uses), its last
+    container stopped first (its stop began at the switch: gracefully, so this waits for it). Only
+    once the live release is of the app's kind now (this run's switch, or an earlier one): never
+    what still serves. Images in use elsewhere (a `fab run`) stay, and go on a later deploy. The
+    old kind's releases (and virtualenvs) go with pruning; a rollback to them is refused."""
+
+    def __init__(self, s: Settings):
+        self.s = s
+        lay = s.layout
+        self.engines = [e for e in ENGINE_PACKAGES if not (s.container and e == s.engine)]
+        self.sockets = [lay.socket_unit_file, *(f"{lay.sockets_wants}/{lay.unit(slot)}.socket" for slot in SLOTS)]
+        repo = q(lay.image_repo)
+        # exit 1: an engine it no longer uses holds images of the app
+        self.probe = (f"for e in {' '.join(self.engines)}; do command -v $e >/dev/null || continue; "
+                      f'[ -z "$($e images -q {repo} 2>/dev/null)" ] || exit 1; done')
+
+    @property
+    def name(self):
+        return f"leftovers of {self.s.name}"
+
+    def facts(self):
+        s = self.s
+        return [("content", meta_path(s)), ("file", f"{s.layout.current}/{RELEASE_DIR}"),
+                ("content", s.layout.upstream_file), ("command", self.probe),
+                *(("file", p) for p in self.sockets if s.container)]
+
+    def plan(self, facts, notified):
+        s, lay = self.s, self.s.layout
+        switched = "switched" in notified
+        if not switched and container_kind(live_meta(s, facts).get("venv")) != (s.engine if s.container else None):
+            return None  # the other kind still serves (a fleet's commit keeps it until the transaction ends)
+        cmds = []
+        if s.container and any(facts.file(p) for p in self.sockets):
+            units = " ".join(q(f"{lay.unit(slot)}.socket") for slot in SLOTS)
+            cmds += [f"systemctl stop {units} || true", f"rm -f {' '.join(map(q, self.sockets))}",
+                     "systemctl daemon-reload"]
+        if facts.command(self.probe) != 0:
+            live = live_slot(s, facts)  # before this run
+            idle = live if switched else next((slot for slot in SLOTS if live and slot != live), None)
+            cmds += [f"systemctl stop {q(lay.unit(idle) + '.service')}"] if idle else []
+            repo = q(lay.image_repo)
+            cmds.append(f"for e in {' '.join(self.engines)}; do command -v $e >/dev/null || continue; "
+                        f"for t in $($e images --format '{{{{.Tag}}}}' {repo}); do "
+                        f'$e rmi {repo}:"$t" >/dev/null 2>&1 || true; done; done')
+        return Change(cmds, summary="remove") if cmds else None
+
+
+PROXY_BUILD_ARGS = ("http_proxy", "https_proxy", "no_proxy")  # what a build gets of app.proxy
+
+
+def declared_args(dockerfile: str) -> set[str]:
+    """The build arguments a Dockerfile's ARG instructions declare."""
+    names = set()
+    for line in dockerfile.replace("\\\n", " ").splitlines():
+        words = line.split()
+        if words and words[0].upper() == "ARG":
+            names |= {w.split("=", 1)[0] for w in words[1:]}
+    return names
+
+
+def check_build_args(s: Settings, source: Source) -> None:
+    """docker passes the proxy's build arguments to RUN steps and keeps them out of the image's history,
+    unless the Dockerfile declares them (ARG http_proxy): then `docker history` shows each RUN step's
+    value, a proxy's password with it. Refused, in one line, when the proxy has one."""
+    if not s.container or s.image or "@" not in s.proxy or DOCKERFILE not in source.files:
+        return
+    leaked = sorted(declared_args(source.path(DOCKERFILE).read_text(errors="replace")) & set(PROXY_BUILD_ARGS[:2]))
+    if leaked:
+        raise ProvisionError(f"the Dockerfile declares ARG {leaked[0]}: the image's history (docker history) would "
+                             "keep app.proxy with its password; remove that ARG line (RUN steps get the proxy "
+                             "without it)")
 
 
 def image_step(s: Settings, target: str | None) -> Command:
     """The new release's image, tagged with its id (a rollback runs it again, no rebuild): built on the
     host from the release's Dockerfile, the proxy and extra CA given as build arguments (the proxy's
     from the deploy's environment, never on a command line; Docker leaves them out of the image's
-    history), or pulled (app.image) and tagged. Only when this deploy made a release."""
+    history unless the Dockerfile declares them: see check_build_args), or pulled (app.image) and tagged. Only when this deploy made a release."""
     lay, image = s.layout, s.layout.image(target or "none")
     if s.image:
-        cmds = [f"{s.engine} pull -q {q(s.image)} >/dev/null", f"{s.engine} tag {q(s.image)} {q(image)}"]
+        # the registry's tag goes once the release's is on: the release's tag alone holds the image,
+        # and pruning the release (rmi of that tag) frees it
+        cmds = [f"{s.engine} pull -q {q(s.image)} >/dev/null", f"{s.engine} tag {q(s.image)} {q(image)}",
+                f"{s.engine} rmi {q(s.image)} >/dev/null"]
     else:
-        args = "".join(f" --build-arg {k}" for k in ("http_proxy", "https_proxy", "no_proxy") if s.proxy)
+        args = "".join(f" --build-arg {k}" for k in PROXY_BUILD_ARGS if s.proxy)
         if s.ca_bundle:
             args += f' --build-arg PROVISION_CA_BUNDLE="$(cat {EXTRA_CA})"'
         cmds = [f"{s.engine} build -q{args} -t {q(image)} {q(lay.release(target or 'none'))} >/dev/null"]
@@ -209,6 +348,7 @@ class Deploy(Recipe):
         self.s, self.deployer = s, deployer
         self.origin = origin or {}  # where the release comes from (commit, tests): in its meta and the release log
         key = venv_key(s)
+        check_build_args(s, source)
         self.venv = None if s.container else venv_step(s, key)
         configs = container_configs(s) if s.container else {
             "unit": rendered(s, "app@.service.j2"), "gunicorn.conf.py": rendered(s, "gunicorn.conf.py.j2")}
@@ -240,12 +380,17 @@ class Deploy(Recipe):
         return Switch(self.s, target, action="deploy", by=self.deployer, prove=proves_upstream(self.site), stage=stage,
                       log=self.origin)
 
+    def leftovers(self, stage: str) -> list[Step]:
+        """The other kind's leftovers, once traffic moved for good (a fleet's commit may still go back)."""
+        return [] if stage in ("prepare", "commit") else [KindLeftovers(self.s)]
+
     def steps(self, target, stage: str = "all"):
         """Every step; ``stage`` is the switch's (see :class:`Switch`): ``prepare`` ends with it."""
         s, lay, prove = self.s, self.s.layout, proves_upstream(self.site)
         site_steps, after_reload = ([Site(lay, self.site)], []) if not s.tls else tls.site_steps(s, self.site, self.bootstrap)
         after = [] if stage == "prepare" else [
             Prune(s, target),
+            *self.leftovers(stage),
             # Debian's welcome site is a default server too: gone before the app's site is enabled and tested
             Absent(f"{lay.sites_enabled}/{NGINX_DEFAULT_SITE}", notify=("nginx",), when=("packages",)),
             *site_steps,
@@ -267,7 +412,7 @@ class Deploy(Recipe):
             ] + ([] if stage == "prepare" else unit_steps(s, target, self.app_unit)) + after
         # The virtualenv builds in the background (all it needs is Debian's pip wheel) while
         # the other packages install and the release and configs are written; the switch waits.
-        return trust_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
+        return trust_steps(s) + engine_steps(s) + [Packages(("python3-pip-whl",))] + layout_steps(s) + [
             self.venv,
             Packages(packages(s)),
             *(tls.machine_steps(s, proxy_vars(s)) if s.tls else ()),

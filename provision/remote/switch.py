@@ -122,12 +122,15 @@ not_started = None
 
 def exited():
     """Why the new instance is not starting any more (it exited or systemd restarts it), or None."""
-    state = shown("ActiveState,SubState,NRestarts,InactiveExitTimestampMonotonic")
+    state = shown("ActiveState,SubState,NRestarts,Job,InactiveExitTimestampMonotonic")
+    if state.get("SubState") == "auto-restart" or int(state.get("NRestarts") or 0) > 0:
+        return "%s exited (it is %s)" % (unit, state.get("SubState"))
+    # its start job not run yet (queued behind another, on a busy host; or systemd answered `show` before
+    # taking the job): still "inactive", not exited
     if state.get("ActiveState") == "inactive" and not_started is not None \
             and state.get("InactiveExitTimestampMonotonic") == not_started:
         return None
-    if state.get("ActiveState") in ("failed", "inactive") or state.get("SubState") == "auto-restart" \
-            or int(state.get("NRestarts") or 0) > 0:
+    if state.get("ActiveState") in ("failed", "inactive") and not state.get("Job"):
         return "%s exited (it is %s)" % (unit, state.get("SubState") or state.get("ActiveState"))
     return None
 
@@ -227,6 +230,20 @@ own_dir = os.path.join(release_dir, a["release_own_dir"])
 if not os.path.isdir(release_dir):
     fail("release %s does not exist on this host (see `fab releases`)" % release)
 container = a.get("container")  # a container app: its slots run the release's image (container-run.py)
+
+
+def kind(engine):
+    return "a container app's (%s)" % engine if engine else "a virtualenv app's"
+
+
+try:  # the kind of app the release was made for: its venv key ("container-<engine>" for a container app's)
+    made = str(json.loads(read(os.path.join(own_dir, "release.json")) or "{}").get("venv") or "")
+except ValueError:
+    made = ""
+made = made[len("container-"):] if made.startswith("container-") else None
+if made != (container["engine"] if container else None):
+    fail("release %s is %s and the app is %s now (app.container or app.engine changed since): it cannot go "
+         "live again; deploy the app instead" % (release, kind(made), kind(container and container["engine"])))
 if container:
     if run(container["engine"], "image", "inspect", container["image"], check=False).returncode != 0:
         fail("release %s has no image %s on this host (it was pruned?); deploy it again instead"

@@ -6,6 +6,7 @@ back by switching images. Skipped with one line where this machine cannot run dr
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import threading
 import time
@@ -13,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import PREFIX, Host, booted
+from .conftest import PREFIX, Host, booted, wait_for
 
 DOCKERFILE = """FROM localhost/debian:12
 COPY app.py /srv/app.py
@@ -29,18 +30,24 @@ http.server.HTTPServer(("0.0.0.0", 8000), H).serve_forever()
 """
 
 
-@pytest.fixture(scope="module")
-def cdroplet(sandbox, tmp_path_factory):
-    """A droplet that can run a container engine, docker ready in it."""
-    name = PREFIX + "containers"
+def container_host(sandbox, tmp_path_factory, name: str, engine: str | None):
+    """A droplet that can run a container engine (``engine`` ready in it; None: none installed), torn down after."""
+    name = PREFIX + name
     d = sandbox.up(name, containers=True)
     inv = tmp_path_factory.mktemp("inv") / "inventory.ini"
     inv.write_text(sandbox.inventory())
     try:
-        sandbox.engine_ready(d, "docker")
+        if engine:
+            sandbox.engine_ready(d, engine)
         yield Host(d, sandbox, inv)
     finally:
         sandbox.down(name)
+
+
+@pytest.fixture(scope="module")
+def cdroplet(sandbox, tmp_path_factory):
+    """A droplet that can run a container engine, docker ready in it."""
+    yield from container_host(sandbox, tmp_path_factory, "containers", "docker")
 
 
 @pytest.mark.parametrize("engine", ["docker", "podman"])
@@ -281,6 +288,140 @@ def test_a_process_runs_in_a_container_of_its_own_and_stopping_its_unit_stops_it
     assert cdroplet.sh("docker ps -a --format '{{.Names}}'").split() == [f"capp-{slot}"]
     assert cdroplet.run("pgrep -f '[c]ontainer-run.py once'")[0] == 1  # no client left either
     assert get(cdroplet.address).endswith(" v6") and took < 20, took
+
+
+@pytest.fixture(scope="module")
+def fresh_docker(sandbox, tmp_path_factory):
+    """A container droplet with no engine yet: the deploy installs docker (through the inventory's proxy)."""
+    yield from container_host(sandbox, tmp_path_factory, "fresh-docker", None)
+
+
+DOCKERD_ENV = "tr '\\0' '\\n' < /proc/$(pidof dockerd)/environ"
+DROPIN = "/etc/systemd/system/docker.service.d/provision-proxy.conf"
+
+
+def test_the_first_deploy_installs_docker_which_starts_with_the_proxy(fresh_docker, tmp_path_factory):
+    """B8: the drop-in is written before docker is installed; restarting a docker.service that does
+    not exist yet failed the first deploy (exit 5)."""
+    host, apps = fresh_docker, tmp_path_factory.mktemp("fapps")
+    assert host.run("command -v docker")[0] != 0
+    res, _ = deploy(host, container_app(apps, "f1"))
+    out = res.stdout + res.stderr
+    assert "FAILED  docker proxy" not in out and "(install nginx docker.io)" in out, out
+    # docker came up with the proxy; the build then needs FROM localhost/debian:12, which no registry
+    # here has (a real host pulls it): refused at its build, nothing live
+    assert res.returncode == 1 and "FAILED  image localhost/capp:" in res.stdout, out
+    assert f"https_proxy={host.sandbox.proxy_url}" in host.sh(DOCKERD_ENV)
+    host.sandbox.engine_ready(host.droplet, "docker")  # finds docker there, imports localhost/debian:12
+    res, _ = deploy(host, container_app(apps, "f1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert get(host.address) == "f1"
+
+
+def test_the_docker_proxy_drop_in_goes_with_the_last_app_that_wants_it(fresh_docker, tmp_path_factory):
+    """B7: app.proxy unset, the drop-in stayed and docker kept pulling through the old proxy."""
+    host, apps = fresh_docker, tmp_path_factory.mktemp("fapps")
+    assert host.run(f"test -e {DROPIN}")[0] == 0
+    other = {"FABRIC_APP_NAME": "other", "FABRIC_APP_SERVER_NAME": "other.test"}
+    res, _ = deploy(host, container_app(apps, "o1"), env=other)  # another docker app with the proxy
+    assert res.returncode == 0, res.stdout + res.stderr
+    # it still wants the drop-in: it stays
+    res, _ = deploy(host, container_app(apps, "f1"), env={"FABRIC_APP_PROXY": ""})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "drop the claim" in res.stdout and host.run(f"test -e {DROPIN}")[0] == 0, res.stdout
+    assert f"https_proxy={host.sandbox.proxy_url}" in host.sh(DOCKERD_ENV)
+    # the last one gone: so is the drop-in, and docker runs without the proxy
+    res, _ = deploy(host, container_app(apps, "o1"), env={**other, "FABRIC_APP_PROXY": ""})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "remove the drop-in" in res.stdout and host.run(f"ls {DROPIN}*")[0] != 0, res.stdout
+    assert "https_proxy" not in host.sh(DOCKERD_ENV)
+    res, _ = deploy(host, container_app(apps, "f2"), env={"FABRIC_APP_PROXY": ""})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert get(host.address) == "f2"
+    res, _ = deploy(host, container_app(apps, "f2"), "-v", env={"FABRIC_APP_PROXY": ""})
+    assert "1 SSH round trip(s)" in res.stdout and "nothing restarted" in res.stdout, res.stdout
+    # the proxy back: so is the drop-in
+    res, _ = deploy(host, container_app(apps, "f2"))
+    assert res.returncode == 0 and f"https_proxy={host.sandbox.proxy_url}" in host.sh(DOCKERD_ENV), res.stdout
+
+
+def test_an_app_switched_from_container_to_virtualenv_and_back_leaves_nothing_of_the_other_kind(fresh_docker,
+                                                                                                 tmp_path_factory):
+    """B13: the switch of kind left the virtualenv app's socket units running, the container app's
+    images, and a rollback across it failed saying the release was pruned."""
+    host, apps = fresh_docker, tmp_path_factory.mktemp("fapps")
+    project = {"FABRIC_APP_SOURCE": "examples/hello"}
+    venv = {"FABRIC_APP_CONTAINER": "false", **project}
+    assert host.sh("docker images -q localhost/capp").split()
+    res, _ = deploy(host, "examples/hello", env=venv)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert get(host.address) == "Hello from provision!"
+    # the container app's images and containers gone (docker stays: other apps may use it), its claim too
+    assert host.sh("docker images -q localhost/capp") == "" and host.sh("docker ps -aq --filter name=capp") == ""
+    assert host.run("test -e /var/lib/provision/docker-proxy/capp")[0] != 0
+    res = host.fab("-H", host.name, "rollback", env={**APP_ENV, **venv})
+    assert res.returncode == 1 and "is a container app's (docker) and the app is a virtualenv app's now" in res.stdout \
+        and "deploy the app instead" in res.stdout, res.stdout + res.stderr
+    assert get(host.address) == "Hello from provision!"
+    # and back: the virtualenv app's socket units stop and go, its gunicorn with them
+    res, _ = deploy(host, container_app(apps, "f3"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert get(host.address) == "f3"
+    assert host.run("systemctl is-active capp@a.socket capp@b.socket")[1].split() == ["inactive", "inactive"]
+    assert host.run("ls /etc/systemd/system/capp@.socket /etc/systemd/system/sockets.target.wants/capp@*")[0] != 0
+    wait_for("the old gunicorn gone", lambda: host.run("pgrep -f gunicorn")[0] == 1)
+    res = host.fab("-H", host.name, "rollback", env={**APP_ENV, "FABRIC_APP_SOURCE": container_app(apps, "f3")})
+    assert res.returncode == 1 and "is a virtualenv app's and the app is a container app's (docker) now" in res.stdout, \
+        res.stdout + res.stderr
+    assert get(host.address) == "f3"
+
+
+def test_docker_reads_the_proxy_as_written_whatever_its_password_holds(fresh_docker, tmp_path_factory):
+    """Nit: the proxy's values went raw into docker's EnvironmentFile, which systemd reads with its own
+    quoting rules: a password with a quote, a backslash or a dollar reached dockerd changed."""
+    host, apps = fresh_docker, tmp_path_factory.mktemp("fapps")
+    proxy = host.sandbox.proxy_url.replace("://", "://bob:p\"a\\s's`$HOME@", 1)
+    try:
+        res, _ = deploy(host, container_app(apps, "f3"), env={"FABRIC_APP_PROXY": proxy})
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "p\"a" not in res.stdout + res.stderr
+        env = dict(line.split("=", 1) for line in host.sh(DOCKERD_ENV).splitlines() if "=" in line)
+        assert env["https_proxy"] == env["HTTP_PROXY"] == proxy
+    finally:  # apt's proxy file cannot hold that password (not docker's business): the sandbox's back
+        res, _ = deploy(host, container_app(apps, "f3"))
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_dockerfile_that_declares_the_proxy_arguments_is_refused_before_its_password_lands_in_the_history(
+        fresh_docker, tmp_path_factory):
+    """Nit: docker keeps a build argument the Dockerfile declares (ARG http_proxy) in the image's history,
+    the proxy's password with it."""
+    host, apps = fresh_docker, tmp_path_factory.mktemp("fapps")
+    source = container_app(apps, "f4")
+    dockerfile = os.path.join(source, "Dockerfile")
+    with open(dockerfile) as fh:
+        lines = fh.read().splitlines()
+    with open(dockerfile, "w") as fh:
+        fh.write("\n".join(lines[:1] + ["ARG http_proxy", "RUN true"] + lines[1:]) + "\n")
+    proxy = host.sandbox.proxy_url.replace("://", "://bob:Hq7s3cr3t@", 1)
+    images, live = host.sh("docker images -q localhost/capp"), get(host.address)
+    try:
+        res, _ = deploy(host, source, env={"FABRIC_APP_PROXY": proxy})
+        assert res.returncode != 0 and "declares ARG http_proxy: the image's history" in res.stdout + res.stderr, \
+            res.stdout + res.stderr
+        assert "Hq7s3cr3t" not in res.stdout + res.stderr and host.sh("docker images -q localhost/capp") == images
+        assert get(host.address) == live
+        # without the ARG line the RUN step still gets the proxy, and the history keeps none of it
+        with open(dockerfile, "w") as fh:
+            fh.write("\n".join(lines[:1] + ['RUN sh -c \'case "$http_proxy" in *//bob:*@*) exit 0;; esac; exit 1\'']
+                               + lines[1:]) + "\n")
+        res, _ = deploy(host, source, env={"FABRIC_APP_PROXY": proxy})
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "Hq7s3cr3t" not in host.sh("for i in $(docker images -q localhost/capp); do docker history --no-trunc $i; "
+                                          "docker inspect $i; done")
+    finally:
+        res, _ = deploy(host, container_app(apps, "f3"))
+        assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,7 @@ def test_second_deploy_changes_and_restarts_nothing(droplet, tmp_path):
     assert f"{droplet.name}: no changes, nothing restarted" in res.stdout
     assert f"{droplet.name}: 1 SSH round trip(s)" in res.stdout
     assert f"{droplet.name}: changed" not in res.stdout
-    assert re.search(rf"^{droplet.name} +30 +0 +0 ", res.stdout, re.M)  # summary: ok changed failed (one: no health monitor)
+    assert re.search(rf"^{droplet.name} +32 +0 +0 ", res.stdout, re.M)  # summary: ok changed failed (one: no health monitor)
     prov = droplet.fab("-H", droplet.name, "provision")
     assert prov.returncode == 0 and f"{droplet.name}: no changes" in prov.stdout, prov.stdout + prov.stderr
     assert droplet.sh(STATE) == before  # same mtimes, same PIDs, same package list

@@ -7,8 +7,9 @@ the proxy, gunicorn added); as a container app (``container: true``) its Dockerf
 localhost/debian:12 (the container droplet's base image: no registry here) and installs Debian's
 python3-flask and gunicorn through the proxy (a build argument), then copies app.py. Each is timed:
 fresh (the first deploy; the container droplet's engine is already there, made ready by the
-sandbox), no-op, and a one-line code change (until the new text answers through nginx). Medians
-of --runs, every run printed.
+sandbox), no-op, a one-line code change and a rollback (each until the text answers through nginx),
+on --runs fresh droplets of each kind. Medians, min and max, every run printed. `make bench` runs it
+too (bench/run --containers N).
 """
 
 from __future__ import annotations
@@ -52,35 +53,51 @@ def fab(inventory: Path, *args: str, env: dict) -> float:
 
 
 def measure(sb: Sandbox, name: str, container: bool, engine: str, runs: int, work: Path) -> dict:
-    app = work / ("container" if container else "venv")
-    shutil.copytree(ROOT / "examples/hello", app)
-    if container:
-        (app / "Dockerfile").write_text(DOCKERFILE)
-    d = sb.up(name, containers=container)
-    inventory = work / f"{name}.ini"
-    inventory.write_text(sb.inventory())
-    env = {"FABRIC_APP_NAME": "hello", "FABRIC_APP_SOURCE": str(app), **({"FABRIC_APP_CONTAINER": "true",
-                                                                      "FABRIC_APP_ENGINE": engine} if container else {})}
-    out = {"fresh": [], "no-op": [], "change": []}
-    try:
+    """``runs`` fresh droplets, each: a fresh deploy, a no-op, a one-line change, a rollback."""
+    out = {"fresh": [], "no-op": [], "change": [], "rollback": []}
+    for i in range(runs):
+        app = work / f"{'container' if container else 'venv'}-{i}"
+        shutil.copytree(ROOT / "examples/hello", app)
         if container:
-            out["engine ready (sandbox)"] = [sb.engine_ready(d, engine)]
-        t0 = time.monotonic()
-        fab(inventory, "-H", name, "deploy", env=env)
-        answers(d.address, "Hello from provision!\n")
-        out["fresh"].append(time.monotonic() - t0)
-        for i in range(runs):
-            out["no-op"].append(fab(inventory, "-H", name, "deploy", env=env))
-            text = f"change {i}"
-            body = (ROOT / "examples/hello/app.py").read_text().replace("Hello from provision!", f"Hello {text}")
+            (app / "Dockerfile").write_text(DOCKERFILE)
+        d = sb.up(f"{name}{i}", containers=container)
+        inventory = work / f"{name}{i}.ini"
+        inventory.write_text(sb.inventory())
+        env = {"FABRIC_APP_NAME": "hello", "FABRIC_APP_SOURCE": str(app), **(
+            {"FABRIC_APP_CONTAINER": "true", "FABRIC_APP_ENGINE": engine} if container else {})}
+        try:
+            if container:
+                out.setdefault("engine ready (sandbox)", []).append(sb.engine_ready(d, engine))
+            t0 = time.monotonic()
+            fab(inventory, "-H", d.name, "deploy", env=env)
+            answers(d.address, "Hello from provision!\n")
+            out["fresh"].append(time.monotonic() - t0)
+            out["no-op"].append(fab(inventory, "-H", d.name, "deploy", env=env))
+            body = (ROOT / "examples/hello/app.py").read_text().replace("Hello from provision!", f"Hello change {i}")
             (app / "app.py").write_text(body)
             t0 = time.monotonic()
-            fab(inventory, "-H", name, "deploy", env=env)
-            answers(d.address, f"Hello {text}\n")
+            fab(inventory, "-H", d.name, "deploy", env=env)
+            answers(d.address, f"Hello change {i}\n")
             out["change"].append(time.monotonic() - t0)
-    finally:
-        sb.down(name)
+            t0 = time.monotonic()
+            fab(inventory, "-H", d.name, "rollback", env=env)
+            answers(d.address, "Hello from provision!\n")
+            out["rollback"].append(time.monotonic() - t0)
+        finally:
+            sb.down(d.name)
     return out
+
+
+def compare(sb: Sandbox, runs: int, engine: str = "docker", prefix: str = "bench-cont-") -> dict:
+    """The virtualenv deploys of examples/hello, then the container deploys of the same app."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {"virtualenv": measure(sb, prefix + "venv", False, engine, runs, Path(tmp)),
+                   f"container ({engine})": measure(sb, prefix + "c", True, engine, runs, Path(tmp))}
+    for kind, res in results.items():
+        for what, times in res.items():
+            print(f"{kind:<20} {what:<24} median {statistics.median(times):6.2f}s  min {min(times):6.2f}s  "
+                  f"max {max(times):6.2f}s   runs: " + " ".join(f"{t:.2f}" for t in times))
+    return results
 
 
 def main() -> None:
@@ -91,14 +108,7 @@ def main() -> None:
     a = p.parse_args()
     sb = Sandbox()
     sb.prepare()
-    with tempfile.TemporaryDirectory() as tmp:
-        results = {"virtualenv": measure(sb, a.prefix + "venv", False, a.engine, a.runs, Path(tmp)),
-                   f"container ({a.engine})": measure(sb, a.prefix + "c", True, a.engine, a.runs, Path(tmp))}
-    for kind, res in results.items():
-        for what, times in res.items():
-            print(f"{kind:<20} {what:<24} median {statistics.median(times):6.2f}s   runs: "
-                  + " ".join(f"{t:.2f}" for t in times))
-
+    compare(sb, a.runs, a.engine, a.prefix)
 
 if __name__ == "__main__":
     main()

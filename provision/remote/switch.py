@@ -115,21 +115,13 @@ def shown(properties):
                                             check=False).stdout.split())
 
 
-# The unit's InactiveExitTimestampMonotonic before its start (--no-block): while it is the same, the unit
-# is inactive because systemd has not run the start job yet (it answers `show` first), not because it exited.
-not_started = None
-
-
 def exited():
     """Why the new instance is not starting any more (it exited or systemd restarts it), or None."""
-    state = shown("ActiveState,SubState,NRestarts,Job,InactiveExitTimestampMonotonic")
+    state = shown("ActiveState,SubState,NRestarts,Job")
     if state.get("SubState") == "auto-restart" or int(state.get("NRestarts") or 0) > 0:
         return "%s exited (it is %s)" % (unit, state.get("SubState"))
-    # its start job not run yet (queued behind another, on a busy host; or systemd answered `show` before
-    # taking the job): still "inactive", not exited
-    if state.get("ActiveState") == "inactive" and not_started is not None \
-            and state.get("InactiveExitTimestampMonotonic") == not_started:
-        return None
+    # its start job not run yet (`start --no-block` returns once the job is queued, maybe behind another:
+    # a docker restart, a busy host): still "inactive", not exited. A job that failed is gone: exited.
     if state.get("ActiveState") in ("failed", "inactive") and not state.get("Job"):
         return "%s exited (it is %s)" % (unit, state.get("SubState") or state.get("ActiveState"))
     return None
@@ -293,8 +285,9 @@ else:
         run("systemctl", "restart", unit + ".socket", check=False)
     # --no-block: a release that crashes would hold `start` through systemd's restarts (seconds);
     # the health gate sees the crash at once instead.
-    not_started = shown("InactiveExitTimestampMonotonic").get("InactiveExitTimestampMonotonic")
-    run("systemctl", "start", "--no-block", unit + ".service", check=False)
+    started = run("systemctl", "start", "--no-block", unit + ".service", check=False)
+    if started.returncode != 0:  # no job queued (the unit cannot load, a dependency refused): no waiting for it
+        fail("%s could not start: %s" % (unit, started.stdout.strip()), stop_new=True)
 
 def container_running():
     """None when the slot's container runs (so its port is the container's), else why not."""

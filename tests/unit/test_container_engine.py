@@ -21,7 +21,7 @@ from provision.source import scan
 from provision.steps import Command, File
 
 from .test_containers import ROOT, app
-from .test_switch import Host as SwitchHost
+from .test_switch import SYSTEMCTL, Host as SwitchHost
 
 
 def fake_systemctl(tmp_path, docker: str | None):
@@ -247,6 +247,24 @@ def test_a_slot_whose_start_job_is_still_queued_is_not_taken_for_one_that_exited
         h.write(f"{h.base}/state", "ActiveState=inactive\nSubState=dead\nNRestarts=0\n")  # no job: it exited
         res = h.switch(timeout=5)
         assert res.returncode == 1 and "hello@b exited (it is dead)" in res.stderr, res.stderr
+
+
+@as_root
+def test_a_start_systemd_refuses_is_refused_at_once_not_after_the_health_timeout():
+    """`systemctl start` that queues no job (the unit cannot load, a dependency refused) leaves the unit
+    inactive with no job: refused at once with systemd's words, not after the gate's whole timeout."""
+    import time
+
+    with switch_host() as h:
+        h.write(f"{h.base}/bin/systemctl", SYSTEMCTL.replace(
+            "exit 0\n", '[ "$1" = start ] && { echo "A dependency job for hello@b.service failed."; exit 1; }\n'
+                        "exit 0\n"), 0o755)
+        h.write(f"{h.base}/state", "ActiveState=inactive\nSubState=dead\nNRestarts=0\nInactiveExitTimestampMonotonic=5\n")
+        t0 = time.monotonic()
+        res = h.switch(timeout=20)
+        assert time.monotonic() - t0 < 5
+        assert res.returncode == 1 and "hello@b could not start: A dependency job for hello@b.service failed." \
+            in res.stderr, res.stderr
 
 
 def systemd_env_file(text: str) -> dict[str, str]:

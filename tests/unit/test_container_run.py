@@ -285,9 +285,9 @@ def test_podman_pulls_a_short_image_name_from_docker_hub_as_docker_would(tmp_pat
 
 @pytest.mark.parametrize("exits", [False, True])
 def test_the_switch_takes_a_start_job_systemd_has_not_run_yet_for_no_exit(tmp_path, exits):
-    """`systemctl start --no-block` returns before systemd runs the job (it answers `show` first): until
-    then the unit reads inactive (dead). A container's port refuses connections at once, so the gate
-    asks at once: it took that for an exit and refused the release, with an empty log."""
+    """`systemctl start --no-block` returns once systemd queued the job, before it runs it: until then
+    the unit reads inactive (dead), its job pending. A container's port refuses connections at once,
+    so the gate asks at once: it took that for an exit and refused the release, with an empty log."""
     import threading
     import time
 
@@ -299,11 +299,10 @@ def test_the_switch_takes_a_start_job_systemd_has_not_run_yet_for_no_exit(tmp_pa
         host.write(f"{base}/bin/systemctl", SYSTEMCTL.replace(
             "exit 0\n", '[ "$1" = start ] && [ -e "$FAKE/state-started" ] && mv "$FAKE/state-started" "$FAKE/state"\n'
                         "exit 0\n"), 0o755)
-        host.write(f"{base}/state", "ActiveState=inactive\nSubState=dead\nNRestarts=0\n"
-                                            "InactiveExitTimestampMonotonic=5\n")
-        # after the start call: not run yet (the same timestamp), or run and exited (a later one)
+        host.write(f"{base}/state", "ActiveState=inactive\nSubState=dead\nNRestarts=0\n")
+        # after the start call: its job queued, not run yet; or no job left (it ran and the unit exited)
         host.write(f"{base}/state-started", "ActiveState=inactive\nSubState=dead\nNRestarts=0\n"
-                                                    f"InactiveExitTimestampMonotonic={9 if exits else 5}\n")
+                                            + ("" if exits else "Job=4242\n"))
 
         def job_runs():
             time.sleep(0.5)

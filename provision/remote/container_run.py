@@ -151,6 +151,10 @@ elif sys.argv[1:2] == ["once"] and "--" in sys.argv[2:-1]:
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
     finally:
         os.unlink(envs)  # whatever happened
-    sys.exit(rc)
+        if stopping or rc < 0:
+            # its client gone first (killed, or a hangup with a TTY: the client passes no signal on then)
+            # while the container may still run: removed, never left running without anyone to stop it
+            subprocess.run([engine, "rm", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sys.exit(rc if rc >= 0 else 128 - rc)
 else:
     sys.exit(USAGE)

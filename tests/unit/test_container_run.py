@@ -2,6 +2,7 @@
 the host: run for real here, with a fake engine on its path that records what it was asked."""
 
 import json
+import os
 import pwd
 import shlex
 import subprocess
@@ -243,6 +244,31 @@ def test_term_to_once_stops_its_container_and_removes_its_env_file(tmp_path, opt
         once.kill()
     name = option(run["argv"], "--name")
     assert [call["argv"] for call in release.calls() if call["argv"][:1] == ["stop"]] == [["stop", "--time", "30", name]]
+    assert list(release.run_dir.iterdir()) == []
+
+
+def test_a_hangup_that_kills_the_engine_client_first_still_removes_the_container(tmp_path):
+    """fab run's connection gone: the hangup reaches the whole session, the engine's client too, which
+    dies at once (with a TTY docker's client passes no signal on): the container was left running."""
+    import signal
+    import time
+
+    release = Release(tmp_path)
+    once = subprocess.Popen([sys.executable, "-I", str(release.prog), "once", "-t", "--", "sh"],
+                            env={"PATH": "/usr/bin:/bin", "FAKE_RUN_BLOCKS": "1"}, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for _ in range(100):
+            if release.runs():
+                break
+            time.sleep(0.05)
+        (run,) = release.runs()
+        os.killpg(once.pid, signal.SIGHUP)  # container-run.py and the fake client both
+        assert once.wait(timeout=15) == 129, once.stderr.read()
+    finally:
+        once.kill()
+    name = option(run["argv"], "--name")
+    assert ["rm", "-f", name] in [call["argv"] for call in release.calls()]
     assert list(release.run_dir.iterdir()) == []
 
 

@@ -28,6 +28,7 @@
 # directories only root can write, and written without following symlinks.
 import json
 import os
+import stat
 import re
 import subprocess
 import sys
@@ -97,12 +98,14 @@ def write(path, text, mode=0o644):
 
 
 def read(path):
+    """A regular file's text, or None (a link, a FIFO the app may have left in an older, app-owned
+    release: opened without waiting for a writer, never read)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     with os.fdopen(fd) as fh:
-        return fh.read()
+        return fh.read() if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 def record(action):

@@ -235,6 +235,19 @@ def test_a_rollback_to_a_release_of_the_other_kind_is_refused_in_one_line_naming
 
 
 @as_root
+def test_a_fifo_in_place_of_a_releases_meta_never_holds_the_switch():
+    """An older release was the app's (app-owned layouts): a FIFO in place of its release.json held root's
+    switch (and the deploy lock) forever, waiting for a writer; it is refused like any release not root's."""
+    with switch_host() as h:
+        own = f"{h.layout.release('r2')}/.provision"
+        h.write(f"{own}/release.json", "")
+        os.unlink(f"{own}/release.json")
+        os.mkfifo(f"{own}/release.json")
+        res = switch_to_r2(h, None)  # its timeout (30 s) fails the test: the old switch never returned
+        assert res.returncode == 1, res.stderr
+
+
+@as_root
 def test_a_slot_whose_start_job_is_still_queued_is_not_taken_for_one_that_exited():
     """Right after `systemctl start --no-block`, a start job queued behind another (a docker restart,
     a busy host) leaves the unit "inactive" with a job pending: the gate refused such a release at once

@@ -241,6 +241,12 @@ def container_kind(venv: str | None) -> str | None:
     return venv.split("-", 1)[1] if venv and venv.startswith("container-") else None
 
 
+# In a loop over engines ($e): skip one not installed, and docker when its daemon is not running (asking
+# it would start it through docker.socket, on every deploy of every app of the host)
+ENGINE_THERE = ("command -v $e >/dev/null || continue; "
+                "[ $e != docker ] || systemctl is-active -q docker.service || continue")
+
+
 class KindLeftovers(Step):
     """What the other kind of app left once its traffic moved (app.container switched, or the
     engine changed): a virtualenv app's socket units on a container app's host, and a container
@@ -257,7 +263,7 @@ class KindLeftovers(Step):
         self.sockets = [lay.socket_unit_file, *(f"{lay.sockets_wants}/{lay.unit(slot)}.socket" for slot in SLOTS)]
         repo = q(lay.image_repo)
         # exit 1: an engine it no longer uses holds images of the app
-        self.probe = (f"for e in {' '.join(self.engines)}; do command -v $e >/dev/null || continue; "
+        self.probe = (f"for e in {' '.join(self.engines)}; do {ENGINE_THERE}; "
                       f'[ -z "$($e images -q {repo} 2>/dev/null)" ] || exit 1; done')
 
     @property
@@ -285,7 +291,10 @@ class KindLeftovers(Step):
             idle = live if switched else next((slot for slot in SLOTS if live and slot != live), None)
             cmds += [f"systemctl stop {q(lay.unit(idle) + '.service')}"] if idle else []
             repo = q(lay.image_repo)
-            cmds.append(f"for e in {' '.join(self.engines)}; do command -v $e >/dev/null || continue; "
+            # the app's containers in that engine first (a `fab run` left there would hold its image: every
+            # later deploy would try again), then its images
+            cmds.append(f"for e in {' '.join(self.engines)}; do {ENGINE_THERE}; "
+                        f"$e ps -aq --filter label=provision.app={q(s.name)} | xargs -r $e rm -f >/dev/null 2>&1; "
                         f"for t in $($e images --format '{{{{.Tag}}}}' {repo}); do "
                         f'$e rmi {repo}:"$t" >/dev/null 2>&1 || true; done; done')
         return Change(cmds, summary="remove") if cmds else None
@@ -324,10 +333,13 @@ def image_step(s: Settings, target: str | None) -> Command:
     history unless the Dockerfile declares them: see check_build_args), or pulled (app.image) and tagged. Only when this deploy made a release."""
     lay, image = s.layout, s.layout.image(target or "none")
     if s.image:
-        # the registry's tag goes once the release's is on: the release's tag alone holds the image,
-        # and pruning the release (rmi of that tag) frees it
-        cmds = [f"{s.engine} pull -q {q(s.image)} >/dev/null", f"{s.engine} tag {q(s.image)} {q(image)}",
-                f"{s.engine} rmi {q(s.image)} >/dev/null"]
+        # the registry's tag goes once the release's is on: the release's tag alone holds the image, and
+        # pruning the release (rmi of that tag) frees it; unless the host had that tag before the pull
+        # (another app's, the admin's): then it stays theirs
+        ref = q(s.image)
+        cmds = [f"had=$({s.engine} image inspect -f '{{{{.Id}}}}' {ref} 2>/dev/null || true)",
+                f"{s.engine} pull -q {ref} >/dev/null", f"{s.engine} tag {ref} {q(image)}",
+                f'[ -n "$had" ] || {s.engine} rmi {ref} >/dev/null']
     else:
         args = "".join(f" --build-arg {k}" for k in PROXY_BUILD_ARGS if s.proxy)
         if s.ca_bundle:

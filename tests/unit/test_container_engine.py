@@ -129,10 +129,28 @@ def test_a_pulled_image_keeps_only_the_releases_tag_so_pruning_the_release_frees
     not tested on a droplet.)"""
     for engine in ("docker", "podman"):
         s = app(src(tmp_path), image="reg.example.com/hello:1", engine=engine)
-        assert image_step(s, "r2").commands == (
+        assert image_step(s, "r2").commands[1:3] == (
             f"{engine} pull -q reg.example.com/hello:1 >/dev/null",
-            f"{engine} tag reg.example.com/hello:1 localhost/hello:r2",
-            f"{engine} rmi reg.example.com/hello:1 >/dev/null")
+            f"{engine} tag reg.example.com/hello:1 localhost/hello:r2")
+        # run against an engine that models its tags: the registry's tag goes, unless the host had it
+        # before the pull (another app's or the admin's: then it stays theirs)
+        bin_dir, tags = tmp_path / engine, tmp_path / f"{engine}.tags"
+        bin_dir.mkdir()
+        (bin_dir / engine).write_text(
+            "#!/bin/sh\n"
+            f'T={tags}; touch $T\n'
+            'case "$1 $2" in\n'
+            '  "image inspect") grep -qx "$5" $T && echo sha256:1 || exit 1 ;;\n'
+            '  "pull -q") grep -qx "$3" $T || echo "$3" >> $T ;;\n'
+            '  "tag "*) echo "$3" >> $T ;;\n'
+            '  "rmi "*) grep -vx "$2" $T > $T.new; mv $T.new $T ;;\n'
+            'esac\n')
+        (bin_dir / engine).chmod(0o755)
+        assert run(image_step(s, "r2").commands, bin_dir).returncode == 0
+        assert tags.read_text().split() == ["localhost/hello:r2"]
+        tags.write_text("reg.example.com/hello:1\n")
+        assert run(image_step(s, "r3").commands, bin_dir).returncode == 0
+        assert tags.read_text().split() == ["reg.example.com/hello:1", "localhost/hello:r3"]
 
 
 # -- switching an app between a virtualenv and a container (app.container toggled) ------------------
@@ -185,6 +203,31 @@ def test_a_switch_of_kind_takes_away_what_the_other_kind_left_once_traffic_moved
         d = Deploy(s, scan(s.source), "r1")
         assert any(isinstance(st, KindLeftovers) for st in d.steps("r1"))
         assert not any(isinstance(st, KindLeftovers) for st in d.steps("r1", "commit") + d.steps("r1", "prepare"))
+
+
+def test_the_leftovers_probe_never_wakes_a_stopped_docker_and_clears_the_apps_old_containers(tmp_path):
+    """Every deploy of every app probes for a container app's images in engines it no longer uses:
+    `docker images` with docker's daemon stopped started it (docker.socket). And a container of the app
+    left in that engine (a `fab run`) held its image: every later deploy tried again, never a no-op."""
+    step = KindLeftovers(venv_app(tmp_path))
+    bin_dir, log = fake_systemctl(tmp_path, "inactive")
+    calls = tmp_path / "engines.log"
+    for engine in ("docker", "podman"):  # each holds images of the app
+        (bin_dir / engine).write_text(f'#!/bin/sh\necho "{engine} $*" >> {calls}\n'
+                                      '[ "$1" = images ] && echo 0123abcd\n[ "$1" = ps ] && echo c0ffee\nexit 0\n')
+        (bin_dir / engine).chmod(0o755)
+    assert run([step.probe], bin_dir).returncode == 1  # podman's
+    assert "docker" not in calls.read_text() and "podman images -q localhost/hello" in calls.read_text()
+    bin_dir, log = fake_systemctl(tmp_path, "active")
+    calls.unlink()
+    assert run([step.probe], bin_dir).returncode == 1
+    assert calls.read_text().startswith("docker images -q localhost/hello")
+    step, facts = kind_facts(venv_app(tmp_path), "container-docker", images=True, sockets=False)
+    calls.unlink()
+    assert run(step.plan(facts, {"switched"}).commands[1:], bin_dir).returncode == 0
+    said = calls.read_text().splitlines()
+    assert said.index("docker ps -aq --filter label=provision.app=hello") < said.index("docker rm -f c0ffee") \
+        < said.index("docker rmi localhost/hello:0123abcd")
 
 
 def switch_to_r2(h, engine):

@@ -491,7 +491,8 @@ def app_container(host: Host, engine: str, app: str) -> tuple[str, str]:
 def test_one_container_apps_container_cannot_reach_anothers(cdroplet, tmp_path_factory, engine):
     cdroplet.sandbox.engine_ready(cdroplet.droplet, engine)
     apps = tmp_path_factory.mktemp("netapps")
-    names = [f"net{engine[0]}a", f"net{engine[0]}b"]
+    # dashed names: their slices (--cgroup-parent, '-' escaped as \x2d) are ones the engines take
+    names = [f"net-{engine[0]}a", f"net-{engine[0]}b"]
     for name in names:
         env = {"FABRIC_APP_NAME": name, "FABRIC_APP_ENGINE": engine, "FABRIC_APP_SERVER_NAME": f"{name}.test"}
         res, _ = deploy(cdroplet, container_app(apps, "n1"), env=env)

@@ -182,6 +182,20 @@ def _start_time(pid: int | None) -> int | None:
         return None
 
 
+def _recorded_pid(pidfile: Path) -> int | None:
+    """The PID a sandbox program's ``pidfile`` records ("PID START"), when that process still runs: a
+    PID whose start time differs is another process now (the machine rebooted, the PID reused). A file
+    of an older sandbox ("PID" alone) is trusted while the PID runs, as it was."""
+    try:
+        pid, _, start = pidfile.read_text().strip().partition(" ")
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    if start.isdigit():
+        return pid if _start_time(pid) == int(start) else None
+    return pid if _alive(pid) else None
+
+
 def _children(pid: int) -> list[int]:
     """The child processes of ``pid`` (none when it is gone)."""
     out = []
@@ -448,13 +462,13 @@ class Sandbox:
     def _daemon(self, pidfile: Path, log: Path, port: int, argv: list[str], env: dict | None = None) -> int:
         """A program of the sandbox running (started, its PID in ``pidfile``, its output in ``log``,
         unless it runs), listening on ``port`` of the bridge address."""
-        pid = int(pidfile.read_text()) if pidfile.exists() else None
-        if _alive(pid) and self._listening(str(GATEWAY), port):
+        pid = _recorded_pid(pidfile)
+        if pid and self._listening(str(GATEWAY), port):
             return pid
         _stop_pid(pid)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)
-        pidfile.write_text(str(proc.pid))
+        pidfile.write_text(f"{proc.pid} {_start_time(proc.pid)}")
         deadline = time.monotonic() + 10
         while not self._listening(str(GATEWAY), port):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -464,9 +478,9 @@ class Sandbox:
 
     @staticmethod
     def _stop_daemon(pidfile: Path) -> None:
-        """Stop what ``_daemon`` started, by the PID it recorded."""
+        """Stop what ``_daemon`` started, by the PID it recorded (only while that PID is still that process)."""
         if pidfile.exists():
-            _stop_pid(int(pidfile.read_text()))
+            _stop_pid(_recorded_pid(pidfile))
             pidfile.unlink()
 
     def acme_name(self, name: str, address: str) -> None:

@@ -211,3 +211,25 @@ def test_a_pid_that_is_another_process_now_is_never_signalled(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_sandbox_programs_pid_reused_by_another_process_is_never_signalled(tmp_path):
+    """tinyproxy's and pebble's PID files: after a reboot their PID may be another process's; stopping
+    the sandbox's proxy then killed that one."""
+    import subprocess
+    import time
+
+    from provision.sandbox import Sandbox, _start_time
+
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfile = tmp_path / "tinyproxy.pid"
+        pidfile.write_text(f"{other.pid} {_start_time(other.pid) + 1}")  # recorded for an earlier process
+        Sandbox._stop_daemon(pidfile)
+        time.sleep(0.2)
+        assert other.poll() is None and not pidfile.exists()
+        pidfile.write_text(f"{other.pid} {_start_time(other.pid)}")  # its own: stopped
+        Sandbox._stop_daemon(pidfile)
+        assert _start_time(other.pid) is None  # gone (reaped by the stop itself: a child of this test)
+    finally:
+        other.kill()

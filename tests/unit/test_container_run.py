@@ -306,7 +306,7 @@ def test_podman_pulls_a_short_image_name_from_docker_hub_as_docker_would(tmp_pat
     assert image("docker", "nginx:1") == "nginx:1"
     s = cfg.build(dict(cfg.DEFAULTS, name="hello", source=str(tmp_path / "src"), container=True, engine="podman",
                        image="nginx:1"), ROOT)
-    assert image_step(s, "r2").commands[0] == "podman pull -q docker.io/library/nginx:1 >/dev/null"
+    assert image_step(s, "r2").commands[1] == "podman pull -q docker.io/library/nginx:1 >/dev/null"
 
 
 @pytest.mark.parametrize("exits", [False, True])

@@ -85,7 +85,7 @@ def test_the_image_is_built_with_the_proxy_from_the_environment_or_pulled(tmp_pa
     assert build.startswith("docker build -q --build-arg http_proxy --build-arg https_proxy --build-arg no_proxy ")
     assert "Xq9pw0rd7" not in build and build.endswith("-t localhost/hello:r2 /srv/hello/releases/r2 >/dev/null")
     pulled = image_step(app(tmp_path, image="reg.example.com/hello:1", engine="podman"), "r2").commands
-    assert pulled[:2] == ("podman pull -q reg.example.com/hello:1 >/dev/null", "podman tag reg.example.com/hello:1 localhost/hello:r2")
+    assert pulled[1:3] == ("podman pull -q reg.example.com/hello:1 >/dev/null", "podman tag reg.example.com/hello:1 localhost/hello:r2")
 
 
 def test_the_switch_of_a_container_app_gates_on_the_slots_port_and_checks_its_image(tmp_path):

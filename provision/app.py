@@ -166,8 +166,8 @@ def container_configs(s: Settings) -> dict[str, bytes]:
                 "slot_ports": {slot: lay.slot_port(slot) for slot in SLOTS}, "init": True,
                 "slot_containers": {slot: lay.container_name(slot) for slot in SLOTS},
                 "process_containers": lay.process_container(""), "graceful_timeout": s.graceful_timeout,
-                "env_files": [RELEASE_ENV, lay.secrets_file, lay.env_file], "image": s.image, "slice": lay.container_slice}
-    settings["network"] = containernet.network(s)  # every container of the app runs on the app's own network
+                "env_files": [RELEASE_ENV, lay.secrets_file, lay.env_file], "image": s.image, "slice": lay.container_slice,
+                "network": containernet.network(s)}  # every container of the app runs on the app's own network
     return {"unit": rendered(s, "container@.service.j2"),
             "container.json": json.dumps(settings, indent=1, sort_keys=True).encode() + b"\n",
             "container-run.py": remote.source("container_run.py").encode()}

@@ -403,11 +403,6 @@ class Layout:
         slot's container (``<app>-<slot>``) nor another app's."""
         return f"{self.name}{PROCESS_CONTAINER}{process}"
 
-    def container_env(self, slot: str) -> str:
-        """Root's alone, made at each start of a slot's container: the app's environment as the engine's
-        --env-file reads it (KEY=VALUE lines, unquoted)."""
-        return f"{self.socket_dir}/{slot}.env"
-
     @property
     def access_log(self) -> str:
         return f"/var/log/nginx/{self.name}.access.log"

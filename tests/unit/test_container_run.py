@@ -1,6 +1,7 @@
 """remote/container_run.py, the program a container app's units, release command and `fab run` run on
 the host: run for real here, with a fake engine on its path that records what it was asked."""
 
+import contextlib
 import json
 import os
 import pwd
@@ -8,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,22 @@ class Release:
     def __call__(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-I", str(self.prog), *args], capture_output=True, text=True,
                               env={"PATH": "/usr/bin:/bin", **(env or {})}, timeout=30)
+
+    @contextlib.contextmanager
+    def running(self, *args: str):
+        """container-run.py ARGS started (in a session of its own) with a fake engine whose `run` blocks
+        until a `stop`; yields it and the engine's `run` call once made. Killed when the block ends."""
+        proc = subprocess.Popen([sys.executable, "-I", str(self.prog), *args], stderr=subprocess.PIPE, text=True,
+                                env={"PATH": "/usr/bin:/bin", "FAKE_RUN_BLOCKS": "1"}, start_new_session=True)
+        try:
+            for _ in range(100):
+                if self.runs():
+                    break
+                time.sleep(0.05)
+            (run,) = self.runs()
+            yield proc, run
+        finally:
+            proc.kill()
 
     def calls(self) -> list[dict]:
         return [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
@@ -226,22 +244,12 @@ def test_term_to_once_stops_its_container_and_removes_its_env_file(tmp_path, opt
     """systemd stops a process's unit (or a running timer's, which gets no ExecStop) with TERM to
     container-run.py alone (KillMode=mixed): it stops its container, never leaves it running."""
     import signal
-    import time
 
     release = Release(tmp_path)
-    once = subprocess.Popen([sys.executable, "-I", str(release.prog), "once", *options, "--", "work"],
-                            env={"PATH": "/usr/bin:/bin", "FAKE_RUN_BLOCKS": "1"}, stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(100):
-            if release.runs():
-                break
-            time.sleep(0.05)
-        (run,) = release.runs()
+    with release.running("once", *options, "--", "work") as (once, run):
         assert len(list(release.run_dir.iterdir())) == 1  # its env file
         once.send_signal(signal.SIGTERM)
         assert once.wait(timeout=15) == 143, once.stderr.read()
-    finally:
-        once.kill()
     name = option(run["argv"], "--name")
     assert [call["argv"] for call in release.calls() if call["argv"][:1] == ["stop"]] == [["stop", "--time", "30", name]]
     assert list(release.run_dir.iterdir()) == []
@@ -251,22 +259,11 @@ def test_a_hangup_that_kills_the_engine_client_first_still_removes_the_container
     """fab run's connection gone: the hangup reaches the whole session, the engine's client too, which
     dies at once (with a TTY docker's client passes no signal on): the container was left running."""
     import signal
-    import time
 
     release = Release(tmp_path)
-    once = subprocess.Popen([sys.executable, "-I", str(release.prog), "once", "-t", "--", "sh"],
-                            env={"PATH": "/usr/bin:/bin", "FAKE_RUN_BLOCKS": "1"}, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        for _ in range(100):
-            if release.runs():
-                break
-            time.sleep(0.05)
-        (run,) = release.runs()
+    with release.running("once", "-t", "--", "sh") as (once, run):
         os.killpg(once.pid, signal.SIGHUP)  # container-run.py and the fake client both
         assert once.wait(timeout=15) == 129, once.stderr.read()
-    finally:
-        once.kill()
     name = option(run["argv"], "--name")
     assert ["rm", "-f", name] in [call["argv"] for call in release.calls()]
     assert list(release.run_dir.iterdir()) == []
